@@ -1,0 +1,137 @@
+// fusedopt._cpu: the CPU kernels and a fast array inspector for NumPy arrays.
+// The Python layer validates every argument before calling `step`; this module
+// only checks what it needs to run safely (table shapes, hyperparameter count).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/rules.h"
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using fo::cpu::Table;
+using Launch = bool (*)(std::string_view, fo::DType, const Table&, const double*, int, int);
+
+int g_num_threads = 0;  // 0: OpenMP's default
+
+int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threads(); }
+
+std::string g_isa;
+Launch g_launch = nullptr;
+
+void select_isa(const std::string& want) {
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  std::string isa = want;
+  if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
+  if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
+    throw std::invalid_argument("this CPU does not support " + isa);
+  if (isa == "avx512") g_launch = fo::cpu::isa_avx512::launch;
+  else if (isa == "avx2") g_launch = fo::cpu::isa_avx2::launch;
+  else if (isa == "base") g_launch = fo::cpu::isa_base::launch;
+  else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
+  g_isa = isa;
+}
+
+void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+          py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper) {
+  if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
+      !(hyper.flags() & py::array::c_style))
+    throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
+  const std::int64_t n = sizes.size();
+  if (n == 0) return;
+  if (ptrs.size() % n != 0 || ptrs.size() / n < 2)
+    throw std::invalid_argument(kernel + ": pointer table does not match the tensor count");
+  if (dtype != int(fo::DType::Float32) && dtype != int(fo::DType::Float64))
+    throw std::invalid_argument(kernel + ": unsupported dtype code " + std::to_string(dtype));
+  Table t{ptrs.data(), sizes.data(), n};
+  const double* h = hyper.data();
+  const int nh = int(hyper.size());
+  const int nt = num_threads();
+  bool known;
+  {
+    py::gil_scoped_release nogil;
+    known = g_launch(kernel, fo::DType(dtype), t, h, nh, nt);
+  }
+  if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+}
+
+// Flags of `describe`.
+enum : std::int64_t { kIsNdarray = 1, kCContig = 2, kWriteable = 4, kNative = 8, kAligned = 16 };
+
+// One row per object: [address, element count, itemsize, NumPy type number,
+// flags, shape hash, ndim]. Objects that are not NumPy arrays get flags 0 and
+// are described by the Python layer instead.
+py::array_t<std::int64_t> describe(py::sequence seq) {
+  const py::ssize_t n = py::len(seq);
+  py::array_t<std::int64_t> out({n, py::ssize_t(7)});
+  auto r = out.mutable_unchecked<2>();
+  auto& api = py::detail::npy_api::get();
+  for (py::ssize_t i = 0; i < n; ++i) {
+    py::object o = seq[i];
+    for (int c = 0; c < 7; ++c) r(i, c) = 0;
+    if (!api.PyArray_Check_(o.ptr())) continue;
+    auto* a = py::detail::array_proxy(o.ptr());
+    const auto arr = py::reinterpret_borrow<py::array>(o);
+    const py::dtype dt = arr.dtype();
+    std::int64_t size = 1;
+    std::uint64_t hash = 1469598103934665603ull ^ std::uint64_t(a->nd);
+    for (int k = 0; k < a->nd; ++k) {
+      size *= a->dimensions[k];
+      hash = (hash ^ std::uint64_t(a->dimensions[k])) * 1099511628211ull;
+    }
+    const int f = a->flags;
+    std::int64_t flags = kIsNdarray;
+    if (f & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) flags |= kCContig;
+    if (f & py::detail::npy_api::NPY_ARRAY_WRITEABLE_) flags |= kWriteable;
+    if (f & py::detail::npy_api::NPY_ARRAY_ALIGNED_) flags |= kAligned;
+    if (dt.byteorder() != '>') flags |= kNative;  // '<', '=' and '|' are native on x86
+    r(i, 0) = std::int64_t(reinterpret_cast<std::uintptr_t>(a->data));
+    r(i, 1) = size;
+    r(i, 2) = arr.itemsize();
+    r(i, 3) = dt.num();
+    r(i, 4) = flags;
+    r(i, 5) = std::int64_t(hash);
+    r(i, 6) = a->nd;
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "fusedopt CPU kernels (OpenMP, SIMD)";
+  select_isa("auto");
+  m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
+        py::arg("hyper"),
+        "Run `kernel` over the tensors of a pointer table (slots x tensors), in place.");
+  m.def("describe", &describe, py::arg("arrays"),
+        "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    g_num_threads = n;
+  });
+  m.def("get_num_threads", &num_threads);
+  m.def("set_isa", &select_isa, py::arg("isa"),
+        "Select the instruction set of the kernels: 'auto', 'avx512', 'avx2' or 'base'.");
+  m.def("get_isa", [] { return g_isa; });
+  m.def("hyper_size", [](const std::string& kernel) {
+    int n = -1;
+    fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });
+    if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return n;
+  });
+  m.attr("FLAG_NDARRAY") = int(kIsNdarray);
+  m.attr("FLAG_C_CONTIGUOUS") = int(kCContig);
+  m.attr("FLAG_WRITEABLE") = int(kWriteable);
+  m.attr("FLAG_NATIVE") = int(kNative);
+  m.attr("FLAG_ALIGNED") = int(kAligned);
+}

@@ -1,0 +1,36 @@
+// Shared definitions for the per-element update rules.
+//
+// A rule is a struct with
+//   using Hyper = ...;              // plain struct of doubles, filled on the host
+//   static constexpr int kStates;   // number of state buffers it reads and writes
+//   template <class M> FO_HD static void step(const Hyper&, M& p, M g, M* s);
+// `step` is pure arithmetic on values of the math type M (float or double):
+// the drivers load each slot from memory, call the rule, and store the slots
+// back. The rule never touches memory itself, so the CPU and CUDA drivers
+// (and any storage precision) share the exact same update.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FO_HD __host__ __device__ __forceinline__
+#else
+#define FO_HD inline __attribute__((always_inline))
+#endif
+
+namespace fo {
+
+template <class M>
+FO_HD M fo_sqrt(M x) {
+  return std::sqrt(x);  // float and double overloads; both map to IEEE sqrt
+}
+
+// Negates the gradient when maximizing and adds L2 weight decay: the common
+// prologue of every torch.optim rule ("g = -g if maximize; g += wd * p").
+template <class M>
+FO_HD M prepare_grad(M g, M p, bool maximize, double wd) {
+  g = maximize ? -g : g;
+  return wd != 0.0 ? g + M(wd) * p : g;
+}
+
+}  // namespace fo

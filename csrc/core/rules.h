@@ -1,0 +1,44 @@
+// The registry of kernels: maps a kernel name to its rule type, once, for every
+// driver. A driver calls with_rule(name, f) and f receives a value of the rule type.
+#pragma once
+
+#include <string_view>
+
+#include "adadelta.h"
+#include "adagrad.h"
+#include "adam.h"
+#include "rmsprop.h"
+#include "sgd.h"
+#include "stream.h"
+
+namespace fo {
+
+// Number of doubles in a rule's Hyper; every Hyper is a plain struct of doubles.
+template <class Rule>
+constexpr int hyper_size() {
+  return int(sizeof(typename Rule::Hyper) / sizeof(double));
+}
+
+template <class F>
+bool with_rule(std::string_view name, F&& f) {
+  if (name == "sgd") return f(Sgd<false>{}), true;
+  if (name == "sgd_momentum") return f(Sgd<true>{}), true;
+  if (name == "adagrad") return f(Adagrad{}), true;
+  if (name == "rmsprop") return f(Rmsprop<false, false>{}), true;
+  if (name == "rmsprop_momentum") return f(Rmsprop<true, false>{}), true;
+  if (name == "rmsprop_centered") return f(Rmsprop<false, true>{}), true;
+  if (name == "rmsprop_centered_momentum") return f(Rmsprop<true, true>{}), true;
+  if (name == "adadelta") return f(Adadelta{}), true;
+  if (name == "adam") return f(Adam<false>{}), true;
+  if (name == "adam_amsgrad") return f(Adam<true>{}), true;
+  if (name == "stream0") return f(Stream<0>{}), true;
+  if (name == "stream1") return f(Stream<1>{}), true;
+  if (name == "stream2") return f(Stream<2>{}), true;
+  if (name == "stream3") return f(Stream<3>{}), true;
+  return false;
+}
+
+// Storage dtypes a driver accepts. Math runs in float for float32 and in double for float64.
+enum class DType : int { Float32 = 0, Float64 = 1 };
+
+}  // namespace fo
