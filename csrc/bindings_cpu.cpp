@@ -3,10 +3,12 @@
 // only checks what it needs to run safely (table shapes, hyperparameter count).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/rules.h"
 #include "cpu/kernels.h"
@@ -64,6 +66,14 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
 }
 
+// FNV-1a over the rank and the extents: equal shapes give equal hashes, so the
+// Python layer compares shapes of thousands of arrays as one integer column.
+std::uint64_t shape_hash(const py::ssize_t* dims, int nd) {
+  std::uint64_t hash = 1469598103934665603ull ^ std::uint64_t(nd);
+  for (int k = 0; k < nd; ++k) hash = (hash ^ std::uint64_t(dims[k])) * 1099511628211ull;
+  return hash;
+}
+
 // Flags of `describe`.
 enum : std::int64_t { kIsNdarray = 1, kCContig = 2, kWriteable = 4, kNative = 8, kAligned = 16 };
 
@@ -83,11 +93,7 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
     const auto arr = py::reinterpret_borrow<py::array>(o);
     const py::dtype dt = arr.dtype();
     std::int64_t size = 1;
-    std::uint64_t hash = 1469598103934665603ull ^ std::uint64_t(a->nd);
-    for (int k = 0; k < a->nd; ++k) {
-      size *= a->dimensions[k];
-      hash = (hash ^ std::uint64_t(a->dimensions[k])) * 1099511628211ull;
-    }
+    for (int k = 0; k < a->nd; ++k) size *= a->dimensions[k];
     const int f = a->flags;
     std::int64_t flags = kIsNdarray;
     if (f & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) flags |= kCContig;
@@ -99,7 +105,7 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
     r(i, 2) = arr.itemsize();
     r(i, 3) = dt.num();
     r(i, 4) = flags;
-    r(i, 5) = std::int64_t(hash);
+    r(i, 5) = std::int64_t(shape_hash(a->dimensions, a->nd));
     r(i, 6) = a->nd;
   }
   return out;
@@ -115,6 +121,9 @@ PYBIND11_MODULE(_cpu, m) {
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place.");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
+  m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {
+    return std::int64_t(shape_hash(shape.data(), int(shape.size())));
+  }, py::arg("shape"), "The shape hash `describe` reports, for arrays described elsewhere.");
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
     g_num_threads = n;

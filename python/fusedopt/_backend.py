@@ -1,0 +1,66 @@
+"""The compiled backends, chosen by device. The CUDA module is imported lazily, on the
+first GPU array, so that `import fusedopt` works on machines with no GPU driver."""
+
+from __future__ import annotations
+
+from . import _cpu
+
+
+class _Cpu:
+    name = "cpu"
+
+    @staticmethod
+    def step(op, kernel, dtype, ptrs, sizes, hyper, stream, arrays):
+        _cpu.step(kernel, dtype, ptrs, sizes, hyper)
+
+
+class _Cuda:
+    name = "cuda"
+
+    def __init__(self, module):
+        self.module = module
+
+    def step(self, op, kernel, dtype, ptrs, sizes, hyper, stream, arrays):
+        if stream is None:
+            stream = current_stream(arrays[0])
+        elif not isinstance(stream, int):
+            stream = int(getattr(stream, "ptr", getattr(stream, "cuda_stream", stream)))
+        self.module.step(kernel, dtype, ptrs, sizes, hyper, stream)
+
+
+_cuda_backend = None
+
+
+def cuda_module():
+    """`fusedopt._cuda`, or None when this build has no CUDA module."""
+    try:
+        from . import _cuda
+    except ImportError:
+        return None
+    return _cuda
+
+
+def for_device(op, device):
+    global _cuda_backend
+    if device == 0:
+        return _Cpu
+    if _cuda_backend is None:
+        module = cuda_module()
+        if module is None:
+            raise TypeError(f"{op}: got arrays on cuda:{device - 1}, but this build of fusedopt "
+                            "has no CUDA module (it was built without nvcc, or with "
+                            "FUSEDOPT_CUDA=OFF)")
+        _cuda_backend = _Cuda(module)
+    return _cuda_backend
+
+
+def current_stream(array):
+    """The stream the producer of `array` orders its work on: torch's current stream for a
+    torch tensor, CuPy's current stream otherwise."""
+    if type(array).__module__.startswith("torch"):
+        import torch
+
+        return int(torch.cuda.current_stream(array.device).cuda_stream)
+    import cupy
+
+    return int(cupy.cuda.get_current_stream().ptr)

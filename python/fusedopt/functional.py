@@ -1,0 +1,121 @@
+"""In-place, multi-tensor optimizer steps: one kernel call per (device, dtype) per step.
+
+Each function updates `params` and the state lists in place and returns None.
+Hyperparameters are plain Python numbers; per-step scalars (bias corrections,
+decayed rates) are computed here, once per call, in double precision. The
+equations are torch.optim's (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _arrays, _backend
+
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_"]
+
+
+class Plan:
+    """A validated step, not yet run: the optimizer classes validate every group of a
+    step before running any, so that a bad input anywhere writes nothing."""
+
+    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params")
+
+    def __init__(self, op, kernel, prep, hyper, stream, params):
+        self.op, self.kernel, self.prep = op, kernel, prep
+        self.hyper, self.stream, self.params = hyper, stream, params
+
+    def run(self):
+        if not self.prep.groups:
+            return
+        backend = _backend.for_device(self.op, self.prep.device)
+        for dtype, ptrs, sizes in self.prep.groups:
+            backend.step(self.op, self.kernel, dtype, ptrs, sizes, self.hyper, self.stream,
+                         self.params)
+
+
+def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer):
+    prep = _arrays.prepare(op, params, grads, states, state_names)
+    plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params)
+    if defer:
+        return plan
+    plan.run()
+    return None
+
+
+def _check_step(op, step):
+    if not step >= 1:
+        raise ValueError(f"{op}: step must be >= 1 (the count after this update), got {step}")
+
+
+def sgd_(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
+         weight_decay=0.0, nesterov=False, maximize=False, first_step=False, stream=None, _defer=False):
+    """SGD; with momentum, `first_step=True` sets the buffers to the gradient (torch's
+    "buffer is None" case) whatever they held."""
+    if momentum != 0.0:
+        kernel, states = "sgd_momentum", [momentum_buffers]
+    else:
+        kernel, states = "sgd", []
+    hyper = [lr, momentum, dampening, weight_decay, nesterov, maximize, first_step]
+    return _run("sgd_", kernel, params, grads, states, ["momentum_buffers"][: len(states)], hyper, stream, _defer)
+
+
+def adagrad_(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+             maximize=False, stream=None, _defer=False):
+    _check_step("adagrad_", step)
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    return _run("adagrad_", "adagrad", params, grads, [state_sums], ["state_sums"],
+         [clr, eps, weight_decay, maximize], stream, _defer)
+
+
+def rmsprop_(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr, alpha, eps,
+             weight_decay=0.0, momentum=0.0, centered=False, maximize=False, stream=None, _defer=False):
+    states, names = [square_avgs], ["square_avgs"]
+    kernel = "rmsprop"
+    if centered:
+        kernel += "_centered"
+    if momentum != 0.0:
+        kernel += "_momentum"
+        states.append(momentum_buffers)
+        names.append("momentum_buffers")
+    if centered:
+        states.append(grad_avgs)
+        names.append("grad_avgs")
+    return _run("rmsprop_", kernel, params, grads, states, names,
+         [lr, alpha, eps, weight_decay, momentum, maximize], stream, _defer)
+
+
+def adadelta_(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_decay=0.0,
+              maximize=False, stream=None, _defer=False):
+    return _run("adadelta_", "adadelta", params, grads, [square_avgs, acc_deltas],
+         ["square_avgs", "acc_deltas"], [lr, rho, eps, weight_decay, maximize], stream, _defer)
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1, beta2,
+          eps, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
+          stream=None, _op="adam_", _defer=False):
+    _check_step(_op, step)
+    states, names = [exp_avgs, exp_avg_sqs], ["exp_avgs", "exp_avg_sqs"]
+    if amsgrad:
+        states.append(max_exp_avg_sqs)
+        names.append("max_exp_avg_sqs")
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    if decoupled_weight_decay:
+        l2, shrink = 0.0, 1.0 - lr * weight_decay
+    else:
+        l2, shrink = weight_decay, 1.0
+    hyper = [lr, beta1, beta2, eps, l2, shrink, lr / bc1, 1.0 / math.sqrt(bc2), maximize]
+    return _run(_op, "adam_amsgrad" if amsgrad else "adam", params, grads, states, names, hyper,
+                stream, _defer)
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1, beta2,
+           eps, weight_decay=1e-2, amsgrad=False, maximize=False, decoupled_weight_decay=True,
+           stream=None, _defer=False):
+    return adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
+                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, stream=stream,
+                 _op="adamw_", _defer=_defer)

@@ -1,0 +1,225 @@
+"""The optimizer base class: parameter groups, state, state dicts (torch.optim's layout).
+
+A subclass says which state buffers a group needs, how to create them, and which
+functional op runs a group. `step` validates every group before it runs any, and
+creates new state only once the whole step has been validated, so a bad input
+leaves params, state and step counters as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+
+import numpy as np
+
+_required = object()
+
+
+def _is_array(x):
+    return hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") or \
+        hasattr(x, "__dlpack__")
+
+
+class Optimizer:
+    #: state buffers (besides `step`) of a group, in the order the functional op takes them
+    def _state_names(self, group):
+        raise NotImplementedError
+
+    #: whether the state holds a `step` counter (every algorithm but SGD)
+    has_step = True
+
+    def _new_state(self, param, group):
+        """Fresh state of one param: zeros, like torch."""
+        state = {name: _zeros_like(param) for name in self._state_names(group)}
+        if self.has_step:
+            state["step"] = 0.0
+        return state
+
+    def _plan(self, group, params, grads, states, step, fresh):
+        """The functional op's deferred plan for one bucket of a group."""
+        raise NotImplementedError
+
+    def _validate_group(self, group):
+        """ValueError for invalid hyperparameters, by torch.optim's rules."""
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        self.param_groups = []
+        self.state = {}
+        if isinstance(params, dict) or _is_array(params):
+            raise TypeError("params must be a list of arrays or of dicts, got "
+                            f"{type(params).__name__}")
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join(lines + [")"])
+
+    def add_param_group(self, group):
+        if not isinstance(group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
+        params = group["params"]
+        params = [params] if _is_array(params) else list(params)
+        for i, p in enumerate(params):
+            if not _is_array(p):
+                raise TypeError(f"params[{i}] is not an array (got {type(p).__name__})")
+        group = dict(group, params=params)
+        for key, value in self.defaults.items():
+            if value is _required and key not in group:
+                raise ValueError(f"parameter group didn't specify a value of required "
+                                 f"optimization parameter {key}")
+            group.setdefault(key, value)
+        self._validate_group(group)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(group)
+
+    # --- stepping -------------------------------------------------------------------------
+
+    def step(self, grads):
+        """One update of every param whose gradient is not None. `grads` is aligned with
+        the params of all groups, in group order."""
+        total = sum(len(g["params"]) for g in self.param_groups)
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
+        if len(grads) != total:
+            raise ValueError(f"step: got {len(grads)} grads for {total} params")
+        plans, created, counted = [], {}, []
+        offset = 0
+        for group in self.param_groups:
+            params = group["params"]
+            buckets = {}
+            for j, (p, g) in enumerate(zip(params, grads[offset:offset + len(params)])):
+                if g is None:
+                    continue
+                idx = offset + j
+                state = self.state.get(idx)
+                if state is None:
+                    state = created[idx] = self._new_state(p, group)
+                fresh = idx in created
+                key = (state.get("step", 0.0), fresh)
+                buckets.setdefault(key, []).append((idx, p, g, state))
+            for (step, fresh), items in buckets.items():
+                names = self._state_names(group)
+                plans.append(self._plan(
+                    group, [it[1] for it in items], [it[2] for it in items],
+                    [[it[3][n] for it in items] for n in names], int(step) + 1, fresh))
+                counted += [it[3] for it in items]
+            offset += len(params)
+        # everything validated: create the new state, run, then count the step
+        self.state.update(created)
+        for plan in plans:
+            plan.run()
+        if self.has_step:
+            for state in counted:
+                state["step"] += 1.0
+
+    # --- state dicts ----------------------------------------------------------------------
+
+    def state_dict(self):
+        groups, start = [], 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            groups.append(packed)
+        state = {i: {k: (v.copy() if _is_array(v) else v) for k, v in s.items()}
+                 for i, s in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore state and hyperparameters; on any mismatch raise ValueError and keep
+        the current state."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, the "
+                             f"optimizer has {len(self.param_groups)}")
+        new_groups, index = [], {}
+        for k, (mine, saved) in enumerate(zip(self.param_groups, groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"loaded state dict's group {k} has {len(saved['params'])} "
+                                 f"params, the optimizer's has {len(mine['params'])}")
+            group = dict(mine)
+            group.update({key: copy.deepcopy(v) for key, v in saved.items() if key != "params"})
+            self._validate_group(group)
+            new_groups.append(group)
+            start = sum(len(g["params"]) for g in self.param_groups[:k])
+            for j, key in enumerate(saved["params"]):
+                index[key] = (start + j, group)
+        new_state = {}
+        for key, saved in state_dict["state"].items():
+            if key not in index:
+                raise ValueError(f"loaded state dict has state for unknown param {key!r}")
+            idx, group = index[key]
+            new_state[idx] = self._load_param_state(idx, group, saved)
+        self.param_groups[:] = new_groups
+        self.state = new_state
+
+    def _param(self, idx):
+        for group in self.param_groups:
+            if idx < len(group["params"]):
+                return group["params"][idx]
+            idx -= len(group["params"])
+        raise IndexError(idx)
+
+    def _load_param_state(self, idx, group, saved):
+        param = self._param(idx)
+        state = {}
+        for name in self._state_names(group):
+            if name not in saved or saved[name] is None:
+                raise ValueError(f"loaded state of param {idx} has no {name!r}")
+            value = saved[name]
+            shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
+            if shape != tuple(param.shape):
+                raise ValueError(f"loaded {name} of param {idx} has shape {shape}, the param "
+                                 f"has {tuple(param.shape)}")
+            if dtype != param.dtype:
+                raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, the param "
+                                 f"has {param.dtype}")
+            state[name] = _copy_like(value, param)
+        if self.has_step:
+            step = saved.get("step")
+            if step is None:
+                raise ValueError(f"loaded state of param {idx} has no 'step'")
+            step = float(step.item() if hasattr(step, "item") else step)
+            if not (step >= 0 and float(step).is_integer()):
+                raise ValueError(f"loaded step of param {idx} is {step}, not a count")
+            state["step"] = step
+        return state
+
+
+def _zeros_like(param):
+    z = np.zeros_like(param)  # CuPy arrays answer with a CuPy array (__array_function__)
+    return z
+
+
+def _copy_like(value, param):
+    """A contiguous copy of `value` in the param's array type and device."""
+    out = _zeros_like(param)
+    out[...] = value
+    return out
+
+
+def check(cond, message):
+    if not cond:
+        raise ValueError(message)
+
+
+def check_number(name, value, low=None, high=None, *, high_open=False):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} is not a number")
+    if low is not None and not value >= low:
+        raise ValueError(f"Invalid {name}: {value}")
+    if high is not None and not (value < high if high_open else value <= high):
+        raise ValueError(f"Invalid {name}: {value}")
