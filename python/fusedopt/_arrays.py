@@ -97,7 +97,7 @@ def _check_overlap(op, names, all_rows, writable_mask):
     end = start + (rows[:, SIZE] * rows[:, ITEMSIZE]).astype(np.uint64)
     live = rows[:, SIZE] > 0
     w = np.flatnonzero(live & writable_mask[owner])
-    order = w[np.argsort(start[w], kind="stable")]
+    order = w[np.argsort(start[w])]
     ws, we = start[order], end[order]
 
     def fail(a, b):

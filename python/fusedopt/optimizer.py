@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 _required = object()
+_NoneType = type(None)
 
 
 def _is_array(x):
@@ -99,24 +100,33 @@ class Optimizer:
         offset = 0
         for group in self.param_groups:
             params = group["params"]
+            n = len(params)
+            gslice = grads[offset:offset + n]
+            states = [self.state.get(i) for i in range(offset, offset + n)]
+            # (`None in gslice` would compare arrays elementwise: test the types instead)
+            if _NoneType not in set(map(type, gslice)) and None not in states:
+                steps = {s.get("step", 0.0) for s in states}
+                if len(steps) == 1:  # the common case: one bucket for the whole group
+                    plans.append(self._bucket_plan(group, params, gslice, states, steps.pop(),
+                                                   False))
+                    counted += states
+                    offset += n
+                    continue
             buckets = {}
-            for j, (p, g) in enumerate(zip(params, grads[offset:offset + len(params)])):
+            for j, (p, g, state) in enumerate(zip(params, gslice, states)):
                 if g is None:
                     continue
-                idx = offset + j
-                state = self.state.get(idx)
                 if state is None:
-                    state = created[idx] = self._new_state(p, group)
-                fresh = idx in created
-                key = (state.get("step", 0.0), fresh)
-                buckets.setdefault(key, []).append((idx, p, g, state))
-            for (step, fresh), items in buckets.items():
-                names = self._state_names(group)
-                plans.append(self._plan(
-                    group, [it[1] for it in items], [it[2] for it in items],
-                    [[it[3][n] for it in items] for n in names], int(step) + 1, fresh))
-                counted += [it[3] for it in items]
-            offset += len(params)
+                    state = created[offset + j] = self._new_state(p, group)
+                key = (state.get("step", 0.0), (offset + j) in created)
+                bucket = buckets.setdefault(key, ([], [], []))
+                bucket[0].append(p)
+                bucket[1].append(g)
+                bucket[2].append(state)
+            for (step, fresh), (ps, gs, ss) in buckets.items():
+                plans.append(self._bucket_plan(group, ps, gs, ss, step, fresh))
+                counted += ss
+            offset += n
         # everything validated: create the new state, run, then count the step
         self.state.update(created)
         for plan in plans:
@@ -124,6 +134,10 @@ class Optimizer:
         if self.has_step:
             for state in counted:
                 state["step"] += 1.0
+
+    def _bucket_plan(self, group, params, grads, states, step, fresh):
+        lists = [[s[name] for s in states] for name in self._state_names(group)]
+        return self._plan(group, params, grads, lists, int(step) + 1, fresh)
 
     # --- state dicts ----------------------------------------------------------------------
 
