@@ -10,7 +10,7 @@ class _Cpu:
     name = "cpu"
 
     @staticmethod
-    def step(op, kernel, dtype, ptrs, sizes, hyper, stream, arrays):
+    def step(op, kernel, dtype, ptrs, sizes, hyper, stream, arrays, device=0):
         _cpu.step(kernel, dtype, ptrs, sizes, hyper)
 
 
@@ -20,9 +20,9 @@ class _Cuda:
     def __init__(self, module):
         self.module = module
 
-    def step(self, op, kernel, dtype, ptrs, sizes, hyper, stream, arrays):
+    def step(self, op, kernel, dtype, ptrs, sizes, hyper, stream, arrays, device=1):
         if stream is None:
-            stream = current_stream(arrays[0])
+            stream = current_stream(arrays[0], device - 1)
         elif not isinstance(stream, int):
             stream = int(getattr(stream, "ptr", getattr(stream, "cuda_stream", stream)))
         self.module.step(kernel, dtype, ptrs, sizes, hyper, stream)
@@ -33,10 +33,12 @@ _cuda_backend = None
 
 def cuda_module():
     """`fusedopt._cuda`, or None when this build has no CUDA module."""
-    try:
-        from . import _cuda
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("fusedopt._cuda") is None:
         return None
+    from . import _cuda  # a module that exists but fails to load raises here, loudly
+
     return _cuda
 
 
@@ -54,13 +56,14 @@ def for_device(op, device):
     return _cuda_backend
 
 
-def current_stream(array):
-    """The stream the producer of `array` orders its work on: torch's current stream for a
-    torch tensor, CuPy's current stream otherwise."""
+def current_stream(array, ordinal):
+    """The current stream of device `ordinal` as the producer of `array` sees it: torch's
+    for a torch tensor, CuPy's otherwise."""
     if type(array).__module__.startswith("torch"):
         import torch
 
         return int(torch.cuda.current_stream(array.device).cuda_stream)
     import cupy
 
-    return int(cupy.cuda.get_current_stream().ptr)
+    with cupy.cuda.Device(ordinal):
+        return int(cupy.cuda.get_current_stream().ptr)

@@ -33,7 +33,7 @@ class Plan:
         backend = _backend.for_device(self.op, self.prep.device)
         for dtype, ptrs, sizes in self.prep.groups:
             backend.step(self.op, self.kernel, dtype, ptrs, sizes, self.hyper, self.stream,
-                         self.params)
+                         self.params, self.prep.device)
 
 
 def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer):
