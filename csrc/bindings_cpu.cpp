@@ -19,6 +19,7 @@ namespace {
 
 using fo::cpu::Table;
 using Launch = bool (*)(std::string_view, fo::DType, const Table&, const double*, int, int);
+using Dot = double (*)(fo::DType, const Table&, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
 
@@ -26,6 +27,7 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 
 std::string g_isa;
 Launch g_launch = nullptr;
+Dot g_dot = nullptr;
 
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
@@ -36,9 +38,9 @@ void select_isa(const std::string& want) {
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
   if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
     throw std::invalid_argument("this CPU does not support " + isa);
-  if (isa == "avx512") g_launch = fo::cpu::isa_avx512::launch;
-  else if (isa == "avx2") g_launch = fo::cpu::isa_avx2::launch;
-  else if (isa == "base") g_launch = fo::cpu::isa_base::launch;
+  if (isa == "avx512") g_launch = fo::cpu::isa_avx512::launch, g_dot = fo::cpu::isa_avx512::dot;
+  else if (isa == "avx2") g_launch = fo::cpu::isa_avx2::launch, g_dot = fo::cpu::isa_avx2::dot;
+  else if (isa == "base") g_launch = fo::cpu::isa_base::launch, g_dot = fo::cpu::isa_base::dot;
   else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
   g_isa = isa;
 }
@@ -64,6 +66,20 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
     known = g_launch(kernel, fo::DType(dtype), t, h, nh, nt);
   }
   if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+}
+
+// Sum of a_j . b_j over the tensor pairs of a two-slot table, accumulated in double;
+// the same value for every thread count.
+double dot(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes) {
+  const std::int64_t n = sizes.size();
+  if (n == 0) return 0.0;
+  if (ptrs.size() != 2 * n) throw std::invalid_argument("dot: pointer table must be 2 x n");
+  if (dtype != int(fo::DType::Float32) && dtype != int(fo::DType::Float64))
+    throw std::invalid_argument("dot: unsupported dtype code " + std::to_string(dtype));
+  Table t{ptrs.data(), sizes.data(), n};
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  return g_dot(fo::DType(dtype), t, nt);
 }
 
 // FNV-1a over the rank and the extents: equal shapes give equal hashes, so the
@@ -119,6 +135,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"),
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place.");
+  m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
+        "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
   m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {

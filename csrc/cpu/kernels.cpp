@@ -8,6 +8,7 @@
 #include "../core/rules.h"
 #include "driver.h"
 #include "kernels.h"
+#include "reduce.h"
 
 namespace fo::cpu::FO_ISA_NS {
 
@@ -26,6 +27,11 @@ bool launch(std::string_view kernel, DType dtype, const Table& t, const double* 
     else
       run<Rule, double, double>(rule, t, h, max_threads);
   });
+}
+
+double dot(DType dtype, const Table& t, int max_threads) {
+  return dtype == DType::Float32 ? cpu::dot<float>(t, max_threads)
+                                 : cpu::dot<double>(t, max_threads);
 }
 
 }  // namespace fo::cpu::FO_ISA_NS

@@ -12,6 +12,7 @@ namespace fo::cpu {
   namespace ns {                                                                        \
   bool launch(std::string_view kernel, DType dtype, const Table& t, const double* hyper, \
               int nhyper, int max_threads);                                             \
+  double dot(DType dtype, const Table& t, int max_threads);                             \
   }
 FO_DECLARE_LAUNCH(isa_avx512)
 FO_DECLARE_LAUNCH(isa_avx2)

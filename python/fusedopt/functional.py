@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from . import _arrays, _backend
+from . import _arrays, _backend, _cpu
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "axpy_", "dot"]
 
 
 class Plan:
@@ -119,3 +119,19 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, 
                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                  maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, stream=stream,
                  _op="adamw_", _defer=_defer)
+
+
+def axpy_(ys, xs, alpha, *, stream=None):
+    """ys[j] += alpha * xs[j] for every j, in place (the plain SGD kernel with lr = -alpha,
+    which computes exactly y + alpha * x)."""
+    sgd_(ys, xs, lr=-alpha, stream=stream)
+
+
+def dot(xs, ys):
+    """Sum over j of the dot product of xs[j] and ys[j], accumulated in double. On the CPU
+    the result is the same for every thread count (fixed blocks, summed in order)."""
+    prep = _arrays.prepare("dot", xs, ys, [], [], read_only=True)
+    if prep.device != _arrays.CPU:
+        return float(sum(float((x.ravel() * y.ravel()).sum(dtype="float64"))
+                         for x, y in zip(xs, ys)))
+    return sum(_cpu.dot(dtype, ptrs, sizes) for dtype, ptrs, sizes in prep.groups)
