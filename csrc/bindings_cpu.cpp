@@ -18,7 +18,8 @@ namespace py = pybind11;
 namespace {
 
 using fo::cpu::Table;
-using Launch = bool (*)(std::string_view, fo::DType, const Table&, const double*, int, int);
+using Launch = bool (*)(std::string_view, fo::DType, const Table&, const double*, std::int64_t,
+                        int);
 using Dot = double (*)(fo::DType, const Table&, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
@@ -58,7 +59,7 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
     throw std::invalid_argument(kernel + ": unsupported dtype code " + std::to_string(dtype));
   Table t{ptrs.data(), sizes.data(), n};
   const double* h = hyper.data();
-  const int nh = int(hyper.size());
+  const std::int64_t nh = hyper.size();
   const int nt = num_threads();
   bool known;
   {
@@ -134,7 +135,8 @@ PYBIND11_MODULE(_cpu, m) {
   select_isa("auto");
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"),
-        "Run `kernel` over the tensors of a pointer table (slots x tensors), in place.");
+        "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
+        "holds the rule's hyperparameters once, or once per tensor (n x size).");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("describe", &describe, py::arg("arrays"),

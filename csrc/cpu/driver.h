@@ -54,8 +54,11 @@ void update_range(const typename Rule::Hyper& h, T* p, const T* g, T* const* st,
   update_range_impl<Rule, T, M>(h, p, g, st, lo, hi, std::make_index_sequence<Rule::kStates>{});
 }
 
+// `h` holds one Hyper for all tensors (per_tensor false) or one per tensor, so that
+// K optimizer settings (a hyperparameter search, an ensemble) step in one call.
 template <class Rule, class T, class M>
-void run(const Rule& rule, const Table& t, const typename Rule::Hyper& h, int max_threads) {
+void run(const Rule& rule, const Table& t, const typename Rule::Hyper* h, bool per_tensor,
+         int max_threads) {
   constexpr int NS = Rule::kStates;
   // offsets[j] = first global element of tensor j
   std::vector<std::int64_t> offsets(std::size_t(t.n) + 1, 0);
@@ -84,7 +87,7 @@ void run(const Rule& rule, const Table& t, const typename Rule::Hyper& h, int ma
         if (a >= b) continue;
         T* st[NS > 0 ? NS : 1];
         for (int k = 0; k < NS; ++k) st[k] = reinterpret_cast<T*>(t.ptrs[(2 + k) * t.n + j]);
-        update_range<Rule, T, M>(h, reinterpret_cast<T*>(t.ptrs[j]),
+        update_range<Rule, T, M>(h[per_tensor ? j : 0], reinterpret_cast<T*>(t.ptrs[j]),
                                  reinterpret_cast<const T*>(t.ptrs[t.n + j]), st, a, b);
       }
     }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../core/rules.h"
 #include "driver.h"
@@ -13,19 +14,23 @@
 namespace fo::cpu::FO_ISA_NS {
 
 bool launch(std::string_view kernel, DType dtype, const Table& t, const double* hyper,
-            int nhyper, int max_threads) {
+            std::int64_t nhyper, int max_threads) {
   return with_rule(kernel, [&](auto rule) {
     using Rule = decltype(rule);
-    if (nhyper != hyper_size<Rule>())
-      throw std::invalid_argument(std::string(kernel) + ": expected " +
-                                  std::to_string(hyper_size<Rule>()) +
-                                  " hyperparameters, got " + std::to_string(nhyper));
-    typename Rule::Hyper h;
-    std::memcpy(&h, hyper, sizeof(h));
+    using Hyper = typename Rule::Hyper;
+    const std::int64_t size = hyper_size<Rule>();
+    const bool per_tensor = nhyper == size * t.n && t.n > 1;
+    if (nhyper != size && !per_tensor)
+      throw std::invalid_argument(std::string(kernel) + ": expected " + std::to_string(size) +
+                                  " hyperparameters (or " + std::to_string(size) +
+                                  " per tensor), got " + std::to_string(nhyper));
+    // Hyper is a plain struct of doubles: copy it out of the caller's array
+    std::vector<Hyper> h(per_tensor ? std::size_t(t.n) : 1);
+    std::memcpy(h.data(), hyper, h.size() * sizeof(Hyper));
     if (dtype == DType::Float32)
-      run<Rule, float, float>(rule, t, h, max_threads);
+      run<Rule, float, float>(rule, t, h.data(), per_tensor, max_threads);
     else
-      run<Rule, double, double>(rule, t, h, max_threads);
+      run<Rule, double, double>(rule, t, h.data(), per_tensor, max_threads);
   });
 }
 

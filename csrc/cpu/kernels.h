@@ -1,6 +1,7 @@
 // Entry points of the CPU kernels, one namespace per instruction set.
 #pragma once
 
+#include <cstdint>
 #include <string_view>
 
 #include "../core/rules.h"
@@ -11,7 +12,7 @@ namespace fo::cpu {
 #define FO_DECLARE_LAUNCH(ns)                                                           \
   namespace ns {                                                                        \
   bool launch(std::string_view kernel, DType dtype, const Table& t, const double* hyper, \
-              int nhyper, int max_threads);                                             \
+              std::int64_t nhyper, int max_threads);                                    \
   double dot(DType dtype, const Table& t, int max_threads);                             \
   }
 FO_DECLARE_LAUNCH(isa_avx512)
