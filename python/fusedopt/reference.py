@@ -187,9 +187,9 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1,
-          beta2, eps, weight_decay=0.0, amsgrad=False, maximize=False,
+          beta2, eps, weight_decay=1e-2, amsgrad=False, maximize=False,
           decoupled_weight_decay=True):
-    """AdamW: :func:`adam` with decoupled weight decay by default."""
+    """AdamW: :func:`adam` with decoupled weight decay (default 1e-2, as torch.optim.AdamW)."""
     return adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,

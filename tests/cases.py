@@ -1,0 +1,295 @@
+"""The table of optimizer cases shared by the tests (in the spirit of PyTorch's OptimizerInfo).
+
+An `Algorithm` ties together the in-place functional op, the float64 reference,
+the optimizer class, the state buffers (torch's names, in the order the op
+takes them) and the class defaults. A `Case` is an algorithm with one setting
+of its options; `CASES` holds a grid that turns every option on at least once,
+alone and combined with others.
+
+Options are written with the class constructor's names (``betas``, not
+``beta1``); `Case.op_kwargs(t)` translates them into the functional op's
+keywords for step t (1 on the first step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import fusedopt
+from fusedopt import functional as F
+from fusedopt import reference as R
+
+# State buffers whose values are never negative (sums and averages of squares).
+NONNEGATIVE_STATES = {"sum", "square_avg", "acc_delta", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    cls: type
+    op: Callable
+    ref: Callable
+    #: (functional argument, state name) of every state list the op takes, in its order
+    slots: tuple
+    #: constructor defaults, torch.optim's
+    defaults: dict
+    #: whether the class keeps a `step` counter in its state
+    has_step: bool
+    #: options -> names of the state buffers these options use
+    active: Callable
+    #: (options, t) -> keyword arguments of the functional op
+    kwargs: Callable
+
+    def arg_name(self, state_name):
+        return dict((s, a) for a, s in self.slots)[state_name]
+
+
+def _sgd_kwargs(o, t):
+    return dict(lr=o["lr"], momentum=o["momentum"], dampening=o["dampening"],
+                weight_decay=o["weight_decay"], nesterov=o["nesterov"], maximize=o["maximize"],
+                first_step=(t == 1))
+
+
+def _adagrad_kwargs(o, t):
+    return dict(step=t, lr=o["lr"], lr_decay=o["lr_decay"], weight_decay=o["weight_decay"],
+                eps=o["eps"], maximize=o["maximize"])
+
+
+def _rmsprop_kwargs(o, t):
+    return dict(lr=o["lr"], alpha=o["alpha"], eps=o["eps"], weight_decay=o["weight_decay"],
+                momentum=o["momentum"], centered=o["centered"], maximize=o["maximize"])
+
+
+def _adadelta_kwargs(o, t):
+    return dict(lr=o["lr"], rho=o["rho"], eps=o["eps"], weight_decay=o["weight_decay"],
+                maximize=o["maximize"])
+
+
+def _adam_kwargs(o, t):
+    beta1, beta2 = o["betas"]
+    return dict(step=t, lr=o["lr"], beta1=beta1, beta2=beta2, eps=o["eps"],
+                weight_decay=o["weight_decay"], amsgrad=o["amsgrad"], maximize=o["maximize"])
+
+
+SGD = Algorithm(
+    "sgd", fusedopt.SGD, F.sgd_, R.sgd,
+    slots=(("momentum_buffers", "momentum_buffer"),),
+    defaults=dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+                  maximize=False),
+    has_step=False,
+    active=lambda o: ("momentum_buffer",) if o["momentum"] != 0 else (),
+    kwargs=_sgd_kwargs)
+
+ADAGRAD = Algorithm(
+    "adagrad", fusedopt.Adagrad, F.adagrad_, R.adagrad,
+    slots=(("state_sums", "sum"),),
+    defaults=dict(lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                  eps=1e-10, maximize=False),
+    has_step=True,
+    active=lambda o: ("sum",),
+    kwargs=_adagrad_kwargs)
+
+RMSPROP = Algorithm(
+    "rmsprop", fusedopt.RMSprop, F.rmsprop_, R.rmsprop,
+    slots=(("square_avgs", "square_avg"), ("momentum_buffers", "momentum_buffer"),
+           ("grad_avgs", "grad_avg")),
+    defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                  maximize=False),
+    has_step=True,
+    active=lambda o: ("square_avg",) + (("momentum_buffer",) if o["momentum"] > 0 else ())
+    + (("grad_avg",) if o["centered"] else ()),
+    kwargs=_rmsprop_kwargs)
+
+ADADELTA = Algorithm(
+    "adadelta", fusedopt.Adadelta, F.adadelta_, R.adadelta,
+    slots=(("square_avgs", "square_avg"), ("acc_deltas", "acc_delta")),
+    defaults=dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, maximize=False),
+    has_step=True,
+    active=lambda o: ("square_avg", "acc_delta"),
+    kwargs=_adadelta_kwargs)
+
+_ADAM_SLOTS = (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"),
+               ("max_exp_avg_sqs", "max_exp_avg_sq"))
+
+
+def _adam_active(o):
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if o["amsgrad"] else ())
+
+
+ADAM = Algorithm(
+    "adam", fusedopt.Adam, F.adam_, R.adam, slots=_ADAM_SLOTS,
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+                  maximize=False),
+    has_step=True, active=_adam_active, kwargs=_adam_kwargs)
+
+ADAMW = Algorithm(
+    "adamw", fusedopt.AdamW, F.adamw_, R.adamw, slots=_ADAM_SLOTS,
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                  maximize=False),
+    has_step=True, active=_adam_active, kwargs=_adam_kwargs)
+
+ALGORITHMS = {a.name: a for a in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW)}
+
+
+@dataclass(frozen=True)
+class Case:
+    algo: Algorithm
+    #: constructor keyword arguments that differ from the defaults
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def options(self):
+        """Every constructor option, defaults filled in."""
+        return {**self.algo.defaults, **self.overrides}
+
+    @property
+    def id(self):
+        parts = [self.algo.name]
+        for k, v in self.overrides.items():
+            if v is True:
+                parts.append(k)
+            elif isinstance(v, tuple):
+                parts.append(f"{k}={','.join(map(str, v))}")
+            else:
+                parts.append(f"{k}={v}")
+        return "-".join(parts)
+
+    def __str__(self):
+        return self.id
+
+    @property
+    def state_names(self):
+        """State buffers these options use, in the op's argument order (no `step`)."""
+        return self.algo.active(self.options)
+
+    def op_kwargs(self, t):
+        return self.algo.kwargs(self.options, t)
+
+    def make(self, params, **changes):
+        """The optimizer class over `params` with these options."""
+        return self.algo.cls(params, **{**self.options, **changes})
+
+    def initial_state(self, param, name):
+        """A buffer as the class creates it: zeros, or Adagrad's initial value."""
+        out = np.zeros_like(param)
+        if name == "sum":
+            out[...] = self.options["initial_accumulator_value"]
+        return out
+
+    def _state_args(self, states):
+        return [states[s] if s in self.state_names else None for _, s in self.algo.slots]
+
+    def run_op(self, params, grads, states, t):
+        """The functional op, in place. `states` maps state names to lists of arrays."""
+        return self.algo.op(params, grads, *self._state_args(states), **self.op_kwargs(t))
+
+    def run_reference(self, params, grads, states, t):
+        """The reference: (params, {state name: list}) as new float64 arrays."""
+        out = self.algo.ref(params, grads, *self._state_args(states), **self.op_kwargs(t))
+        assert len(out) == 1 + len(self.state_names)
+        return out[0], dict(zip(self.state_names, out[1:]))
+
+
+def case(name, **overrides):
+    return Case(ALGORITHMS[name], overrides)
+
+
+# Learning rates are larger than the defaults where that makes each update stand
+# well clear of rounding, so that a wrong update cannot hide under the tolerance.
+CASES = [
+    case("sgd", lr=0.05),
+    case("sgd", lr=0.05, maximize=True),
+    case("sgd", lr=0.05, weight_decay=0.1),
+    case("sgd", lr=0.05, momentum=0.9),
+    case("sgd", lr=0.05, momentum=0.9, dampening=0.3),
+    case("sgd", lr=0.05, momentum=0.9, nesterov=True),
+    case("sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+    case("sgd", lr=0.05, momentum=0.5, dampening=0.5, weight_decay=0.01, maximize=True),
+    case("adagrad", lr=0.1),
+    case("adagrad", lr=0.1, lr_decay=0.05),
+    case("adagrad", lr=0.1, weight_decay=0.1),
+    case("adagrad", lr=0.1, initial_accumulator_value=0.3),
+    case("adagrad", lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1,
+         eps=1e-6, maximize=True),
+    case("rmsprop"),
+    case("rmsprop", maximize=True),
+    case("rmsprop", weight_decay=0.1),
+    case("rmsprop", momentum=0.9),
+    case("rmsprop", centered=True),
+    case("rmsprop", centered=True, momentum=0.9),
+    case("rmsprop", alpha=0.9, eps=1e-4, weight_decay=0.05, momentum=0.5, centered=True,
+         maximize=True),
+    case("adadelta"),
+    case("adadelta", maximize=True),
+    case("adadelta", weight_decay=0.1),
+    case("adadelta", lr=0.3, rho=0.5, eps=1e-3, weight_decay=0.05, maximize=True),
+    case("adam", lr=0.01),
+    case("adam", lr=0.01, maximize=True),
+    case("adam", lr=0.01, weight_decay=0.1),
+    case("adam", lr=0.01, amsgrad=True),
+    case("adam", lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+    case("adam", lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True, maximize=True),
+    case("adamw", lr=0.01),
+    case("adamw", lr=0.01, weight_decay=0.1),
+    case("adamw", lr=0.01, weight_decay=0.0),
+    case("adamw", lr=0.01, amsgrad=True),
+    case("adamw", lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True, maximize=True),
+]
+
+#: one case per algorithm that uses every state list of its op
+FULL_CASES = [
+    case("sgd", lr=0.05, momentum=0.9),
+    case("adagrad", lr=0.1, initial_accumulator_value=0.1),
+    case("rmsprop", momentum=0.9, centered=True),
+    case("adadelta"),
+    case("adam", lr=0.01, amsgrad=True),
+    case("adamw", lr=0.01, amsgrad=True),
+]
+
+
+def random_states(case_, params, rng):
+    """Random, valid state buffers for `params` (not zeros, so that every term of the
+    update matters): non-negative where the algorithm keeps squares, and for centered
+    RMSprop a grad_avg with grad_avg**2 < square_avg, as the algorithm keeps it."""
+    states = {}
+    for name in case_.state_names:
+        bufs = []
+        for p in params:
+            if name in NONNEGATIVE_STATES:
+                b = rng.uniform(0.05, 1.0, p.shape)
+            else:
+                b = 0.5 * rng.standard_normal(p.shape)
+            bufs.append(np.asarray(b, dtype=p.dtype))
+        states[name] = bufs
+    if "grad_avg" in states:
+        states["grad_avg"] = [
+            np.asarray(np.sqrt(v) * rng.uniform(-0.7, 0.7, v.shape), dtype=v.dtype)
+            for v in states["square_avg"]]
+    return states
+
+
+def random_arrays(shapes, dtype, rng):
+    return [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+
+
+def data_ptr(a):
+    return a.__array_interface__["data"][0]
+
+
+def assert_same_bits(actual, expected, what=""):
+    """Bit-for-bit equality of two arrays (NaNs and signed zeros included)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    width = actual.dtype.itemsize
+    a = np.ascontiguousarray(actual).reshape(-1).view(np.uint8).reshape(-1, width)
+    b = np.ascontiguousarray(expected).reshape(-1).view(np.uint8).reshape(-1, width)
+    diff = np.flatnonzero((a != b).any(axis=1))
+    if diff.size:
+        i = int(diff[0])
+        raise AssertionError(
+            f"{what}: {diff.size} of {a.size} elements differ; first at flat index {i}: "
+            f"{actual.reshape(-1)[i]!r} != {expected.reshape(-1)[i]!r}")
