@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/layouts.h"
 #include "core/rules.h"
 #include "cpu/kernels.h"
 
@@ -18,8 +19,8 @@ namespace py = pybind11;
 namespace {
 
 using fo::cpu::Table;
-using Launch = bool (*)(std::string_view, fo::DType, const Table&, const double*, std::int64_t,
-                        int);
+using Launch = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&, const double*,
+                        std::int64_t, const fo::Mode&, int);
 using Dot = double (*)(fo::DType, const Table&, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
@@ -46,27 +47,36 @@ void select_isa(const std::string& want) {
   g_isa = isa;
 }
 
+// Number of state buffers of `kernel`, or -1 for an unknown name.
+int num_states(const std::string& kernel) {
+  int n = -1;
+  fo::with_rule(kernel, [&](auto rule) { n = decltype(rule)::kStates; });
+  return n;
+}
+
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
-          py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper) {
+          py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper, int state_dtype,
+          int extra, double grad_scale, bool stochastic, std::uint64_t key) {
   if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
       !(hyper.flags() & py::array::c_style))
     throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   if (n == 0) return;
-  if (ptrs.size() % n != 0 || ptrs.size() / n < 2)
-    throw std::invalid_argument(kernel + ": pointer table does not match the tensor count");
-  if (dtype != int(fo::DType::Float32) && dtype != int(fo::DType::Float64))
-    throw std::invalid_argument(kernel + ": unsupported dtype code " + std::to_string(dtype));
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (ptrs.size() != nslots * n)
+    throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
+                                " entries, expected " + std::to_string(nslots) + " slots x " +
+                                std::to_string(n) + " tensors");
   Table t{ptrs.data(), sizes.data(), n};
+  const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key};
   const double* h = hyper.data();
   const std::int64_t nh = hyper.size();
   const int nt = num_threads();
-  bool known;
-  {
-    py::gil_scoped_release nogil;
-    known = g_launch(kernel, fo::DType(dtype), t, h, nh, nt);
-  }
-  if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  py::gil_scoped_release nogil;
+  g_launch(kernel, layout, t, h, nh, mode, nt);
 }
 
 // Sum of a_j . b_j over the tensor pairs of a two-slot table, accumulated in double;
@@ -134,9 +144,14 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fusedopt CPU kernels (OpenMP, SIMD)";
   select_isa("auto");
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
-        py::arg("hyper"),
+        py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
+        py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
-        "holds the rule's hyperparameters once, or once per tensor (n x size).");
+        "holds the rule's hyperparameters once, or once per tensor (n x size). `dtype` and\n"
+        "`state_dtype` are storage codes (0 float32, 1 float64, 2 float16, 3 bfloat16; -1: as\n"
+        "dtype); `extra` 1 adds a float32 master-weight slot, 2 a Kahan compensation slot.\n"
+        "Gradients are multiplied by `grad_scale`; `stochastic` rounds 16-bit params\n"
+        "stochastically with the random stream `key`.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("describe", &describe, py::arg("arrays"),
@@ -152,6 +167,10 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_isa", &select_isa, py::arg("isa"),
         "Select the instruction set of the kernels: 'auto', 'avx512', 'avx2' or 'base'.");
   m.def("get_isa", [] { return g_isa; });
+  m.def("num_states", &num_states, py::arg("kernel"));
+  m.def("random_bits", [](std::uint64_t key, std::int64_t j, std::uint64_t i) {
+    return fo::random_bits(fo::tensor_key(key, j), i);
+  }, "The random bits element i of tensor j draws with stochastic rounding under `key`.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
     fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });

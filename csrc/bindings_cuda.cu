@@ -12,6 +12,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/layouts.h"
 #include "core/rules.h"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/update_functor.cuh"

@@ -38,7 +38,4 @@ bool with_rule(std::string_view name, F&& f) {
   return false;
 }
 
-// Storage dtypes a driver accepts. Math runs in float for float32 and in double for float64.
-enum class DType : int { Float32 = 0, Float64 = 1 };
-
 }  // namespace fo

@@ -16,10 +16,13 @@
 #include <utility>
 #include <vector>
 
+#include "../core/element.h"
+
 namespace fo::cpu {
 
 // Pointers of one call: ptrs[slot * n + j] is the address of slot `slot`
-// (0 = param, 1 = grad, 2.. = states) of tensor j; sizes[j] its element count.
+// (0 = param, 1 = grad, 2.. = states, then the extra buffer of the layout, if any)
+// of tensor j; sizes[j] its element count.
 struct Table {
   const std::uint64_t* ptrs;
   const std::int64_t* sizes;
@@ -29,37 +32,43 @@ struct Table {
 constexpr std::int64_t kAlign = 64;          // elements: a whole number of cache lines
 constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost more than they save
 
-template <class Rule, class T, class M, std::size_t... K>
-void update_range_impl(const typename Rule::Hyper& h, T* __restrict p, const T* __restrict g,
-                       T* const* st, std::int64_t lo, std::int64_t hi, std::index_sequence<K...>) {
-  // A local copy: its fields are known not to alias the arrays, so the compiler
+template <class Rule, class M, Extra X, class P, class S, std::size_t... K>
+void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
+                       const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
+                       std::index_sequence<K...>) {
+  using XS = typename ExtraStorage<X, P>::type;
+  // Local copies: their fields are known not to alias the arrays, so the compiler
   // hoists them and if-converts the rules' flag selects into vector blends.
   const typename Rule::Hyper hc = h;
-  // One restrict pointer per state slot, unpacked at compile time so that the
-  // loop body has no inner loops left for the vectorizer to trip on.
-  T* __restrict s[sizeof...(K) + 1] = {st[K]..., nullptr};
+  const Mode mc = mode;
+  const M gscale = M(mode.grad_scale);
+  const bool sr = mode.stochastic != 0.0 && is_16bit<P>();
+  // One restrict pointer per slot, unpacked at compile time so that the loop body
+  // has no inner loops left for the vectorizer to trip on.
+  P* __restrict p = reinterpret_cast<P*>(slot[0]);
+  const P* __restrict g = reinterpret_cast<const P*>(slot[1]);
+  S* __restrict s[sizeof...(K) + 1] = {reinterpret_cast<S*>(slot[2 + K])..., nullptr};
+  XS* __restrict x = reinterpret_cast<XS*>(slot[2 + sizeof...(K)]);
 #pragma GCC ivdep
   for (std::int64_t i = lo; i < hi; ++i) {
-    M pv = M(p[i]);
-    M sv[sizeof...(K) + 1] = {M(s[K][i])..., M(0)};
-    Rule::template step<M>(hc, pv, M(g[i]), sv);
-    p[i] = T(pv);
-    ((s[K][i] = T(sv[K])), ...);
+    P pv = p[i];
+    S sv[sizeof...(K) + 1] = {s[K][i]..., S{}};
+    XS xv = X != Extra::None ? x[i] : XS{};
+    const std::uint32_t rnd = sr ? random_bits(key, std::uint64_t(i)) : 0u;
+    update_element<Rule, M, X>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv);
+    p[i] = pv;
+    ((s[K][i] = sv[K]), ...);
+    if constexpr (X != Extra::None) x[i] = xv;
   }
-}
-
-template <class Rule, class T, class M>
-void update_range(const typename Rule::Hyper& h, T* p, const T* g, T* const* st,
-                  std::int64_t lo, std::int64_t hi) {
-  update_range_impl<Rule, T, M>(h, p, g, st, lo, hi, std::make_index_sequence<Rule::kStates>{});
 }
 
 // `h` holds one Hyper for all tensors (per_tensor false) or one per tensor, so that
 // K optimizer settings (a hyperparameter search, an ensemble) step in one call.
-template <class Rule, class T, class M>
-void run(const Rule& rule, const Table& t, const typename Rule::Hyper* h, bool per_tensor,
+template <class Rule, class M, Extra X, class P, class S>
+void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const Mode& mode,
          int max_threads) {
   constexpr int NS = Rule::kStates;
+  constexpr int nslots = 2 + NS + (X != Extra::None ? 1 : 0);
   // offsets[j] = first global element of tensor j
   std::vector<std::int64_t> offsets(std::size_t(t.n) + 1, 0);
   for (std::int64_t j = 0; j < t.n; ++j) offsets[j + 1] = offsets[j] + t.sizes[j];
@@ -85,10 +94,11 @@ void run(const Rule& rule, const Table& t, const typename Rule::Hyper* h, bool p
         const std::int64_t a = std::max(lo, offsets[j]) - offsets[j];
         const std::int64_t b = std::min(hi, offsets[j + 1]) - offsets[j];
         if (a >= b) continue;
-        T* st[NS > 0 ? NS : 1];
-        for (int k = 0; k < NS; ++k) st[k] = reinterpret_cast<T*>(t.ptrs[(2 + k) * t.n + j]);
-        update_range<Rule, T, M>(h[per_tensor ? j : 0], reinterpret_cast<T*>(t.ptrs[j]),
-                                 reinterpret_cast<const T*>(t.ptrs[t.n + j]), st, a, b);
+        std::uint64_t slot[nslots + 1];
+        for (int k = 0; k < nslots; ++k) slot[k] = t.ptrs[k * t.n + j];
+        slot[nslots] = 0;
+        update_range_impl<Rule, M, X, P, S>(h[per_tensor ? j : 0], mode, tensor_key(mode.key, j),
+                                            slot, a, b, std::make_index_sequence<NS>{});
       }
     }
   }

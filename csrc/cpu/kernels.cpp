@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/layouts.h"
 #include "../core/rules.h"
 #include "driver.h"
 #include "kernels.h"
@@ -13,8 +14,8 @@
 
 namespace fo::cpu::FO_ISA_NS {
 
-bool launch(std::string_view kernel, DType dtype, const Table& t, const double* hyper,
-            std::int64_t nhyper, int max_threads) {
+bool launch(std::string_view kernel, const Layout& layout, const Table& t, const double* hyper,
+            std::int64_t nhyper, const Mode& mode, int max_threads) {
   return with_rule(kernel, [&](auto rule) {
     using Rule = decltype(rule);
     using Hyper = typename Rule::Hyper;
@@ -27,10 +28,16 @@ bool launch(std::string_view kernel, DType dtype, const Table& t, const double* 
     // Hyper is a plain struct of doubles: copy it out of the caller's array
     std::vector<Hyper> h(per_tensor ? std::size_t(t.n) : 1);
     std::memcpy(h.data(), hyper, h.size() * sizeof(Hyper));
-    if (dtype == DType::Float32)
-      run<Rule, float, float>(rule, t, h.data(), per_tensor, max_threads);
-    else
-      run<Rule, double, double>(rule, t, h.data(), per_tensor, max_threads);
+    const bool known = with_layout(layout.param, layout.state, layout.extra,
+                                   [&](auto m, auto p, auto s, auto x) {
+      run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
+          t, h.data(), per_tensor, mode, max_threads);
+    });
+    if (!known)
+      throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
+                                  std::to_string(layout.param) + ", state " +
+                                  std::to_string(layout.state) + ", extra " +
+                                  std::to_string(layout.extra) + ")");
   });
 }
 

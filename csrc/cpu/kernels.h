@@ -4,15 +4,21 @@
 #include <cstdint>
 #include <string_view>
 
+#include "../core/layouts.h"
 #include "../core/rules.h"
 #include "driver.h"
 
 namespace fo::cpu {
 
+// Storage dtype codes of a call (fo::DType) and its extra buffer (0 none, 1 master, 2 Kahan).
+struct Layout {
+  int param, state, extra;
+};
+
 #define FO_DECLARE_LAUNCH(ns)                                                           \
   namespace ns {                                                                        \
-  bool launch(std::string_view kernel, DType dtype, const Table& t, const double* hyper, \
-              std::int64_t nhyper, int max_threads);                                    \
+  bool launch(std::string_view kernel, const Layout& layout, const Table& t,             \
+              const double* hyper, std::int64_t nhyper, const Mode& mode, int max_threads); \
   double dot(DType dtype, const Table& t, int max_threads);                             \
   }
 FO_DECLARE_LAUNCH(isa_avx512)

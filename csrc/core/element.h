@@ -1,0 +1,62 @@
+// One element of a step, for any storage layout: what both drivers call per element.
+//
+// A layout names the storage type of the parameter P (and of the gradient, which
+// has the parameter's type), of the state buffers S, and an optional extra buffer:
+//   Extra::None    the rule updates the parameter's own value;
+//   Extra::Master  a float32 master copy is updated and the parameter receives its
+//                  rounded value in the same pass;
+//   Extra::Kahan   a compensation buffer (type P) carries what rounding the
+//                  parameter to 16 bits lost, and adds it back on the next step.
+// The math type M is float for 16-bit and float32 storage, double for float64.
+#pragma once
+
+#include <cstdint>
+
+#include "precision.h"
+
+namespace fo {
+
+enum class Extra { None, Master, Kahan };
+
+template <Extra X, class P>
+struct ExtraStorage {
+  using type = P;  // Kahan: the compensation has the parameter's type; None: unused
+};
+template <class P>
+struct ExtraStorage<Extra::Master, P> {
+  using type = float;
+};
+
+// Per-call settings of the driver, the same for every rule.
+struct Mode {
+  double grad_scale;   // gradients are multiplied by this (1 / loss scale x clip coefficient)
+  double stochastic;   // 1: the parameter is written back with stochastic rounding
+  std::uint64_t key;   // random stream of this call: a hash of (seed, step)
+};
+
+template <class Rule, class M, Extra X, class P, class S, class XS>
+FO_HD void update_element(const typename Rule::Hyper& h, const Mode& mode, std::uint32_t rnd,
+                          P& p, M g, S* s, XS& x) {
+  constexpr int NS = Rule::kStates > 0 ? Rule::kStates : 1;
+  const bool sr = mode.stochastic != 0.0;
+  M sv[NS];
+  for (int k = 0; k < Rule::kStates; ++k) sv[k] = load<M>(s[k]);
+  const M old = X == Extra::Master ? load<M>(x) : load<M>(p);
+  M pv = old;
+  Rule::template step<M>(h, pv, g, sv);
+  for (int k = 0; k < Rule::kStates; ++k) s[k] = Store<S, M>::apply(sv[k], false, 0);
+  if constexpr (X == Extra::Master) {
+    x = float(pv);
+    p = Store<P, M>::apply(pv, sr, rnd);
+  } else if constexpr (X == Extra::Kahan) {
+    // compensated write-back: the exact update plus what earlier roundings dropped
+    const M y = (pv - old) + load<M>(x);
+    const P t = Store<P, M>::apply(old + y, sr, rnd);
+    x = Store<P, M>::apply(y - (load<M>(t) - old), false, 0);
+    p = t;
+  } else {
+    p = Store<P, M>::apply(pv, sr, rnd);
+  }
+}
+
+}  // namespace fo
