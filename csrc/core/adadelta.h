@@ -8,7 +8,7 @@ struct AdadeltaHyper {
   double lr, rho, eps, weight_decay, maximize;
 };
 
-struct Adadelta {
+struct Adadelta : NoStepScalars {
   using Hyper = AdadeltaHyper;
   static constexpr int kStates = 2;
 

@@ -1,17 +1,20 @@
-// Adagrad (torch.optim.Adagrad). The decayed rate clr = lr / (1 + (t-1) lr_decay)
-// is computed on the host per call.
+// Adagrad (torch.optim.Adagrad). at_step fills the decayed rate
+// clr = lr / (1 + (t - 1) lr_decay) from the step count t, once per call.
 #pragma once
 #include "common.h"
 
 namespace fo {
 
 struct AdagradHyper {
-  double clr, eps, weight_decay, maximize;
+  double lr, lr_decay, eps, weight_decay, maximize;
+  double clr;  // per step
 };
 
 struct Adagrad {
   using Hyper = AdagradHyper;
   static constexpr int kStates = 1;  // sum
+
+  FO_HD static void at_step(Hyper& h, double t) { h.clr = h.lr / (1.0 + (t - 1.0) * h.lr_decay); }
 
   template <class M>
   FO_HD static void step(const Hyper& h, M& p, M g, M* s) {

@@ -1,6 +1,7 @@
 // Adam and AdamW (torch.optim.Adam / AdamW): one rule, the decay mode is a flag.
 // State order: exp_avg, exp_avg_sq, then max_exp_avg_sq if Amsgrad.
-// Host-side per call: step_size = lr / (1 - beta1^t), inv_bc2_sqrt = 1 / sqrt(1 - beta2^t).
+// at_step fills the per-step scalars from the step count t (once per call, in double):
+// step_size = lr / (1 - beta1^t), inv_bc2_sqrt = 1 / sqrt(1 - beta2^t).
 #pragma once
 #include "common.h"
 
@@ -17,6 +18,11 @@ template <bool Amsgrad>
 struct Adam {
   using Hyper = AdamHyper;
   static constexpr int kStates = Amsgrad ? 3 : 2;
+
+  FO_HD static void at_step(Hyper& h, double t) {
+    h.step_size = h.lr / (1.0 - pow(h.beta1, t));
+    h.inv_bc2_sqrt = 1.0 / sqrt(1.0 - pow(h.beta2, t));
+  }
 
   template <class M>
   FO_HD static void step(const Hyper& h, M& p, M g, M* s) {

@@ -4,6 +4,8 @@
 //   using Hyper = ...;              // plain struct of doubles, filled on the host
 //   static constexpr int kStates;   // number of state buffers it reads and writes
 //   template <class M> FO_HD static void step(const Hyper&, M& p, M g, M* s);
+//   FO_HD static void at_step(Hyper&, double t);  // per-step scalars from the count t
+//                                                 // (a no-op for rules without any)
 // `step` is pure arithmetic on values of the math type M (float or double):
 // the drivers load each slot from memory, call the rule, and store the slots
 // back. The rule never touches memory itself, so the CPU and CUDA drivers
@@ -19,6 +21,12 @@
 #endif
 
 namespace fo {
+
+// The at_step of rules whose math does not depend on the step count.
+struct NoStepScalars {
+  template <class Hyper>
+  FO_HD static void at_step(Hyper&, double) {}
+};
 
 template <class M>
 FO_HD M fo_sqrt(M x) {

@@ -32,6 +32,7 @@ struct Mode {
   double grad_scale;   // gradients are multiplied by this (1 / loss scale x clip coefficient)
   double stochastic;   // 1: the parameter is written back with stochastic rounding
   std::uint64_t key;   // random stream of this call: a hash of (seed, step)
+  double step;         // the step count t after this update (the rules' at_step)
 };
 
 template <class Rule, class M, Extra X, class P, class S, class XS>

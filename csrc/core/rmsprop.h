@@ -10,7 +10,7 @@ struct RmspropHyper {
 };
 
 template <bool Momentum, bool Centered>
-struct Rmsprop {
+struct Rmsprop : NoStepScalars {
   using Hyper = RmspropHyper;
   static constexpr int kStates = 1 + int(Momentum) + int(Centered);
 

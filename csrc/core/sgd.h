@@ -11,7 +11,7 @@ struct SgdHyper {
 };
 
 template <bool Momentum>
-struct Sgd {
+struct Sgd : NoStepScalars {
   using Hyper = SgdHyper;
   static constexpr int kStates = Momentum ? 1 : 0;  // momentum_buffer
 

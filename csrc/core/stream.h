@@ -12,7 +12,7 @@ struct StreamHyper {
 };
 
 template <int NStates>
-struct Stream {
+struct Stream : NoStepScalars {
   using Hyper = StreamHyper;
   static constexpr int kStates = NStates;
 

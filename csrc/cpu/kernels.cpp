@@ -28,6 +28,7 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
     // Hyper is a plain struct of doubles: copy it out of the caller's array
     std::vector<Hyper> h(per_tensor ? std::size_t(t.n) : 1);
     std::memcpy(h.data(), hyper, h.size() * sizeof(Hyper));
+    for (Hyper& one : h) Rule::at_step(one, mode.step);
     const bool known = with_layout(layout.param, layout.state, layout.extra,
                                    [&](auto m, auto p, auto s, auto x) {
       run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(

@@ -10,8 +10,8 @@ class _Cpu:
     name = "cpu"
 
     @staticmethod
-    def step(op, kernel, dtype, ptrs, sizes, hyper, stream, arrays, device=0):
-        _cpu.step(kernel, dtype, ptrs, sizes, hyper)
+    def step(kernel, dtype, ptrs, sizes, hyper, *, stream, arrays, device, **mode):
+        _cpu.step(kernel, dtype, ptrs, sizes, hyper, **mode)
 
 
 class _Cuda:
@@ -20,12 +20,12 @@ class _Cuda:
     def __init__(self, module):
         self.module = module
 
-    def step(self, op, kernel, dtype, ptrs, sizes, hyper, stream, arrays, device=1):
+    def step(self, kernel, dtype, ptrs, sizes, hyper, *, stream, arrays, device, **mode):
         if stream is None:
             stream = current_stream(arrays[0], device - 1)
         elif not isinstance(stream, int):
             stream = int(getattr(stream, "ptr", getattr(stream, "cuda_stream", stream)))
-        self.module.step(kernel, dtype, ptrs, sizes, hyper, stream)
+        self.module.step(kernel, dtype, ptrs, sizes, hyper, stream, **mode)
 
 
 _cuda_backend = None

@@ -8,7 +8,6 @@ equations are torch.optim's (DESIGN.md section 3).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -21,24 +20,25 @@ class Plan:
     """A validated step, not yet run: the optimizer classes validate every group of a
     step before running any, so that a bad input anywhere writes nothing."""
 
-    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params")
+    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "step")
 
-    def __init__(self, op, kernel, prep, hyper, stream, params):
+    def __init__(self, op, kernel, prep, hyper, stream, params, step):
         self.op, self.kernel, self.prep = op, kernel, prep
-        self.hyper, self.stream, self.params = hyper, stream, params
+        self.hyper, self.stream, self.params, self.step = hyper, stream, params, step
 
     def run(self):
         if not self.prep.groups:
             return
         backend = _backend.for_device(self.op, self.prep.device)
         for dtype, ptrs, sizes in self.prep.groups:
-            backend.step(self.op, self.kernel, dtype, ptrs, sizes, self.hyper, self.stream,
-                         self.params, self.prep.device)
+            backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, stream=self.stream,
+                         arrays=self.params, device=self.prep.device, step=self.step)
 
 
-def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer):
-    prep = _arrays.prepare(op, params, grads, states, state_names)
-    plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params)
+def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, step=1):
+    prep = _arrays.prepare(op, params, grads, states, state_names, stream)
+    plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params,
+                float(step))
     if defer:
         return plan
     plan.run()
@@ -65,9 +65,8 @@ def sgd_(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.
 def adagrad_(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
              maximize=False, stream=None, _defer=False):
     _check_step("adagrad_", step)
-    clr = lr / (1.0 + (step - 1) * lr_decay)
     return _run("adagrad_", "adagrad", params, grads, [state_sums], ["state_sums"],
-         [clr, eps, weight_decay, maximize], stream, _defer)
+                [lr, lr_decay, eps, weight_decay, maximize, 0.0], stream, _defer, step)
 
 
 def rmsprop_(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr, alpha, eps,
@@ -101,15 +100,14 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
     if amsgrad:
         states.append(max_exp_avg_sqs)
         names.append("max_exp_avg_sqs")
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
     if decoupled_weight_decay:
         l2, shrink = 0.0, 1.0 - lr * weight_decay
     else:
         l2, shrink = weight_decay, 1.0
-    hyper = [lr, beta1, beta2, eps, l2, shrink, lr / bc1, 1.0 / math.sqrt(bc2), maximize]
+    # step_size and inv_bc2_sqrt (0 here) are filled from `step` by the rule
+    hyper = [lr, beta1, beta2, eps, l2, shrink, 0.0, 0.0, maximize]
     return _run(_op, "adam_amsgrad" if amsgrad else "adam", params, grads, states, names, hyper,
-                stream, _defer)
+                stream, _defer, step)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1, beta2,
