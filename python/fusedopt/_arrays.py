@@ -42,17 +42,16 @@ class Prepared:
         self.keep = keep  # objects that must outlive the kernel (copies, DLPack holders)
 
 
-def _describe_list(op, name, seq, keep):
+def _describe_list(op, name, seq, keep, consumer=None):
     """Rows for one list, NumPy arrays in C++, the rest through `_foreign`."""
     if not isinstance(seq, (list, tuple)):
         raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got {type(seq).__name__}")
     rows = np.zeros((len(seq), NCOLS), dtype=np.int64)
     if len(seq):
         rows[:, :DEVICE] = _cpu.describe(seq)
-    for i in np.flatnonzero(rows[:, FLAGS] == 0):
-        i = int(i)
-        rows[i], holder = _foreign.describe(op, f"{name}[{i}]", seq[i])
-        keep.append(holder)
+        other = np.flatnonzero(rows[:, FLAGS] == 0)
+        if other.size:
+            _foreign.describe_into(op, name, seq, other, rows, keep, consumer)
     return rows
 
 
@@ -62,6 +61,8 @@ def _shape_of(obj):
 
 
 def _dtype_name(typenum):
+    if typenum < 0:
+        return _foreign.dtype_name(typenum)
     for t in np.sctypeDict.values():
         try:
             if np.dtype(t).num == typenum:
@@ -84,8 +85,7 @@ def _check_writable(op, name, seq, rows):
     bad = np.flatnonzero((rows[:, FLAGS] & F_WRITEABLE) == 0)
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{op}: {name}[{i}] is read-only; it must be writeable to be updated "
-                         "in place")
+        raise ValueError(_foreign.readonly_message(op, f"{name}[{i}]", seq[i]))
 
 
 def _check_overlap(op, names, all_rows, writable_mask):
@@ -119,15 +119,19 @@ def _check_overlap(op, names, all_rows, writable_mask):
             fail(order[k[hit[0]]], g[hit[0]])
 
 
-def prepare(op, params, grads, states, state_names):
+def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False):
     """Validate `params`, `grads` and the state lists together and build pointer tables.
 
     `states` is a list of lists aligned with `params`; `state_names` names them for
-    messages. Gradients that are not C-contiguous are copied once (they are only
-    read); everything else is used in place or refused.
+    messages. With `read_only`, nothing is written (a reduction): writeability and
+    overlap are not required. Gradients that are not C-contiguous are copied once (they are only
+    read); everything else is used in place or refused. `stream` is the CUDA stream
+    the kernels will run on (None: the current stream of params[0]'s producer);
+    GPU producers order their pending work before it.
     """
     keep = []
-    prow = _describe_list(op, "params", params, keep)
+    consumer = _foreign.Consumer(params, stream)
+    prow = _describe_list(op, "params", params, keep, consumer)
     n = len(params)
     if not isinstance(grads, (list, tuple)):
         raise TypeError(f"{op}: grads must be a list or tuple of arrays, got {type(grads).__name__}")
@@ -140,8 +144,8 @@ def prepare(op, params, grads, states, state_names):
             raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got {type(seq).__name__}")
         if len(seq) != n:
             raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
-    grow = _describe_list(op, "grads", grads, keep)
-    srows = [_describe_list(op, name, seq, keep) for name, seq in zip(state_names, states)]
+    grow = _describe_list(op, "grads", grads, keep, consumer)
+    srows = [_describe_list(op, name, seq, keep, consumer) for name, seq in zip(state_names, states)]
 
     names = ["params", "grads", *state_names]
     seqs = [params, grads, *states]
@@ -181,6 +185,8 @@ def prepare(op, params, grads, states, state_names):
                             f"params[0] is on {_device_name(device)}; all arrays of a step "
                             "must be on one device")
     # written arrays: contiguous and writeable
+    if read_only:
+        prow[:, FLAGS] |= F_WRITEABLE
     _check_writable(op, "params", params, prow)
     for name, seq, rows in zip(state_names, states, srows):
         _check_writable(op, name, seq, rows)
@@ -190,9 +196,10 @@ def prepare(op, params, grads, states, state_names):
         copy = _foreign.contiguous_copy(op, f"grads[{i}]", grads[i], device)
         keep.append(copy)
         grow[i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
-            _foreign.describe(op, f"grads[{i}]", copy)[0][:DEVICE]
-    writable = np.array([True, False] + [True] * len(srows))
-    _check_overlap(op, names, all_rows, writable)
+            _foreign.describe(op, f"grads[{i}]", copy, consumer)[0][:DEVICE]
+    if not read_only:
+        writable = np.array([True, False] + [True] * len(srows))
+        _check_overlap(op, names, all_rows, writable)
 
     # one pointer table per dtype
     table = np.stack([r[:, PTR] for r in all_rows]).astype(np.uint64)

@@ -1,19 +1,63 @@
-"""Describe arrays that are not NumPy arrays: the array interfaces and DLPack.
+"""Describe arrays that are not NumPy arrays: PyTorch tensors, the array interfaces
+and DLPack.
 
 `describe` returns the same row `_cpu.describe` gives a NumPy array, plus the
-device column, and an object to keep alive until the kernel has run.
+device column, and an object to keep alive until the kernel has run (or None).
+`describe_into` fills the rows of many objects at once; lists of PyTorch tensors
+take a vectorized path that reads each tensor's attributes directly (no DLPack
+capsule per tensor and step).
+
+Objects are tried in this order: PyTorch tensors, `__cuda_array_interface__`,
+`__array_interface__`, then DLPack (`__dlpack__` / `__dlpack_device__`). JAX
+arrays are described but never writeable: JAX buffers are immutable.
 """
 
 from __future__ import annotations
 
+import sys
+from itertools import repeat
+from operator import attrgetter
+
 import numpy as np
 
-from . import _cpu
+from . import _backend, _cpu, _dlpack
 
 _F_NDARRAY = _cpu.FLAG_NDARRAY
 _F_CONTIG = _cpu.FLAG_C_CONTIGUOUS
 _F_WRITEABLE = _cpu.FLAG_WRITEABLE
 _F_NATIVE = _cpu.FLAG_NATIVE
+
+# Type numbers for dtypes NumPy does not have: negative, so that they never equal a
+# NumPy type number and never pass as a kernel dtype.
+BFLOAT16 = -2
+_MARKER_NAMES = {BFLOAT16: "bfloat16"}
+
+
+def dtype_name(typenum):
+    """The name of a marker type number, or None for NumPy's own numbers."""
+    return _MARKER_NAMES.get(int(typenum))
+
+
+def _marker(name):
+    for num, known in _MARKER_NAMES.items():
+        if known == name:
+            return num
+    num = min(_MARKER_NAMES) - 1
+    _MARKER_NAMES[num] = name
+    return num
+
+
+def readonly_message(op, name, obj):
+    """The ValueError text for a read-only param or state."""
+    if _is_jax(obj):
+        return (f"{op}: {name} is a JAX array; JAX arrays are immutable and cannot be updated "
+                "in place. Copy it to NumPy (numpy.array(x)), update the copies with fusedopt "
+                "and convert back with jax.numpy.asarray")
+    return f"{op}: {name} is read-only; it must be writeable to be updated in place"
+
+
+def _is_jax(obj):
+    return type(obj).__module__.partition(".")[0] in ("jax", "jaxlib")
 
 
 def _c_contiguous(shape, strides, itemsize):
@@ -27,29 +71,106 @@ def _c_contiguous(shape, strides, itemsize):
     return True
 
 
-def _row(ptr, shape, strides, typestr, readonly, device):
-    dt = np.dtype(typestr)
+def _row(ptr, shape, strides, typenum, itemsize, native, readonly, device):
+    """A description row; `strides` in bytes, or None for C order."""
     size = int(np.prod(shape, dtype=np.int64)) if shape else 1
     flags = _F_NDARRAY  # "described": the column is non-zero for every known array
-    if _c_contiguous(shape, strides, dt.itemsize):
+    if _c_contiguous(shape, strides, itemsize):
         flags |= _F_CONTIG
     if not readonly:
         flags |= _F_WRITEABLE
-    if dt.byteorder != ">":
+    if native:
         flags |= _F_NATIVE
-    return np.array([ptr, size, dt.itemsize, dt.num, flags, _cpu.shape_hash(list(shape)),
+    return np.array([ptr, size, itemsize, typenum, flags, _cpu.shape_hash(list(shape)),
                      len(shape), device], dtype=np.int64)
 
 
-def describe(op, name, obj):
+def _typestr_row(ptr, shape, strides, typestr, readonly, device):
+    dt = np.dtype(typestr)
+    return _row(ptr, shape, strides, dt.num, dt.itemsize, dt.byteorder != ">", readonly, device)
+
+
+class Consumer:
+    """The CUDA stream the kernels of one call will run on, found when first needed:
+    the `stream=` the caller gave, else the current stream of the producer of
+    params[0] (the rule of `_backend`)."""
+
+    __slots__ = ("_params", "_given", "_stream")
+
+    def __init__(self, params=None, stream=None):
+        self._params = params
+        self._given = stream
+        self._stream = None
+
+    def stream(self, ordinal):
+        """The kernel's stream, an integer; `ordinal` is the CUDA device of the arrays."""
+        if self._stream is None:
+            s = self._given
+            if s is None:
+                params = self._params
+                first = params[0] if isinstance(params, (list, tuple)) and params else None
+                s = _backend.current_stream(first, ordinal)
+            elif not isinstance(s, int):
+                s = int(getattr(s, "ptr", getattr(s, "cuda_stream", s)))
+            self._stream = int(s)
+        return self._stream
+
+    def dlpack_stream(self, ordinal):
+        """The kernel's stream as DLPack's `stream=` argument (1: the legacy default stream)."""
+        s = self.stream(ordinal)
+        return 1 if s == 0 else s
+
+    def wait(self, producer_stream, ordinal):
+        """Order the kernel's stream after all work now queued on `producer_stream`
+        (the `stream` of a `__cuda_array_interface__`). Nothing waits on the host."""
+        kernel = self.dlpack_stream(ordinal)
+        if producer_stream is None or int(producer_stream) == kernel:
+            return
+        try:
+            import cupy
+        except ImportError:
+            torch = sys.modules.get("torch")
+            if torch is None:
+                raise TypeError("an array's __cuda_array_interface__ names a stream other than "
+                                "the kernel's; ordering the two needs CuPy or PyTorch") from None
+            _torch_wait(torch, torch.cuda.ExternalStream(int(producer_stream), device=ordinal),
+                        kernel, ordinal)
+            return
+        with cupy.cuda.Device(ordinal):
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(cupy.cuda.ExternalStream(int(producer_stream)))
+            cupy.cuda.ExternalStream(kernel).wait_event(event)
+
+    def after_torch(self, torch, ordinal):
+        """Order the kernel's stream after torch's current stream on device `ordinal`,
+        when the kernel does not already run on it (torch tensors among other arrays)."""
+        producer = torch.cuda.current_stream(ordinal)
+        kernel = self.stream(ordinal)
+        if producer.cuda_stream != kernel:
+            _torch_wait(torch, producer, kernel, ordinal)
+
+
+def _torch_wait(torch, producer, kernel, ordinal):
+    event = torch.cuda.Event()
+    event.record(producer)
+    torch.cuda.ExternalStream(kernel, device=ordinal).wait_event(event)
+
+
+def describe(op, name, obj, consumer=None):
     """(row, holder) for `obj`, or TypeError when it is not an array we can read."""
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _torch_row(op, name, obj, torch, consumer), None
+    jax = _is_jax(obj)
+    cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         ptr, readonly = cai["data"]
-        device = 1 + _cuda_device_of(ptr, obj)
-        return _row(ptr, tuple(cai["shape"]), cai.get("strides"), cai["typestr"], readonly,
-                    device), obj
-    ai = getattr(obj, "__array_interface__", None)
+        device = _cuda_device_of(ptr, obj)
+        if consumer is not None:
+            consumer.wait(cai.get("stream"), device)
+        return _typestr_row(ptr, tuple(cai["shape"]), cai.get("strides"), cai["typestr"],
+                            readonly, 1 + device), obj
+    ai = None if jax else getattr(obj, "__array_interface__", None)
     if ai is not None:
         arr = np.asarray(obj)  # a view of the same memory, never a copy
         if arr.__array_interface__["data"][0] != ai["data"][0]:
@@ -57,9 +178,49 @@ def describe(op, name, obj):
         row = np.zeros(8, dtype=np.int64)
         row[:7] = _cpu.describe([arr])[0]
         return row, arr
+    if hasattr(obj, "__dlpack__"):
+        row, holder = _from_dlpack(op, name, obj, consumer)
+        if jax:
+            row[4] &= ~_F_WRITEABLE
+        return row, holder
     raise TypeError(f"{op}: {name} is not an array (got {type(obj).__name__}); expected a "
-                    "NumPy or CuPy array, or an object with __array_interface__, "
-                    "__cuda_array_interface__ or __dlpack__")
+                    "NumPy or CuPy array, a PyTorch tensor, or an object with "
+                    "__array_interface__, __cuda_array_interface__ or __dlpack__")
+
+
+def describe_into(op, name, seq, index, rows, keep, consumer=None):
+    """Fill `rows[index]` for the objects `seq[index]`; holders go to `keep`."""
+    torch = sys.modules.get("torch")
+    if torch is not None and len(index) == len(seq) and \
+            all(map(isinstance, seq, repeat(torch.Tensor))):
+        try:
+            rows[:] = _torch_rows(seq, torch)
+        except Exception:  # noqa: BLE001 - the per-tensor path below says what is wrong
+            pass
+        else:
+            if consumer is not None and rows[:, 7].any():
+                for device in np.unique(rows[:, 7]):
+                    if device > 0:
+                        consumer.after_torch(torch, int(device) - 1)
+            return
+    for i in index:
+        i = int(i)
+        rows[i], holder = describe(op, f"{name}[{i}]", seq[i], consumer)
+        if holder is not None:
+            keep.append(holder)
+
+
+def contiguous_copy(op, name, obj, device):
+    """A C-contiguous copy of a gradient (gradients are only read)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        copy = obj.detach().contiguous()
+        return copy.numpy() if device == 0 else copy
+    if device == 0:
+        return np.ascontiguousarray(obj)
+    import cupy  # only reached for CUDA arrays
+
+    return cupy.ascontiguousarray(obj)
 
 
 def _cuda_device_of(ptr, obj):
@@ -70,10 +231,203 @@ def _cuda_device_of(ptr, obj):
     return int(ident) if ident is not None else 0
 
 
-def contiguous_copy(op, name, obj, device):
-    """A C-contiguous copy of a gradient (gradients are only read)."""
-    if device == 0:
-        return np.ascontiguousarray(obj)
-    import cupy  # only reached for CUDA arrays
+# --- DLPack ---------------------------------------------------------------------------------
 
-    return cupy.ascontiguousarray(obj)
+_DLPACK_DTYPES = {
+    (_dlpack.INT, 8): np.int8, (_dlpack.INT, 16): np.int16, (_dlpack.INT, 32): np.int32,
+    (_dlpack.INT, 64): np.int64, (_dlpack.UINT, 8): np.uint8, (_dlpack.UINT, 16): np.uint16,
+    (_dlpack.UINT, 32): np.uint32, (_dlpack.UINT, 64): np.uint64,
+    (_dlpack.FLOAT, 16): np.float16, (_dlpack.FLOAT, 32): np.float32,
+    (_dlpack.FLOAT, 64): np.float64, (_dlpack.COMPLEX, 64): np.complex64,
+    (_dlpack.COMPLEX, 128): np.complex128, (_dlpack.BOOL, 8): np.bool_,
+}
+
+
+def _dlpack_dtype(op, name, code, bits, lanes):
+    """(type number, itemsize) of a DLPack dtype."""
+    if lanes == 1:
+        if (code, bits) == (_dlpack.BFLOAT, 16):
+            return BFLOAT16, 2
+        np_type = _DLPACK_DTYPES.get((code, bits))
+        if np_type is not None:
+            dt = np.dtype(np_type)
+            return dt.num, dt.itemsize
+    raise TypeError(f"{op}: {name} has DLPack dtype (code {code}, bits {bits}, lanes {lanes}), "
+                    "which fusedopt does not know; supported: float32, float64")
+
+
+def _from_dlpack(op, name, obj, consumer):
+    try:
+        device_type, device_id = obj.__dlpack_device__()
+    except AttributeError:
+        raise TypeError(f"{op}: {name} has __dlpack__ but no __dlpack_device__") from None
+    device_type, device_id = int(device_type), int(device_id)
+    if device_type == _dlpack.CPU:
+        kwargs, device = {}, 0
+    elif device_type == _dlpack.CUDA:
+        # the producer orders its pending work before the kernel's stream
+        kwargs = {"stream": consumer.dlpack_stream(device_id)} if consumer is not None else {}
+        device = 1 + device_id
+    else:
+        where = _dlpack.DEVICE_NAMES.get(device_type, f"device type {device_type}")
+        raise TypeError(f"{op}: {name} is on a DLPack {where} device; fusedopt updates "
+                        "arrays on the CPU and on CUDA devices")
+    try:
+        try:
+            capsule = obj.__dlpack__(max_version=_dlpack.VERSION, **kwargs)
+        except TypeError:  # a producer from before DLPack 1.0 takes no max_version
+            capsule = obj.__dlpack__(**kwargs)
+    except BufferError as e:
+        raise ValueError(f"{op}: {name} is read-only or cannot be shared: its producer "
+                         f"refused the DLPack export: {e}") from None
+    t = _dlpack.take(capsule)
+    try:
+        if (t.device_type, t.device_id) != (device_type, device_id):
+            raise TypeError(f"{op}: {name} exported a tensor on another device than "
+                            "__dlpack_device__ reported")
+        typenum, itemsize = _dlpack_dtype(op, name, t.code, t.bits, t.lanes)
+    except TypeError:
+        t.holder.release()  # now, not when the traceback goes
+        raise
+    strides = None if t.strides is None else tuple(s * itemsize for s in t.strides)
+    # a copy the producer made is only good for reading: an update of it would be lost
+    readonly = t.readonly or t.copied
+    return _row(t.address, t.shape, strides, typenum, itemsize, True, readonly, device), t.holder
+
+
+# --- PyTorch --------------------------------------------------------------------------------
+
+_T_SHAPE = attrgetter("shape")
+_T_DTYPE = attrgetter("dtype")
+_T_IS_CPU = attrgetter("is_cpu")
+
+# torch.dtype -> index into _DTYPES (itemsize, type number); torch.Size -> index into
+# _SHAPES (element count, shape hash, ndim). Both grow as new ones are seen.
+_DTYPE_INDEX = {}
+_DTYPES = np.zeros((0, 2), dtype=np.int64)
+_SHAPE_INDEX = {}
+_SHAPES = np.zeros((0, 3), dtype=np.int64)
+_DTYPE_ROWS = []  # the same tables as tuples, for short lists
+_SHAPE_ROWS = []
+_MAX_SHAPES = 1 << 16
+_TORCH_FLAGS = _F_NDARRAY | _F_WRITEABLE | _F_NATIVE  # torch tensors: native, writeable
+
+
+def _torch_dtype_index(dtype):
+    global _DTYPES
+    index = _DTYPE_INDEX.get(dtype)
+    if index is None:
+        name = str(dtype).rpartition(".")[2]
+        if name == "bfloat16":
+            typenum = BFLOAT16
+        else:
+            try:
+                typenum = np.dtype(name).num
+            except TypeError:
+                typenum = _marker(name)
+        index = _DTYPE_INDEX[dtype] = len(_DTYPES)
+        _DTYPES = np.vstack([_DTYPES, [[dtype.itemsize, typenum]]])
+        _DTYPE_ROWS.append((int(dtype.itemsize), int(typenum)))
+    return index
+
+
+def _shape_index(shape):
+    global _SHAPES
+    index = _SHAPE_INDEX.get(shape)
+    if index is None:
+        if len(_SHAPE_INDEX) >= _MAX_SHAPES:
+            _SHAPE_INDEX.clear()
+            _SHAPES = _SHAPES[:0]
+            _SHAPE_ROWS.clear()
+        dims = list(shape)
+        size = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        row = (size, int(_cpu.shape_hash(dims)), len(dims))
+        index = _SHAPE_INDEX[shape] = len(_SHAPES)
+        _SHAPES = np.vstack([_SHAPES, [row]])
+        _SHAPE_ROWS.append(row)
+    return index
+
+
+def _torch_rows(seq, torch):
+    """Rows of a list of strided CPU or CUDA tensors. Raises on anything unusual; the
+    caller then describes one by one."""
+    n = len(seq)
+    if n <= _SMALL:
+        return _torch_rows_small(seq)
+    T = torch.Tensor
+    rows = np.empty((n, 8), dtype=np.int64)
+    rows[:, 0] = np.fromiter(map(T.data_ptr, seq), np.int64, n)
+    try:
+        d = np.fromiter(map(_DTYPE_INDEX.__getitem__, map(_T_DTYPE, seq)), np.intp, n)
+    except KeyError:
+        d = np.array([_torch_dtype_index(t.dtype) for t in seq], dtype=np.intp)
+    rows[:, 2:4] = _DTYPES[d]
+    # shapes are looked up as they come: holding thousands of torch.Size tuples at once
+    # would wake the garbage collector
+    try:
+        s = np.fromiter(map(_SHAPE_INDEX.__getitem__, map(_T_SHAPE, seq)), np.intp, n)
+    except KeyError:
+        for t in seq:
+            _shape_index(t.shape)
+        s = np.fromiter(map(_SHAPE_INDEX.__getitem__, map(_T_SHAPE, seq)), np.intp, n)
+    rows[:, 1] = _SHAPES[s, 0]
+    rows[:, 5:7] = _SHAPES[s, 1:]
+    contig = np.fromiter(map(T.is_contiguous, seq), np.bool_, n)
+    rows[:, 4] = np.where(contig, _TORCH_FLAGS | _F_CONTIG, _TORCH_FLAGS)
+    cpu = np.fromiter(map(_T_IS_CPU, seq), np.bool_, n)
+    rows[:, 7] = 0
+    if not cpu.all():
+        for i in np.flatnonzero(~cpu):
+            t = seq[int(i)]
+            if not t.is_cuda or t.layout is not torch.strided:
+                raise TypeError
+            rows[i, 7] = 1 + t.get_device()
+    return rows
+
+
+# Up to this many tensors a plain loop is quicker than the column-wise passes above.
+_SMALL = 48
+
+
+def _torch_rows_small(seq):
+    out = []
+    for t in seq:
+        shape = t.shape
+        s = _SHAPE_INDEX.get(shape)
+        if s is None:
+            s = _shape_index(shape)
+        d = _DTYPE_INDEX.get(t.dtype)
+        if d is None:
+            d = _torch_dtype_index(t.dtype)
+        if t.is_cpu:
+            device = 0
+        elif t.is_cuda:
+            device = 1 + t.get_device()
+        else:
+            raise TypeError
+        size, hash_, ndim = _SHAPE_ROWS[s]
+        itemsize, typenum = _DTYPE_ROWS[d]
+        out.append((t.data_ptr(), size, itemsize, typenum,
+                    _TORCH_FLAGS | _F_CONTIG if t.is_contiguous() else _TORCH_FLAGS,
+                    hash_, ndim, device))
+    return np.array(out, dtype=np.int64)
+
+
+def _torch_row(op, name, t, torch, consumer):
+    if t.layout is not torch.strided:
+        raise TypeError(f"{op}: {name} is a {t.layout} tensor; only dense (strided) tensors "
+                        "are supported")
+    if t.is_cuda:
+        device = 1 + t.get_device()
+        if consumer is not None:
+            consumer.after_torch(torch, device - 1)
+    elif t.is_cpu:
+        device = 0
+    else:
+        raise TypeError(f"{op}: {name} is on {t.device}; fusedopt updates tensors on the CPU "
+                        "and on CUDA devices")
+    itemsize, typenum = _DTYPES[_torch_dtype_index(t.dtype)]
+    shape = tuple(t.shape)
+    flags = _TORCH_FLAGS | (_F_CONTIG if t.is_contiguous() else 0)
+    return np.array([t.data_ptr(), t.numel(), itemsize, typenum, flags,
+                     _cpu.shape_hash(list(shape)), len(shape), device], dtype=np.int64)
