@@ -85,7 +85,7 @@ double dot(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64
   const std::int64_t n = sizes.size();
   if (n == 0) return 0.0;
   if (ptrs.size() != 2 * n) throw std::invalid_argument("dot: pointer table must be 2 x n");
-  if (dtype != int(fo::DType::Float32) && dtype != int(fo::DType::Float64))
+  if (dtype < 0 || dtype > int(fo::DType::BFloat16))
     throw std::invalid_argument("dot: unsupported dtype code " + std::to_string(dtype));
   Table t{ptrs.data(), sizes.data(), n};
   const int nt = num_threads();

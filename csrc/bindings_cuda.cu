@@ -1,6 +1,8 @@
 // fusedopt._cuda: the CUDA kernels. Same contract as fusedopt._cpu.step, for
-// device addresses, plus the stream to run on. The Python layer validates every
-// array before calling; this module checks what it needs to run safely.
+// device addresses, plus the stream to run on, and the device-side pieces of a
+// loss-scaled, clipped step (grad_stats, scale_ptr, step_ptr, advance_step). The
+// Python layer validates every array before calling; this module checks what it
+// needs to run safely, and raises before any CUDA call when a table is wrong.
 //
 // Nothing here calls CUDA at import time, and the runtime is linked statically:
 // the module imports on a machine without a GPU or a driver, and the first CUDA
@@ -9,13 +11,12 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "core/layouts.h"
 #include "core/rules.h"
+#include "cuda/kernels.h"
 #include "cuda/multi_tensor.cuh"
-#include "cuda/update_functor.cuh"
 
 namespace py = pybind11;
 using fo::cuda::check_cuda;
@@ -43,68 +44,185 @@ class DeviceGuard {
 };
 
 // The device that owns a pointer; throws when the pointer is not device memory.
-int device_of(const std::string& kernel, std::uint64_t address) {
+int device_of(const std::string& op, const char* what, std::uint64_t address) {
   cudaPointerAttributes attr{};
   check_cuda(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(std::uintptr_t(address))),
-             kernel + ": cudaPointerGetAttributes");
+             op + ": cudaPointerGetAttributes");
   if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw std::invalid_argument(kernel + ": the parameter arrays are not CUDA device memory");
+    throw std::invalid_argument(op + ": " + what + " is not CUDA device memory");
   return attr.device;
 }
 
-template <class Rule, class T>
-void launch(const std::string& name, cudaStream_t stream, const std::uint64_t* ptrs,
-            const std::int64_t* sizes, std::int64_t n, const typename Rule::Hyper& h) {
-  // float32 runs in float, float64 in double, as on the CPU.
-  const fo::cuda::UpdateFunctor<Rule, T, T> op{h};
-  fo::cuda::multi_tensor_apply<2 + Rule::kStates>(name, stream, ptrs, sizes, n, op);
+// A device pointer argument that must hold doubles on `device` (0: absent).
+const double* device_doubles(const std::string& op, const char* what, std::uint64_t address,
+                             int device) {
+  if (address == 0) return nullptr;
+  if (device_of(op, what, address) != device)
+    throw std::invalid_argument(op + ": " + what + " is on device " +
+                                std::to_string(device_of(op, what, address)) +
+                                ", the arrays on device " + std::to_string(device));
+  return reinterpret_cast<const double*>(std::uintptr_t(address));
+}
+
+void check_aligned(const std::string& op, const char* what, std::uint64_t address) {
+  if (address % alignof(double) != 0)
+    throw std::invalid_argument(op + ": " + what + " must be 8-byte aligned (a float64 array)");
+}
+
+void check_contiguous(const std::string& op, const py::array& a, const py::array& b,
+                      const py::array& c) {
+  if (!(a.flags() & py::array::c_style) || !(b.flags() & py::array::c_style) ||
+      !(c.flags() & py::array::c_style))
+    throw std::invalid_argument(op + ": pointer, size and hyperparameter arrays must be contiguous");
+}
+
+// Number of state buffers of `kernel`, or -1 for an unknown name.
+int num_states(const std::string& kernel) {
+  int n = -1;
+  fo::with_rule(kernel, [&](auto rule) { n = decltype(rule)::kStates; });
+  return n;
+}
+
+const char* dtype_name(int code) {
+  switch (code) {
+    case 0: return "float32";
+    case 1: return "float64";
+    case 2: return "float16";
+    case 3: return "bfloat16";
+  }
+  return "?";
+}
+
+std::string layout_name(int param, int state, int extra) {
+  std::string s = dtype_name(param);
+  if (param == state && extra == 0) return s;
+  s += " params, " + std::string(dtype_name(state)) + " states";
+  if (extra == 1) s += ", master weights";
+  if (extra == 2) s += ", Kahan";
+  return s;
+}
+
+// 1: this build has a kernel for the rule in the layout; 0: the layout exists but
+// this rule has no kernel in it (bandwidth probes); -1: no such layout.
+int built(const std::string& kernel, int param, int state, int extra) {
+  int result = -1;
+  fo::with_rule(kernel, [&](auto rule) {
+    fo::with_layout(param, state, extra, [&](auto, auto p, auto s, auto x) {
+      result = fo::cuda::is_built<decltype(rule), decltype(x)::value, decltype(p), decltype(s)>();
+    });
+  });
+  return result;
+}
+
+using StepEntry = void (*)(const fo::cuda::StepCall&);
+
+StepEntry step_entry(int param, int state) {
+  namespace fc = fo::cuda;
+  const bool f32_state = state == int(fo::DType::Float32);
+  switch (fo::DType(param)) {
+    case fo::DType::Float32: return fc::variant_f32::step;
+    case fo::DType::Float64: return fc::variant_f64::step;
+    case fo::DType::Float16: return f32_state ? fc::variant_f16_f32::step : fc::variant_f16_bf16::step;
+    case fo::DType::BFloat16: return f32_state ? fc::variant_bf16_f32::step : fc::variant_bf16_bf16::step;
+  }
+  return nullptr;
 }
 
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper,
-          std::uintptr_t stream) {
-  if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
-      !(hyper.flags() & py::array::c_style))
-    throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
-  if (dtype != int(fo::DType::Float32) && dtype != int(fo::DType::Float64))
-    throw std::invalid_argument(kernel + ": unsupported dtype code " + std::to_string(dtype));
+          std::uintptr_t stream, int state_dtype, int extra, double grad_scale, bool stochastic,
+          std::uint64_t key, double step_count, std::uint64_t scale_ptr, std::uint64_t step_ptr) {
+  check_contiguous(kernel, ptrs, sizes, hyper);
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
+  const std::int64_t nptrs = ptrs.size(), nhyper = hyper.size();
+  // Exactly the layout's slots: the kernels read every one of them.
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (nptrs != nslots * n)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
+                                std::to_string(n) + " pointers, got " + std::to_string(nptrs));
+  int size = 0;
+  fo::with_rule(kernel, [&](auto rule) { size = fo::hyper_size<decltype(rule)>(); });
+  const bool per_tensor = nhyper == size * n && n > 1;
+  if (nhyper != size && !per_tensor)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(size) +
+                                " hyperparameters (or " + std::to_string(size) +
+                                " per tensor), got " + std::to_string(nhyper));
+  const int state = state_dtype < 0 ? dtype : state_dtype;
+  const int has = built(kernel, dtype, state, extra);
+  if (has < 0)
+    throw std::invalid_argument(kernel + ": unsupported storage layout (param " +
+                                std::to_string(dtype) + ", state " + std::to_string(state) +
+                                ", extra " + std::to_string(extra) + ")");
+  const std::string name = kernel + "[" + layout_name(dtype, state, extra) + "]";
+  if (has == 0) throw std::invalid_argument(name + ": this build has no kernel for this layout");
+  check_aligned(kernel, "scale_ptr", scale_ptr);
+  check_aligned(kernel, "step_ptr", step_ptr);
+
   const std::uint64_t* p = ptrs.data();
   const std::int64_t* sz = sizes.data();
-  const double* hv = hyper.data();
-  const std::int64_t nptrs = ptrs.size(), nhyper = hyper.size();
+  std::int64_t first = -1;  // first non-empty tensor: its param names the device
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (sz[j] < 0)
+      throw std::invalid_argument(kernel + ": negative size for tensor " + std::to_string(j));
+    if (sz[j] > 0 && first < 0) first = j;
+  }
+  if (first < 0) return;  // nothing to update: no CUDA call at all
 
-  const bool known = fo::with_rule(kernel, [&](auto rule) {
-    using Rule = decltype(rule);
-    constexpr int kSlots = 2 + Rule::kStates;
-    // Exactly the rule's slots: the kernels read every one of them.
-    if (nptrs != kSlots * n)
-      throw std::invalid_argument(kernel + ": expected " + std::to_string(kSlots) + " x " +
-                                  std::to_string(n) + " pointers, got " + std::to_string(nptrs));
-    if (nhyper != fo::hyper_size<Rule>())
-      throw std::invalid_argument(kernel + ": expected " + std::to_string(fo::hyper_size<Rule>()) +
-                                  " hyperparameters, got " + std::to_string(nhyper));
-    typename Rule::Hyper h;
-    std::memcpy(&h, hv, sizeof(h));
+  fo::cuda::StepCall call{kernel, name, dtype, state, extra, p, sz, n, hyper.data(), per_tensor,
+                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count},
+                          reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
+  const StepEntry entry = step_entry(dtype, state);
+  py::gil_scoped_release nogil;
+  const int device = device_of(kernel, "the parameter arrays", p[first]);
+  DeviceGuard guard(device);
+  call.scale = device_doubles(kernel, "scale_ptr", scale_ptr, device);
+  call.count = device_doubles(kernel, "step_ptr", step_ptr, device);
+  entry(call);
+}
 
-    std::int64_t first = -1;  // first non-empty tensor: its param names the device
-    for (std::int64_t j = 0; j < n; ++j) {
-      if (sz[j] < 0)
-        throw std::invalid_argument(kernel + ": negative size for tensor " + std::to_string(j));
-      if (sz[j] > 0 && first < 0) first = j;
-    }
-    if (first < 0) return;  // nothing to update: no CUDA call at all
+void grad_stats(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes,
+                std::uintptr_t stream, std::uint64_t out_ptr, double inv_scale, double max_norm) {
+  const std::string op = "grad_stats";
+  if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style))
+    throw std::invalid_argument(op + ": pointer and size arrays must be contiguous");
+  if (dtype < 0 || dtype > int(fo::DType::BFloat16))
+    throw std::invalid_argument(op + ": unsupported dtype code " + std::to_string(dtype));
+  const std::int64_t n = sizes.size();
+  if (ptrs.size() != n)
+    throw std::invalid_argument(op + ": expected 1 x " + std::to_string(n) + " pointers, got " +
+                                std::to_string(ptrs.size()));
+  if (out_ptr == 0) throw std::invalid_argument(op + ": out_ptr is required");
+  check_aligned(op, "out_ptr", out_ptr);
+  const std::uint64_t* p = ptrs.data();
+  const std::int64_t* sz = sizes.data();
+  std::int64_t first = -1;
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (sz[j] < 0)
+      throw std::invalid_argument(op + ": negative size for tensor " + std::to_string(j));
+    if (sz[j] > 0 && first < 0) first = j;
+  }
+  py::gil_scoped_release nogil;
+  const int device = first >= 0 ? device_of(op, "the gradient arrays", p[first])
+                                : device_of(op, "out_ptr", out_ptr);
+  DeviceGuard guard(device);
+  double* out = const_cast<double*>(device_doubles(op, "out_ptr", out_ptr, device));
+  fo::cuda::grad_stats(fo::DType(dtype), p, sz, n, reinterpret_cast<cudaStream_t>(stream), out,
+                       inv_scale, max_norm);
+}
 
-    const std::string name = kernel + (dtype == int(fo::DType::Float32) ? "[float32]" : "[float64]");
-    py::gil_scoped_release nogil;
-    DeviceGuard guard(device_of(kernel, p[first]));
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    if (dtype == int(fo::DType::Float32))
-      launch<Rule, float>(name, s, p, sz, n, h);
-    else
-      launch<Rule, double>(name, s, p, sz, n, h);
-  });
-  if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+void advance_step(std::uint64_t step_ptr, std::uint64_t scale_ptr, std::uintptr_t stream) {
+  const std::string op = "advance_step";
+  if (step_ptr == 0) throw std::invalid_argument(op + ": step_ptr is required");
+  check_aligned(op, "step_ptr", step_ptr);
+  check_aligned(op, "scale_ptr", scale_ptr);
+  py::gil_scoped_release nogil;
+  const int device = device_of(op, "step_ptr", step_ptr);
+  DeviceGuard guard(device);
+  const double* scale = device_doubles(op, "scale_ptr", scale_ptr, device);
+  fo::cuda::advance_step(reinterpret_cast<double*>(std::uintptr_t(step_ptr)), scale,
+                         reinterpret_cast<cudaStream_t>(stream));
 }
 
 // Number of CUDA devices; 0, not an error, when there is no GPU or no driver.
@@ -127,18 +245,29 @@ py::object device_error() {
   return py::str(std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
 }
 
-// The launcher's limits for a kernel: lets tests cross every batching boundary.
-py::dict launch_limits(const std::string& kernel) {
+// The launcher's limits for a kernel and its extra buffer: lets tests cross every
+// batching boundary.
+py::dict launch_limits(const std::string& kernel, int extra) {
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  const int nslots = 2 + ns + (extra != 0 ? 1 : 0);
   py::dict d;
-  const bool known = fo::with_rule(kernel, [&](auto rule) {
-    using B = fo::cuda::Batch<2 + decltype(rule)::kStates>;
+  auto fill = [&](auto batch) {
+    using B = decltype(batch);
     d["chunk"] = fo::cuda::kChunk;
     d["block_threads"] = fo::cuda::kBlockThreads;
     d["max_blocks"] = fo::cuda::kMaxBlocks;
     d["max_tensors"] = B::kMaxTensors;
     d["param_bytes"] = sizeof(B);
-  });
-  if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  };
+  switch (nslots) {
+    case 2: fill(fo::cuda::Batch<2>{}); break;
+    case 3: fill(fo::cuda::Batch<3>{}); break;
+    case 4: fill(fo::cuda::Batch<4>{}); break;
+    case 5: fill(fo::cuda::Batch<5>{}); break;
+    case 6: fill(fo::cuda::Batch<6>{}); break;
+    default: throw std::invalid_argument(kernel + ": no launcher for " + std::to_string(nslots) + " slots");
+  }
   return d;
 }
 
@@ -147,9 +276,29 @@ py::dict launch_limits(const std::string& kernel) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor launcher)";
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
-        py::arg("hyper"), py::arg("stream") = std::uintptr_t(0),
-        "Run `kernel` in place over the device tensors of a pointer table (slots x tensors), "
-        "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).");
+        py::arg("hyper"), py::arg("stream") = std::uintptr_t(0), py::kw_only(),
+        py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
+        py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
+        py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
+        "Run `kernel` in place over the device tensors of a pointer table (slots x tensors),\n"
+        "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).\n"
+        "The arguments after `stream` are _cpu.step's, with the same results bit for bit.\n"
+        "`scale_ptr`: device address of float64 {skip, coef, norm} from grad_stats; when\n"
+        "given, a non-zero skip makes the step a no-op, and gradients are also multiplied by\n"
+        "coef. `step_ptr`: device address of a float64 step count t of this update; when\n"
+        "given, the per-step scalars are computed on the device from it (instead of `step`\n"
+        "on the host; the device's pow may differ from the host's in the last bit).");
+  m.def("grad_stats", &grad_stats, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
+        py::arg("stream"), py::arg("out_ptr"), py::arg("inv_scale") = 1.0,
+        py::arg("max_norm") = -1.0,
+        "One pass over the gradients of a pointer table (1 x n) on `stream`: writes to the\n"
+        "device float64 array at out_ptr {skip, coef, norm}: norm is the 2-norm of\n"
+        "g * inv_scale over all tensors (a deterministic sum in float64), skip is 1.0 when\n"
+        "it is not finite (an inf or NaN gradient), coef = inv_scale * min(1, max_norm /\n"
+        "(norm + 1e-6)) when max_norm > 0, else inv_scale.");
+  m.def("advance_step", &advance_step, py::arg("step_ptr"), py::arg("scale_ptr") = 0,
+        py::arg("stream") = std::uintptr_t(0),
+        "On `stream`: add 1 to the device float64 at step_ptr, unless scale_ptr's skip is set.");
   m.def("device_count", &device_count, "Number of CUDA devices; 0 without a GPU or driver.");
   m.def("device_error", &device_error, "Why device_count() is 0 (a string), or None.");
   m.attr("cuda_runtime_version") = CUDART_VERSION;  // the statically linked runtime
@@ -166,6 +315,15 @@ PYBIND11_MODULE(_cuda, m) {
     if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
     return n;
   });
-  m.def("launch_limits", &launch_limits, py::arg("kernel"),
+  m.def("num_states", &num_states, py::arg("kernel"));
+  m.def(
+      "has_kernel",
+      [](const std::string& kernel, int dtype, int state_dtype, int extra) {
+        if (num_states(kernel) < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+        return built(kernel, dtype, state_dtype < 0 ? dtype : state_dtype, extra) > 0;
+      },
+      py::arg("kernel"), py::arg("dtype"), py::arg("state_dtype") = -1, py::arg("extra") = 0,
+      "Whether this build has a kernel for `kernel` in the storage layout.");
+  m.def("launch_limits", &launch_limits, py::arg("kernel"), py::arg("extra") = 0,
         "Chunk size, threads per block, blocks and tensors per launch for `kernel`.");
 }

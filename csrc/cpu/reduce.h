@@ -10,13 +10,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "../core/precision.h"
 #include "driver.h"
 
 namespace fo::cpu {
 
 constexpr std::int64_t kBlock = 1 << 14;
 
-// Sum over all tensors j of sum_i a_j[i] * b_j[i], accumulated in double.
+// Sum over all tensors j of sum_i a_j[i] * b_j[i], accumulated in double; T is any
+// storage type of csrc/core/precision.h.
 template <class T>
 double dot(const Table& t, int max_threads) {
   // block k covers elements [lo, lo + kBlock) of tensor owner[k]
@@ -42,7 +44,7 @@ double dot(const Table& t, int max_threads) {
     const T* b = reinterpret_cast<const T*>(t.ptrs[t.n + j]);
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (std::int64_t i = lo; i < hi; ++i) s += double(a[i]) * double(b[i]);
+    for (std::int64_t i = lo; i < hi; ++i) s += load<double>(a[i]) * load<double>(b[i]);
     partial[std::size_t(k)] = s;
   }
   double sum = 0.0;

@@ -1,5 +1,5 @@
-// The CUDA multi-tensor launcher: updates a list of tensors with as few kernel
-// launches as possible.
+// The CUDA multi-tensor launcher: runs an operation over a list of tensors with
+// as few kernel launches as possible.
 //
 // Every tensor is cut into chunks of kChunk elements, and every chunk becomes
 // one thread block. The addresses and sizes of the tensors, and the map from
@@ -12,13 +12,15 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "runtime.cuh"
+
 namespace fo::cuda {
 
-constexpr int kBlockThreads = 512;
 constexpr std::int64_t kChunk = std::int64_t(1) << 16;  // elements per block
 constexpr int kMaxBlocks = 512;                         // blocks per launch
 
@@ -26,44 +28,57 @@ constexpr int kMaxBlocks = 512;                         // blocks per launch
 // CUDA 12.1+ accepts up to 32764 bytes on Volta and newer (the only GPUs CUDA 13
 // targets). The size matters for many small tensors, where each tensor is one
 // block: with 4 KB a launch would hold ~50 Adam tensors and fill a third of an
-// H100; with 12 KB it holds ~230.
+// H100; with 12 KB it holds ~220.
 constexpr int kParamBytes = 12 * 1024;
 
-// NPtr = pointers per tensor: param, grad, then the rule's state buffers.
+// NPtr = pointers per tensor (the slots of the operation: param, grad, states, ...).
 template <int NPtr>
 struct Batch {
+  static constexpr int kHeadBytes = int(sizeof(std::int64_t));
   static constexpr int kBlockMapBytes = kMaxBlocks * int(sizeof(std::int32_t) + sizeof(std::uint16_t));
-  static constexpr int kTensorBytes = int(sizeof(void*)) * NPtr + int(sizeof(std::int64_t));
-  static constexpr int kMaxTensors = (kParamBytes - kBlockMapBytes) / kTensorBytes;
+  static constexpr int kTensorBytes =
+      int(sizeof(void*)) * NPtr + int(sizeof(std::int64_t) + sizeof(std::int32_t));
+  static constexpr int kMaxTensors = (kParamBytes - kHeadBytes - kBlockMapBytes) / kTensorBytes;
   static_assert(kMaxTensors > 0 && kMaxTensors <= 65535, "tensor index must fit block_tensor");
 
+  std::int64_t first_block;               // blocks of the call launched before this one
   void* ptr[NPtr][kMaxTensors];           // ptr[slot][tensor]
   std::int64_t size[kMaxTensors];         // elements of each tensor
+  std::int32_t index[kMaxTensors];        // position of each tensor in the caller's table
   std::int32_t block_chunk[kMaxBlocks];   // chunk index within its tensor
   std::uint16_t block_tensor[kMaxBlocks]; // tensor slot of each block
 };
 
-inline void check_cuda(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(what + ": " + cudaGetErrorName(err) + " (" +
-                             cudaGetErrorString(err) + ")");
-}
-
-// One block runs one chunk: it looks up its tensor and range, and hands the
-// tensor's pointers and [begin, end) to the operation. __grid_constant__ lets
-// the block read the Batch straight from parameter memory, without a per-thread
-// copy for the indexed accesses.
+// One block runs one chunk. The operation first sets the block up from the
+// tensor's position j in the caller's table (begin_block: per-tensor settings,
+// flags read from device memory; null: the block does nothing), then the block
+// looks up its tensor and range, and hands the operation the settings, the
+// tensor's pointers, j, [begin, end), and the block's number within the whole
+// call (for per-block results). __grid_constant__ lets the block read the Batch
+// straight from parameter memory, without a per-thread copy for the indexed
+// accesses.
 template <int NPtr, class Op>
 __global__ void __launch_bounds__(kBlockThreads)
     multi_tensor_kernel(const __grid_constant__ Batch<NPtr> batch, const Op op) {
   const int t = batch.block_tensor[blockIdx.x];
+  const std::int64_t j = batch.index[t];
+  const auto settings = op.begin_block(j);
+  if (!settings) return;
   const std::int64_t begin = std::int64_t(batch.block_chunk[blockIdx.x]) * kChunk;
   const std::int64_t size = batch.size[t];
   const std::int64_t end = size - begin < kChunk ? size : begin + kChunk;
   void* ptr[NPtr];
 #pragma unroll
   for (int k = 0; k < NPtr; ++k) ptr[k] = batch.ptr[k][t];
-  op(ptr, begin, end);
+  op(settings, ptr, j, begin, end, batch.first_block + blockIdx.x);
+}
+
+// Number of blocks (chunks) a call over these sizes runs, in all launches together.
+inline std::int64_t count_blocks(const std::int64_t* sizes, std::int64_t n) {
+  std::int64_t blocks = 0;
+  for (std::int64_t j = 0; j < n; ++j)
+    if (sizes[j] > 0) blocks += (sizes[j] + kChunk - 1) / kChunk;
+  return blocks;
 }
 
 // Fills Batches from a pointer table (ptrs[slot * n + j], as the bindings pass
@@ -75,12 +90,14 @@ void for_each_batch(const std::uint64_t* ptrs, const std::int64_t* sizes, std::i
   using B = Batch<NPtr>;
   B batch{};
   int slot = 0, nblocks = 0;
+  std::int64_t launched = 0;  // blocks of earlier launches
   for (std::int64_t j = 0; j < n; ++j) {
     const std::int64_t size = sizes[j];
     if (size <= 0) continue;
     for (int k = 0; k < NPtr; ++k)
       batch.ptr[k][slot] = reinterpret_cast<void*>(std::uintptr_t(ptrs[k * n + j]));
     batch.size[slot] = size;
+    batch.index[slot] = std::int32_t(j);
     const std::int64_t nchunks = (size + kChunk - 1) / kChunk;
     for (std::int64_t c = 0; c < nchunks; ++c) {
       batch.block_tensor[nblocks] = std::uint16_t(slot);
@@ -89,34 +106,44 @@ void for_each_batch(const std::uint64_t* ptrs, const std::int64_t* sizes, std::i
       const bool last_chunk = c + 1 == nchunks;
       const bool slots_full = last_chunk && slot + 1 == B::kMaxTensors;
       if (nblocks == kMaxBlocks || slots_full) {
+        batch.first_block = launched;
         launch(static_cast<const B&>(batch), nblocks);
+        launched += nblocks;
         nblocks = 0;
         if (last_chunk) {
           slot = -1;  // this tensor is done; the next one takes slot 0
         } else {      // this tensor goes on in the next launch, from slot 0
           for (int k = 0; k < NPtr; ++k) batch.ptr[k][0] = batch.ptr[k][slot];
           batch.size[0] = size;
+          batch.index[0] = std::int32_t(j);
           slot = 0;
         }
       }
     }
     ++slot;
   }
-  if (nblocks > 0) launch(static_cast<const B&>(batch), nblocks);
+  if (nblocks > 0) {
+    batch.first_block = launched;
+    launch(static_cast<const B&>(batch), nblocks);
+  }
 }
 
-// Runs `op` over every element of every tensor of the table, on `stream`.
-// Each launch is checked at once, so that an error names the operation that
-// caused it rather than a later, unrelated call.
-template <int NPtr, class Op>
-void multi_tensor_apply(const std::string& name, cudaStream_t stream, const std::uint64_t* ptrs,
-                        const std::int64_t* sizes, std::int64_t n, const Op& op) {
+// Throws when a table is beyond what the block map can address.
+inline void check_table(const std::string& name, const std::int64_t* sizes, std::int64_t n) {
+  if (n > std::int64_t(INT32_MAX))
+    throw std::invalid_argument(name + ": more than 2^31 tensors in one call");
   for (std::int64_t j = 0; j < n; ++j)
     if (sizes[j] > std::int64_t(INT32_MAX) * kChunk)
       throw std::invalid_argument(name + ": tensor " + std::to_string(j) + " is too large");
+}
+
+// Runs `op` over every element of every tensor of the table, on `stream`.
+template <int NPtr, class Op>
+void multi_tensor_apply(const std::string& name, cudaStream_t stream, const std::uint64_t* ptrs,
+                        const std::int64_t* sizes, std::int64_t n, const Op& op) {
+  check_table(name, sizes, n);
   for_each_batch<NPtr>(ptrs, sizes, n, [&](const Batch<NPtr>& batch, int nblocks) {
-    multi_tensor_kernel<NPtr, Op><<<nblocks, kBlockThreads, 0, stream>>>(batch, op);
-    check_cuda(cudaGetLastError(), name + ": kernel launch failed");
+    launch(name, multi_tensor_kernel<NPtr, Op>, unsigned(nblocks), kBlockThreads, stream, batch, op);
   });
 }
 

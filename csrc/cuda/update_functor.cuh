@@ -1,94 +1,163 @@
 // The per-chunk operation of the CUDA driver: load every slot of an element,
-// run the rule from csrc/core on it, store the param and the states back.
-// Like the CPU driver, it owns the memory traffic and nothing else; the update
-// itself is the very `Rule::step` the CPU runs, so the two cannot drift apart.
+// hand it to fo::update_element (csrc/core/element.h), store the slots back.
+// Like the CPU driver, it owns the memory traffic and nothing else: the update,
+// the rounding to 16 bits and the master-weight or Kahan write-back are the very
+// code the CPU runs, and so is the random stream of stochastic rounding (element
+// i of tensor j draws random_bits(tensor_key(key, j), i)), so for a given key the
+// two devices produce the same bits.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "../core/element.h"
+
 namespace fo::cuda {
 
-// T: storage type of every slot; M: the math type the rule runs in.
-template <class Rule, class T, class M>
+// `n` consecutive values of T, aligned to their size: one vector load or store.
+template <class T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+constexpr int widest(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+template <class Rule, class M, Extra X, class P, class S>
 struct UpdateFunctor {
+  using Hyper = typename Rule::Hyper;
+  using XS = typename ExtraStorage<X, P>::type;
   static constexpr int kStates = Rule::kStates;
-  static constexpr int kSlots = kStates > 0 ? kStates : 1;  // no zero-length arrays
-  static constexpr int kVec = 16 / int(sizeof(T));          // elements per 16-byte access
-  static_assert(16 % sizeof(T) == 0, "storage type must divide a 16-byte vector");
+  static constexpr int kS = kStates > 0 ? kStates : 1;  // no zero-length arrays
+  static constexpr bool kExtra = X != Extra::None;
+  static constexpr int kSlots = 2 + kStates + (kExtra ? 1 : 0);
 
-  // One 16-byte vector of T; alignas makes nvcc emit a single 128-bit load or store.
-  struct alignas(16) Vec {
-    T v[kVec];
-  };
+  // Elements per vector access: as many as make the widest slot's access 16 bytes.
+  // A layout with mixed widths (bfloat16 params, float32 states or master) moves 4
+  // elements per access, 8 bytes of each 16-bit slot and 16 of each 4-byte one.
+  static constexpr int kWidest = widest(int(sizeof(P)), kStates > 0 ? int(sizeof(S)) : 0,
+                                         kExtra ? int(sizeof(XS)) : 0);
+  static constexpr int kVec = 16 / kWidest;
 
-  typename Rule::Hyper h;
+  Hyper h;              // the Hyper of every tensor, per-step scalars filled (unless `table`)
+  const Hyper* table;   // device memory: one Hyper per tensor of the call, or null
+  Mode mode;
+  const double* scale;  // device memory: {skip, coef, norm} from grad_stats, or null
+  const double* count;  // device memory: the step count t of this update, or null
 
-  // One element: what both paths below do per lane.
-  __device__ __forceinline__ void update(T& p, T g, T* s) const {
-    M pm = M(p);
-    M sm[kSlots];
-#pragma unroll
-    for (int k = 0; k < kStates; ++k) sm[k] = M(s[k]);
-    Rule::template step<M>(h, pm, M(g), sm);
-    p = T(pm);
-#pragma unroll
-    for (int k = 0; k < kStates; ++k) s[k] = T(sm[k]);
+  // One element: the gradient scaled as on the CPU, then the shared update.
+  __device__ __forceinline__ void element(const Hyper& hb, M gscale, bool sr, std::uint64_t key,
+                                          std::int64_t i, P& p, P g, S* s, XS& x) const {
+    const std::uint32_t rnd = sr ? random_bits(key, std::uint64_t(i)) : 0u;
+    update_element<Rule, M, X>(hb, mode, rnd, p, load<M>(g) * gscale, s, x);
   }
 
-  // Updates elements [begin, end) of one tensor; ptr = {param, grad, states...}.
-  __device__ __forceinline__ void operator()(void* const* ptr, std::int64_t begin,
-                                             std::int64_t end) const {
-    T* p = static_cast<T*>(ptr[0]);
-    const T* g = static_cast<const T*>(ptr[1]);
-    T* st[kSlots];
-    std::uintptr_t bits = std::uintptr_t(ptr[0]) | std::uintptr_t(ptr[1]);
+  template <class T>
+  __device__ __forceinline__ static bool aligned(const void* ptr) {
+    return std::uintptr_t(ptr) % (sizeof(T) * kVec) == 0;
+  }
+
+  // What a block needs besides its pointers: the hyperparameters with the per-step
+  // scalars filled, and the gradient scale.
+  struct Block {
+    Hyper h;
+    double grad_scale;
+  };
+
+  // One thread reads the block's settings (the call's Hyper or the tensor's row of
+  // the table, the skip flag and coefficient, the device-side step count) and
+  // shares them in shared memory; null: skip the whole block, and nothing is read
+  // or written. The loop reads the settings from there: values that may live in
+  // memory rather than in registers across the whole loop leave the registers to
+  // the data, which keeps every layout free of spills.
+  __device__ __forceinline__ const Block* begin_block(std::int64_t j) const {
+    __shared__ Block shared;
+    __shared__ int shared_skip;
+    if (threadIdx.x == 0) {
+      const bool skip = scale != nullptr && scale[0] != 0.0;
+      Hyper one = table != nullptr ? table[j] : h;
+      // The same at_step as the host's; only the device's pow may round
+      // differently in the last bit, which is why the host computes these
+      // scalars unless the count lives on the device.
+      if (count != nullptr && !skip) Rule::at_step(one, *count);
+      shared = Block{one, scale != nullptr ? mode.grad_scale * scale[1] : mode.grad_scale};
+      shared_skip = skip ? 1 : 0;
+    }
+    __syncthreads();
+    return shared_skip == 0 ? &shared : nullptr;
+  }
+
+  // Updates elements [begin, end) of tensor j; ptr = {param, grad, states..., extra}.
+  __device__ __forceinline__ void operator()(const Block* b, void* const* ptr, std::int64_t j,
+                                             std::int64_t begin, std::int64_t end,
+                                             std::int64_t) const {
+    const Hyper& hb = b->h;
+    const M gscale = M(b->grad_scale);
+    const bool sr = mode.stochastic != 0.0 && sizeof(P) == 2;  // as the CPU: 16-bit params only
+    const std::uint64_t key = tensor_key(mode.key, j);
+
+    P* p = static_cast<P*>(ptr[0]);
+    const P* g = static_cast<const P*>(ptr[1]);
+    S* st[kS];
+    bool vec = aligned<P>(ptr[0]) && aligned<P>(ptr[1]);
 #pragma unroll
     for (int k = 0; k < kStates; ++k) {
-      st[k] = static_cast<T*>(ptr[2 + k]);
-      bits |= std::uintptr_t(ptr[2 + k]);
+      st[k] = static_cast<S*>(ptr[2 + k]);
+      vec = vec && aligned<S>(ptr[2 + k]);
+    }
+    XS* xp = nullptr;
+    if constexpr (kExtra) {
+      xp = static_cast<XS*>(ptr[2 + kStates]);
+      vec = vec && aligned<XS>(xp);
     }
 
-    // Vector body: only when every slot is 16-byte aligned. begin is a multiple
-    // of kChunk, hence of kVec, so each vector of the chunk is aligned too. A
-    // tensor with any misaligned slot (a view offset by one element, say) runs
-    // entirely on the scalar loop, which is still coalesced, only narrower.
+    // Vector body: only when every slot is aligned to its access. begin is a
+    // multiple of kChunk, hence of kVec, so each vector of the chunk is aligned
+    // too. A tensor with any misaligned slot (a view offset by one element, say)
+    // runs entirely on the scalar loop, which is still coalesced, only narrower.
     std::int64_t vend = begin;
-    if (bits % 16 == 0) {
+    if (vec) {
       vend = begin + (end - begin) / kVec * kVec;
       const std::int64_t stride = std::int64_t(blockDim.x) * kVec;
       for (std::int64_t i = begin + std::int64_t(threadIdx.x) * kVec; i < vend; i += stride) {
-        // All loads first, then the math, then all stores: the loads of the
-        // 2 + kStates streams are independent and in flight together.
-        Vec pv = *reinterpret_cast<const Vec*>(p + i);
-        const Vec gv = *reinterpret_cast<const Vec*>(g + i);
-        Vec sv[kSlots];
+        // All loads first, then the math, then all stores: the loads of every
+        // slot are independent and in flight together.
+        Vec<P, kVec> pv = *reinterpret_cast<const Vec<P, kVec>*>(p + i);
+        const Vec<P, kVec> gv = *reinterpret_cast<const Vec<P, kVec>*>(g + i);
+        Vec<S, kVec> sv[kS];
 #pragma unroll
-        for (int k = 0; k < kStates; ++k) sv[k] = *reinterpret_cast<const Vec*>(st[k] + i);
+        for (int k = 0; k < kStates; ++k) sv[k] = *reinterpret_cast<const Vec<S, kVec>*>(st[k] + i);
+        Vec<XS, kVec> xv{};
+        if constexpr (kExtra) xv = *reinterpret_cast<const Vec<XS, kVec>*>(xp + i);
 #pragma unroll
         for (int l = 0; l < kVec; ++l) {
-          T s[kSlots];
+          S s[kS];
 #pragma unroll
           for (int k = 0; k < kStates; ++k) s[k] = sv[k].v[l];
-          update(pv.v[l], gv.v[l], s);
+          element(hb, gscale, sr, key, i + l, pv.v[l], gv.v[l], s, xv.v[l]);
 #pragma unroll
           for (int k = 0; k < kStates; ++k) sv[k].v[l] = s[k];
         }
-        *reinterpret_cast<Vec*>(p + i) = pv;
+        *reinterpret_cast<Vec<P, kVec>*>(p + i) = pv;
 #pragma unroll
-        for (int k = 0; k < kStates; ++k) *reinterpret_cast<Vec*>(st[k] + i) = sv[k];
+        for (int k = 0; k < kStates; ++k) *reinterpret_cast<Vec<S, kVec>*>(st[k] + i) = sv[k];
+        if constexpr (kExtra) *reinterpret_cast<Vec<XS, kVec>*>(xp + i) = xv;
       }
     }
 
     // Scalar loop: misaligned tensors, and the last < kVec elements of a tensor.
     for (std::int64_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
-      T s[kSlots];
+      P pv = p[i];
+      S s[kS];
 #pragma unroll
       for (int k = 0; k < kStates; ++k) s[k] = st[k][i];
-      update(p[i], g[i], s);
+      XS xv{};
+      if constexpr (kExtra) xv = xp[i];
+      element(hb, gscale, sr, key, i, pv, g[i], s, xv);
+      p[i] = pv;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) st[k][i] = s[k];
+      if constexpr (kExtra) xp[i] = xv;
     }
   }
 };

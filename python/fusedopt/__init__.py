@@ -8,14 +8,16 @@
 references they are tested against.
 """
 
-from . import _cpu, functional, reference
+from . import _cpu, amp, functional, reference
+from ._precision import Precision, StepInfo
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Optimizer", "functional",
-           "reference", "set_num_threads", "get_num_threads", "cuda_available"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Optimizer", "Precision",
+           "StepInfo", "amp", "functional", "reference", "set_num_threads", "get_num_threads",
+           "cuda_available"]
 
 
 def set_num_threads(n: int) -> None:

@@ -11,6 +11,8 @@ leaves every array as it was.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import _cpu, _foreign
@@ -26,19 +28,30 @@ F_NATIVE = _cpu.FLAG_NATIVE
 
 CPU = 0  # device column: 0 for host memory, 1 + ordinal for CUDA device `ordinal`
 
-# NumPy type number -> the kernels' dtype code (fo::DType).
-KERNEL_DTYPES = {np.dtype(np.float32).num: 0, np.dtype(np.float64).num: 1}
-SUPPORTED = "float32, float64"
+# NumPy type number -> the kernels' dtype code (fo::DType): float32 0, float64 1,
+# float16 2, bfloat16 3 (ml_dtypes' NumPy type, or the marker for producers that
+# say bfloat16 through DLPack or torch).
+F32, F64, F16 = (np.dtype(t).num for t in (np.float32, np.float64, np.float16))
+SUPPORTED = "float32, float64, float16, bfloat16"
+
+
+def kernel_dtypes():
+    codes = {F32: 0, F64: 1, F16: 2, _foreign.BFLOAT16: 3}
+    ml = sys.modules.get("ml_dtypes")  # a NumPy bfloat16 array exists only once it is imported
+    if ml is not None:
+        codes[np.dtype(ml.bfloat16).num] = 3
+    return codes
 
 
 class Prepared:
-    """A validated call: one pointer table per dtype present, ready for a backend."""
+    """A validated call: one pointer table per storage layout present, ready for a backend."""
 
-    __slots__ = ("device", "groups", "keep")
+    __slots__ = ("device", "groups", "layouts", "keep")
 
-    def __init__(self, device, groups, keep):
+    def __init__(self, device, groups, layouts, keep):
         self.device = device  # CPU or 1 + CUDA ordinal
-        self.groups = groups  # list of (kernel dtype code, ptrs uint64, sizes int64)
+        self.groups = groups  # list of (param dtype code, ptrs uint64, sizes int64)
+        self.layouts = layouts  # aligned with groups: dict(state_dtype=code, extra=code)
         self.keep = keep  # objects that must outlive the kernel (copies, DLPack holders)
 
 
@@ -72,6 +85,12 @@ def _dtype_name(typenum):
     return f"type number {typenum}"
 
 
+def _dtype_of(seqs, R, k, i):
+    """The dtype of seqs[k][i] for a message: the object's own, else the row's."""
+    dtype = getattr(seqs[k][i], "dtype", None)
+    return dtype if dtype is not None else _dtype_name(int(R[k][i, TYPENUM]))
+
+
 def _device_name(code):
     return "cpu" if code == CPU else f"cuda:{code - 1}"
 
@@ -88,129 +107,205 @@ def _check_writable(op, name, seq, rows):
         raise ValueError(_foreign.readonly_message(op, f"{name}[{i}]", seq[i]))
 
 
-def _check_overlap(op, names, all_rows, writable_mask):
-    """No two written arrays may share memory, nor a gradient with a written array."""
-    rows = np.concatenate(all_rows)
-    owner = np.concatenate([np.full(len(r), k) for k, r in enumerate(all_rows)])
-    index = np.concatenate([np.arange(len(r)) for r in all_rows])
+def _check_overlap(op, names, R, writable_mask):
+    """No two written arrays may share memory, nor a gradient with a written array.
+    R holds the rows of every list, R[k, i] for element i of list k."""
+    L, n = R.shape[:2]
+    rows = R.reshape(L * n, NCOLS)
     start = rows[:, PTR].astype(np.uint64)
     end = start + (rows[:, SIZE] * rows[:, ITEMSIZE]).astype(np.uint64)
     live = rows[:, SIZE] > 0
-    w = np.flatnonzero(live & writable_mask[owner])
+    written = np.repeat(writable_mask, n)
+    w = np.flatnonzero(live & written)
     order = w[np.argsort(start[w])]
     ws, we = start[order], end[order]
 
     def fail(a, b):
-        raise ValueError(f"{op}: {names[owner[a]]}[{index[a]}] and {names[owner[b]]}[{index[b]}] "
+        raise ValueError(f"{op}: {names[a // n]}[{a % n}] and {names[b // n]}[{b % n}] "
                          "share memory; arrays a step writes must not overlap each other or "
                          "the gradients")
 
-    hit = np.flatnonzero(ws[1:] < we[:-1])
-    if hit.size:
-        fail(order[hit[0]], order[hit[0] + 1])
-    g = np.flatnonzero(live & ~writable_mask[owner])
+    if (ws[1:] < we[:-1]).any():
+        hit = int(np.flatnonzero(ws[1:] < we[:-1])[0])
+        fail(order[hit], order[hit + 1])
+    g = np.flatnonzero(live & ~written)
     if g.size and order.size:
         # the written array with the largest start below each gradient's end; written
         # arrays are disjoint and sorted, so it is the only one that can overlap
         k = np.searchsorted(ws, end[g], side="left") - 1
-        ok = k >= 0
-        hit = np.flatnonzero(ok & (we[np.maximum(k, 0)] > start[g]))
-        if hit.size:
-            fail(order[k[hit[0]]], g[hit[0]])
+        bad = (k >= 0) & (we[np.maximum(k, 0)] > start[g])
+        if bad.any():
+            hit = int(np.flatnonzero(bad)[0])
+            fail(order[k[hit]], g[hit])
 
 
-def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False):
-    """Validate `params`, `grads` and the state lists together and build pointer tables.
+def _check_list(op, name, seq, n):
+    if seq is None:
+        raise ValueError(f"{op}: {name} is required with these options")
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got {type(seq).__name__}")
+    if len(seq) != n:
+        raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
+
+
+def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
+    """Find and raise the first problem of a call whose combined check failed. The
+    order is the documented one: dtypes, shapes, devices, then writeability."""
+    params, prow = seqs[0], R[0]
+    nstates = len(seqs) - 2 - (extra_kind != 0)
+    bad = np.flatnonzero((codes < 0) | ((prow[:, FLAGS] & F_NATIVE) == 0))
+    if bad.size:
+        i = int(bad[0])
+        raise TypeError(f"{op}: params[{i}] has dtype {_dtype_of(seqs, R, 0, i)}; supported: {SUPPORTED} "
+                        "in native byte order (no silent cast)")
+    for k in range(1, len(seqs)):
+        expect, rule = prow[:, TYPENUM], "params[{i}] has {p}"
+        if 2 <= k < 2 + nstates:
+            # states: the param's dtype, or float32/bfloat16 (one for all) for 16-bit params
+            sixteen = codes >= 2
+            expect = np.where(sixteen, R[2][:, TYPENUM], prow[:, TYPENUM])
+            bf16 = [t for t, c in kernel_dtypes().items() if c == 3]
+            ok16 = np.isin(R[2][:, TYPENUM], [F32, *bf16])
+            if k == 2 and not ok16[sixteen].all():
+                i = int(np.flatnonzero(sixteen & ~ok16)[0])
+                raise TypeError(f"{op}: {names[2]}[{i}] has dtype "
+                                f"{_dtype_of(seqs, R, 2, i)}; the state of a 16-bit "
+                                "param is float32 or bfloat16")
+            rule = "params[{i}] has {p}" if k == 2 else f"{names[2]}[{{i}}] has {{s}}"
+        elif k == len(seqs) - 1 and extra_kind == 1:
+            expect, rule = np.full_like(expect, F32), "master weights are float32"
+        bad = np.flatnonzero((R[k][:, TYPENUM] != expect) | ((R[k][:, FLAGS] & F_NATIVE) == 0))
+        if bad.size:
+            i = int(bad[0])
+            raise TypeError(f"{op}: {names[k]}[{i}] has dtype {_dtype_of(seqs, R, k, i)}, "
+                            + rule.format(i=i, p=_dtype_of(seqs, R, 0, i),
+                                          s=_dtype_of(seqs, R, 2, i) if nstates else "?"))
+    if extra_kind:
+        bad = np.flatnonzero(codes < 2)
+        if bad.size:
+            raise TypeError(f"{op}: {names[-1]} are for float16 and bfloat16 params; "
+                            f"params[{int(bad[0])}] has {_dtype_of(seqs, R, 0, int(bad[0]))}")
+    for k in range(1, len(seqs)):
+        bad = np.flatnonzero((R[k][:, SHAPE] != prow[:, SHAPE]) | (R[k][:, SIZE] != prow[:, SIZE]))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{op}: {names[k]}[{i}] has shape {_shape_of(seqs[k][i])}, "
+                             f"params[{i}] has {_shape_of(params[i])}")
+    device = int(prow[0, DEVICE])
+    for k in range(len(seqs)):
+        bad = np.flatnonzero(R[k][:, DEVICE] != device)
+        if bad.size:
+            i = int(bad[0])
+            raise TypeError(f"{op}: {names[k]}[{i}] is on {_device_name(int(R[k][i, DEVICE]))}, "
+                            f"params[0] is on {_device_name(device)}; all arrays of a step "
+                            "must be on one device")
+    if not read_only:
+        for k in [0] + list(range(2, len(seqs))):
+            _check_writable(op, names[k], seqs[k], R[k])
+    raise AssertionError(f"{op}: inconsistent validation")  # the combined check had a reason
+
+
+def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
+            extra=None):
+    """Validate `params`, `grads`, the state lists and the optional extra list together
+    and build one pointer table per storage layout.
 
     `states` is a list of lists aligned with `params`; `state_names` names them for
-    messages. With `read_only`, nothing is written (a reduction): writeability and
-    overlap are not required. Gradients that are not C-contiguous are copied once (they are only
-    read); everything else is used in place or refused. `stream` is the CUDA stream
-    the kernels will run on (None: the current stream of params[0]'s producer);
-    GPU producers order their pending work before it.
+    messages. `extra` is None or (list, name, kind): float32 master weights (kind 1) or
+    Kahan compensation buffers of the param's dtype (kind 2), for 16-bit params. With
+    `read_only`, nothing is written (a reduction): writeability and overlap are not
+    required. Gradients that are not C-contiguous are copied once (they are only read);
+    everything else is used in place or refused. `stream` is the CUDA stream the
+    kernels will run on (None: the current stream of params[0]'s producer); GPU
+    producers order their pending work before it.
     """
     keep = []
-    consumer = _foreign.Consumer(params, stream)
-    prow = _describe_list(op, "params", params, keep, consumer)
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{op}: params must be a list or tuple of arrays, got "
+                        f"{type(params).__name__}")
     n = len(params)
     if not isinstance(grads, (list, tuple)):
         raise TypeError(f"{op}: grads must be a list or tuple of arrays, got {type(grads).__name__}")
     if len(grads) != n:
         raise ValueError(f"{op}: got {len(grads)} grads for {n} params")
     for name, seq in zip(state_names, states):
-        if seq is None:
-            raise ValueError(f"{op}: {name} is required with these options")
-        if not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got {type(seq).__name__}")
-        if len(seq) != n:
-            raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
-    grow = _describe_list(op, "grads", grads, keep, consumer)
-    srows = [_describe_list(op, name, seq, keep, consumer) for name, seq in zip(state_names, states)]
-
-    names = ["params", "grads", *state_names]
-    seqs = [params, grads, *states]
-    all_rows = [prow, grow, *srows]
+        _check_list(op, name, seq, n)
+    seqs, names = [params, grads, *states], ["params", "grads", *state_names]
+    extra_kind = 0
+    if extra is not None:
+        _check_list(op, extra[1], extra[0], n)
+        seqs.append(extra[0])
+        names.append(extra[1])
+        extra_kind = extra[2]
     if n == 0:
-        return Prepared(CPU, [], keep)
+        return Prepared(CPU, [], [], keep)
 
-    # dtype: supported, native byte order, and the same as the param's
-    bad = np.flatnonzero(~np.isin(prow[:, TYPENUM], list(KERNEL_DTYPES)) |
-                         ((prow[:, FLAGS] & F_NATIVE) == 0))
-    if bad.size:
-        i = int(bad[0])
-        what = getattr(params[i], "dtype", _dtype_name(prow[i, TYPENUM]))
-        raise TypeError(f"{op}: params[{i}] has dtype {what}; supported: {SUPPORTED} "
-                        "in native byte order (no silent cast)")
-    for name, seq, rows in zip(names[1:], seqs[1:], all_rows[1:]):
-        bad = np.flatnonzero((rows[:, TYPENUM] != prow[:, TYPENUM]) |
-                             ((rows[:, FLAGS] & F_NATIVE) == 0))
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {name}[{i}] has dtype {getattr(seq[i], 'dtype', '?')}, "
-                            f"params[{i}] has {getattr(params[i], 'dtype', '?')}")
-    # shape
-    for name, seq, rows in zip(names[1:], seqs[1:], all_rows[1:]):
-        bad = np.flatnonzero((rows[:, SHAPE] != prow[:, SHAPE]) | (rows[:, SIZE] != prow[:, SIZE]))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{op}: {name}[{i}] has shape {_shape_of(seq[i])}, "
-                             f"params[{i}] has {_shape_of(params[i])}")
-    # device
+    # every array of the call described at once: R[k] holds the rows of list k
+    L = len(seqs)
+    flat = np.zeros((L * n, NCOLS), dtype=np.int64)
+    flat[:, :DEVICE] = _cpu.describe([x for seq in seqs for x in seq])
+    R = flat.reshape(L, n, NCOLS)
+    if not flat[:, FLAGS].all():
+        consumer = _foreign.Consumer(params, stream)
+        for k in np.flatnonzero((R[:, :, FLAGS] == 0).any(axis=1)):
+            other = np.flatnonzero(R[k][:, FLAGS] == 0)
+            _foreign.describe_into(op, names[k], seqs[k], other, R[k], keep, consumer)
+    else:
+        consumer = None
+
+    # one combined check; the slow, precise search for the culprit runs only on failure
+    typ, flags, prow = R[:, :, TYPENUM], R[:, :, FLAGS], R[0]
+    known = kernel_dtypes()
+    codes = np.full(n, -1)
+    for typenum, code in known.items():
+        codes[typ[0] == typenum] = code
+    nstates = len(states)
+    ok = (codes >= 0).all() and (flags & F_NATIVE).all() and (typ[1] == typ[0]).all()
+    if ok and nstates:
+        stype = typ[2]
+        plain = codes < 2
+        ok = (typ[2:2 + nstates] == stype).all() and (stype[plain] == typ[0][plain]).all()
+        if ok and not plain.all():
+            bf16 = [t for t, c in known.items() if c == 3]
+            ok = np.isin(stype[~plain], [F32, *bf16]).all()
+    if ok and extra_kind:
+        ok = (codes >= 2).all() and (typ[-1] == (F32 if extra_kind == 1 else typ[0])).all()
+    ok = ok and (R[1:, :, SHAPE] == R[0, :, SHAPE]).all() and \
+        (R[1:, :, SIZE] == R[0, :, SIZE]).all() and (R[:, :, DEVICE] == R[0, 0, DEVICE]).all()
+    if ok and not read_only:
+        written = np.delete(flags, 1, axis=0)
+        ok = ((written & (F_CONTIG | F_WRITEABLE)) == (F_CONTIG | F_WRITEABLE)).all()
+    if not ok:
+        _diagnose(op, names, seqs, R, codes, extra_kind, read_only)
     device = int(prow[0, DEVICE])
-    for name, rows in zip(names, all_rows):
-        bad = np.flatnonzero(rows[:, DEVICE] != device)
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {name}[{i}] is on {_device_name(int(rows[i, DEVICE]))}, "
-                            f"params[0] is on {_device_name(device)}; all arrays of a step "
-                            "must be on one device")
-    # written arrays: contiguous and writeable
-    if read_only:
-        prow[:, FLAGS] |= F_WRITEABLE
-    _check_writable(op, "params", params, prow)
-    for name, seq, rows in zip(state_names, states, srows):
-        _check_writable(op, name, seq, rows)
+
     # gradients that are not contiguous are read through a contiguous copy
-    for i in np.flatnonzero((grow[:, FLAGS] & F_CONTIG) == 0):
+    for i in np.flatnonzero((flags[1] & F_CONTIG) == 0):
         i = int(i)
         copy = _foreign.contiguous_copy(op, f"grads[{i}]", grads[i], device)
         keep.append(copy)
-        grow[i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
+        R[1][i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
             _foreign.describe(op, f"grads[{i}]", copy, consumer)[0][:DEVICE]
     if not read_only:
-        writable = np.array([True, False] + [True] * len(srows))
-        _check_overlap(op, names, all_rows, writable)
+        writable = np.ones(L, dtype=bool)
+        writable[1] = False
+        _check_overlap(op, names, R, writable)
 
-    # one pointer table per dtype
-    table = np.stack([r[:, PTR] for r in all_rows]).astype(np.uint64)
-    groups = []
-    for typenum, code in KERNEL_DTYPES.items():
-        sel = prow[:, TYPENUM] == typenum
-        if not sel.any():
-            continue
+    # one pointer table per (param dtype, state dtype)
+    table = R[:, :, PTR].astype(np.uint64)
+    scodes = np.where(codes < 2, codes, 0)  # no states: float32 for 16-bit params
+    if nstates:
+        for typenum, code in known.items():
+            scodes[typ[2] == typenum] = code
+    key = codes * 4 + scodes
+    groups, layouts = [], []
+    for k in np.unique(key):
+        sel = key == k
         if sel.all():
             ptrs, sizes = table, prow[:, SIZE]
         else:
             ptrs, sizes = table[:, sel], prow[sel, SIZE]
-        groups.append((code, np.ascontiguousarray(ptrs).ravel(), np.ascontiguousarray(sizes)))
-    return Prepared(device, groups, keep)
+        groups.append((int(k // 4), np.ascontiguousarray(ptrs).ravel(),
+                       np.ascontiguousarray(sizes)))
+        layouts.append({"state_dtype": int(k % 4), "extra": extra_kind})
+    return Prepared(device, groups, layouts, keep)

@@ -1,6 +1,13 @@
 """In-place, multi-tensor optimizer steps: one kernel call per (device, dtype) per step.
 
-Each function updates `params` and the state lists in place and returns None.
+Each function updates `params` and the state lists in place. Every op also takes the
+mixed-precision keywords (see `_precision`): `master_params` (float32 master weights of
+16-bit params, updated with them in the same pass) or `kahan_buffers` (compensation
+buffers of the params' dtype), `stochastic_rounding` and `seed` (the 16-bit write-back),
+`loss_scale` (gradients are divided by it), `max_grad_norm` (global-norm clipping) and
+`skip_nonfinite` (a step whose gradients hold inf or NaN changes nothing). With
+`max_grad_norm` or `skip_nonfinite` an op returns a StepInfo(skipped, grad_norm);
+otherwise None.
 Hyperparameters are plain Python numbers; per-step scalars (bias corrections,
 decayed rates) are computed here, once per call, in double precision. The
 equations are torch.optim's (DESIGN.md section 3).
@@ -11,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _arrays, _backend, _cpu
+from . import _arrays, _backend, _cpu, _precision
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "axpy_", "dot"]
 
@@ -20,29 +27,62 @@ class Plan:
     """A validated step, not yet run: the optimizer classes validate every group of a
     step before running any, so that a bad input anywhere writes nothing."""
 
-    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "step")
+    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "step", "options",
+                 "_grads")
 
-    def __init__(self, op, kernel, prep, hyper, stream, params, step):
+    def __init__(self, op, kernel, prep, hyper, stream, params, step, options):
         self.op, self.kernel, self.prep = op, kernel, prep
         self.hyper, self.stream, self.params, self.step = hyper, stream, params, step
+        self.options = options
 
-    def run(self):
+    def sumsq(self):
+        """Sum of squares of this step's raw gradients, in double."""
+        if not self.prep.groups:
+            return 0.0
+        if self.prep.device == _arrays.CPU:
+            return _precision.sumsq(self.prep.groups)
+        return float(sum(float((g.ravel().astype("float64") ** 2).sum()) for g in self.grads()))
+
+    def grads(self):
+        return self._grads
+
+    def run(self, grad_scale=None):
+        """Run the kernels; `grad_scale` multiplies the gradients (default: 1 / loss_scale)."""
         if not self.prep.groups:
             return
+        opts = self.options
+        if grad_scale is None:
+            grad_scale = 1.0 / opts.loss_scale if opts.loss_scale is not None else 1.0
+        mode = {"grad_scale": grad_scale, "step": self.step}
+        if opts.stochastic_rounding:
+            mode["stochastic"] = True
+            mode["key"] = _precision.rounding_key(opts.seed, self.step)
         backend = _backend.for_device(self.op, self.prep.device)
-        for dtype, ptrs, sizes in self.prep.groups:
+        for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
             backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, stream=self.stream,
-                         arrays=self.params, device=self.prep.device, step=self.step)
+                         arrays=self.params, device=self.prep.device, **mode, **layout)
+
+    def execute(self):
+        """Run with the gradient checks the options ask for; a StepInfo when there were any."""
+        if not self.options.checks_grads:
+            self.run()
+            return None
+        skip, coef, norm = _precision.grad_multiplier(self.sumsq(), self.options)
+        if not skip:
+            self.run(coef)
+        return _precision.StepInfo(skip, norm)
 
 
-def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, step=1):
-    prep = _arrays.prepare(op, params, grads, states, state_names, stream)
+def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, step=1,
+         precision=None):
+    options = _precision.Options(op, precision or {})
+    prep = _arrays.prepare(op, params, grads, states, state_names, stream, extra=options.extra)
     plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params,
-                float(step))
+                float(step), options)
+    plan._grads = grads
     if defer:
         return plan
-    plan.run()
-    return None
+    return plan.execute()
 
 
 def _check_step(op, step):
@@ -51,7 +91,7 @@ def _check_step(op, step):
 
 
 def sgd_(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
-         weight_decay=0.0, nesterov=False, maximize=False, first_step=False, stream=None, _defer=False):
+         weight_decay=0.0, nesterov=False, maximize=False, first_step=False, stream=None, _defer=False, **precision):
     """SGD; with momentum, `first_step=True` sets the buffers to the gradient (torch's
     "buffer is None" case) whatever they held."""
     if momentum != 0.0:
@@ -59,18 +99,18 @@ def sgd_(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.
     else:
         kernel, states = "sgd", []
     hyper = [lr, momentum, dampening, weight_decay, nesterov, maximize, first_step]
-    return _run("sgd_", kernel, params, grads, states, ["momentum_buffers"][: len(states)], hyper, stream, _defer)
+    return _run("sgd_", kernel, params, grads, states, ["momentum_buffers"][: len(states)], hyper, stream, _defer, precision=precision)
 
 
 def adagrad_(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-             maximize=False, stream=None, _defer=False):
+             maximize=False, stream=None, _defer=False, **precision):
     _check_step("adagrad_", step)
     return _run("adagrad_", "adagrad", params, grads, [state_sums], ["state_sums"],
-                [lr, lr_decay, eps, weight_decay, maximize, 0.0], stream, _defer, step)
+                [lr, lr_decay, eps, weight_decay, maximize, 0.0], stream, _defer, step, precision)
 
 
 def rmsprop_(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr, alpha, eps,
-             weight_decay=0.0, momentum=0.0, centered=False, maximize=False, stream=None, _defer=False):
+             weight_decay=0.0, momentum=0.0, centered=False, maximize=False, stream=None, _defer=False, **precision):
     states, names = [square_avgs], ["square_avgs"]
     kernel = "rmsprop"
     if centered:
@@ -83,18 +123,18 @@ def rmsprop_(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, 
         states.append(grad_avgs)
         names.append("grad_avgs")
     return _run("rmsprop_", kernel, params, grads, states, names,
-         [lr, alpha, eps, weight_decay, momentum, maximize], stream, _defer)
+         [lr, alpha, eps, weight_decay, momentum, maximize], stream, _defer, precision=precision)
 
 
 def adadelta_(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_decay=0.0,
-              maximize=False, stream=None, _defer=False):
+              maximize=False, stream=None, _defer=False, **precision):
     return _run("adadelta_", "adadelta", params, grads, [square_avgs, acc_deltas],
-         ["square_avgs", "acc_deltas"], [lr, rho, eps, weight_decay, maximize], stream, _defer)
+         ["square_avgs", "acc_deltas"], [lr, rho, eps, weight_decay, maximize], stream, _defer, precision=precision)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1, beta2,
           eps, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
-          stream=None, _op="adam_", _defer=False):
+          stream=None, _op="adam_", _defer=False, **precision):
     _check_step(_op, step)
     states, names = [exp_avgs, exp_avg_sqs], ["exp_avgs", "exp_avg_sqs"]
     if amsgrad:
@@ -107,16 +147,16 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
     # step_size and inv_bc2_sqrt (0 here) are filled from `step` by the rule
     hyper = [lr, beta1, beta2, eps, l2, shrink, 0.0, 0.0, maximize]
     return _run(_op, "adam_amsgrad" if amsgrad else "adam", params, grads, states, names, hyper,
-                stream, _defer, step)
+                stream, _defer, step, precision)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1, beta2,
            eps, weight_decay=1e-2, amsgrad=False, maximize=False, decoupled_weight_decay=True,
-           stream=None, _defer=False):
+           stream=None, _defer=False, **precision):
     return adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                  maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, stream=stream,
-                 _op="adamw_", _defer=_defer)
+                 _op="adamw_", _defer=_defer, **precision)
 
 
 def axpy_(ys, xs, alpha, *, stream=None):

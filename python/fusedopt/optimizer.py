@@ -13,6 +13,9 @@ import numbers
 
 import numpy as np
 
+from . import _precision
+from ._precision import Precision
+
 _required = object()
 _NoneType = type(None)
 
@@ -31,20 +34,33 @@ class Optimizer:
     has_step = True
 
     def _new_state(self, param, group):
-        """Fresh state of one param: zeros, like torch."""
-        state = {name: _zeros_like(param) for name in self._state_names(group)}
+        """Fresh state of one param: zeros, like torch (in the precision policy's dtype),
+        plus the master copy or compensation buffer the policy asks for."""
+        dtype = self.precision.state_dtype_for(param.dtype)
+        state = {name: _zeros_like(param, dtype) for name in self._state_names(group)}
+        extra = self.precision.extra_name(param.dtype)
+        if extra == "master_param":
+            state[extra] = _zeros_like(param, np.float32)
+            state[extra][...] = param
+        elif extra == "kahan_comp":
+            state[extra] = _zeros_like(param)
         if self.has_step:
             state["step"] = 0.0
         return state
 
-    def _plan(self, group, params, grads, states, step, fresh):
+    def _plan(self, group, params, grads, states, step, fresh, precision):
         """The functional op's deferred plan for one bucket of a group."""
         raise NotImplementedError
 
     def _validate_group(self, group):
         """ValueError for invalid hyperparameters, by torch.optim's rules."""
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, precision=None):
+        self.precision = precision if precision is not None else Precision()
+        if not isinstance(self.precision, Precision):
+            raise TypeError(f"precision must be a fusedopt.Precision, got "
+                            f"{type(self.precision).__name__}")
+        self.steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
         self.defaults = dict(defaults)
         self.param_groups = []
         self.state = {}
@@ -88,9 +104,16 @@ class Optimizer:
 
     # --- stepping -------------------------------------------------------------------------
 
-    def step(self, grads):
+    def step(self, grads, *, loss_scale=None, max_grad_norm=None, skip_nonfinite=False):
         """One update of every param whose gradient is not None. `grads` is aligned with
-        the params of all groups, in group order."""
+        the params of all groups, in group order.
+
+        Gradients are divided by `loss_scale`; with `max_grad_norm` they are clipped to
+        that global L2 norm (over all groups); with `skip_nonfinite` a step whose
+        gradients hold inf or NaN changes nothing (no state created, no step counted).
+        With either check the step returns a StepInfo(skipped, grad_norm)."""
+        self._checks = {"loss_scale": loss_scale, "max_grad_norm": max_grad_norm,
+                        "skip_nonfinite": skip_nonfinite}
         total = sum(len(g["params"]) for g in self.param_groups)
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
@@ -127,17 +150,33 @@ class Optimizer:
                 plans.append(self._bucket_plan(group, ps, gs, ss, step, fresh))
                 counted += ss
             offset += n
-        # everything validated: create the new state, run, then count the step
+        # everything validated: check the gradients, create the new state, run, count
+        options = _precision.Options("step", self._checks)
+        info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
+        if options.checks_grads:
+            skip, coef, norm = _precision.grad_multiplier(sum(p.sumsq() for p in plans),
+                                                          options)
+            info = _precision.StepInfo(skip, norm)
+            if skip:
+                return info
         self.state.update(created)
         for plan in plans:
-            plan.run()
+            plan.run(coef)
+        self.steps_taken += 1
         if self.has_step:
             for state in counted:
                 state["step"] += 1.0
+        return info
 
     def _bucket_plan(self, group, params, grads, states, step, fresh):
         lists = [[s[name] for s in states] for name in self._state_names(group)]
-        return self._plan(group, params, grads, lists, int(step) + 1, fresh)
+        precision = self.precision.step_options(self.steps_taken)
+        extra = self.precision.extra_name(params[0].dtype) if params else None
+        if extra == "master_param":
+            precision["master_params"] = [s[extra] for s in states]
+        elif extra == "kahan_comp":
+            precision["kahan_buffers"] = [s[extra] for s in states]
+        return self._plan(group, params, grads, lists, int(step) + 1, fresh, precision)
 
     # --- state dicts ----------------------------------------------------------------------
 
@@ -190,7 +229,11 @@ class Optimizer:
     def _load_param_state(self, idx, group, saved):
         param = self._param(idx)
         state = {}
-        for name in self._state_names(group):
+        names = list(self._state_names(group))
+        extra = self.precision.extra_name(param.dtype)
+        if extra is not None:
+            names.append(extra)
+        for name in names:
             if name not in saved or saved[name] is None:
                 raise ValueError(f"loaded state of param {idx} has no {name!r}")
             value = saved[name]
@@ -198,10 +241,13 @@ class Optimizer:
             if shape != tuple(param.shape):
                 raise ValueError(f"loaded {name} of param {idx} has shape {shape}, the param "
                                  f"has {tuple(param.shape)}")
-            if dtype != param.dtype:
-                raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, the param "
-                                 f"has {param.dtype}")
-            state[name] = _copy_like(value, param)
+            want = np.dtype(np.float32) if name == "master_param" else \
+                param.dtype if name == "kahan_comp" else \
+                self.precision.state_dtype_for(param.dtype)
+            if dtype != want:
+                raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
+                                 f"{want} for a param of dtype {param.dtype}")
+            state[name] = _copy_like(value, param, want)
         if self.has_step:
             step = saved.get("step")
             if step is None:
@@ -213,14 +259,14 @@ class Optimizer:
         return state
 
 
-def _zeros_like(param):
-    z = np.zeros_like(param)  # CuPy arrays answer with a CuPy array (__array_function__)
-    return z
+def _zeros_like(param, dtype=None):
+    # CuPy arrays answer with a CuPy array (__array_function__)
+    return np.zeros_like(param, dtype=dtype)
 
 
-def _copy_like(value, param):
+def _copy_like(value, param, dtype=None):
     """A contiguous copy of `value` in the param's array type and device."""
-    out = _zeros_like(param)
+    out = _zeros_like(param, dtype)
     out[...] = value
     return out
 

@@ -1,0 +1,61 @@
+// The update kernels of one group of layouts, compiled once per group: the build
+// defines FO_CUDA_NS (the namespace of the entry point), FO_CUDA_PARAM and
+// FO_CUDA_STATE (dtype codes of the params and the states of the group).
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "multi_tensor.cuh"
+#include "update_functor.cuh"
+
+namespace fo::cuda::FO_CUDA_NS {
+namespace {
+
+template <class Rule, class M, Extra X, class P, class S>
+void run(const StepCall& c) {
+  using Hyper = typename Rule::Hyper;
+  using Op = UpdateFunctor<Rule, M, X, P, S>;
+  // Hyper is a plain struct of doubles: copy it out of the caller's array. The
+  // per-step scalars come from the same at_step as on the CPU, in double on the
+  // host, unless the count lives on the device.
+  std::vector<Hyper> h(c.per_tensor ? std::size_t(c.n) : 1);
+  std::memcpy(h.data(), c.hyper, h.size() * sizeof(Hyper));
+  if (c.count == nullptr)
+    for (Hyper& one : h) Rule::at_step(one, c.mode.step);
+  Op op{h[0], nullptr, c.mode, c.scale, c.count};
+  if (!c.per_tensor) {
+    multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+    return;
+  }
+  // One Hyper per tensor: a table in device memory, ordered on the stream. A
+  // copy from pageable memory returns once the data is staged, so `h` may go.
+  StreamBuffer table(h.size() * sizeof(Hyper), c.stream, c.name);
+  check_cuda(cudaMemcpyAsync(table.get<Hyper>(), h.data(), h.size() * sizeof(Hyper),
+                             cudaMemcpyHostToDevice, c.stream),
+             c.name + ": copying the hyperparameter table");
+  op.table = table.get<Hyper>();
+  multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+}
+
+}  // namespace
+
+void step(const StepCall& c) {
+  bool done = false;
+  with_rule(c.kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    with_layout(c.param, c.state, c.extra, [&](auto m, auto p, auto s, auto x) {
+      using P = decltype(p);
+      using S = decltype(s);
+      constexpr Extra X = decltype(x)::value;
+      if constexpr (dtype_code<P>() == FO_CUDA_PARAM && dtype_code<S>() == FO_CUDA_STATE &&
+                    is_built<Rule, X, P, S>()) {
+        run<Rule, decltype(m), X, P, S>(c);
+        done = true;
+      }
+    });
+  });
+  if (!done) throw std::logic_error(c.name + ": no kernel for this layout in this object");
+}
+
+}  // namespace fo::cuda::FO_CUDA_NS

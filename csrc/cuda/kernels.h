@@ -1,0 +1,84 @@
+// Entry points of the CUDA kernels, compiled in several objects so that the
+// build runs in parallel: one per parameter dtype, and for 16-bit parameters one
+// per state dtype (cmake/cuda.cmake). The bindings validate a call and pick the
+// object from its layout.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "../core/layouts.h"
+#include "../core/rules.h"
+
+namespace fo::cuda {
+
+// One validated step call. Every pointer in `ptrs` and `scale`/`count` is device
+// memory of the current device; `hyper` is host memory, one Hyper or one per tensor.
+struct StepCall {
+  std::string_view kernel;
+  std::string name;  // the kernel and its layout, for error messages
+  int param, state, extra;
+  const std::uint64_t* ptrs;  // ptrs[slot * n + j]
+  const std::int64_t* sizes;
+  std::int64_t n;
+  const double* hyper;
+  bool per_tensor;
+  Mode mode;
+  cudaStream_t stream;
+  const double* scale;  // {skip, coef, norm} written by grad_stats, or null
+  const double* count;  // the step count t of this update, or null
+};
+
+template <class T>
+constexpr int dtype_code() {
+  if constexpr (std::is_same_v<T, float>) return int(DType::Float32);
+  if constexpr (std::is_same_v<T, double>) return int(DType::Float64);
+  if constexpr (std::is_same_v<T, f16>) return int(DType::Float16);
+  return int(DType::BFloat16);
+}
+
+template <class Rule>
+struct IsStreamProbe : std::false_type {};
+template <int N>
+struct IsStreamProbe<Stream<N>> : std::true_type {};
+
+// Whether this module has a kernel for the rule in the layout: every optimizer in
+// every layout; the bandwidth probes (stream*) only where the benchmarks use them,
+// float32, float64 and bfloat16 params with float32 states and master weights,
+// which keeps the build time in check.
+template <class Rule, Extra X, class P, class S>
+constexpr bool is_built() {
+  if constexpr (!IsStreamProbe<Rule>::value) return true;
+  return std::is_same_v<P, float> || std::is_same_v<P, double> ||
+         (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master);
+}
+
+#define FO_DECLARE_CUDA_STEP(ns) \
+  namespace ns {                 \
+  void step(const StepCall& call); \
+  }
+FO_DECLARE_CUDA_STEP(variant_f32)
+FO_DECLARE_CUDA_STEP(variant_f64)
+FO_DECLARE_CUDA_STEP(variant_f16_f32)
+FO_DECLARE_CUDA_STEP(variant_f16_bf16)
+FO_DECLARE_CUDA_STEP(variant_bf16_f32)
+FO_DECLARE_CUDA_STEP(variant_bf16_bf16)
+#undef FO_DECLARE_CUDA_STEP
+
+// Sum of squares of g * inv_scale over every gradient of the table (one slot),
+// accumulated in double with a fixed association (no atomics): the same value on
+// every run. Writes out[0] = 1 if the sum is not finite (else 0), out[1] = the
+// gradient coefficient inv_scale * min(1, max_norm / (norm + 1e-6)) (max_norm > 0;
+// inv_scale otherwise), out[2] = norm = sqrt(sum). `out` is device memory.
+void grad_stats(DType dtype, const std::uint64_t* ptrs, const std::int64_t* sizes,
+                std::int64_t n, cudaStream_t stream, double* out, double inv_scale,
+                double max_norm);
+
+// *count += 1, unless scale is given and scale[0] (skip) is non-zero.
+void advance_step(double* count, const double* scale, cudaStream_t stream);
+
+}  // namespace fo::cuda

@@ -1,0 +1,157 @@
+"""Mixed-precision options of a step: master weights, Kahan buffers, rounding, loss
+scaling, non-finite skipping and global-norm clipping.
+
+Loss scaling, the non-finite check and clipping share one pass over the gradients: the
+sum of their squares (in double, the same for every thread count). If it is not
+finite some gradient is inf or NaN, and with `skip_nonfinite` the step does nothing.
+Otherwise the unscale factor and the clip coefficient become one gradient multiplier
+of the update pass, so the whole step reads the gradients twice at most.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+OPTIONS = ("master_params", "kahan_buffers", "stochastic_rounding", "seed", "loss_scale",
+           "max_grad_norm", "skip_nonfinite")
+
+_MASK = (1 << 64) - 1
+
+
+class StepInfo(NamedTuple):
+    """What a step with gradient checks found: `skipped` when a gradient was inf or NaN
+    (and skipping was asked for), `grad_norm` the L2 norm of the unscaled gradients."""
+
+    skipped: bool
+    grad_norm: float
+
+
+class Options:
+    __slots__ = OPTIONS
+
+    def __init__(self, op, kwargs):
+        unknown = set(kwargs) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"{op}: unexpected keyword argument {sorted(unknown)[0]!r}")
+        self.master_params = kwargs.get("master_params")
+        self.kahan_buffers = kwargs.get("kahan_buffers")
+        self.stochastic_rounding = bool(kwargs.get("stochastic_rounding", False))
+        self.seed = int(kwargs.get("seed", 0))
+        self.loss_scale = kwargs.get("loss_scale")
+        self.max_grad_norm = kwargs.get("max_grad_norm")
+        self.skip_nonfinite = bool(kwargs.get("skip_nonfinite", False))
+        if self.master_params is not None and self.kahan_buffers is not None:
+            raise ValueError(f"{op}: master_params and kahan_buffers are alternatives; "
+                             "pass one of them")
+        if self.loss_scale is not None and not (self.loss_scale > 0 and
+                                                math.isfinite(self.loss_scale)):
+            raise ValueError(f"{op}: loss_scale must be a positive finite number, got "
+                             f"{self.loss_scale}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"{op}: max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    @property
+    def checks_grads(self):
+        return self.max_grad_norm is not None or self.skip_nonfinite
+
+    @property
+    def extra(self):
+        """(list, name, kernel code) of the layout's extra buffer, or None."""
+        if self.master_params is not None:
+            return self.master_params, "master_params", 1
+        if self.kahan_buffers is not None:
+            return self.kahan_buffers, "kahan_buffers", 2
+        return None
+
+
+class Precision:
+    """The mixed-precision policy of an optimizer (`fo.Adam(..., precision=...)`).
+
+    - state_dtype: dtype of the state buffers of 16-bit params: float32 (default) or
+      bfloat16 (needs ml_dtypes). float32 and float64 params keep state in their dtype.
+    - master_weights: keep a float32 master copy of each 16-bit param (state
+      "master_param"); the kernel updates it and writes the rounded param in one pass.
+    - kahan: instead, a compensation buffer of the param's dtype (state "kahan_comp")
+      carries what rounding to 16 bits lost into the next step.
+    - stochastic_rounding, seed: write 16-bit params back with stochastic rounding; a
+      given seed and step count give the same bits on every run, thread count and device.
+    """
+
+    def __init__(self, *, state_dtype=None, master_weights=False, kahan=False,
+                 stochastic_rounding=False, seed=0):
+        if master_weights and kahan:
+            raise ValueError("master_weights and kahan are alternatives; choose one")
+        self.state_dtype = None if state_dtype is None else np.dtype(state_dtype)
+        if self.state_dtype is not None and self.state_dtype.name not in ("float32",
+                                                                          "bfloat16"):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, got {self.state_dtype}")
+        self.master_weights, self.kahan = bool(master_weights), bool(kahan)
+        self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
+
+    def __repr__(self):
+        return (f"Precision(state_dtype={self.state_dtype}, master_weights={self.master_weights}, "
+                f"kahan={self.kahan}, stochastic_rounding={self.stochastic_rounding}, "
+                f"seed={self.seed})")
+
+    @staticmethod
+    def is_16bit(dtype):
+        return np.dtype(dtype).itemsize == 2 if _is_numpy_dtype(dtype) else \
+            getattr(dtype, "itemsize", 4) == 2
+
+    def state_dtype_for(self, param_dtype):
+        if not self.is_16bit(param_dtype):
+            return param_dtype
+        return self.state_dtype if self.state_dtype is not None else np.dtype(np.float32)
+
+    def extra_name(self, param_dtype):
+        if not self.is_16bit(param_dtype):
+            return None
+        return "master_param" if self.master_weights else "kahan_comp" if self.kahan else None
+
+    def step_options(self, steps_taken):
+        if not self.stochastic_rounding:
+            return {}
+        return {"stochastic_rounding": True, "seed": rounding_key(self.seed, steps_taken)}
+
+
+def _is_numpy_dtype(dtype):
+    try:
+        np.dtype(dtype)
+        return True
+    except TypeError:
+        return False
+
+
+def rounding_key(seed, step):
+    """The random stream of one step: a mix of the seed and the step count, so each
+    step rounds with fresh bits and a given (seed, step) always with the same ones."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xC2B2AE3D27D4EB4F) & _MASK
+    z = ((z ^ (z >> 31)) * 0xBF58476D1CE4E5B9) & _MASK
+    return z ^ (z >> 29)
+
+
+def grad_multiplier(sumsq, options):
+    """(skip, multiplier, norm) from the sum of squares of the raw gradients."""
+    inv = 1.0 / options.loss_scale if options.loss_scale is not None else 1.0
+    norm = math.sqrt(sumsq) * inv if math.isfinite(sumsq) else math.inf
+    if not math.isfinite(sumsq):
+        return options.skip_nonfinite, inv, norm
+    coef = inv
+    if options.max_grad_norm is not None:
+        coef *= min(1.0, options.max_grad_norm / (norm + 1e-6))  # torch's clip_grad_norm_
+    return False, coef, norm
+
+
+def sumsq(groups):
+    """Sum of squares of the gradients of prepared CPU groups (slot 1 of each table),
+    one fused pass, the same for every thread count."""
+    from . import _cpu
+
+    total = 0.0
+    for dtype, ptrs, sizes in groups:
+        n = sizes.size
+        total += _cpu.dot(dtype, np.concatenate([ptrs[n:2 * n], ptrs[n:2 * n]]), sizes)
+    return total
