@@ -56,7 +56,7 @@ int num_states(const std::string& kernel) {
 
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper, int state_dtype,
-          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count) {
+          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1) {
   if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
       !(hyper.flags() & py::array::c_style))
     throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
@@ -71,7 +71,7 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
                                 std::to_string(n) + " tensors");
   Table t{ptrs.data(), sizes.data(), n};
   const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
-  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1};
   const double* h = hyper.data();
   const std::int64_t nh = hyper.size();
   const int nt = num_threads();
@@ -146,14 +146,15 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
         py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
-        py::arg("step") = 1.0,
+        py::arg("step") = 1.0, py::arg("l1") = 0.0,
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
         "holds the rule's hyperparameters once, or once per tensor (n x size). `dtype` and\n"
         "`state_dtype` are storage codes (0 float32, 1 float64, 2 float16, 3 bfloat16; -1: as\n"
         "dtype); `extra` 1 adds a float32 master-weight slot, 2 a Kahan compensation slot.\n"
         "Gradients are multiplied by `grad_scale`; `stochastic` rounds 16-bit params\n"
         "stochastically with the random stream `key`. `step` is the count t after this update,\n"
-        "from which the rule fills its per-step scalars (bias corrections, decayed rates).");
+        "from which the rule fills its per-step scalars (bias corrections, decayed rates).\n"
+        "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("describe", &describe, py::arg("arrays"),

@@ -33,7 +33,15 @@ struct Mode {
   double stochastic;   // 1: the parameter is written back with stochastic rounding
   std::uint64_t key;   // random stream of this call: a hash of (seed, step)
   double step;         // the step count t after this update (the rules' at_step)
+  double l1 = 0.0;     // > 0: L1 proximal step, p = sign(p) max(|p| - l1, 0), after the rule
 };
+
+// The L1 proximal (soft-threshold) step; NaN stays NaN.
+template <class M>
+FO_HD M soft_threshold(M p, M threshold) {
+  const M a = (p < M(0) ? -p : p) - threshold;
+  return !(a <= M(0)) ? (p < M(0) ? -a : a) : M(0);
+}
 
 template <class Rule, class M, Extra X, class P, class S, class XS>
 FO_HD void update_element(const typename Rule::Hyper& h, const Mode& mode, std::uint32_t rnd,
@@ -45,6 +53,7 @@ FO_HD void update_element(const typename Rule::Hyper& h, const Mode& mode, std::
   const M old = X == Extra::Master ? load<M>(x) : load<M>(p);
   M pv = old;
   Rule::template step<M>(h, pv, g, sv);
+  pv = mode.l1 > 0.0 ? soft_threshold(pv, M(mode.l1)) : pv;
   for (int k = 0; k < Rule::kStates; ++k) s[k] = Store<S, M>::apply(sv[k], false, 0);
   if constexpr (X == Extra::Master) {
     x = float(pv);

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 OPTIONS = ("master_params", "kahan_buffers", "stochastic_rounding", "seed", "loss_scale",
-           "max_grad_norm", "skip_nonfinite")
+           "max_grad_norm", "skip_nonfinite", "l1")
 
 _MASK = (1 << 64) - 1
 
@@ -43,6 +43,9 @@ class Options:
         self.loss_scale = kwargs.get("loss_scale")
         self.max_grad_norm = kwargs.get("max_grad_norm")
         self.skip_nonfinite = bool(kwargs.get("skip_nonfinite", False))
+        self.l1 = float(kwargs.get("l1", 0.0))
+        if not self.l1 >= 0.0:
+            raise ValueError(f"{op}: l1 must be >= 0, got {self.l1}")
         if self.master_params is not None and self.kahan_buffers is not None:
             raise ValueError(f"{op}: master_params and kahan_buffers are alternatives; "
                              "pass one of them")

@@ -5,7 +5,9 @@ mixed-precision keywords (see `_precision`): `master_params` (float32 master wei
 16-bit params, updated with them in the same pass) or `kahan_buffers` (compensation
 buffers of the params' dtype), `stochastic_rounding` and `seed` (the 16-bit write-back),
 `loss_scale` (gradients are divided by it), `max_grad_norm` (global-norm clipping) and
-`skip_nonfinite` (a step whose gradients hold inf or NaN changes nothing). With
+`skip_nonfinite` (a step whose gradients hold inf or NaN changes nothing), and `l1`
+(L1 regularization as a proximal soft-threshold step of lr * l1 after the update, in
+the same pass). With
 `max_grad_norm` or `skip_nonfinite` an op returns a StepInfo(skipped, grad_norm);
 otherwise None.
 Hyperparameters are plain Python numbers; per-step scalars (bias corrections,
@@ -54,6 +56,9 @@ class Plan:
         if grad_scale is None:
             grad_scale = 1.0 / opts.loss_scale if opts.loss_scale is not None else 1.0
         mode = {"grad_scale": grad_scale, "step": self.step}
+        if opts.l1:
+            # the proximal step of lr * l1 after the update (hyper[0] is every rule's lr)
+            mode["l1"] = float(self.hyper[0]) * opts.l1
         if opts.stochastic_rounding:
             mode["stochastic"] = True
             mode["key"] = _precision.rounding_key(opts.seed, self.step)

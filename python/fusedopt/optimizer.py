@@ -106,7 +106,10 @@ class Optimizer:
 
     def step(self, grads, *, loss_scale=None, max_grad_norm=None, skip_nonfinite=False):
         """One update of every param whose gradient is not None. `grads` is aligned with
-        the params of all groups, in group order.
+        the params of all groups, in group order. A group with `"frozen": True`, and the
+        params whose in-group indices are in its `"frozen_params"`, are skipped likewise
+        (no copy, no state, no step counted). A group's `"l1"` (default 0) adds L1
+        regularization as a proximal step of lr * l1 after the update, in the same pass.
 
         Gradients are divided by `loss_scale`; with `max_grad_norm` they are clipped to
         that global L2 norm (over all groups); with `skip_nonfinite` a step whose
@@ -125,6 +128,12 @@ class Optimizer:
             params = group["params"]
             n = len(params)
             gslice = grads[offset:offset + n]
+            if group.get("frozen"):  # a frozen group is skipped as if it had no gradients
+                offset += n
+                continue
+            frozen = group.get("frozen_params")
+            if frozen:
+                gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
             states = [self.state.get(i) for i in range(offset, offset + n)]
             # (`None in gslice` would compare arrays elementwise: test the types instead)
             if _NoneType not in set(map(type, gslice)) and None not in states:
@@ -171,6 +180,8 @@ class Optimizer:
     def _bucket_plan(self, group, params, grads, states, step, fresh):
         lists = [[s[name] for s in states] for name in self._state_names(group)]
         precision = self.precision.step_options(self.steps_taken)
+        if group.get("l1"):
+            precision["l1"] = group["l1"]
         extra = self.precision.extra_name(params[0].dtype) if params else None
         if extra == "master_param":
             precision["master_params"] = [s[extra] for s in states]
