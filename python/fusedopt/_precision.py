@@ -109,6 +109,10 @@ class Precision:
             return param_dtype
         return self.state_dtype if self.state_dtype is not None else np.dtype(np.float32)
 
+    @property
+    def has_extra(self):
+        return self.master_weights or self.kahan
+
     def extra_name(self, param_dtype):
         if not self.is_16bit(param_dtype):
             return None
@@ -136,16 +140,32 @@ def rounding_key(seed, step):
     return z ^ (z >> 29)
 
 
-def grad_multiplier(sumsq, options):
-    """(skip, multiplier, norm) from the sum of squares of the raw gradients."""
+def grad_multiplier(sumsq, finite, options):
+    """(skip, multiplier, norm) from the sum of squares of the raw gradients and whether
+    every gradient element is finite (see `total_sumsq`)."""
     inv = 1.0 / options.loss_scale if options.loss_scale is not None else 1.0
-    norm = math.sqrt(sumsq) * inv if math.isfinite(sumsq) else math.inf
-    if not math.isfinite(sumsq):
-        return options.skip_nonfinite, inv, norm
+    norm = math.sqrt(sumsq) * inv  # inf for inf gradients (or overflow), nan for NaN ones
+    if not finite and options.skip_nonfinite:
+        return True, inv, norm
     coef = inv
     if options.max_grad_norm is not None:
-        coef *= min(1.0, options.max_grad_norm / (norm + 1e-6))  # torch's clip_grad_norm_
+        # torch's clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1; an infinite
+        # norm gives 0 and a NaN norm NaN, which the update then propagates
+        clip = options.max_grad_norm / (norm + 1e-6)
+        coef *= clip if not clip >= 1.0 else 1.0
     return False, coef, norm
+
+
+def total_sumsq(plans):
+    """(sum of squares of the gradients of all plans, all finite). One fused pass; only a
+    sum that is inf is followed by an element check, since float64 gradients beyond
+    1e154 overflow it while being finite."""
+    total = sum(plan.sumsq() for plan in plans)
+    if math.isfinite(total):
+        return total, True
+    if math.isnan(total):
+        return total, False
+    return total, all(plan.grads_finite() for plan in plans)
 
 
 def sumsq(groups):

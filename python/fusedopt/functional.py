@@ -48,6 +48,15 @@ class Plan:
     def grads(self):
         return self._grads
 
+    def grads_finite(self):
+        """Whether every gradient element is finite (the rare check behind an infinite
+        sum of squares)."""
+        for g in self._grads:
+            xp = np if self.prep.device == _arrays.CPU else _cupy()
+            if not bool(xp.isfinite(xp.asarray(g)).all()):
+                return False
+        return True
+
     def run(self, grad_scale=None):
         """Run the kernels; `grad_scale` multiplies the gradients (default: 1 / loss_scale)."""
         if not self.prep.groups:
@@ -72,10 +81,17 @@ class Plan:
         if not self.options.checks_grads:
             self.run()
             return None
-        skip, coef, norm = _precision.grad_multiplier(self.sumsq(), self.options)
+        skip, coef, norm = _precision.grad_multiplier(*_precision.total_sumsq([self]),
+                                                      self.options)
         if not skip:
             self.run(coef)
         return _precision.StepInfo(skip, norm)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
 
 
 def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, step=1,

@@ -138,6 +138,8 @@ class Optimizer:
             # (`None in gslice` would compare arrays elementwise: test the types instead)
             if _NoneType not in set(map(type, gslice)) and None not in states:
                 steps = {s.get("step", 0.0) for s in states}
+                if self.precision.has_extra and len({p.dtype for p in params}) > 1:
+                    steps.add(None)  # 16-bit params with master/Kahan buffers and others
                 if len(steps) == 1:  # the common case: one bucket for the whole group
                     plans.append(self._bucket_plan(group, params, gslice, states, steps.pop(),
                                                    False))
@@ -150,12 +152,13 @@ class Optimizer:
                     continue
                 if state is None:
                     state = created[offset + j] = self._new_state(p, group)
-                key = (state.get("step", 0.0), (offset + j) in created)
+                key = (state.get("step", 0.0), (offset + j) in created,
+                       self.precision.extra_name(p.dtype))
                 bucket = buckets.setdefault(key, ([], [], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
                 bucket[2].append(state)
-            for (step, fresh), (ps, gs, ss) in buckets.items():
+            for (step, fresh, _), (ps, gs, ss) in buckets.items():
                 plans.append(self._bucket_plan(group, ps, gs, ss, step, fresh))
                 counted += ss
             offset += n
@@ -163,8 +166,8 @@ class Optimizer:
         options = _precision.Options("step", self._checks)
         info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
         if options.checks_grads:
-            skip, coef, norm = _precision.grad_multiplier(sum(p.sumsq() for p in plans),
-                                                          options)
+            skip, coef, norm = _precision.grad_multiplier(
+                *_precision.total_sumsq(plans), options)
             info = _precision.StepInfo(skip, norm)
             if skip:
                 return info
