@@ -33,40 +33,53 @@ struct Mode {
   double stochastic;   // 1: the parameter is written back with stochastic rounding
   std::uint64_t key;   // random stream of this call: a hash of (seed, step)
   double step;         // the step count t after this update (the rules' at_step)
-  double l1 = 0.0;     // > 0: L1 proximal step, p = sign(p) max(|p| - l1, 0), after the rule
+  double l1 = 0.0;     // L1 proximal step after the rule: p = sign(p) max(|p| - l1, 0)
 };
 
-// The L1 proximal (soft-threshold) step; NaN stays NaN.
+// The L1 proximal (soft-threshold) step. With a threshold of 0 it is exactly the
+// identity (signed zeros, infinities and NaN included), so it runs unconditionally:
+// a select around it would hide its comparisons behind a branch that the compiler
+// cannot if-convert, and the loop would not vectorize.
 template <class M>
 FO_HD M soft_threshold(M p, M threshold) {
-  const M a = (p < M(0) ? -p : p) - threshold;
-  return !(a <= M(0)) ? (p < M(0) ? -a : a) : M(0);
+  const M a = std::fabs(p) - threshold;
+  return std::copysign(a <= M(0) ? M(0) : a, p);
 }
 
-template <class Rule, class M, Extra X, class P, class S, class XS>
-FO_HD void update_element(const typename Rule::Hyper& h, const Mode& mode, std::uint32_t rnd,
-                          P& p, M g, S* s, XS& x) {
+// SR: the parameter is written back with stochastic rounding (random bits `rnd`).
+template <class Rule, class M, Extra X, bool SR, class P, class S, class XS>
+FO_HD void update_element_as(const typename Rule::Hyper& h, const Mode& mode, std::uint32_t rnd,
+                             P& p, M g, S* s, XS& x) {
   constexpr int NS = Rule::kStates > 0 ? Rule::kStates : 1;
-  const bool sr = mode.stochastic != 0.0;
   M sv[NS];
   for (int k = 0; k < Rule::kStates; ++k) sv[k] = load<M>(s[k]);
   const M old = X == Extra::Master ? load<M>(x) : load<M>(p);
   M pv = old;
   Rule::template step<M>(h, pv, g, sv);
-  pv = mode.l1 > 0.0 ? soft_threshold(pv, M(mode.l1)) : pv;
-  for (int k = 0; k < Rule::kStates; ++k) s[k] = Store<S, M>::apply(sv[k], false, 0);
+  pv = soft_threshold(pv, M(mode.l1));
+  for (int k = 0; k < Rule::kStates; ++k) s[k] = Store<S>::template apply<false>(sv[k], 0);
   if constexpr (X == Extra::Master) {
     x = float(pv);
-    p = Store<P, M>::apply(pv, sr, rnd);
+    p = Store<P>::template apply<SR>(pv, rnd);
   } else if constexpr (X == Extra::Kahan) {
     // compensated write-back: the exact update plus what earlier roundings dropped
     const M y = (pv - old) + load<M>(x);
-    const P t = Store<P, M>::apply(old + y, sr, rnd);
-    x = Store<P, M>::apply(y - (load<M>(t) - old), false, 0);
+    const P t = Store<P>::template apply<SR>(old + y, rnd);
+    x = Store<P>::template apply<false>(y - (load<M>(t) - old), 0);
     p = t;
   } else {
-    p = Store<P, M>::apply(pv, sr, rnd);
+    p = Store<P>::template apply<SR>(pv, rnd);
   }
+}
+
+// The same with the rounding chosen at run time by mode.stochastic.
+template <class Rule, class M, Extra X, class P, class S, class XS>
+FO_HD void update_element(const typename Rule::Hyper& h, const Mode& mode, std::uint32_t rnd,
+                          P& p, M g, S* s, XS& x) {
+  if (mode.stochastic != 0.0)
+    update_element_as<Rule, M, X, true>(h, mode, rnd, p, g, s, x);
+  else
+    update_element_as<Rule, M, X, false>(h, mode, rnd, p, g, s, x);
 }
 
 }  // namespace fo

@@ -130,23 +130,28 @@ FO_HD M load(bf16 v) { return M(to_float(v)); }
 template <class M>
 FO_HD M load(f16 v) { return M(to_float(v)); }
 
-// Store with round to nearest even (stochastic = false) or stochastic rounding.
-template <class T, class M>
+// Store with round to nearest even (SR false) or stochastic rounding (SR true, with
+// the element's random bits). The mode is a compile-time choice so that neither
+// conversion sits behind a run-time branch in a vectorized loop.
+template <class T>
 struct Store {
-  FO_HD static T apply(M v, bool, std::uint32_t) { return T(v); }
+  template <bool SR, class M>
+  FO_HD static T apply(M v, std::uint32_t) { return T(v); }
 };
-template <class M>
-struct Store<bf16, M> {
-  FO_HD static bf16 apply(M v, bool stochastic, std::uint32_t rnd) {
-    const float f = float(v);
-    return bf16{stochastic ? bf16_stochastic(f, rnd) : bf16_nearest(f)};
+template <>
+struct Store<bf16> {
+  template <bool SR, class M>
+  FO_HD static bf16 apply(M v, std::uint32_t rnd) {
+    if constexpr (SR) return bf16{bf16_stochastic(float(v), rnd)};
+    else return bf16{bf16_nearest(float(v))};
   }
 };
-template <class M>
-struct Store<f16, M> {
-  FO_HD static f16 apply(M v, bool stochastic, std::uint32_t rnd) {
-    const float f = float(v);
-    return f16{stochastic ? f16_stochastic(f, rnd) : f16_nearest(f)};
+template <>
+struct Store<f16> {
+  template <bool SR, class M>
+  FO_HD static f16 apply(M v, std::uint32_t rnd) {
+    if constexpr (SR) return f16{f16_stochastic(float(v), rnd)};
+    else return f16{f16_nearest(float(v))};
   }
 };
 

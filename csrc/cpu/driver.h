@@ -32,7 +32,7 @@ struct Table {
 constexpr std::int64_t kAlign = 64;          // elements: a whole number of cache lines
 constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost more than they save
 
-template <class Rule, class M, Extra X, class P, class S, std::size_t... K>
+template <class Rule, class M, Extra X, class P, class S, bool SR, std::size_t... K>
 void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                        const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
                        std::index_sequence<K...>) {
@@ -42,7 +42,6 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
   const typename Rule::Hyper hc = h;
   const Mode mc = mode;
   const M gscale = M(mode.grad_scale);
-  const bool sr = mode.stochastic != 0.0 && is_16bit<P>();
   // One restrict pointer per slot, unpacked at compile time so that the loop body
   // has no inner loops left for the vectorizer to trip on.
   P* __restrict p = reinterpret_cast<P*>(slot[0]);
@@ -54,8 +53,8 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
     P pv = p[i];
     S sv[sizeof...(K) + 1] = {s[K][i]..., S{}};
     XS xv = X != Extra::None ? x[i] : XS{};
-    const std::uint32_t rnd = sr ? random_bits(key, std::uint64_t(i)) : 0u;
-    update_element<Rule, M, X>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv);
+    const std::uint32_t rnd = SR ? random_bits(key, std::uint64_t(i)) : 0u;
+    update_element_as<Rule, M, X, SR>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv);
     p[i] = pv;
     ((s[K][i] = sv[K]), ...);
     if constexpr (X != Extra::None) x[i] = xv;
@@ -97,8 +96,15 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
         std::uint64_t slot[nslots + 1];
         for (int k = 0; k < nslots; ++k) slot[k] = t.ptrs[k * t.n + j];
         slot[nslots] = 0;
-        update_range_impl<Rule, M, X, P, S>(h[per_tensor ? j : 0], mode, tensor_key(mode.key, j),
-                                            slot, a, b, std::make_index_sequence<NS>{});
+        const auto& hj = h[per_tensor ? j : 0];
+        const std::uint64_t key = tensor_key(mode.key, j);
+        // stochastic rounding is a separate loop, not a branch inside one
+        if (is_16bit<P>() && mode.stochastic != 0.0)
+          update_range_impl<Rule, M, X, P, S, is_16bit<P>()>(hj, mode, key, slot, a, b,
+                                                             std::make_index_sequence<NS>{});
+        else
+          update_range_impl<Rule, M, X, P, S, false>(hj, mode, key, slot, a, b,
+                                                     std::make_index_sequence<NS>{});
       }
     }
   }
