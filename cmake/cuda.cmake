@@ -40,8 +40,12 @@ enable_language(CUDA)
 message(STATUS "fusedopt: building fusedopt._cuda with ${CMAKE_CUDA_COMPILER} "
                "(${CMAKE_CUDA_COMPILER_VERSION}) for ${CMAKE_CUDA_ARCHITECTURES}")
 
-pybind11_add_module(_cuda csrc/bindings_cuda.cu)
-set_target_properties(_cuda PROPERTIES CUDA_RUNTIME_LIBRARY Static)
+# The update kernels are compiled in several objects from one source, one per
+# group of layouts (fo::cuda::is_built and kernels.h list what each holds), so
+# that a parallel build splits the work: params float32, float64, and float16 or
+# bfloat16 params with float32 or bfloat16 states. Each name is
+# <suffix>:<param dtype code>:<state dtype code>.
+set(FO_CUDA_VARIANTS f32:0:0 f64:1:1 f16_f32:2:0 f16_bf16:2:3 bf16_f32:3:0 bf16_bf16:3:3)
 
 # --fmad=false: nvcc otherwise contracts a*b+c into one fused multiply-add, which
 # rounds once instead of twice. The CPU kernels are built with -ffp-contract=off
@@ -49,10 +53,26 @@ set_target_properties(_cuda PROPERTIES CUDA_RUNTIME_LIBRARY Static)
 # of a rule the same way and their results agree bit for bit. nvcc's defaults
 # already give IEEE division and square root (-prec-div, -prec-sqrt) and keep
 # denormals (-ftz=false), as the CPU does.
-target_compile_options(_cuda PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:-O3 --fmad=false -Xcompiler=-fPIC>)
+set(FO_CUDA_FLAGS -O3 --fmad=false -Xcompiler=-fPIC)
 if(FUSEDOPT_PTXAS_VERBOSE)
-  target_compile_options(_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xptxas=-v>)
+  list(APPEND FO_CUDA_FLAGS -Xptxas=-v)
 endif()
+
+set(FO_CUDA_OBJECTS)
+foreach(variant IN LISTS FO_CUDA_VARIANTS)
+  string(REPLACE ":" ";" _fields "${variant}")
+  list(GET _fields 0 _suffix)
+  list(GET _fields 1 _param)
+  list(GET _fields 2 _state)
+  add_library(fo_cuda_${_suffix} OBJECT csrc/cuda/kernels.cu)
+  target_compile_definitions(fo_cuda_${_suffix} PRIVATE FO_CUDA_NS=variant_${_suffix}
+                             FO_CUDA_PARAM=${_param} FO_CUDA_STATE=${_state})
+  target_compile_options(fo_cuda_${_suffix} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${FO_CUDA_FLAGS}>)
+  list(APPEND FO_CUDA_OBJECTS $<TARGET_OBJECTS:fo_cuda_${_suffix}>)
+endforeach()
+
+pybind11_add_module(_cuda csrc/bindings_cuda.cu csrc/cuda/grad_stats.cu ${FO_CUDA_OBJECTS})
+set_target_properties(_cuda PROPERTIES CUDA_RUNTIME_LIBRARY Static)
+target_compile_options(_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${FO_CUDA_FLAGS}>)
 
 install(TARGETS _cuda DESTINATION fusedopt)

@@ -131,7 +131,8 @@ StepEntry step_entry(int param, int state) {
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper,
           std::uintptr_t stream, int state_dtype, int extra, double grad_scale, bool stochastic,
-          std::uint64_t key, double step_count, std::uint64_t scale_ptr, std::uint64_t step_ptr) {
+          std::uint64_t key, double step_count, double l1, std::uint64_t scale_ptr,
+          std::uint64_t step_ptr) {
   check_contiguous(kernel, ptrs, sizes, hyper);
   const int ns = num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
@@ -171,11 +172,11 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (first < 0) return;  // nothing to update: no CUDA call at all
 
   fo::cuda::StepCall call{kernel, name, dtype, state, extra, p, sz, n, hyper.data(), per_tensor,
-                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count},
+                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1},
                           reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
   const StepEntry entry = step_entry(dtype, state);
   py::gil_scoped_release nogil;
-  const int device = device_of(kernel, "the parameter arrays", p[first]);
+  const int device = device_of(kernel, "the first parameter array", p[first]);
   DeviceGuard guard(device);
   call.scale = device_doubles(kernel, "scale_ptr", scale_ptr, device);
   call.count = device_doubles(kernel, "step_ptr", step_ptr, device);
@@ -204,7 +205,7 @@ void grad_stats(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::
     if (sz[j] > 0 && first < 0) first = j;
   }
   py::gil_scoped_release nogil;
-  const int device = first >= 0 ? device_of(op, "the gradient arrays", p[first])
+  const int device = first >= 0 ? device_of(op, "the first gradient array", p[first])
                                 : device_of(op, "out_ptr", out_ptr);
   DeviceGuard guard(device);
   double* out = const_cast<double*>(device_doubles(op, "out_ptr", out_ptr, device));
@@ -279,7 +280,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("hyper"), py::arg("stream") = std::uintptr_t(0), py::kw_only(),
         py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
         py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
-        py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
+        py::arg("l1") = 0.0, py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
         "Run `kernel` in place over the device tensors of a pointer table (slots x tensors),\n"
         "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).\n"
         "The arguments after `stream` are _cpu.step's, with the same results bit for bit.\n"

@@ -1,12 +1,14 @@
 """The CUDA backend, fusedopt._cuda.
 
-The module itself is checked everywhere it was built (import and device count
-need no GPU). Kernel results are checked against the CPU module on the same
-inputs: the CPU kernels are tested against the float64 references elsewhere, so
-parity with them is the check here. Both builds round every operation the same
-way (no FMA contraction on either side), so the results should agree bit for
-bit: test_bitwise_equal_to_cpu holds the build to that, the other tests allow
-a relative error of 1e-6 (float32) or 1e-12 (float64).
+The module itself is checked everywhere it was built (import, device count and
+the validation of a call need no GPU). Kernel results are checked against the CPU
+module on the same inputs: the CPU kernels are tested against the float64
+references elsewhere, so parity with them is the check here. Both builds round
+every operation the same way (no FMA contraction on either side) and draw the
+same random bits for stochastic rounding, so the results agree bit for bit: the
+layout, stochastic-rounding and per-tensor tests hold the build to that; the
+float32/float64 tests allow a relative error of 1e-6 (float32) or 1e-12 (float64).
+float16 and bfloat16 arrays are passed as their uint16 bit patterns.
 
 GPU tests need CuPy and a device, and skip with the reason otherwise. CI sets
 FUSEDOPT_REQUIRE_CUDA=1, which turns a missing module into a failure.
@@ -21,6 +23,7 @@ import pytest
 SIZES = (0, 1, 7, 4097, 278011)
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
 DTYPE_CODE = {np.float32: 0, np.float64: 1}
+FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3  # storage dtype codes
 
 
 def _cuda_built():
@@ -31,19 +34,21 @@ def _cuda_built():
 
 
 def _adam(amsgrad=False, decoupled=False, maximize=False, lr=1e-2, b1=0.9, b2=0.999, wd=0.05):
+    # step_size and inv_bc2_sqrt (the 7th and 8th fields) are filled from the step count
     def hyper(t):
         return [lr, b1, b2, 1e-8, 0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0,
-                lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t), float(maximize)]
+                0.0, 0.0, float(maximize)]
     return ("adam_amsgrad" if amsgrad else "adam", 3 if amsgrad else 2, hyper)
 
 
-# (kernel, state count, hyper(t)): each Hyper struct of csrc/core, field by field.
+# (kernel, state count, hyper(t)): each Hyper struct of csrc/core, field by field;
+# the fields a rule fills from the step count (at_step) are passed as 0.
 CASES = {
     "sgd": ("sgd", 0, lambda t: [0.1, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]),
     "sgd_maximize": ("sgd", 0, lambda t: [0.1, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
     "sgd_momentum": ("sgd_momentum", 1, lambda t: [0.1, 0.9, 0.1, 0.01, 0.0, 0.0, float(t == 1)]),
     "sgd_nesterov": ("sgd_momentum", 1, lambda t: [0.1, 0.9, 0.0, 0.0, 1.0, 0.0, float(t == 1)]),
-    "adagrad": ("adagrad", 1, lambda t: [0.1 / (1 + (t - 1) * 0.01), 1e-10, 0.01, 0.0]),
+    "adagrad": ("adagrad", 1, lambda t: [0.1, 0.01, 1e-10, 0.01, 0.0, 0.0]),
     "rmsprop": ("rmsprop", 1, lambda t: [0.01, 0.99, 1e-8, 0.01, 0.0, 0.0]),
     "rmsprop_momentum": ("rmsprop_momentum", 2, lambda t: [0.01, 0.99, 1e-8, 0.0, 0.9, 0.0]),
     "rmsprop_centered": ("rmsprop_centered", 2, lambda t: [0.01, 0.9, 1e-8, 0.01, 0.0, 1.0]),
@@ -57,6 +62,18 @@ CASES = {
     "adamw_amsgrad": _adam(amsgrad=True, decoupled=True),
     **{f"stream{k}": (f"stream{k}", k, lambda t: [0.5]) for k in range(4)},
 }
+
+# Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
+# weights, 2 Kahan compensation), as fusedopt._cpu.step takes them.
+LAYOUTS = {
+    "float32": (FLOAT32, FLOAT32, 0),
+    "float64": (FLOAT64, FLOAT64, 0),
+    **{f"{p}/{s}{x}": (pc, sc, xc)
+       for p, pc in (("float16", FLOAT16), ("bfloat16", BFLOAT16))
+       for s, sc in (("float32", FLOAT32), ("bfloat16", BFLOAT16))
+       for x, xc in (("", 0), ("/master", 1), ("/kahan", 2))},
+}
+STORAGE = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.uint16, BFLOAT16: np.uint16}
 
 
 # --- The module, with or without a GPU ---------------------------------------
@@ -92,13 +109,62 @@ def test_knows_every_kernel_of_the_cpu_module(cuda_mod):
 
 
 @pytest.mark.parametrize("ptrs, hyper, match", [
-    (4, 8, "expected 9 hyperparameters, got 8"),
+    (4, 8, r"expected 9 hyperparameters \(or 9 per tensor\), got 8"),
     (3, 9, "expected 4 x 1 pointers, got 3"),
+    (8, 17, r"expected 9 hyperparameters \(or 9 per tensor\), got 17"),
 ])
 def test_bad_tables_raise_before_any_cuda_call(cuda_mod, ptrs, hyper, match):
+    n = ptrs // 4 if ptrs % 4 == 0 else 1
     with pytest.raises(ValueError, match=match):
-        cuda_mod.step("adam", 0, np.zeros(ptrs, np.uint64), np.ones(1, np.int64),
+        cuda_mod.step("adam", 0, np.zeros(ptrs, np.uint64), np.ones(n, np.int64),
                       np.zeros(hyper), 0)
+
+
+@pytest.mark.parametrize("kwargs, slots, match", [
+    (dict(extra=1), 5, r"unsupported storage layout \(param 0, state 0, extra 1\)"),
+    (dict(state_dtype=3), 4, r"unsupported storage layout \(param 0, state 3, extra 0\)"),
+    (dict(extra=3), 5, r"unsupported storage layout"),
+    (dict(scale_ptr=12), 4, "scale_ptr must be 8-byte aligned"),
+    (dict(step_ptr=4), 4, "step_ptr must be 8-byte aligned"),
+    (dict(extra=1), 4, "expected 5 x 1 pointers, got 4"),
+])
+def test_bad_layouts_raise_before_any_cuda_call(cuda_mod, kwargs, slots, match):
+    with pytest.raises(ValueError, match=match):
+        cuda_mod.step("adam", 0, np.zeros(slots, np.uint64), np.ones(1, np.int64),
+                      np.zeros(9), 0, **kwargs)
+
+
+def test_which_layouts_have_kernels(cuda_mod):
+    for (param, state, extra) in LAYOUTS.values():
+        for kernel, _, _ in CASES.values():
+            built = cuda_mod.has_kernel(kernel, param, state, extra)
+            # The bandwidth probes are built for the layouts the benchmarks use only.
+            probe_layouts = {(0, 0, 0), (1, 1, 0), (3, 0, 1)}
+            assert built == (not kernel.startswith("stream") or (param, state, extra) in probe_layouts)
+    assert not cuda_mod.has_kernel("adam", 0, 0, 1)
+    nslots = 2 + 2 + 1
+    with pytest.raises(ValueError, match=r"stream2\[float16 params, float32 states\]: this build has no"):
+        cuda_mod.step("stream2", 2, np.zeros(4, np.uint64), np.ones(1, np.int64), np.zeros(1), 0,
+                      state_dtype=0)
+    cuda_mod.step("adam", 3, np.zeros(nslots, np.uint64), np.zeros(1, np.int64), np.zeros(9), 0,
+                  state_dtype=0, extra=1)  # a valid layout, empty: no CUDA call
+
+
+def test_grad_stats_and_advance_step_validate_first(cuda_mod):
+    with pytest.raises(ValueError, match="expected 1 x 2 pointers, got 3"):
+        cuda_mod.grad_stats(0, np.zeros(3, np.uint64), np.ones(2, np.int64), 0, 8)
+    with pytest.raises(ValueError, match="unsupported dtype code 4"):
+        cuda_mod.grad_stats(4, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 8)
+    with pytest.raises(ValueError, match="out_ptr is required"):
+        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 0)
+    with pytest.raises(ValueError, match="out_ptr must be 8-byte aligned"):
+        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 4)
+    with pytest.raises(ValueError, match="negative size for tensor 0"):
+        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), -np.ones(1, np.int64), 0, 8)
+    with pytest.raises(ValueError, match="step_ptr is required"):
+        cuda_mod.advance_step(0)
+    with pytest.raises(ValueError, match="scale_ptr must be 8-byte aligned"):
+        cuda_mod.advance_step(8, 3)
 
 
 def test_unknown_kernel_and_empty_call(cuda_mod):
@@ -161,17 +227,20 @@ def _table(slots, address):
     return ptrs, np.array([a.size for a in slots[0]], dtype=np.int64)
 
 
-def _cpu_step(kernel, dtype, slots, hyper):
+def _cpu_step(kernel, code, slots, hyper, **mode):
+    """One _cpu.step over host slots; `code` is a storage dtype code (or a NumPy float type)."""
     from fusedopt import _cpu
     ptrs, sizes = _table(slots, lambda a: a.ctypes.data)
-    _cpu.step(kernel, DTYPE_CODE[dtype], ptrs, sizes, np.asarray(hyper, np.float64))
+    _cpu.step(kernel, DTYPE_CODE.get(code, code), ptrs, sizes, np.asarray(hyper, np.float64),
+              **mode)
 
 
-def _gpu_step(cp, kernel, dtype, slots, hyper, stream=None):
+def _gpu_step(cp, kernel, code, slots, hyper, stream=None, **mode):
     from fusedopt import _cuda
     ptrs, sizes = _table(slots, lambda a: a.data.ptr)
     stream = cp.cuda.get_current_stream() if stream is None else stream
-    _cuda.step(kernel, DTYPE_CODE[dtype], ptrs, sizes, np.asarray(hyper, np.float64), stream.ptr)
+    _cuda.step(kernel, DTYPE_CODE.get(code, code), ptrs, sizes, np.asarray(hyper, np.float64),
+               stream.ptr, **mode)
 
 
 def _run_both(cp, rng, case, dtype, sizes, steps=3, offsets=None):
@@ -184,8 +253,8 @@ def _run_both(cp, rng, case, dtype, sizes, steps=3, offsets=None):
             g = rng.standard_normal(n).astype(dtype)
             host[1][j][...] = g
             dev[1][j][...] = cp.asarray(g)
-        _cpu_step(kernel, dtype, host, hyper(t))
-        _gpu_step(cp, kernel, dtype, dev, hyper(t))
+        _cpu_step(kernel, dtype, host, hyper(t), step=t)
+        _gpu_step(cp, kernel, dtype, dev, hyper(t), step=t)
     cp.cuda.get_current_stream().synchronize()
     return host, dev
 
@@ -276,9 +345,9 @@ def test_runs_in_order_on_the_callers_stream(cp):
         for _ in range(20):  # tens of milliseconds queued ahead of the gradients
             a = a @ eye
         dev[1][0][...] = cp.asarray(g) + 0 * a[0, 0]
-        _gpu_step(cp, kernel, np.float32, dev, hyper(1), stream=stream)
+        _gpu_step(cp, kernel, np.float32, dev, hyper(1), stream=stream, step=1)
     stream.synchronize()
-    _cpu_step(kernel, np.float32, host, hyper(1))
+    _cpu_step(kernel, np.float32, host, hyper(1), step=1)
     _assert_same(cp, dev, host, np.float32)
 
 
@@ -287,8 +356,8 @@ def test_legacy_default_stream(cp):
     kernel, nstates, hyper = CASES["adagrad"]
     data = _host_slots(np.random.default_rng(6), SIZES, nstates, np.float64)
     host, dev = _place(np, data), _place(cp, data)
-    _cpu_step(kernel, np.float64, host, hyper(1))
-    _gpu_step(cp, kernel, np.float64, dev, hyper(1), stream=cp.cuda.Stream.null)
+    _cpu_step(kernel, np.float64, host, hyper(1), step=1)
+    _gpu_step(cp, kernel, np.float64, dev, hyper(1), stream=cp.cuda.Stream.null, step=1)
     cp.cuda.Device().synchronize()
     _assert_same(cp, dev, host, np.float64)
 
@@ -313,11 +382,278 @@ def test_arrays_on_a_second_device(cp):
         dev = _place(cp, data)
         cp.cuda.Device(1).synchronize()
     # Called with device 0 current: the module switches to the arrays' device.
-    _cpu_step(kernel, np.float32, host, hyper(1))
-    _gpu_step(cp, kernel, np.float32, dev, hyper(1), stream=cp.cuda.Stream.null)
+    _cpu_step(kernel, np.float32, host, hyper(1), step=1)
+    _gpu_step(cp, kernel, np.float32, dev, hyper(1), stream=cp.cuda.Stream.null, step=1)
     with cp.cuda.Device(1):
         cp.cuda.Device(1).synchronize()
         _assert_same(cp, dev, host, np.float32)
+
+
+# --- Storage layouts, stochastic rounding, per-tensor settings: bit for bit ---
+
+def _encode(code, x):
+    """float64 values -> the storage array of dtype `code` (16-bit types as uint16 bits,
+    rounded to nearest even)."""
+    if code in (FLOAT32, FLOAT64):
+        return x.astype(STORAGE[code])
+    if code == FLOAT16:
+        return x.astype(np.float16).view(np.uint16)
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def _decode(code, a):
+    """A storage array of dtype `code` -> float64 values."""
+    if code in (FLOAT32, FLOAT64):
+        return a.astype(np.float64)
+    if code == FLOAT16:
+        return a.view(np.float16).astype(np.float64)
+    return (a.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+
+def _layout_codes(layout, nstates):
+    """Storage dtype code of every slot: param, grad, states, then the extra buffer."""
+    param, state, extra = layout
+    return [param, param] + [state] * nstates + {0: [], 1: [FLOAT32], 2: [param]}[extra]
+
+
+def _layout_slots(rng, sizes, nstates, layout):
+    """Host slots of a layout. A master copy holds the float32 value the param rounds
+    from; a Kahan buffer starts with small compensations."""
+    values = [[rng.standard_normal(n) for n in sizes] for _ in range(2)]
+    for k in range(nstates):
+        lo, hi = (0.5, 1.5) if k == 0 else (0.0, 0.2)
+        values.append([rng.uniform(lo, hi, n) for n in sizes])
+    if layout[2] == 1:
+        values.append([v.astype(np.float32).astype(np.float64) for v in values[0]])
+    elif layout[2] == 2:
+        values.append([1e-3 * rng.standard_normal(n) for n in sizes])
+    codes = _layout_codes(layout, nstates)
+    return [[_encode(codes[k], v) for v in slot] for k, slot in enumerate(values)]
+
+
+def _new_grads(rng, host, dev, code, cp):
+    for j, h in enumerate(host[1]):
+        g = _encode(code, rng.standard_normal(h.size))
+        h[...] = g
+        dev[1][j][...] = cp.asarray(g)
+
+
+def _run_layout(cp, rng, case, layout, sizes=SIZES, steps=3, offsets=None, per_tensor=False,
+                **mode):
+    """`steps` steps of `case` in `layout` on the CPU and on the GPU from the same data.
+    mode(t) -> keyword arguments of both steps; per_tensor: one Hyper per tensor, with
+    a different learning rate for each."""
+    kernel, nstates, hyper = case
+    data = _layout_slots(rng, sizes, nstates, layout)
+    host, dev = _place(np, data, offsets), _place(cp, data, offsets)
+    for t in range(1, steps + 1):
+        _new_grads(rng, host, dev, layout[0], cp)
+        if per_tensor:
+            h = np.array([hyper(t)] * len(sizes), np.float64)
+            h[:, 0] *= 1.0 + 0.25 * np.arange(len(sizes))
+        else:
+            h = hyper(t)
+        kw = dict(state_dtype=layout[1], extra=layout[2], step=t,
+                  **{k: (v(t) if callable(v) else v) for k, v in mode.items()})
+        _cpu_step(kernel, layout[0], host, h, **kw)
+        _gpu_step(cp, kernel, layout[0], dev, h, **kw)
+    cp.cuda.get_current_stream().synchronize()
+    return host, dev
+
+
+def _assert_bits(cp, dev, host):
+    from cases import assert_same_bits
+    for k, (dev_slot, host_slot) in enumerate(zip(dev, host)):
+        for j, (d, h) in enumerate(zip(dev_slot, host_slot)):
+            assert_same_bits(cp.asnumpy(d), h, f"slot {k}, tensor {j} ({h.size} elements)")
+
+
+LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adadelta",
+                "adam", "adamw_amsgrad"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_layout_bitwise_equal_to_cpu(cp, case, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(10), CASES[case], LAYOUTS[layout],
+                            grad_scale=0.5)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32/master"])
+@pytest.mark.parametrize("case", ["stream0", "stream3"])
+def test_bandwidth_probes_in_their_layouts(cp, case, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(11), CASES[case], LAYOUTS[layout])
+    _assert_bits(cp, dev, host)
+
+
+SIXTEEN_BIT = [name for name, (p, _, _) in LAYOUTS.items() if p in (FLOAT16, BFLOAT16)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", SIXTEEN_BIT)
+@pytest.mark.parametrize("case", ["adam", "sgd_momentum"])
+def test_stochastic_rounding_same_bits_as_cpu(cp, case, layout):
+    keys = {t: (0x9E3779B97F4A7C15 * t + 12345) % 2**64 for t in range(1, 4)}
+    mode = dict(stochastic=True, key=lambda t: keys[t])
+    host, dev = _run_layout(cp, np.random.default_rng(12), CASES[case], LAYOUTS[layout], **mode)
+    _assert_bits(cp, dev, host)
+    # and the rounding was stochastic: round to nearest gives other params
+    nearest, _ = _run_layout(cp, np.random.default_rng(12), CASES[case], LAYOUTS[layout])
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(host[0], nearest[0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/bfloat16/kahan",
+                                    "float16/float32/master"])
+@pytest.mark.parametrize("case", ["adam", "rmsprop_momentum"])
+def test_misaligned_layouts(cp, case, layout):
+    kernel, nstates, _ = CASES[case]
+    offsets = [1 if k % 2 else 0 for k in range(len(_layout_codes(LAYOUTS[layout], nstates)))]
+    host, dev = _run_layout(cp, np.random.default_rng(13), CASES[case], LAYOUTS[layout],
+                            offsets=offsets, stochastic=True, key=7)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32/master",
+                                    "float16/bfloat16"])
+def test_per_tensor_hyperparameters(cp, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(14), CASES["adam"], LAYOUTS[layout],
+                            per_tensor=True, stochastic=True, key=99)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32/master",
+                                    "float16/bfloat16/kahan"])
+def test_l1_proximal_step(cp, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(19), CASES["sgd_momentum"],
+                            LAYOUTS[layout], l1=0.05)
+    _assert_bits(cp, dev, host)
+    if LAYOUTS[layout][2] != 2:  # (Kahan adds back what rounding dropped)
+        assert any((h == 0).any() for h in host[0])  # the threshold did zero some params
+
+
+@pytest.mark.cuda
+def test_per_tensor_hyperparameters_across_launches(cp):
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits("adam", extra=1)
+    rng = np.random.default_rng(15)
+    sizes = [int(n) for n in rng.integers(0, 3000, 2 * lim["max_tensors"] + 50)]
+    sizes[lim["max_tensors"] - 1] = 2 * lim["chunk"] + 3  # cut across two launches
+    host, dev = _run_layout(cp, rng, CASES["adam"], LAYOUTS["bfloat16/float32/master"],
+                            sizes=sizes, steps=2, per_tensor=True, stochastic=True, key=5)
+    _assert_bits(cp, dev, host)
+
+
+# --- Device-side loss scaling, clipping and step counting --------------------
+
+def _decoded_norm(code, arrays, inv_scale):
+    total = sum(float(np.sum((_decode(code, a) * inv_scale) ** 2)) for a in arrays)
+    return math.sqrt(total)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("code", [FLOAT32, FLOAT64, FLOAT16, BFLOAT16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+def test_grad_stats(cp, code):
+    from fusedopt import _cuda
+    rng = np.random.default_rng(16)
+    grads = [_encode(code, 3.0 * rng.standard_normal(n)) for n in SIZES]
+    dev = _place(cp, [grads], offsets=[1])[0] + _place(cp, [grads])[0]  # misaligned and not
+    host = grads + grads
+    ptrs, sizes = _table([dev], lambda a: a.data.ptr)
+    stream = cp.cuda.get_current_stream()
+    out = cp.zeros(3, cp.float64)
+    inv = 1.0 / 64
+
+    def stats(max_norm=-1.0):
+        _cuda.grad_stats(code, ptrs, sizes, stream.ptr, out.data.ptr, inv_scale=inv,
+                         max_norm=max_norm)
+        return cp.asnumpy(out)
+
+    skip, coef, norm = first = stats()
+    assert skip == 0.0 and coef == inv
+    assert norm == pytest.approx(_decoded_norm(code, host, inv), rel=1e-12)
+    assert stats().tobytes() == first.tobytes()  # the same sum on every run
+    # torch's clip_grad_norm_ coefficient: max_norm / (norm + 1e-6), at most 1
+    assert stats(max_norm=norm / 4)[1] == inv * ((norm / 4) / (norm + 1e-6))
+    assert stats(max_norm=norm * 4)[1] == inv
+    for bad in (np.inf, -np.inf, np.nan):
+        dev[3][17:18] = cp.asarray(_encode(code, np.array([bad])))
+        assert stats()[0] == 1.0, bad
+        dev[3][17:18] = cp.asarray(grads[3][17:18])
+    assert stats()[0] == 0.0
+    # no elements: norm 0, nothing to skip
+    _cuda.grad_stats(code, ptrs[:1], sizes[:1], stream.ptr, out.data.ptr, inv_scale=0.5,
+                     max_norm=1.0)
+    assert cp.asnumpy(out).tolist() == [0.0, 0.5, 0.0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "bfloat16/float32/master", "float16/bfloat16/kahan"])
+def test_scale_ptr_coefficient_and_skip(cp, layout):
+    kernel, nstates, hyper = CASES["adam"]
+    rng = np.random.default_rng(17)
+    lay = LAYOUTS[layout]
+    data = _layout_slots(rng, SIZES, nstates, lay)
+    host, dev = _place(np, data), _place(cp, data)
+    _new_grads(rng, host, dev, lay[0], cp)
+    scale = cp.asarray([0.0, 0.25, 3.0])
+    mode = dict(state_dtype=lay[1], extra=lay[2], step=1, stochastic=True, key=3)
+    # coef multiplies the gradients, on top of grad_scale: as grad_scale * coef on the CPU
+    _cpu_step(kernel, lay[0], host, hyper(1), grad_scale=2.0 * 0.25, **mode)
+    _gpu_step(cp, kernel, lay[0], dev, hyper(1), grad_scale=2.0, scale_ptr=scale.data.ptr, **mode)
+    cp.cuda.get_current_stream().synchronize()
+    _assert_bits(cp, dev, host)
+    # skip: nothing read or written
+    scale[0] = 1.0
+    _new_grads(rng, host, dev, lay[0], cp)
+    _gpu_step(cp, kernel, lay[0], dev, hyper(2), scale_ptr=scale.data.ptr, **dict(mode, step=2))
+    cp.cuda.get_current_stream().synchronize()
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case, bitwise", [("adagrad", True), ("adam", False)])
+def test_step_ptr_and_advance_step(cp, case, bitwise):
+    """The step count lives on the device and skipped steps do not count. Adagrad's
+    per-step rate is plain arithmetic, the same bits as on the host; Adam's bias
+    corrections use pow, which the device may round differently in the last bit."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES[case]
+    rng = np.random.default_rng(18)
+    data = _host_slots(rng, SIZES, nstates, np.float32)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    scale = cp.asarray([0.0, 1.0, 0.0])
+    stream = cp.cuda.get_current_stream()
+    t = 0
+    for skip in (False, False, True, False, True, False):
+        g = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+        if not skip:
+            t += 1
+            for h, x in zip(host[1], g):
+                h[...] = x
+            _cpu_step(kernel, np.float32, host, hyper(t), step=t)
+        for d, x in zip(dev[1], g):
+            d[...] = cp.asarray(x)
+        scale[0] = float(skip)
+        _cuda.advance_step(count.data.ptr, scale.data.ptr, stream.ptr)
+        _gpu_step(cp, kernel, np.float32, dev, hyper(t), step=1e9, scale_ptr=scale.data.ptr,
+                  step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == t == 4
+    if bitwise:
+        _assert_bits(cp, dev, host)
+    else:
+        _assert_same(cp, dev, host, np.float32)
+    _cuda.advance_step(count.data.ptr)  # without scale_ptr: always counts
+    assert float(count[0]) == 5
 
 
 # --- Public API on CuPy arrays: fusedopt routes them to fusedopt._cuda --------

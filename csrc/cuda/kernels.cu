@@ -12,10 +12,10 @@
 namespace fo::cuda::FO_CUDA_NS {
 namespace {
 
-template <class Rule, class M, Extra X, class P, class S>
+template <class Rule, class M, Extra X, class P, class S, bool SR>
 void run(const StepCall& c) {
   using Hyper = typename Rule::Hyper;
-  using Op = UpdateFunctor<Rule, M, X, P, S>;
+  using Op = UpdateFunctor<Rule, M, X, P, S, SR>;
   // Hyper is a plain struct of doubles: copy it out of the caller's array. The
   // per-step scalars come from the same at_step as on the CPU, in double on the
   // host, unless the count lives on the device.
@@ -50,7 +50,15 @@ void step(const StepCall& c) {
       constexpr Extra X = decltype(x)::value;
       if constexpr (dtype_code<P>() == FO_CUDA_PARAM && dtype_code<S>() == FO_CUDA_STATE &&
                     is_built<Rule, X, P, S>()) {
-        run<Rule, decltype(m), X, P, S>(c);
+        // stochastic rounding concerns 16-bit params only, as on the CPU
+        if constexpr (sizeof(P) == 2) {
+          if (c.mode.stochastic != 0.0)
+            run<Rule, decltype(m), X, P, S, true>(c);
+          else
+            run<Rule, decltype(m), X, P, S, false>(c);
+        } else {
+          run<Rule, decltype(m), X, P, S, false>(c);
+        }
         done = true;
       }
     });

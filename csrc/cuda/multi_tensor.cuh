@@ -28,7 +28,7 @@ constexpr int kMaxBlocks = 512;                         // blocks per launch
 // CUDA 12.1+ accepts up to 32764 bytes on Volta and newer (the only GPUs CUDA 13
 // targets). The size matters for many small tensors, where each tensor is one
 // block: with 4 KB a launch would hold ~50 Adam tensors and fill a third of an
-// H100; with 12 KB it holds ~220.
+// H100; with 12 KB it holds ~210.
 constexpr int kParamBytes = 12 * 1024;
 
 // NPtr = pointers per tensor (the slots of the operation: param, grad, states, ...).

@@ -15,7 +15,7 @@
 
 namespace fo::cuda {
 
-// `n` consecutive values of T, aligned to their size: one vector load or store.
+// N consecutive values of T, aligned to their size: one vector load or store.
 template <class T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
@@ -23,8 +23,11 @@ struct alignas(sizeof(T) * N) Vec {
 
 constexpr int widest(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-template <class Rule, class M, Extra X, class P, class S>
+// SR: 16-bit params are written back with stochastic rounding; a kernel of its own
+// (the host picks it from the call's mode), as the CPU runs it as a loop of its own.
+template <class Rule, class M, Extra X, class P, class S, bool SR>
 struct UpdateFunctor {
+  static_assert(!SR || sizeof(P) == 2, "stochastic rounding is for 16-bit params");
   using Hyper = typename Rule::Hyper;
   using XS = typename ExtraStorage<X, P>::type;
   static constexpr int kStates = Rule::kStates;
@@ -33,11 +36,13 @@ struct UpdateFunctor {
   static constexpr int kSlots = 2 + kStates + (kExtra ? 1 : 0);
 
   // Elements per vector access: as many as make the widest slot's access 16 bytes.
-  // A layout with mixed widths (bfloat16 params, float32 states or master) moves 4
+  // A layout with mixed widths (16-bit params, float32 states or master) moves 4
   // elements per access, 8 bytes of each 16-bit slot and 16 of each 4-byte one.
+  // Stochastic rounding takes at most 4 (8-byte accesses for 16-bit slots): its
+  // longer per-element code with 8 elements in flight would spill registers.
   static constexpr int kWidest = widest(int(sizeof(P)), kStates > 0 ? int(sizeof(S)) : 0,
                                          kExtra ? int(sizeof(XS)) : 0);
-  static constexpr int kVec = 16 / kWidest;
+  static constexpr int kVec = SR && 16 / kWidest > 4 ? 4 : 16 / kWidest;
 
   Hyper h;              // the Hyper of every tensor, per-step scalars filled (unless `table`)
   const Hyper* table;   // device memory: one Hyper per tensor of the call, or null
@@ -45,11 +50,14 @@ struct UpdateFunctor {
   const double* scale;  // device memory: {skip, coef, norm} from grad_stats, or null
   const double* count;  // device memory: the step count t of this update, or null
 
-  // One element: the gradient scaled as on the CPU, then the shared update.
-  __device__ __forceinline__ void element(const Hyper& hb, M gscale, bool sr, std::uint64_t key,
-                                          std::int64_t i, P& p, P g, S* s, XS& x) const {
-    const std::uint32_t rnd = sr ? random_bits(key, std::uint64_t(i)) : 0u;
-    update_element<Rule, M, X>(hb, mode, rnd, p, load<M>(g) * gscale, s, x);
+  // One element: the gradient scaled as on the CPU, then the shared update. `m` is
+  // the call's Mode with its rounding fixed at compile time, so the update has one
+  // rounding path and no per-element branch.
+  __device__ __forceinline__ static void element(const Hyper& hb, const Mode& m, M gscale,
+                                                 std::uint64_t key, std::int64_t i, P& p, P g,
+                                                 S* s, XS& x) {
+    const std::uint32_t rnd = SR ? random_bits(key, std::uint64_t(i)) : 0u;
+    update_element<Rule, M, X>(hb, m, rnd, p, load<M>(g) * gscale, s, x);
   }
 
   template <class T>
@@ -93,7 +101,8 @@ struct UpdateFunctor {
                                              std::int64_t) const {
     const Hyper& hb = b->h;
     const M gscale = M(b->grad_scale);
-    const bool sr = mode.stochastic != 0.0 && sizeof(P) == 2;  // as the CPU: 16-bit params only
+    Mode m = mode;
+    m.stochastic = SR ? 1.0 : 0.0;
     const std::uint64_t key = tensor_key(mode.key, j);
 
     P* p = static_cast<P*>(ptr[0]);
@@ -134,7 +143,7 @@ struct UpdateFunctor {
           S s[kS];
 #pragma unroll
           for (int k = 0; k < kStates; ++k) s[k] = sv[k].v[l];
-          element(hb, gscale, sr, key, i + l, pv.v[l], gv.v[l], s, xv.v[l]);
+          element(hb, m, gscale, key, i + l, pv.v[l], gv.v[l], s, xv.v[l]);
 #pragma unroll
           for (int k = 0; k < kStates; ++k) sv[k].v[l] = s[k];
         }
@@ -153,7 +162,7 @@ struct UpdateFunctor {
       for (int k = 0; k < kStates; ++k) s[k] = st[k][i];
       XS xv{};
       if constexpr (kExtra) xv = xp[i];
-      element(hb, gscale, sr, key, i, pv, g[i], s, xv);
+      element(hb, m, gscale, key, i, pv, g[i], s, xv);
       p[i] = pv;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) st[k][i] = s[k];
