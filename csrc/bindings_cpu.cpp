@@ -30,6 +30,7 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 std::string g_isa;
 Launch g_launch = nullptr;
 Dot g_dot = nullptr;
+int (*g_vector_bits)() = nullptr;
 
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
@@ -40,9 +41,14 @@ void select_isa(const std::string& want) {
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
   if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
     throw std::invalid_argument("this CPU does not support " + isa);
-  if (isa == "avx512") g_launch = fo::cpu::isa_avx512::launch, g_dot = fo::cpu::isa_avx512::dot;
-  else if (isa == "avx2") g_launch = fo::cpu::isa_avx2::launch, g_dot = fo::cpu::isa_avx2::dot;
-  else if (isa == "base") g_launch = fo::cpu::isa_base::launch, g_dot = fo::cpu::isa_base::dot;
+  namespace c = fo::cpu;
+  if (isa == "avx512")
+    g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot,
+    g_vector_bits = c::isa_avx512::vector_bits;
+  else if (isa == "avx2")
+    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_vector_bits = c::isa_avx2::vector_bits;
+  else if (isa == "base")
+    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_vector_bits = c::isa_base::vector_bits;
   else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
   g_isa = isa;
 }
@@ -170,6 +176,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_isa", &select_isa, py::arg("isa"),
         "Select the instruction set of the kernels: 'auto', 'avx512', 'avx2' or 'base'.");
   m.def("get_isa", [] { return g_isa; });
+  m.def("vector_bits", [] { return g_vector_bits(); },
+        "The vector width the selected instruction set's kernels were compiled for.");
   m.def("num_states", &num_states, py::arg("kernel"));
   m.def("random_bits", [](std::uint64_t key, std::int64_t j, std::uint64_t i) {
     return fo::random_bits(fo::tensor_key(key, j), i);

@@ -107,3 +107,21 @@ def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match="unknown instruction set"):
         fusedopt._cpu.set_isa("sse9")
     assert fusedopt._cpu.get_isa() == before
+
+
+def test_each_instruction_set_runs_its_own_kernels():
+    """The kernels are compiled once per instruction set; each set must run its own
+    build (a merged instantiation would make every set run the same code, and the
+    parity tests above would then compare a build with itself)."""
+    from fusedopt import _cpu
+
+    expected = {"base": 128, "avx2": 256, "avx512": 512}
+    ran = 0
+    for isa, bits in expected.items():
+        try:
+            _cpu.set_isa(isa)
+        except ValueError:
+            continue  # this CPU lacks the set
+        assert _cpu.vector_bits() == bits, isa
+        ran += 1
+    assert ran >= 1

@@ -17,17 +17,29 @@
 #include <vector>
 
 #include "../core/element.h"
+#include "table.h"
 
-namespace fo::cpu {
+// The templates below are compiled once per instruction set (kernels.cpp), so they
+// live in that instruction set's namespace: with one shared name, the linker would
+// keep a single copy of each instantiation (the first object's) for every set.
+#ifndef FO_ISA_NS
+#error "driver.h belongs to the per-instruction-set kernels: define FO_ISA_NS"
+#endif
 
-// Pointers of one call: ptrs[slot * n + j] is the address of slot `slot`
-// (0 = param, 1 = grad, 2.. = states, then the extra buffer of the layout, if any)
-// of tensor j; sizes[j] its element count.
-struct Table {
-  const std::uint64_t* ptrs;
-  const std::int64_t* sizes;
-  std::int64_t n;
-};
+namespace fo::cpu::FO_ISA_NS {
+
+// The widest vector this instruction set's build uses, as a template like the driver's,
+// so that a test can tell whether each set really runs its own code.
+template <int = 0>
+int vector_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__)
+  return 256;
+#else
+  return 128;
+#endif
+}
 
 constexpr std::int64_t kAlign = 64;          // elements: a whole number of cache lines
 constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost more than they save
@@ -110,4 +122,4 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
   }
 }
 
-}  // namespace fo::cpu
+}  // namespace fo::cpu::FO_ISA_NS

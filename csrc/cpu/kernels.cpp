@@ -44,12 +44,14 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
 
 double dot(DType dtype, const Table& t, int max_threads) {
   switch (dtype) {
-    case DType::Float32: return cpu::dot<float>(t, max_threads);
-    case DType::Float64: return cpu::dot<double>(t, max_threads);
-    case DType::Float16: return cpu::dot<f16>(t, max_threads);
-    case DType::BFloat16: return cpu::dot<bf16>(t, max_threads);
+    case DType::Float32: return dot<float>(t, max_threads);
+    case DType::Float64: return dot<double>(t, max_threads);
+    case DType::Float16: return dot<f16>(t, max_threads);
+    case DType::BFloat16: return dot<bf16>(t, max_threads);
   }
   throw std::invalid_argument("dot: unsupported dtype");
 }
+
+int vector_bits() { return vector_bits<>(); }
 
 }  // namespace fo::cpu::FO_ISA_NS

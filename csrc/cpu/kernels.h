@@ -6,7 +6,7 @@
 
 #include "../core/layouts.h"
 #include "../core/rules.h"
-#include "driver.h"
+#include "table.h"
 
 namespace fo::cpu {
 
@@ -20,6 +20,7 @@ struct Layout {
   bool launch(std::string_view kernel, const Layout& layout, const Table& t,             \
               const double* hyper, std::int64_t nhyper, const Mode& mode, int max_threads); \
   double dot(DType dtype, const Table& t, int max_threads);                             \
+  int vector_bits();                                                                    \
   }
 FO_DECLARE_LAUNCH(isa_avx512)
 FO_DECLARE_LAUNCH(isa_avx2)

@@ -13,7 +13,7 @@
 #include "../core/precision.h"
 #include "driver.h"
 
-namespace fo::cpu {
+namespace fo::cpu::FO_ISA_NS {
 
 constexpr std::int64_t kBlock = 1 << 14;
 
@@ -52,4 +52,4 @@ double dot(const Table& t, int max_threads) {
   return sum;
 }
 
-}  // namespace fo::cpu
+}  // namespace fo::cpu::FO_ISA_NS
