@@ -1,0 +1,212 @@
+"""The implementations the step benchmark times, per device.
+
+An implementation builds a runner on its own copy of a workload (nothing is
+shared with the others), with zero state as every optimizer starts. A runner
+has `step()`, the timed call, and `arrays()`, its params and state lists in the
+functional op's order, readable as NumPy arrays, for the check against the
+reference. A GPU mode would add a list under its own device key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+import fusedopt
+
+
+class Impl:
+    key = ""  # name for --impls
+    fusedopt = False  # one of ours, compared against the best competitor
+    default = True  # run unless --impls says otherwise
+
+    def label(self, algo):
+        return self.key
+
+    def supports(self, algo, dtype):
+        return True
+
+    def build(self, algo, work):
+        raise NotImplementedError
+
+
+# --- NumPy arrays: the fusedopt functional op, the fusedopt class, NumPy by hand ----------
+
+class ArrayRunner:
+    def __init__(self, algo, work, update):
+        self.algo, self.update, self.t = algo, update, 0
+        self.params = [p.copy() for p in work.params]
+        self.grads = [g.copy() for g in work.grads]
+        self.states = [[np.zeros_like(p) for p in self.params] for _ in range(algo.nstates)]
+
+    def step(self):
+        self.t += 1
+        self.update(self.params, self.grads, self.states, self.t)
+
+    def arrays(self):
+        return self.params, self.states
+
+
+class FusedFunctional(Impl):
+    key, fusedopt = "fusedopt", True
+
+    def label(self, algo):
+        return f"fusedopt.{algo.op}"
+
+    def build(self, algo, work):
+        return ArrayRunner(algo, work, algo.functional)
+
+
+class NumpyByHand(Impl):
+    key = "numpy"
+
+    def build(self, algo, work):
+        return ArrayRunner(algo, work, algo.numpy)
+
+
+class ClassRunner:
+    """An optimizer object that owns its state: fusedopt's classes take the gradients as
+    an argument, torch.optim's and DeepSpeed's read `param.grad`."""
+
+    def __init__(self, algo, params, grads, opt, state_keys, pass_grads):
+        self.params, self.grads, self.opt = params, grads, opt
+        self.state_keys, self.pass_grads = state_keys, pass_grads
+
+    def step(self):
+        if self.pass_grads:
+            self.opt.step(self.grads)
+        else:
+            self.opt.step()
+
+    def arrays(self):
+        keys = range(len(self.params)) if self.pass_grads else self.params
+        states = [[_numpy(self.opt.state[k][name]) for k in keys] for name in self.state_keys]
+        return [_numpy(p) for p in self.params], states
+
+
+def _numpy(x):
+    return x.numpy() if hasattr(x, "numpy") else x
+
+
+class FusedClass(Impl):
+    key, fusedopt = "fusedopt-class", True
+
+    def label(self, algo):
+        return f"fusedopt.{algo.cls}"
+
+    def build(self, algo, work):
+        params = [p.copy() for p in work.params]
+        grads = [g.copy() for g in work.grads]
+        opt = getattr(fusedopt, algo.cls)(params, **algo.kwargs)
+        return ClassRunner(algo, params, grads, opt, algo.states, pass_grads=True)
+
+
+# --- PyTorch -------------------------------------------------------------------------------
+
+def _torch_tensors(work):
+    import torch
+
+    params = [torch.from_numpy(p).clone() for p in work.params]  # torch's own memory
+    for p, g in zip(params, work.grads):
+        p.grad = torch.from_numpy(g).clone()
+    return params
+
+
+class TorchOptim(Impl):
+    MODES = {"loop": dict(foreach=False), "foreach": dict(foreach=True),
+             "fused": dict(fused=True)}
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.key = f"torch-{mode}"
+        self._supported = {}
+
+    def label(self, algo):
+        return "torch for-loop" if self.mode == "loop" else f"torch {self.mode}"
+
+    def supports(self, algo, dtype):
+        """Whether torch.optim takes this mode for this algorithm and dtype: tried once on a
+        small tensor (not every algorithm has a fused CPU kernel)."""
+        import torch
+
+        key = (algo.name, np.dtype(dtype).name)
+        if key not in self._supported:
+            p = torch.zeros(8, dtype=getattr(torch, np.dtype(dtype).name))
+            p.grad = torch.ones_like(p)
+            try:
+                getattr(torch.optim, algo.cls)([p], **algo.kwargs, **self.MODES[self.mode]).step()
+                self._supported[key] = True
+            except (TypeError, RuntimeError, ValueError):
+                self._supported[key] = False
+        return self._supported[key]
+
+    def build(self, algo, work):
+        import torch
+
+        params = _torch_tensors(work)
+        opt = getattr(torch.optim, algo.cls)(params, **algo.kwargs, **self.MODES[self.mode])
+        return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
+
+
+class FusedTorch(Impl):
+    """fusedopt.torch: the drop-in torch.optim.Optimizer classes on torch tensors (the
+    same tensors and grads as torch.optim's runs), running fusedopt's kernels."""
+
+    key, fusedopt = "fusedopt-torch", True
+
+    def label(self, algo):
+        return f"fusedopt.torch.{algo.cls}"
+
+    def build(self, algo, work):
+        import fusedopt.torch as fot
+
+        params = _torch_tensors(work)
+        opt = getattr(fot, algo.cls)(params, **algo.kwargs)
+        return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
+
+
+# --- DeepSpeed's CPU optimizers (when installed) -------------------------------------------
+
+class DeepSpeedCpu(Impl):
+    """DeepSpeedCPUAdam (Adam, AdamW) and DeepSpeedCPUAdagrad, float32 only. Not in the
+    default run: the first use compiles DeepSpeed's CPU ops (minutes), and each optimizer
+    then takes over a second to construct."""
+
+    key, default = "deepspeed", False
+
+    def supports(self, algo, dtype):
+        return algo.name in ("adam", "adamw", "adagrad") and np.dtype(dtype) == np.float32
+
+    def build(self, algo, work):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no probing for GPUs, no warning
+        params = _torch_tensors(work)
+        if algo.name == "adagrad":
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+            opt = DeepSpeedCPUAdagrad(params, **algo.kwargs)
+            keys = ("exp_avg_sq",)  # DeepSpeed's name of Adagrad's sum
+        else:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(params, adamw_mode=algo.name == "adamw", **algo.kwargs)
+            keys = algo.states
+        return ClassRunner(algo, params, None, opt, keys, pass_grads=False)
+
+
+def _has(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def cpu_implementations():
+    impls = [FusedFunctional(), FusedClass(), NumpyByHand()]
+    if _has("torch"):
+        impls += [FusedTorch(), TorchOptim("loop"), TorchOptim("foreach"),
+                  TorchOptim("fused")]
+    if _has("deepspeed"):
+        impls.append(DeepSpeedCpu())
+    return impls
+
+
+IMPLEMENTATIONS = {"cpu": cpu_implementations}
