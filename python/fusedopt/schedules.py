@@ -27,7 +27,21 @@ __all__ = ["LRScheduler", "StepLR", "ExponentialLR", "CosineAnnealingLR", "Warmu
            "OneCycleLR", "ReduceLROnPlateau"]
 
 
-class LRScheduler:
+class _LastLR:
+    """What every schedule keeps: the last rates it set, and a state dict of itself."""
+
+    def get_last_lr(self):
+        """The rates set by the last `step` (or the constructor), one per group."""
+        return list(self._last_lr)
+
+    def state_dict(self):
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state_dict):
+        self.__dict__.update(state_dict)
+
+
+class LRScheduler(_LastLR):
     """Base class: subclasses define `lr_at(base_lr, t)` for step t >= 0."""
 
     def __init__(self, optimizer, last_epoch=-1):
@@ -58,16 +72,6 @@ class LRScheduler:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = list(lrs)
-
-    def get_last_lr(self):
-        """The rates set by the last `step` (or the constructor), one per group."""
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state_dict):
-        self.__dict__.update(state_dict)
 
 
 def _check_positive_int(name, value):
@@ -260,7 +264,7 @@ def _per_group(name, value, groups):
     return [value] * len(groups)
 
 
-class ReduceLROnPlateau:
+class ReduceLROnPlateau(_LastLR):
     """Multiply the rates by `factor` when a metric has stopped improving for more than
     `patience` steps (torch's arguments and rules: relative or absolute threshold,
     cooldown, per-group min_lr, and no change smaller than eps)."""
@@ -313,12 +317,3 @@ class ReduceLROnPlateau:
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def get_last_lr(self):
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state_dict):
-        self.__dict__.update(state_dict)
