@@ -29,13 +29,13 @@ class Plan:
     """A validated step, not yet run: the optimizer classes validate every group of a
     step before running any, so that a bad input anywhere writes nothing."""
 
-    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "step", "options",
-                 "_grads")
+    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "grads", "step",
+                 "options")
 
-    def __init__(self, op, kernel, prep, hyper, stream, params, step, options):
+    def __init__(self, op, kernel, prep, hyper, stream, params, grads, step, options):
         self.op, self.kernel, self.prep = op, kernel, prep
-        self.hyper, self.stream, self.params, self.step = hyper, stream, params, step
-        self.options = options
+        self.hyper, self.stream, self.params, self.grads = hyper, stream, params, grads
+        self.step, self.options = step, options
 
     def sumsq(self):
         """Sum of squares of this step's raw gradients, in double."""
@@ -43,15 +43,12 @@ class Plan:
             return 0.0
         if self.prep.device == _arrays.CPU:
             return _precision.sumsq(self.prep.groups)
-        return float(sum(float((g.ravel().astype("float64") ** 2).sum()) for g in self.grads()))
-
-    def grads(self):
-        return self._grads
+        return float(sum(float((g.ravel().astype("float64") ** 2).sum()) for g in self.grads))
 
     def grads_finite(self):
         """Whether every gradient element is finite (the rare check behind an infinite
         sum of squares)."""
-        for g in self._grads:
+        for g in self.grads:
             xp = np if self.prep.device == _arrays.CPU else _cupy()
             if not bool(xp.isfinite(xp.asarray(g)).all()):
                 return False
@@ -98,9 +95,8 @@ def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, s
          precision=None):
     options = _precision.Options(op, precision or {})
     prep = _arrays.prepare(op, params, grads, states, state_names, stream, extra=options.extra)
-    plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params,
+    plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params, grads,
                 float(step), options)
-    plan._grads = grads
     if defer:
         return plan
     return plan.execute()

@@ -115,8 +115,6 @@ class Optimizer:
         that global L2 norm (over all groups); with `skip_nonfinite` a step whose
         gradients hold inf or NaN changes nothing (no state created, no step counted).
         With either check the step returns a StepInfo(skipped, grad_norm)."""
-        self._checks = {"loss_scale": loss_scale, "max_grad_norm": max_grad_norm,
-                        "skip_nonfinite": skip_nonfinite}
         total = sum(len(g["params"]) for g in self.param_groups)
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
@@ -163,7 +161,9 @@ class Optimizer:
                 counted += ss
             offset += n
         # everything validated: check the gradients, create the new state, run, count
-        options = _precision.Options("step", self._checks)
+        options = _precision.Options("step", {"loss_scale": loss_scale,
+                                              "max_grad_norm": max_grad_norm,
+                                              "skip_nonfinite": skip_nonfinite})
         info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
         if options.checks_grads:
             skip, coef, norm = _precision.grad_multiplier(
