@@ -205,8 +205,22 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
     raise AssertionError(f"{op}: inconsistent validation")  # the combined check had a reason
 
 
+def describe_list(op, name, seq, stream=None, params=None):
+    """The description rows of one list of arrays, for a caller that keeps them between
+    steps (`prepare(..., rows=...)`); `keep` objects are returned with them."""
+    keep = []
+    rows = np.zeros((len(seq), NCOLS), dtype=np.int64)
+    if len(seq):
+        rows[:, :DEVICE] = _cpu.describe(seq)
+        other = np.flatnonzero(rows[:, FLAGS] == 0)
+        if other.size:
+            consumer = _foreign.Consumer(params if params is not None else seq, stream)
+            _foreign.describe_into(op, name, seq, other, rows, keep, consumer)
+    return rows, keep
+
+
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None):
+            extra=None, rows=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -217,7 +231,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     required. Gradients that are not C-contiguous are copied once (they are only read);
     everything else is used in place or refused. `stream` is the CUDA stream the
     kernels will run on (None: the current stream of params[0]'s producer); GPU
-    producers order their pending work before it.
+    producers order their pending work before it. `rows`, aligned with the lists
+    (params, grads, states, extra), may hold the description rows of lists that the
+    caller knows unchanged since it described them (`describe_list`); only the other
+    lists are described, and every check still runs on all rows.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -242,9 +259,17 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
 
     # every array of the call described at once: R[k] holds the rows of list k
     L = len(seqs)
-    flat = np.zeros((L * n, NCOLS), dtype=np.int64)
-    flat[:, :DEVICE] = _cpu.describe([x for seq in seqs for x in seq])
-    R = flat.reshape(L, n, NCOLS)
+    R = np.zeros((L, n, NCOLS), dtype=np.int64)
+    fresh = [k for k in range(L) if rows is None or rows[k] is None]
+    if len(fresh) == L:
+        R.reshape(L * n, NCOLS)[:, :DEVICE] = _cpu.describe([x for seq in seqs for x in seq])
+    else:
+        for k in range(L):
+            if k in fresh:
+                R[k][:, :DEVICE] = _cpu.describe(seqs[k])
+            else:
+                R[k] = rows[k]
+    flat = R.reshape(L * n, NCOLS)
     if not flat[:, FLAGS].all():
         consumer = _foreign.Consumer(params, stream)
         for k in np.flatnonzero((R[:, :, FLAGS] == 0).any(axis=1)):

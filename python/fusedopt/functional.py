@@ -93,8 +93,11 @@ def _cupy():
 
 def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, step=1,
          precision=None):
-    options = _precision.Options(op, precision or {})
-    prep = _arrays.prepare(op, params, grads, states, state_names, stream, extra=options.extra)
+    precision = dict(precision or {})
+    rows = precision.pop("_rows", None)  # kept description rows (fusedopt.torch)
+    options = _precision.Options(op, precision)
+    prep = _arrays.prepare(op, params, grads, states, state_names, stream, extra=options.extra,
+                           rows=rows)
     plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params, grads,
                 float(step), options)
     if defer:

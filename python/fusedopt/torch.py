@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
+from . import _arrays
 from . import functional as F
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"]
@@ -70,7 +71,7 @@ class _Cache:
     param has no state yet), and its step counts."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "steps", "counts", "fresh")
+                 "steps", "counts", "fresh", "rows")
 
 
 class _Fused(Optimizer):
@@ -91,7 +92,7 @@ class _Fused(Optimizer):
     def _init_state(self, name, param, group):
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _plan(self, group, params, grads, states, step, first):
+    def _plan(self, group, params, grads, states, step, first, rows=None):
         """The functional op's deferred call for one bucket of a group."""
         raise NotImplementedError
 
@@ -163,8 +164,9 @@ class _Fused(Optimizer):
         if (counts is None or counts.min() == counts.max()) and \
                 (first is None or first.all() or not first.any()):
             step = int(counts[0]) + 1 if counts is not None else 0
+            rows = self._kept_rows(cache, params) if sel is None else None
             plans.append(self._plan(group, params, grads, lists, step,
-                                    first is not None and bool(first[0])))
+                                    first is not None and bool(first[0]), rows))
         else:  # params at different step counts, or new momentum buffers among old ones
             keys = np.zeros(len(params)) if counts is None else counts
             fresh = np.zeros(len(params), dtype=bool) if first is None else first
@@ -177,6 +179,17 @@ class _Fused(Optimizer):
                             [[lst[i] for i in pick] for lst in lists], int(value) + 1,
                             is_first))
         counted.append((cache, sel, params))
+
+    def _kept_rows(self, cache, params):
+        """Description rows of the group's params and state lists, kept between steps:
+        the state tensors are the cache's own, and the params are checked by address
+        each step (one pass instead of five). Gradients are described every step."""
+        ptrs = np.fromiter(map(torch.Tensor.data_ptr, params), np.int64, len(params))
+        if cache.rows is None or not np.array_equal(cache.rows[0][:, 0], ptrs):
+            lists = [params] + [list(lst) for lst in cache.lists]
+            described = [_arrays.describe_list("step", "params", lst)[0] for lst in lists]
+            cache.rows = [described[0], None, *described[1:]]
+        return cache.rows
 
     def _cache(self, group):
         """The group's cache, rebuilt when it no longer matches the group or the state."""
@@ -198,6 +211,7 @@ class _Fused(Optimizer):
         cache.lists = [[None] * n for _ in names]
         cache.has = np.zeros(n, dtype=bool)
         cache.fresh = None
+        cache.rows = None
         cache.steps = cache.counts = None
         if self.has_step:
             dtype = _scalar_dtype()
@@ -242,6 +256,7 @@ class _Fused(Optimizer):
             for lst, name in zip(cache.lists, cache.names):
                 lst[i] = st[name] = self._init_state(name, p, group)
             cache.has[i] = True
+            cache.rows = None
         cache.nstate = len(self.state)
 
 
@@ -305,11 +320,11 @@ class SGD(_Fused):
             cache.fresh[i] = False
         cache.nstate = len(self.state)
 
-    def _plan(self, g, params, grads, states, step, first):
+    def _plan(self, g, params, grads, states, step, first, rows=None):
         return F.sgd_(params, grads, *states, lr=_value(g["lr"]), momentum=g["momentum"],
                       dampening=g["dampening"], weight_decay=_value(g["weight_decay"]),
                       nesterov=g["nesterov"], maximize=g["maximize"], first_step=first,
-                      _defer=True)
+                      _defer=True, _rows=rows)
 
 
 class Adagrad(_Fused):
@@ -346,10 +361,10 @@ class Adagrad(_Fused):
         return torch.full_like(param, group["initial_accumulator_value"],
                                memory_format=torch.preserve_format)
 
-    def _plan(self, g, params, grads, states, step, first):
+    def _plan(self, g, params, grads, states, step, first, rows=None):
         return F.adagrad_(params, grads, *states, step=step, lr=_value(g["lr"]),
                           lr_decay=g["lr_decay"], weight_decay=g["weight_decay"], eps=g["eps"],
-                          maximize=g["maximize"], _defer=True)
+                          maximize=g["maximize"], _defer=True, _rows=rows)
 
 
 class RMSprop(_Fused):
@@ -383,12 +398,12 @@ class RMSprop(_Fused):
             names += ("grad_avg",)
         return names
 
-    def _plan(self, g, params, grads, states, step, first):
+    def _plan(self, g, params, grads, states, step, first, rows=None):
         by_name = dict(zip(self._state_names(g), states))
         return F.rmsprop_(params, grads, by_name["square_avg"], by_name.get("momentum_buffer"),
                           by_name.get("grad_avg"), lr=_value(g["lr"]), alpha=g["alpha"],
                           eps=g["eps"], weight_decay=g["weight_decay"], momentum=g["momentum"],
-                          centered=g["centered"], maximize=g["maximize"], _defer=True)
+                          centered=g["centered"], maximize=g["maximize"], _defer=True, _rows=rows)
 
 
 class Adadelta(_Fused):
@@ -414,10 +429,10 @@ class Adadelta(_Fused):
     def _state_names(self, group):
         return ("square_avg", "acc_delta")
 
-    def _plan(self, g, params, grads, states, step, first):
+    def _plan(self, g, params, grads, states, step, first, rows=None):
         return F.adadelta_(params, grads, *states, lr=_value(g["lr"]), rho=g["rho"],
                            eps=g["eps"], weight_decay=g["weight_decay"], maximize=g["maximize"],
-                           _defer=True)
+                           _defer=True, _rows=rows)
 
 
 class Adam(_Fused):
@@ -449,14 +464,14 @@ class Adam(_Fused):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else \
             ("exp_avg", "exp_avg_sq")
 
-    def _plan(self, g, params, grads, states, step, first):
+    def _plan(self, g, params, grads, states, step, first, rows=None):
         beta1, beta2 = g["betas"]
         return F.adam_(params, grads, *states, step=step, lr=_value(g["lr"]),
                        beta1=_value(beta1), beta2=_value(beta2), eps=g["eps"],
                        weight_decay=g["weight_decay"], amsgrad=g["amsgrad"],
                        maximize=g["maximize"],
                        decoupled_weight_decay=g["decoupled_weight_decay"],
-                       _op="adamw_" if g["decoupled_weight_decay"] else "adam_", _defer=True)
+                       _op="adamw_" if g["decoupled_weight_decay"] else "adam_", _defer=True, _rows=rows)
 
 
 class AdamW(Adam):
