@@ -32,6 +32,18 @@ def time_steps(step, repeats, slow):
     return times
 
 
+def median_time(fn, repeats, warmup=1):
+    """Median seconds of `repeats` calls of `fn`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def collect():
     """Free what the last implementation left, then freeze the survivors (modules, the
     workload) so that the next collection does not walk them again."""

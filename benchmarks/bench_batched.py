@@ -23,9 +23,7 @@ waiting for a second thread on a machine whose cores are busy with other work).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import fusedopt as fo  # noqa: E402
 from fusedopt import batched  # noqa: E402
+from _measure import median_time  # noqa: E402
 
 # Parameter shapes of small models.
 MODELS = {
@@ -83,17 +82,6 @@ def batched_optimizer(algo, stacked, hyper):
     return cls(stacked, **hyper)
 
 
-def median_time(fn, repeats):
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_case(algo, model, k, dtype, repeats, rng):
     shapes = MODELS[model]
     init = [rng.standard_normal(s).astype(dtype) for s in shapes]
@@ -122,8 +110,8 @@ def run_case(algo, model, k, dtype, repeats, rng):
     def step_batched():
         together.step(stacked_grads)
 
-    t_sep = median_time(step_separate, repeats)
-    t_bat = median_time(step_batched, repeats)
+    t_sep = median_time(step_separate, repeats, warmup=10)
+    t_bat = median_time(step_batched, repeats, warmup=10)
     elements = sum(int(np.prod(s)) for s in shapes)
     return dict(algo=algo, model=model, members=k, elements=elements,
                 separate_us=t_sep * 1e6, batched_us=t_bat * 1e6, speedup=t_sep / t_bat)

@@ -16,25 +16,16 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import statistics
-import time
 
 import numpy as np
 
 import fusedopt as fo
 from fusedopt import _arrays, _cpu
+from _measure import median_time
 
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def placements(n, torch):
