@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -144,6 +145,120 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
   return out;
 }
 
+
+// The common case of `_arrays.prepare` in one pass over the objects: every array a
+// NumPy array and every check passing. `lists` holds params, grads, the `nstates`
+// state lists and, with `extra_kind` != 0, the master-weight or Kahan list, all of
+// the same length. Returns the kernels' groups as (param code, state code, pointer
+// table, sizes) in ascending (param, state) order, or None when the call needs the
+// Python layer: a foreign array, a strided gradient to copy, or an error to diagnose.
+py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool read_only,
+                         int bf16_num) {
+  auto& api = py::detail::npy_api::get();
+  constexpr int kF32 = 11, kF64 = 12, kF16 = 23;  // NumPy's type numbers
+  auto code_of = [&](int t) {
+    return t == kF32 ? 0 : t == kF64 ? 1 : t == kF16 ? 2 : t == bf16_num ? 3 : -1;
+  };
+  const py::ssize_t L = py::len(lists);
+  std::vector<py::object> fast;  // the lists as tuples or lists, owned
+  for (py::ssize_t k = 0; k < L; ++k) {
+    PyObject* f = PySequence_Fast(py::object(lists[k]).ptr(), "prepare: not a sequence");
+    if (f == nullptr) throw py::error_already_set();
+    fast.push_back(py::reinterpret_steal<py::object>(f));
+  }
+  const py::ssize_t n = PySequence_Fast_GET_SIZE(fast[0].ptr());
+  for (const auto& f : fast)
+    if (PySequence_Fast_GET_SIZE(f.ptr()) != n) return py::none();
+  const int ext = extra_kind != 0 ? int(L) - 1 : -1;
+  std::vector<std::uint64_t> ptr(static_cast<std::size_t>(L * n));
+  std::vector<std::int64_t> size(static_cast<std::size_t>(n));
+  std::vector<int> key(static_cast<std::size_t>(n));
+  constexpr int kWritten = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
+                           py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  for (py::ssize_t i = 0; i < n; ++i) {
+    py::detail::PyArray_Proxy* a[64];
+    if (L > 64) return py::none();
+    for (py::ssize_t k = 0; k < L; ++k) {
+      PyObject* o = PySequence_Fast_GET_ITEM(fast[std::size_t(k)].ptr(), i);
+      if (!api.PyArray_Check_(o)) return py::none();
+      a[k] = py::detail::array_proxy(o);
+      if (py::detail::array_descriptor_proxy(a[k]->descr)->byteorder == '>') return py::none();
+      const int need = k == 1 || read_only ? py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ : kWritten;
+      if ((a[k]->flags & need) != need) return py::none();
+      if (k > 0) {
+        if (a[k]->nd != a[0]->nd) return py::none();
+        for (int d = 0; d < a[0]->nd; ++d)
+          if (a[k]->dimensions[d] != a[0]->dimensions[d]) return py::none();
+      }
+      ptr[std::size_t(k * n + i)] = std::uint64_t(reinterpret_cast<std::uintptr_t>(a[k]->data));
+    }
+    auto type = [&](py::ssize_t k) { return py::detail::array_descriptor_proxy(a[k]->descr)->type_num; };
+    const int t0 = type(0), code = code_of(t0);
+    if (code < 0 || type(1) != t0) return py::none();
+    int scode = code < 2 ? code : 0;  // no states: float32 for 16-bit params
+    if (nstates > 0) {
+      const int ts = type(2);
+      if (code < 2 ? ts != t0 : (ts != kF32 && ts != bf16_num)) return py::none();
+      for (int k = 3; k < 2 + nstates; ++k)
+        if (type(k) != ts) return py::none();
+      scode = code_of(ts);
+    }
+    if (ext >= 0 && (code < 2 || type(ext) != (extra_kind == 1 ? kF32 : t0))) return py::none();
+    std::int64_t count = 1;
+    for (int d = 0; d < a[0]->nd; ++d) count *= a[0]->dimensions[d];
+    size[std::size_t(i)] = count;
+    key[std::size_t(i)] = code * 4 + scode;
+  }
+  if (!read_only) {
+    // no two written arrays may overlap, nor a gradient a written array
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> w;  // [start, end) of written
+    w.reserve(std::size_t((L - 1) * n));
+    auto bytes = [&](py::ssize_t k, py::ssize_t i) {
+      const int c = key[std::size_t(i)];
+      const int code = k == 1 || k == 0 ? c / 4 : k == ext ? (extra_kind == 1 ? 0 : c / 4) : c % 4;
+      return std::uint64_t(size[std::size_t(i)]) * (code == 1 ? 8u : code == 0 ? 4u : 2u);
+    };
+    for (py::ssize_t k = 0; k < L; ++k) {
+      if (k == 1) continue;
+      for (py::ssize_t i = 0; i < n; ++i) {
+        if (size[std::size_t(i)] == 0) continue;
+        const std::uint64_t s = ptr[std::size_t(k * n + i)];
+        w.emplace_back(s, s + bytes(k, i));
+      }
+    }
+    std::sort(w.begin(), w.end());
+    for (std::size_t j = 1; j < w.size(); ++j)
+      if (w[j].first < w[j - 1].second) return py::none();
+    for (py::ssize_t i = 0; i < n && !w.empty(); ++i) {
+      if (size[std::size_t(i)] == 0) continue;
+      const std::uint64_t s = ptr[std::size_t(n + i)], e = s + bytes(1, i);
+      // the written array with the largest start below the gradient's end
+      auto it = std::lower_bound(w.begin(), w.end(), std::make_pair(e, std::uint64_t(0)));
+      if (it != w.begin() && std::prev(it)->second > s) return py::none();
+    }
+  }
+  std::vector<int> keys(key);
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  py::list groups;
+  for (const int k : keys) {
+    std::vector<py::ssize_t> sel;
+    for (py::ssize_t i = 0; i < n; ++i)
+      if (key[std::size_t(i)] == k) sel.push_back(i);
+    const py::ssize_t m = py::ssize_t(sel.size());
+    py::array_t<std::uint64_t> table(L * m);
+    py::array_t<std::int64_t> sizes(m);
+    std::uint64_t* tp = table.mutable_data();
+    std::int64_t* sp = sizes.mutable_data();
+    for (py::ssize_t j = 0; j < m; ++j) {
+      sp[j] = size[std::size_t(sel[std::size_t(j)])];
+      for (py::ssize_t s = 0; s < L; ++s) tp[s * m + j] = ptr[std::size_t(s * n + sel[std::size_t(j)])];
+    }
+    groups.append(py::make_tuple(k / 4, k % 4, table, sizes));
+  }
+  return std::move(groups);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -163,6 +278,10 @@ PYBIND11_MODULE(_cpu, m) {
         "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
+  m.def("prepare_numpy", &prepare_numpy, py::arg("lists"), py::arg("nstates"),
+        py::arg("extra_kind"), py::arg("read_only"), py::arg("bf16_num"),
+        "Validate NumPy-only step lists and build the pointer tables in one pass; None when\n"
+        "the general path is needed (foreign arrays, strided gradients, any error).");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
   m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {

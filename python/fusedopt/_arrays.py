@@ -43,6 +43,12 @@ def kernel_dtypes():
     return codes
 
 
+def _bf16_num():
+    """NumPy's type number of ml_dtypes.bfloat16, or -1 while ml_dtypes is not imported."""
+    ml = sys.modules.get("ml_dtypes")
+    return np.dtype(ml.bfloat16).num if ml is not None else -1
+
+
 class Prepared:
     """A validated call: one pointer table per storage layout present, ready for a backend."""
 
@@ -256,6 +262,13 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         extra_kind = extra[2]
     if n == 0:
         return Prepared(CPU, [], [], keep)
+    if rows is None:
+        # NumPy arrays that pass every check: described, checked and laid out in C++
+        fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num())
+        if fast is not None:
+            return Prepared(CPU, [(code, ptrs, sizes) for code, _, ptrs, sizes in fast],
+                            [{"state_dtype": s, "extra": extra_kind} for _, s, _, _ in fast],
+                            keep)
 
     # every array of the call described at once: R[k] holds the rows of list k
     L = len(seqs)
@@ -304,13 +317,15 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         _diagnose(op, names, seqs, R, codes, extra_kind, read_only)
     device = int(prow[0, DEVICE])
 
-    # gradients that are not contiguous are read through a contiguous copy
-    for i in np.flatnonzero((flags[1] & F_CONTIG) == 0):
-        i = int(i)
-        copy = _foreign.contiguous_copy(op, f"grads[{i}]", grads[i], device)
-        keep.append(copy)
-        R[1][i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
-            _foreign.describe(op, f"grads[{i}]", copy, consumer)[0][:DEVICE]
+    # arrays only read (the gradients; every list of a reduction) that are not
+    # contiguous are read through a contiguous copy
+    for k in range(L) if read_only else [1]:
+        for i in np.flatnonzero((flags[k] & F_CONTIG) == 0):
+            i = int(i)
+            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device)
+            keep.append(copy)
+            R[k][i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
+                _foreign.describe(op, f"{names[k]}[{i}]", copy, consumer)[0][:DEVICE]
     if not read_only:
         writable = np.ones(L, dtype=bool)
         writable[1] = False
