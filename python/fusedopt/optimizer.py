@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+from operator import itemgetter
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from ._precision import Precision
 
 _required = object()
 _NoneType = type(None)
+_STEP = itemgetter("step")
 
 
 def _is_array(x):
@@ -132,10 +134,10 @@ class Optimizer:
             frozen = group.get("frozen_params")
             if frozen:
                 gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
-            states = [self.state.get(i) for i in range(offset, offset + n)]
+            states = list(map(self.state.get, range(offset, offset + n)))
             # (`None in gslice` would compare arrays elementwise: test the types instead)
             if _NoneType not in set(map(type, gslice)) and None not in states:
-                steps = {s.get("step", 0.0) for s in states}
+                steps = set(map(_STEP, states)) if self.has_step else {0.0}
                 if self.precision.has_extra and len({p.dtype for p in params}) > 1:
                     steps.add(None)  # 16-bit params with master/Kahan buffers and others
                 if len(steps) == 1:  # the common case: one bucket for the whole group
@@ -181,7 +183,7 @@ class Optimizer:
         return info
 
     def _bucket_plan(self, group, params, grads, states, step, fresh):
-        lists = [[s[name] for s in states] for name in self._state_names(group)]
+        lists = [list(map(itemgetter(name), states)) for name in self._state_names(group)]
         precision = self.precision.step_options(self.steps_taken)
         if group.get("l1"):
             precision["l1"] = group["l1"]
