@@ -30,26 +30,26 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 
 std::string g_isa;
 Launch g_launch = nullptr;
-Dot g_dot = nullptr;
+Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   std::string isa = want;
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
   if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
     throw std::invalid_argument("this CPU does not support " + isa);
   namespace c = fo::cpu;
   if (isa == "avx512")
-    g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot,
+    g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
     g_vector_bits = c::isa_avx512::vector_bits;
   else if (isa == "avx2")
-    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_vector_bits = c::isa_avx2::vector_bits;
+    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq, g_vector_bits = c::isa_avx2::vector_bits;
   else if (isa == "base")
-    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_vector_bits = c::isa_base::vector_bits;
+    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq, g_vector_bits = c::isa_base::vector_bits;
   else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
   g_isa = isa;
 }
@@ -86,18 +86,35 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   g_launch(kernel, layout, t, h, nh, mode, nt);
 }
 
-// Sum of a_j . b_j over the tensor pairs of a two-slot table, accumulated in double;
-// the same value for every thread count.
-double dot(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes) {
+// The reductions' checks: a known dtype and a table of `slots` x n pointers.
+Table reduction_table(const char* name, int dtype, int slots, const py::array_t<std::uint64_t, 0>& ptrs,
+                      const py::array_t<std::int64_t, 0>& sizes) {
   const std::int64_t n = sizes.size();
-  if (n == 0) return 0.0;
-  if (ptrs.size() != 2 * n) throw std::invalid_argument("dot: pointer table must be 2 x n");
-  if (dtype < 0 || dtype > int(fo::DType::BFloat16))
-    throw std::invalid_argument("dot: unsupported dtype code " + std::to_string(dtype));
-  Table t{ptrs.data(), sizes.data(), n};
+  if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + ": pointer and size arrays must be contiguous");
+  if (ptrs.size() != slots * n)
+    throw std::invalid_argument(std::string(name) + ": pointer table must be " +
+                                std::to_string(slots) + " x n");
+  if (dtype < 0 || dtype > 3)
+    throw std::invalid_argument(std::string(name) + ": unsupported dtype code " + std::to_string(dtype));
+  return Table{ptrs.data(), sizes.data(), n};
+}
+
+// Sum of a_j . b_j over the tensor pairs of a two-slot table, accumulated in double;
+// the same value for every thread count and instruction set.
+double dot(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes) {
+  const Table t = reduction_table("dot", dtype, 2, ptrs, sizes);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   return g_dot(fo::DType(dtype), t, nt);
+}
+
+// Sum of squares over the tensors of a one-slot table, likewise.
+double sumsq(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes) {
+  const Table t = reduction_table("sumsq", dtype, 1, ptrs, sizes);
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  return g_sumsq(fo::DType(dtype), t, nt);
 }
 
 // FNV-1a over the rank and the extents: equal shapes give equal hashes, so the
@@ -278,6 +295,8 @@ PYBIND11_MODULE(_cpu, m) {
         "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
+  m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
+        "Sum of squares over tensors (pointer table: 1 x n), in double.");
   m.def("prepare_numpy", &prepare_numpy, py::arg("lists"), py::arg("nstates"),
         py::arg("extra_kind"), py::arg("read_only"), py::arg("bf16_num"),
         "Validate NumPy-only step lists and build the pointer tables in one pass; None when\n"

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/layouts.h"
@@ -42,14 +43,28 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
   });
 }
 
-double dot(DType dtype, const Table& t, int max_threads) {
+// `f` called with a null pointer of the storage type of `dtype`.
+template <class F>
+double with_storage(DType dtype, const char* name, F&& f) {
   switch (dtype) {
-    case DType::Float32: return dot<float>(t, max_threads);
-    case DType::Float64: return dot<double>(t, max_threads);
-    case DType::Float16: return dot<f16>(t, max_threads);
-    case DType::BFloat16: return dot<bf16>(t, max_threads);
+    case DType::Float32: return f(static_cast<float*>(nullptr));
+    case DType::Float64: return f(static_cast<double*>(nullptr));
+    case DType::Float16: return f(static_cast<f16*>(nullptr));
+    case DType::BFloat16: return f(static_cast<bf16*>(nullptr));
   }
-  throw std::invalid_argument("dot: unsupported dtype");
+  throw std::invalid_argument(std::string(name) + ": unsupported dtype");
+}
+
+double dot(DType dtype, const Table& t, int max_threads) {
+  return with_storage(dtype, "dot", [&](auto* tag) {
+    return dot<std::remove_pointer_t<decltype(tag)>>(t, max_threads);
+  });
+}
+
+double sumsq(DType dtype, const Table& t, int max_threads) {
+  return with_storage(dtype, "sumsq", [&](auto* tag) {
+    return sumsq<std::remove_pointer_t<decltype(tag)>>(t, max_threads);
+  });
 }
 
 int vector_bits() { return vector_bits<>(); }

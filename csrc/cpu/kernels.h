@@ -20,6 +20,7 @@ struct Layout {
   bool launch(std::string_view kernel, const Layout& layout, const Table& t,             \
               const double* hyper, std::int64_t nhyper, const Mode& mode, int max_threads); \
   double dot(DType dtype, const Table& t, int max_threads);                             \
+  double sumsq(DType dtype, const Table& t, int max_threads);                           \
   int vector_bits();                                                                    \
   }
 FO_DECLARE_LAUNCH(isa_avx512)

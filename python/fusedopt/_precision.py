@@ -173,8 +173,5 @@ def sumsq(groups):
     one fused pass, the same for every thread count."""
     from . import _cpu
 
-    total = 0.0
-    for dtype, ptrs, sizes in groups:
-        n = sizes.size
-        total += _cpu.dot(dtype, np.concatenate([ptrs[n:2 * n], ptrs[n:2 * n]]), sizes)
-    return total
+    return sum(_cpu.sumsq(dtype, ptrs[sizes.size:2 * sizes.size], sizes)
+               for dtype, ptrs, sizes in groups)
