@@ -10,28 +10,28 @@ storage layout (the stream2 probe reads and writes exactly the same buffers):
   element: read p, g (2+2), master, m, v (4+4+4); write p (2), master, m, v (4+4+4));
 - the same with stochastic rounding;
 - bfloat16 params with bfloat16 m, v and no master copy;
-and the cost of the fused gradient checks: a step with loss scaling, the non-finite
-check and global-norm clipping against a plain step (one extra read of the gradients:
-2 bytes per element for bfloat16, so about 7 % of the step's bytes).
+and the cost of the fused gradient checks, for bfloat16 and float16 params: a step with
+loss scaling, the non-finite check and global-norm clipping against a plain step on the
+same buffers (one extra read of the gradients: 2 bytes per element, about 7 % of the
+step's bytes). Each row's step and its limit are timed in alternation.
 Needs ml_dtypes. Medians of repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import numpy as np
 
 import fusedopt as fo
 from fusedopt import _arrays, _cpu
-from _measure import median_time
 
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-
-
-def case(name, n, pdt, sdt, master, repeats, **options):
+def setup(n, pdt, sdt, master):
     rng = np.random.default_rng(0)
     p = rng.standard_normal(n, dtype=np.float32)
     params, grads = [p.astype(pdt)], [rng.standard_normal(n, dtype=np.float32).astype(pdt)]
@@ -41,21 +41,55 @@ def case(name, n, pdt, sdt, master, repeats, **options):
                            extra=(extra["master_params"], "master_params", 1) if master else None)
     (dtype, ptrs, sizes), = prep.groups
     layout = prep.layouts[0]
-    limit = median_time(lambda: _cpu.step("stream2", dtype, ptrs, sizes, np.array([0.0]),
-                                          **layout), repeats)
+
+    def limit():
+        _cpu.step("stream2", dtype, ptrs, sizes, np.array([0.0]), **layout)
+
     count = [0]
 
-    def step():
+    def step(**options):
         count[0] += 1
         fo.functional.adam_(params, grads, m, v, step=count[0], **ADAM, **extra, **options)
 
-    t = median_time(step, repeats)
     nbytes = sum(a.nbytes for a in (params[0], grads[0], m[0], v[0])) + \
         sum(a.nbytes for a in (params[0], m[0], v[0]))
     if master:
         nbytes += 2 * extra["master_params"][0].nbytes
+    return limit, step, nbytes
+
+
+def interleaved(fns, repeats):
+    """Median seconds of each function, called in turn `repeats` times after one warm-up
+    round: slow drifts of the machine's bandwidth reach all of them alike."""
+    times = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            if r:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def line(name, n, nbytes, limit, t):
     print(f"{name:<44} {nbytes / n:5.0f} {limit * 1e3:9.2f} {t * 1e3:9.2f} {limit / t:8.0%}")
-    return t
+
+
+def case(name, n, pdt, sdt, master, repeats, **options):
+    limit, step, nbytes = setup(n, pdt, sdt, master)
+    lt, t = interleaved([limit, lambda: step(**options)], repeats)
+    line(name, n, nbytes, lt, t)
+
+
+def checks(name, n, pdt, repeats):
+    """A plain step and one with the fused gradient checks, on the same buffers."""
+    limit, step, nbytes = setup(n, pdt, np.float32, True)
+    lt, plain, checked = interleaved(
+        [limit, step, lambda: step(loss_scale=1024.0, skip_nonfinite=True, max_grad_norm=1.0)],
+        repeats)
+    line(name, n, nbytes, lt, plain)
+    line("  + loss scale, inf/NaN check, clipping", n, nbytes, lt, checked)
+    return checked / plain - 1
 
 
 def main(argv=None):
@@ -74,14 +108,13 @@ def main(argv=None):
           "ms per step (median)")
     print(f"{'layout':<44} {'B/el':>5} {'limit':>9} {'fusedopt':>9} {'% limit':>8}")
     case("float32 params, float32 state", n, np.float32, np.float32, False, args.repeats)
-    plain = case("bf16 params, fp32 master, fp32 m/v", n, bf16, np.float32, True, args.repeats)
+    cost = checks("bf16 params, fp32 master, fp32 m/v", n, bf16, args.repeats)
     case("  + stochastic rounding", n, bf16, np.float32, True, args.repeats,
          stochastic_rounding=True, seed=1)
-    checked = case("  + loss scale, inf/NaN check, clipping", n, bf16, np.float32, True,
-                   args.repeats, loss_scale=1024.0, skip_nonfinite=True, max_grad_norm=1.0)
     case("bf16 params, bf16 m/v, no master", n, bf16, bf16, False, args.repeats)
-    print(f"cost of the fused gradient checks: {checked / plain - 1:+.0%} of the step "
-          f"(one extra read of the bf16 gradients is {2 / 30:.0%} of its bytes)")
+    cost16 = checks("fp16 params, fp32 master, fp32 m/v", n, np.float16, args.repeats)
+    print(f"cost of the fused gradient checks: bf16 {cost:+.0%}, fp16 {cost16:+.0%} of the "
+          f"step (one extra read of the 16-bit gradients is {2 / 30:.0%} of its bytes)")
 
 
 if __name__ == "__main__":

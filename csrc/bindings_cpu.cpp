@@ -35,8 +35,9 @@ int (*g_vector_bits)() = nullptr;
 
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
   std::string isa = want;
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";

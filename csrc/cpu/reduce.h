@@ -5,10 +5,10 @@
 // computes a block, never how a sum is associated.
 #pragma once
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "../core/precision.h"
@@ -36,9 +36,10 @@ double block_sum(std::int64_t lo, std::int64_t hi, const Term& term) {
   return s;
 }
 
-// Sum over the blocks of all tensors of `term(j)(i)`, the term of element i of tensor j.
-template <class TermOf>
-double reduce(const Table& t, int max_threads, const TermOf& term_of) {
+// Sum over the blocks of all tensors; `block_of(j)(lo, hi)` sums elements [lo, hi) of
+// tensor j.
+template <class BlockOf>
+double reduce(const Table& t, int max_threads, const BlockOf& block_of) {
   // block k covers elements [lo, lo + kBlock) of tensor owner[k]
   std::vector<std::int64_t> owner, start;
   std::int64_t total = 0;
@@ -57,7 +58,7 @@ double reduce(const Table& t, int max_threads, const TermOf& term_of) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (std::int64_t k = 0; k < nblocks; ++k) {
     const std::int64_t j = owner[std::size_t(k)], lo = start[std::size_t(k)];
-    partial[std::size_t(k)] = block_sum(lo, std::min(lo + kBlock, t.sizes[j]), term_of(j));
+    partial[std::size_t(k)] = block_of(j)(lo, std::min(lo + kBlock, t.sizes[j]));
   }
   double sum = 0.0;
   for (double s : partial) sum += s;
@@ -71,26 +72,85 @@ double dot(const Table& t, int max_threads) {
   return reduce(t, max_threads, [&](std::int64_t j) {
     const T* a = reinterpret_cast<const T*>(t.ptrs[j]);
     const T* b = reinterpret_cast<const T*>(t.ptrs[t.n + j]);
-    return [a, b](std::int64_t i) { return load<double>(a[i]) * load<double>(b[i]); };
+    return [a, b](std::int64_t lo, std::int64_t hi) {
+      return block_sum(lo, hi, [a, b](std::int64_t i) { return load<double>(a[i]) * load<double>(b[i]); });
+    };
   });
 }
 
-// Sum of squares over all tensors of a one-slot table, in double. The square of a
-// float32, float16 or bfloat16 value is exact in double, and that of a float16 value
-// already in float (11 significant bits, at most 2^32); only the sum rounds.
+// Sum of squares of a[lo, hi) for 16-bit storage. The square of a float16 or bfloat16
+// value is exact in float (at most 16 and 22 significant bits), so each lane first
+// sums runs of kRun squares in float, at twice the vector width of double, and adds
+// that partial sum to its double accumulator; the rest of the block, under one run
+// of all lanes, goes through double. A bfloat16 square can overflow float (|x| >=
+// 2^64): a block whose float sum is infinite is summed again in double. (Squares
+// below 2^-126, of values under 2^-63, lose bits; they cannot move a norm that any
+// check compares with.)
+// kLanes 16-bit values as floats (exact conversions). float16 goes through the
+// conversion instruction where the build has it; the integer path of to_float is
+// several times slower and would bound the reduction below memory speed.
+inline void load_lanes(const bf16* src, float* dst) {
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) dst[l] = to_float(src[l]);
+}
+
+inline void load_lanes(const f16* src, float* dst) {
+#if defined(__AVX512F__)
+  for (int l = 0; l < kLanes; l += 16)
+    _mm512_storeu_ps(dst + l, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + l))));
+#elif defined(__F16C__)
+  for (int l = 0; l < kLanes; l += 8)
+    _mm256_storeu_ps(dst + l, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + l))));
+#else
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) dst[l] = to_float(src[l]);
+#endif
+}
+
+template <class T>
+double sumsq16_block(const T* a, std::int64_t lo, std::int64_t hi) {
+  constexpr int kRun = 16;
+  double acc[kLanes] = {};
+  std::int64_t i = lo;
+  for (; i + kLanes * kRun <= hi; i += kLanes * kRun) {
+    float part[kLanes] = {};
+    for (int r = 0; r < kRun; ++r) {
+      float x[kLanes];
+      load_lanes(a + i + r * kLanes, x);
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) part[l] += x[l] * x[l];
+    }
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += double(part[l]);
+  }
+  const double rest = block_sum(i, hi, [a](std::int64_t k) {
+    const double x = load<double>(a[k]);
+    return x * x;
+  });
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s + rest;
+}
+
+// Sum of squares over all tensors of a one-slot table, in double.
 template <class T>
 double sumsq(const Table& t, int max_threads) {
   return reduce(t, max_threads, [&](std::int64_t j) {
     const T* a = reinterpret_cast<const T*>(t.ptrs[j]);
-    return [a](std::int64_t i) {
-      if constexpr (std::is_same_v<T, f16>) {
-        const float x = load<float>(a[i]);
-        return double(x * x);
-      } else {
-        const double x = load<double>(a[i]);
-        return x * x;
-      }
+    const auto square = [a](std::int64_t i) {
+      const double x = load<double>(a[i]);
+      return x * x;
     };
+    if constexpr (sizeof(T) == 2) {
+      return [a, square](std::int64_t lo, std::int64_t hi) {
+        const double s = sumsq16_block(a, lo, hi);
+        return s == s && s - s != s - s ? block_sum(lo, hi, square) : s;  // inf: again
+      };
+    } else {
+      return [square](std::int64_t lo, std::int64_t hi) { return block_sum(lo, hi, square); };
+    }
   });
 }
 
