@@ -1,9 +1,21 @@
 """Measuring one (workload, algorithm) group of the step benchmark: the limit, the
-check against the reference, and the timing of every implementation."""
+check against the reference, and the timing of every implementation.
+
+The limit and the implementations are timed interleaved, in rounds that call each of
+them twice, the second call timed, in an order shuffled every round (the untimed call
+lets the OpenMP threads of the previous implementation, which spin a while after their
+work, go idle, and wakes this implementation's own). The memory bandwidth of a shared machine
+drifts by tens of percent over seconds: timed one after another, the rows would see
+different conditions and their ratios would carry the drift; interleaved, every row
+samples the same conditions. Where the runners of all implementations do not fit in
+memory together (the largest workloads in float64), they are timed in batches, each
+interleaved with the limit.
+"""
 
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 
@@ -11,25 +23,41 @@ import numpy as np
 
 from fusedopt import _arrays, _cpu
 
-BUDGET_S = 0.25  # timing budget of one measurement when --repeats is not given
+BUDGET_S = 0.25  # timing budget per row of a group when --repeats is not given
 MAX_REPEATS = 20
+SLOW_S = 0.1  # a step whose first timed call takes longer is timed the fewest times
 
 
-def time_steps(step, repeats, slow):
-    """Seconds of each timed call: `repeats` of them, or as many as fit the budget."""
+def time_rounds(steps, repeats):
+    """Seconds of each timed call of each step, in rounds: `repeats` calls of every step,
+    or else at least 3 of a slow one and 5 of the others, which go on, to at most
+    MAX_REPEATS, until the rounds have taken BUDGET_S per step."""
+    times = [[] for _ in steps]
+    order = random.Random(0)
+    budget, start = BUDGET_S * len(steps), time.perf_counter()
+    while True:
+        spent = time.perf_counter() - start >= budget
+        todo = [i for i, t in enumerate(times) if len(t) < calls_wanted(t, repeats, spent)]
+        if not todo:
+            return times
+        order.shuffle(todo)  # so that no step always follows the same one
+        for i in todo:
+            if not (times[i] and times[i][0] > SLOW_S):
+                # an untimed call first: the thread pool of the step before may still be
+                # spinning on the cores, and this step's own may have gone to sleep
+                steps[i]()
+            t0 = time.perf_counter()
+            steps[i]()
+            times[i].append(time.perf_counter() - t0)
+
+
+def calls_wanted(times, repeats, spent):
+    """How many calls of a step to time, given the seconds of those timed so far."""
     if repeats:
-        lo, hi = repeats, repeats
-    else:
-        lo, hi = (3 if slow else 5), MAX_REPEATS
-    times, start = [], time.perf_counter()
-    while len(times) < hi:
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if len(times) >= lo and t1 - start >= BUDGET_S:
-            break
-    return times
+        return repeats
+    if times and times[0] > SLOW_S:
+        return 3
+    return 5 if spent else MAX_REPEATS
 
 
 def median_time(fn, repeats, warmup=1):
@@ -45,8 +73,8 @@ def median_time(fn, repeats, warmup=1):
 
 
 def collect():
-    """Free what the last implementation left, then freeze the survivors (modules, the
-    workload) so that the next collection does not walk them again."""
+    """Free what is garbage, then freeze the survivors (modules, the workload, the runners
+    about to be timed) so that later collections do not walk them again."""
     gc.collect()
     gc.freeze()
 
@@ -84,9 +112,9 @@ def check(label, algo, work, runner, want, init):
                     f"(tolerance {tol[k]:.3g}); {bad.size} of {idx.size} sampled elements differ")
 
 
-def measure_limit(work, nstates, repeats):
-    """Timed calls of the in-place streaming kernel with `nstates` state buffers, on arrays
-    of its own."""
+def limit_step(work, nstates):
+    """The limit's step, warmed up: the in-place streaming kernel with `nstates` state
+    buffers, on arrays of its own."""
     params = [p.copy() for p in work.params]
     grads = [g.copy() for g in work.grads]
     states = [[np.zeros_like(p) for p in params] for _ in range(nstates)]
@@ -98,9 +126,39 @@ def measure_limit(work, nstates, repeats):
         for dtype, ptrs, sizes in prep.groups:
             _cpu.step(kernel, dtype, ptrs, sizes, hyper)
 
+    step.arrays = params, grads, states  # prep holds bare pointers into them
     step()
     step()
-    return time_steps(step, repeats, slow=False)
+    return step
+
+
+def checked_step(impl, algo, work, want, init):
+    """The step of a runner of `impl`, checked after its first call."""
+    runner = impl.build(algo, work)
+    runner.step()  # creates the state where the implementation does so lazily
+    check(impl.label(algo), algo, work, runner, want, init)
+    return runner.step
+
+
+def batches(impls, work, algo):
+    """The implementations in groups whose runners (params, grads and states of each) fit
+    together in three quarters of the available memory: one group but on the largest
+    workloads."""
+    per_runner = work.numel * work.dtype.itemsize * (2 + algo.nstates)
+    size = max(1, int(min(len(impls), 0.75 * available_memory() / per_runner)))
+    return [impls[i:i + size] for i in range(0, len(impls), size)] or [[]]
+
+
+def available_memory():
+    """Bytes of memory available (MemAvailable), or infinity where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 def run_group(work, algo, impls, args):
@@ -114,27 +172,20 @@ def run_group(work, algo, impls, args):
                     times_ms=[t * 1e3 for t in times],
                     bytes=nbytes, elements=work.numel, tensors=work.ntensors)
 
-    # The limit is measured before and after the implementations, and the faster of the
-    # two counts: a burst of other work on the machine then lowers it less often.
-    limit_times = measure_limit(work, algo.nstates, args.repeats)
-    rows = []
+    impls = [i for i in impls if i.supports(algo, work.dtype)]
     want, init = expected(algo, work)
-    for impl in impls:
-        if not impl.supports(algo, work.dtype):
-            continue
-        label = impl.label(algo)
-        runner = impl.build(algo, work)
-        t0 = time.perf_counter()
-        runner.step()  # creates the state where the implementation does so lazily
-        first = time.perf_counter() - t0
-        check(label, algo, work, runner, want, init)
-        times = time_steps(runner.step, args.repeats, slow=first > 0.1)
-        rows.append(row(impl.key, label, "fusedopt" if impl.fusedopt else "competitor",
-                        statistics.median(times), times))
-        del runner
+    stream = limit_step(work, algo.nstates)
+    limit_times, rows = [], []
+    for batch in batches(impls, work, algo):
+        steps = [stream] + [checked_step(i, algo, work, want, init) for i in batch]
         collect()
-    limit_times = min(limit_times, measure_limit(work, algo.nstates, args.repeats),
-                      key=statistics.median)
+        times = time_rounds(steps, args.repeats)
+        del steps
+        gc.unfreeze()  # collect() froze the runners: let it free any cycle among them
+        collect()
+        limit_times += times[0]
+        rows += [row(i.key, i.label(algo), "fusedopt" if i.fusedopt else "competitor",
+                     statistics.median(t), t) for i, t in zip(batch, times[1:])]
     rows.insert(0, row("limit", f"limit (stream{algo.nstates})", "limit",
                        statistics.median(limit_times), limit_times))
     limit = rows[0]["ms"]

@@ -16,6 +16,10 @@ For every algorithm and workload it measures, in the same run:
   own, first checked against the float64 reference on one step (which also warms
   it up), then timed.
 
+The limit and the implementations are timed interleaved, in rounds that call each of
+them (an untimed call, then a timed one) in a shuffled order, so that every row sees
+the same drift of the machine's memory bandwidth.
+
 It prints the median time per step, the time per tensor, the bandwidth of the ideal
 byte count, the percentage of the limit, and for fusedopt the ratio against the best
 competitor (its time divided by fusedopt's: above 1, fusedopt is faster).
@@ -56,8 +60,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0,
                     help="threads of fusedopt, torch and OpenMP (default: all cores)")
     ap.add_argument("--repeats", type=int, default=0,
-                    help="timed steps per measurement (default: as many as fit in about a "
-                         "quarter of a second, 3 to 20)")
+                    help="timed steps of each row (default: as many rounds as fit in about "
+                         "a quarter of a second per row, 3 to 20 steps)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random data")
     ap.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     ap.add_argument("--json", metavar="PATH", help="write results and machine details as JSON")
