@@ -98,6 +98,7 @@ def _run(op, kernel, params, grads, states, state_names, hyper, stream, defer, s
     options = _precision.Options(op, precision)
     prep = _arrays.prepare(op, params, grads, states, state_names, stream, extra=options.extra,
                            rows=rows)
+    prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
     plan = Plan(op, kernel, prep, np.asarray(hyper, dtype=np.float64), stream, params, grads,
                 float(step), options)
     if defer:
