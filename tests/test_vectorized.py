@@ -1,8 +1,8 @@
 """The CPU kernels' inner loops must vectorize: a loop GCC leaves scalar runs several
 times slower than memory allows, and no result would show it. This compiles the
 kernels once for AVX2 with GCC's vectorization report and checks that every
-instantiation of the driver's loop was vectorized. The one known exception is float16
-with stochastic rounding, whose neighbour search stays scalar."""
+instantiation of the driver's loop was vectorized (float16 with stochastic rounding
+included, whose neighbour search once stayed scalar and ran 16 times slower)."""
 
 import pathlib
 import re
@@ -27,7 +27,7 @@ def _loop_line():
                     reason="needs g++ and the source tree")
 def test_every_driver_loop_vectorizes(tmp_path):
     cmd = ["g++", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno",
-           "-fno-trapping-math", "-fopenmp", "-mavx2", "-mfma", "-DFO_ISA_NS=isa_check", "-c",
+           "-fno-trapping-math", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DFO_ISA_NS=isa_check", "-c",
            str(KERNELS), "-o", str(tmp_path / "k.o"), "-fopt-info-vec-all"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -36,6 +36,4 @@ def test_every_driver_loop_vectorizes(tmp_path):
     vectorized = [m for m in at_loop if "loop vectorized using 32 byte vectors" in m]
     failed = [m for m in at_loop if "missed: couldn't vectorize loop" in m]
     assert len(vectorized) > 300, f"only {len(vectorized)} vectorized loop versions"
-    # float16 with stochastic rounding: its 14 rules (10 optimizers, 4 bandwidth
-    # probes) x 2 state dtypes x 3 extra buffers may stay scalar, nothing else
-    assert len(failed) <= 14 * 2 * 3, "\n".join(failed[:5])
+    assert not failed, f"{len(failed)} scalar loop versions:\n" + "\n".join(failed[:5])

@@ -8,6 +8,7 @@
 // a given seed and step give the same result on every thread count and device.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -64,16 +65,19 @@ FO_HD std::uint16_t bf16_stochastic(float f, std::uint32_t rnd) {
 
 // --- float16 (IEEE binary16) ----------------------------------------------------------
 
-FO_HD float to_float(f16 h) {
-  const std::uint32_t sign = std::uint32_t(h.bits & 0x8000u) << 16;
-  const std::uint32_t exp = (h.bits >> 10) & 0x1fu;
-  const std::uint32_t man = h.bits & 0x3ffu;
+// The float value of the float16 bit pattern in the low 16 bits of h.
+FO_HD float f16_bits_float(std::uint32_t h) {
+  const std::uint32_t sign = (h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1fu;
+  const std::uint32_t man = h & 0x3ffu;
   const std::uint32_t normal = ((exp + 112u) << 23) | (man << 13);
   const std::uint32_t special = 0x7f800000u | (man << 13);      // inf, NaN
   const float sub = float(int(man)) * 5.9604644775390625e-08f;  // man * 2^-24, exact
   const std::uint32_t mag = exp == 0 ? float_bits(sub) : exp == 31 ? special : normal;
   return bits_float(sign | mag);
 }
+
+FO_HD float to_float(f16 h) { return f16_bits_float(h.bits); }
 
 FO_HD std::uint16_t f16_nearest(float f) {
   const std::uint32_t x = float_bits(f);
@@ -93,16 +97,17 @@ FO_HD std::uint16_t f16_nearest(float f) {
 // Stochastic: round to nearest, then move to the other neighbour of f with
 // probability |f - nearest| / |other - nearest|, which makes the rounding unbiased.
 FO_HD std::uint16_t f16_stochastic(float f, std::uint32_t rnd) {
-  const std::uint16_t r = f16_nearest(f);
-  const float fr = to_float(f16{r});
+  const std::uint32_t r = f16_nearest(f);
+  const float fr = f16_bits_float(r);
   const float err = f - fr;
-  const bool away = (err > 0.0f) == (fr > 0.0f || (fr == 0.0f && f > 0.0f));  // |f| > |fr|
-  const std::uint16_t other = std::uint16_t(away ? r + 1u : r - 1u);
-  const float gap = to_float(f16{other}) - fr;
-  const float prob = err / gap;                      // in [0, 1/2]; NaN when f is not finite
+  // the other neighbour is one step further from zero when |f| > |fr|, else nearer
+  const std::uint32_t other = ((fabsf(f) > fabsf(fr)) ? r + 1u : r - 1u) & 0xffffu;
+  const float gap = f16_bits_float(other) - fr;
+  const float prob = err / gap;                      // in [0, 1/2]
   const float u = float(rnd >> 8) * 5.9604645e-08f;  // 24 random bits -> [0, 1)
-  const bool finite = (r & 0x7c00u) != 0x7c00u;
-  return (finite && err != 0.0f && u < prob) ? other : r;
+  // u < prob is false where f is exact (prob 0) and where f is not finite or rounds to
+  // infinity (prob NaN): r stays
+  return std::uint16_t(u < prob ? other : r);
 }
 
 // --- random bits: a counter-based hash (splitmix64's finalizer) ------------------------
