@@ -1,15 +1,14 @@
 """Measuring one (workload, algorithm) group of the step benchmark: the limit, the
 check against the reference, and the timing of every implementation.
 
-The limit and the implementations are timed interleaved, in rounds that call each of
-them twice, the second call timed, in an order shuffled every round (the untimed call
-lets the OpenMP threads of the previous implementation, which spin a while after their
-work, go idle, and wakes this implementation's own). The memory bandwidth of a shared machine
-drifts by tens of percent over seconds: timed one after another, the rows would see
-different conditions and their ratios would carry the drift; interleaved, every row
-samples the same conditions. Where the runners of all implementations do not fit in
-memory together (the largest workloads in float64), they are timed in batches, each
-interleaved with the limit.
+The memory bandwidth of a shared machine drifts by tens of percent over seconds:
+timed one after another, the rows would see different conditions and their ratios
+would carry the drift. So the limit and the implementations are timed interleaved,
+in rounds that call each of them twice, the second call timed, in an order shuffled
+every round; the untimed call lets the OpenMP threads of the previous implementation,
+which spin a while after their work, go idle, and wakes this implementation's own.
+Where the runners of all implementations would take more than a quarter of the free
+memory (GPT-2's parameter list), they are timed in batches, each with the limit.
 """
 
 from __future__ import annotations
@@ -23,41 +22,66 @@ import numpy as np
 
 from fusedopt import _arrays, _cpu
 
-BUDGET_S = 0.25  # timing budget per row of a group when --repeats is not given
-MAX_REPEATS = 20
+BUDGET_S = 0.15  # timing budget per row of a group when --repeats is not given
+MAX_REPEATS = 15
 SLOW_S = 0.1  # a step whose first timed call takes longer is timed the fewest times
 
 
 def time_rounds(steps, repeats):
-    """Seconds of each timed call of each step, in rounds: `repeats` calls of every step,
-    or else at least 3 of a slow one and 5 of the others, which go on, to at most
-    MAX_REPEATS, until the rounds have taken BUDGET_S per step."""
+    """Seconds of each step's timed call in each round, None where a step sat a round
+    out: `repeats` calls of every step, or else 3 of a slow step and at least 5 of the
+    others, which go on, to at most MAX_REPEATS, until their calls have taken BUDGET_S
+    per step (the slow steps' calls do not count against that budget)."""
     times = [[] for _ in steps]
     order = random.Random(0)
-    budget, start = BUDGET_S * len(steps), time.perf_counter()
+    budget, spent = BUDGET_S * len(steps), 0.0
     while True:
-        spent = time.perf_counter() - start >= budget
-        todo = [i for i, t in enumerate(times) if len(t) < calls_wanted(t, repeats, spent)]
+        todo = [i for i, t in enumerate(times) if timed(t) < calls_wanted(t, repeats, spent >= budget)]
         if not todo:
             return times
+        for t in times:
+            t.append(None)
         order.shuffle(todo)  # so that no step always follows the same one
         for i in todo:
-            if not (times[i] and times[i][0] > SLOW_S):
+            slow = is_slow(times[i])
+            t0 = time.perf_counter()
+            if not slow:
                 # an untimed call first: the thread pool of the step before may still be
                 # spinning on the cores, and this step's own may have gone to sleep
                 steps[i]()
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             steps[i]()
-            times[i].append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            times[i][-1] = t2 - t1
+            spent += 0.0 if slow else t2 - t0
+
+
+def timed(times):
+    return sum(t is not None for t in times)
+
+
+def is_slow(times):
+    first = next((t for t in times if t is not None), None)
+    return first is not None and first > SLOW_S
 
 
 def calls_wanted(times, repeats, spent):
     """How many calls of a step to time, given the seconds of those timed so far."""
     if repeats:
         return repeats
-    if times and times[0] > SLOW_S:
+    if is_slow(times):
         return 3
     return 5 if spent else MAX_REPEATS
+
+
+def paired_ratio(num, den):
+    """The median over rounds of num's time / den's time, from the rounds where both
+    were timed (the same conditions for both); the ratio of medians where none was."""
+    pairs = [a / b for a, b in zip(num, den) if a is not None and b is not None]
+    if pairs:
+        return statistics.median(pairs)
+    return statistics.median(t for t in num if t is not None) / \
+        statistics.median(t for t in den if t is not None)
 
 
 def median_time(fn, repeats, warmup=1):
@@ -142,10 +166,11 @@ def checked_step(impl, algo, work, want, init):
 
 def batches(impls, work, algo):
     """The implementations in groups whose runners (params, grads and states of each) fit
-    together in three quarters of the available memory: one group but on the largest
-    workloads."""
+    together in a quarter of the available memory: one group but on the largest
+    workloads (GPT-2's 124M elements: about 2 GB per runner), where holding every runner
+    at once also made the run slower (GPT-2 Adam: 50 s against 30 s in batches)."""
     per_runner = work.numel * work.dtype.itemsize * (2 + algo.nstates)
-    size = max(1, int(min(len(impls), 0.75 * available_memory() / per_runner)))
+    size = max(1, int(min(len(impls), 0.25 * available_memory() / per_runner)))
     return [impls[i:i + size] for i in range(0, len(impls), size)] or [[]]
 
 
@@ -175,7 +200,7 @@ def run_group(work, algo, impls, args):
     impls = [i for i in impls if i.supports(algo, work.dtype)]
     want, init = expected(algo, work)
     stream = limit_step(work, algo.nstates)
-    limit_times, rows = [], []
+    limit_times, rows, rounds = [], [], {}
     for batch in batches(impls, work, algo):
         steps = [stream] + [checked_step(i, algo, work, want, init) for i in batch]
         collect()
@@ -183,16 +208,25 @@ def run_group(work, algo, impls, args):
         del steps
         gc.unfreeze()  # collect() froze the runners: let it free any cycle among them
         collect()
-        limit_times += times[0]
-        rows += [row(i.key, i.label(algo), "fusedopt" if i.fusedopt else "competitor",
-                     statistics.median(t), t) for i, t in zip(batch, times[1:])]
+        limit_times += [t for t in times[0] if t is not None]
+        for impl, t in zip(batch, times[1:]):
+            rows.append(row(impl.key, impl.label(algo),
+                            "fusedopt" if impl.fusedopt else "competitor",
+                            statistics.median(x for x in t if x is not None),
+                            [x for x in t if x is not None]))
+            rounds[id(rows[-1])] = (t, times[0])  # its rounds and the limit's, paired
     rows.insert(0, row("limit", f"limit (stream{algo.nstates})", "limit",
                        statistics.median(limit_times), limit_times))
-    limit = rows[0]["ms"]
     competitors = [r for r in rows if r["kind"] == "competitor"]
     best = min(competitors, key=lambda r: r["ms"]) if competitors else None
     for r in rows:
-        r["pct_limit"] = 100.0 * limit / r["ms"]
+        # ratios from rounds timed together, which the machine's drift cancels out of
+        mine, limit = rounds.get(id(r), (None, None))
+        r["pct_limit"] = 100.0 if mine is None else 100.0 * paired_ratio(limit, mine)
         r["best_competitor"] = r is best
-        r["vs_best"] = best["ms"] / r["ms"] if best and r["kind"] == "fusedopt" else None
+        r["vs_best"] = None
+        if best and r["kind"] == "fusedopt":
+            theirs, their_limit = rounds[id(best)]
+            same_batch = their_limit is limit
+            r["vs_best"] = paired_ratio(theirs, mine) if same_batch else best["ms"] / r["ms"]
     return rows

@@ -61,7 +61,7 @@ def parse_args(argv):
                     help="threads of fusedopt, torch and OpenMP (default: all cores)")
     ap.add_argument("--repeats", type=int, default=0,
                     help="timed steps of each row (default: as many rounds as fit in about "
-                         "a quarter of a second per row, 3 to 20 steps)")
+                         "0.15 s per row, 3 to 15 steps)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random data")
     ap.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     ap.add_argument("--json", metavar="PATH", help="write results and machine details as JSON")
