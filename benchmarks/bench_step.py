@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Optimizer step benchmark: fusedopt against NumPy and PyTorch, and against the limit.
 
-    python benchmarks/bench_step.py                      # default sizes, about a minute
+    python benchmarks/bench_step.py                      # default sizes, 1.5 minutes
     python benchmarks/bench_step.py --algos adam,adamw --workloads all --json out.json
 
 For every algorithm and workload it measures, in the same run:
