@@ -125,3 +125,32 @@ def test_each_instruction_set_runs_its_own_kernels():
         assert _cpu.vector_bits() == bits, isa
         ran += 1
     assert ran >= 1
+
+
+def _moved(arrays, shift):
+    """Copies of `arrays` that start `shift` elements (times a per-array step) into a
+    buffer, so that their addresses fall anywhere within a cache line."""
+    out = []
+    for k, a in enumerate(arrays):
+        off = (shift * (k + 1)) % 17
+        buf = np.empty(a.size + off, a.dtype)
+        view = buf[off:].reshape(a.shape)
+        view[...] = a
+        out.append(view)
+    return out
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3, 8])
+@DTYPES
+@ALL_CASES
+def test_addresses_do_not_change_results(c, dtype, shift):
+    """The driver runs the elements before a cache-line boundary as a piece of their
+    own; where that boundary falls must not change a bit."""
+    fusedopt.set_num_threads(2)
+    params, states, grads = _setup(c, dtype, MANY_SHAPES, 9)
+    moved = (_moved(params, shift), {n: _moved(b, shift + 1) for n, b in states.items()},
+             [_moved(g, shift + 2) for g in grads])
+    want = _run(c, [p.copy() for p in params], {n: [x.copy() for x in b] for n, b in states.items()},
+                grads)
+    got = _run(c, *moved)
+    _assert_same(c, want, got, f"arrays moved by {shift}")

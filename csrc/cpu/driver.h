@@ -43,6 +43,7 @@ int vector_bits() {
 
 constexpr std::int64_t kAlign = 64;          // elements: a whole number of cache lines
 constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost more than they save
+constexpr std::uint64_t kLine = 64;               // bytes of a cache line
 
 template <class Rule, class M, Extra X, class P, class S, bool SR, std::size_t... K>
 void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
@@ -110,13 +111,26 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
         slot[nslots] = 0;
         const auto& hj = h[per_tensor ? j : 0];
         const std::uint64_t key = tensor_key(mode.key, j);
-        // stochastic rounding is a separate loop, not a branch inside one
-        if (is_16bit<P>() && mode.stochastic != 0.0)
-          update_range_impl<Rule, M, X, P, S, is_16bit<P>()>(hj, mode, key, slot, a, b,
-                                                             std::make_index_sequence<NS>{});
-        else
-          update_range_impl<Rule, M, X, P, S, false>(hj, mode, key, slot, a, b,
-                                                     std::make_index_sequence<NS>{});
+        auto update = [&](std::int64_t from, std::int64_t to) {
+          if (from >= to) return;
+          // stochastic rounding is a separate loop, not a branch inside one
+          if (is_16bit<P>() && mode.stochastic != 0.0)
+            update_range_impl<Rule, M, X, P, S, is_16bit<P>()>(hj, mode, key, slot, from, to,
+                                                               std::make_index_sequence<NS>{});
+          else
+            update_range_impl<Rule, M, X, P, S, false>(hj, mode, key, slot, from, to,
+                                                       std::make_index_sequence<NS>{});
+        };
+        // The first elements up to a cache-line boundary of the widest array run on
+        // their own, so that the vector loop's accesses do not straddle cache lines
+        // (NumPy's large arrays start 16 bytes into a page). Every element gets the
+        // same instructions either way: the split changes no result.
+        const bool by_state = NS > 0 && sizeof(S) > sizeof(P);
+        const std::size_t width = by_state ? sizeof(S) : sizeof(P);
+        const std::uint64_t at = (by_state ? slot[2] : slot[0]) + std::uint64_t(a) * width;
+        const std::int64_t peel = at % width ? 0 : std::int64_t((kLine - at % kLine) % kLine / width);
+        update(a, std::min(b, a + peel));
+        update(std::min(b, a + peel), b);
       }
     }
   }
