@@ -2,9 +2,11 @@
 
 An implementation builds a runner on its own copy of a workload (nothing is
 shared with the others), with zero state as every optimizer starts. A runner
-has `step()`, the timed call, and `arrays()`, its params and state lists in the
+has `step()`, the timed call, `arrays()`, its params and state lists in the
 functional op's order, readable as NumPy arrays, for the check against the
-reference. A GPU mode would add a list under its own device key.
+reference, and `gradients()`, its gradients likewise; the arrays share the runner's
+memory, so that the benchmark can run the streaming limit on the very same buffers. A
+GPU mode would add a list under its own device key.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class ArrayRunner:
     def arrays(self):
         return self.params, self.states
 
+    def gradients(self):
+        return self.grads
+
 
 class FusedFunctional(Impl):
     key, fusedopt = "fusedopt", True
@@ -84,6 +89,9 @@ class ClassRunner:
         keys = range(len(self.params)) if self.pass_grads else self.params
         states = [[_numpy(self.opt.state[k][name]) for k in keys] for name in self.state_keys]
         return [_numpy(p) for p in self.params], states
+
+    def gradients(self):
+        return self.grads if self.pass_grads else [_numpy(p.grad) for p in self.params]
 
 
 def _numpy(x):

@@ -1,12 +1,14 @@
 """Measuring one (workload, algorithm) group of the step benchmark: the limit, the
 check against the reference, and the timing of every implementation.
 
-The memory bandwidth of a shared machine drifts by tens of percent over seconds:
-timed one after another, the rows would see different conditions and their ratios
-would carry the drift. So the limit and the implementations are timed interleaved,
-in rounds that call each of them twice, the second call timed, in an order shuffled
-every round; the untimed call lets the OpenMP threads of the previous implementation,
-which spin a while after their work, go idle, and wakes this implementation's own.
+The memory bandwidth of a shared machine drifts by tens of percent over seconds, and
+where a large step's buffers lie moves a streaming kernel's speed by as much. So every
+implementation's runner comes with the streaming limit's step on the runner's own
+buffers, and all of them (and the limit on buffers of its own, the table's limit row)
+are timed interleaved, in rounds that call each twice, the second call timed, in an
+order shuffled every round; the untimed call lets the OpenMP threads of the previous
+step, which spin a while after their work, go idle, and wakes this step's own. A row's
+% of the limit is the median over rounds of its own limit's time over its time.
 Where the runners of all implementations would take more than a quarter of the free
 memory (GPT-2's parameter list), they are timed in batches, each with the limit.
 """
@@ -136,14 +138,11 @@ def check(label, algo, work, runner, want, init):
                     f"(tolerance {tol[k]:.3g}); {bad.size} of {idx.size} sampled elements differ")
 
 
-def limit_step(work, nstates):
-    """The limit's step, warmed up: the in-place streaming kernel with `nstates` state
-    buffers, on arrays of its own."""
-    params = [p.copy() for p in work.params]
-    grads = [g.copy() for g in work.grads]
-    states = [[np.zeros_like(p) for p in params] for _ in range(nstates)]
-    kernel = f"stream{nstates}"
-    prep = _arrays.prepare(kernel, params, grads, states, [f"s{k}" for k in range(nstates)])
+def stream_step(params, grads, states):
+    """The streaming limit's step on these very arrays, warmed up: the in-place kernel
+    that reads params, grads and the states and writes params and states, adding zero."""
+    kernel = f"stream{len(states)}"
+    prep = _arrays.prepare(kernel, params, grads, states, [f"s{k}" for k in range(len(states))])
     hyper = np.array([0.0])
 
     def step():
@@ -156,12 +155,21 @@ def limit_step(work, nstates):
     return step
 
 
+def limit_step(work, nstates):
+    """The limit's step on arrays of its own, with `nstates` state buffers."""
+    params = [p.copy() for p in work.params]
+    grads = [g.copy() for g in work.grads]
+    return stream_step(params, grads, [[np.zeros_like(p) for p in params] for _ in range(nstates)])
+
+
 def checked_step(impl, algo, work, want, init):
-    """The step of a runner of `impl`, checked after its first call."""
+    """The step of a runner of `impl`, checked after its first call, and the streaming
+    limit's step on the runner's own buffers."""
     runner = impl.build(algo, work)
     runner.step()  # creates the state where the implementation does so lazily
     check(impl.label(algo), algo, work, runner, want, init)
-    return runner.step
+    params, states = runner.arrays()
+    return runner.step, stream_step(params, runner.gradients(), states)
 
 
 def batches(impls, work, algo):
@@ -201,32 +209,39 @@ def run_group(work, algo, impls, args):
     want, init = expected(algo, work)
     stream = limit_step(work, algo.nstates)
     limit_times, rows, rounds = [], [], {}
-    for batch in batches(impls, work, algo):
-        steps = [stream] + [checked_step(i, algo, work, want, init) for i in batch]
+    for number, batch in enumerate(batches(impls, work, algo)):
+        steps = [stream]
+        for impl in batch:
+            steps += checked_step(impl, algo, work, want, init)
         collect()
         times = time_rounds(steps, args.repeats)
         del steps
         gc.unfreeze()  # collect() froze the runners: let it free any cycle among them
         collect()
         limit_times += [t for t in times[0] if t is not None]
-        for impl, t in zip(batch, times[1:]):
+        for k, impl in enumerate(batch):
+            mine, own_limit = times[1 + 2 * k], times[2 + 2 * k]
             rows.append(row(impl.key, impl.label(algo),
                             "fusedopt" if impl.fusedopt else "competitor",
-                            statistics.median(x for x in t if x is not None),
-                            [x for x in t if x is not None]))
-            rounds[id(rows[-1])] = (t, times[0])  # its rounds and the limit's, paired
+                            statistics.median(x for x in mine if x is not None),
+                            [x for x in mine if x is not None]))
+            rows[-1]["own_limit_ms"] = 1e3 * statistics.median(
+                x for x in own_limit if x is not None)
+            rounds[id(rows[-1])] = (mine, own_limit, number)
     rows.insert(0, row("limit", f"limit (stream{algo.nstates})", "limit",
                        statistics.median(limit_times), limit_times))
     competitors = [r for r in rows if r["kind"] == "competitor"]
     best = min(competitors, key=lambda r: r["ms"]) if competitors else None
     for r in rows:
-        # ratios from rounds timed together, which the machine's drift cancels out of
-        mine, limit = rounds.get(id(r), (None, None))
-        r["pct_limit"] = 100.0 if mine is None else 100.0 * paired_ratio(limit, mine)
+        # % limit: against the streaming kernel on the row's own buffers, from rounds timed
+        # together (where a large step's buffers lie moves its speed by up to 40 % on some
+        # machines; the same buffers and the same moments cancel both out)
+        mine, own_limit, number = rounds.get(id(r), (None, None, None))
+        r["pct_limit"] = 100.0 if mine is None else 100.0 * paired_ratio(own_limit, mine)
         r["best_competitor"] = r is best
         r["vs_best"] = None
         if best and r["kind"] == "fusedopt":
-            theirs, their_limit = rounds[id(best)]
-            same_batch = their_limit is limit
-            r["vs_best"] = paired_ratio(theirs, mine) if same_batch else best["ms"] / r["ms"]
+            theirs, _, their_number = rounds[id(best)]
+            r["vs_best"] = paired_ratio(theirs, mine) if their_number == number else \
+                best["ms"] / r["ms"]
     return rows

@@ -119,9 +119,10 @@ class Table:
     def footer(self, wall, skipped):
         print()
         print("limit: an in-place streaming kernel with the algorithm's reads and writes, run "
-              "in the same process;\n  % limit = its time / the implementation's time, the "
-              "median over rounds timed together. GB/s\n  counts the ideal bytes: each input "
-              "read once, each output written once.")
+              "in the same process;\n  % limit = its time on the implementation's own "
+              "buffers / the implementation's time, the median\n  over rounds timed together "
+              "(the limit row: on buffers of its own). GB/s counts the ideal bytes:\n  each "
+              "input read once, each output written once.")
         print("vs best: the best competitor's time / fusedopt's time (above 1: fusedopt is "
               "faster), likewise; * marks\n  that competitor. NumPy by hand runs on one thread. "
               "ms/step: medians.")
