@@ -9,8 +9,9 @@ are timed interleaved, in rounds that call each twice, the second call timed, in
 order shuffled every round; the untimed call lets the OpenMP threads of the previous
 step, which spin a while after their work, go idle, and wakes this step's own. A row's
 % of the limit is the median over rounds of its own limit's time over its time.
-Where the runners of all implementations would take more than a quarter of the free
-memory (GPT-2's parameter list), they are timed in batches, each with the limit.
+Where the runners of all implementations would take more than 40 % of the free memory
+(GPT-2's parameter list), they are timed in batches, each with the limit, which then
+also relates rows of different batches.
 """
 
 from __future__ import annotations
@@ -174,11 +175,11 @@ def checked_step(impl, algo, work, want, init):
 
 def batches(impls, work, algo):
     """The implementations in groups whose runners (params, grads and states of each) fit
-    together in a quarter of the available memory: one group but on the largest
+    together in 40 % of the available memory: one group but on the largest
     workloads (GPT-2's 124M elements: about 2 GB per runner), where holding every runner
     at once also made the run slower (GPT-2 Adam: 50 s against 30 s in batches)."""
     per_runner = work.numel * work.dtype.itemsize * (2 + algo.nstates)
-    size = max(1, int(min(len(impls), 0.25 * available_memory() / per_runner)))
+    size = max(1, int(min(len(impls), 0.4 * available_memory() / per_runner)))
     return [impls[i:i + size] for i in range(0, len(impls), size)] or [[]]
 
 
@@ -227,7 +228,7 @@ def run_group(work, algo, impls, args):
                             [x for x in mine if x is not None]))
             rows[-1]["own_limit_ms"] = 1e3 * statistics.median(
                 x for x in own_limit if x is not None)
-            rounds[id(rows[-1])] = (mine, own_limit, number)
+            rounds[id(rows[-1])] = (mine, own_limit, number, times[0])
     rows.insert(0, row("limit", f"limit (stream{algo.nstates})", "limit",
                        statistics.median(limit_times), limit_times))
     competitors = [r for r in rows if r["kind"] == "competitor"]
@@ -236,12 +237,13 @@ def run_group(work, algo, impls, args):
         # % limit: against the streaming kernel on the row's own buffers, from rounds timed
         # together (where a large step's buffers lie moves its speed by up to 40 % on some
         # machines; the same buffers and the same moments cancel both out)
-        mine, own_limit, number = rounds.get(id(r), (None, None, None))
+        mine, own_limit, number, limit = rounds.get(id(r), (None, None, None, None))
         r["pct_limit"] = 100.0 if mine is None else 100.0 * paired_ratio(own_limit, mine)
         r["best_competitor"] = r is best
         r["vs_best"] = None
         if best and r["kind"] == "fusedopt":
-            theirs, _, their_number = rounds[id(best)]
+            theirs, _, their_number, their_limit = rounds[id(best)]
+            # timed in different batches: each against the limit of its own batch
             r["vs_best"] = paired_ratio(theirs, mine) if their_number == number else \
-                best["ms"] / r["ms"]
+                paired_ratio(theirs, their_limit) / paired_ratio(mine, limit)
     return rows
