@@ -39,7 +39,8 @@ def time_rounds(steps, repeats):
     order = random.Random(0)
     budget, spent = BUDGET_S * len(steps), 0.0
     while True:
-        todo = [i for i, t in enumerate(times) if timed(t) < calls_wanted(t, repeats, spent >= budget)]
+        over = spent >= budget
+        todo = [i for i, t in enumerate(times) if timed(t) < calls_wanted(t, repeats, over)]
         if not todo:
             return times
         for t in times:

@@ -154,7 +154,8 @@ def test_gradients_may_share_memory_with_each_other():
 
 def test_empty_arrays_at_one_address_do_not_overlap():
     e = np.zeros(0, np.float32)
-    same_tables([e, np.ones(3, np.float32)], [e, np.ones(3, np.float32)], [[e, np.ones(3, np.float32)]])
+    one = [np.ones(3, np.float32) for _ in range(3)]
+    same_tables([e, one[0]], [e, one[1]], [[e, one[2]]])
 
 
 @pytest.mark.parametrize("first", [True, False])
