@@ -7,13 +7,13 @@ For Adam on one large tensor it times, each against the streaming limit with the
 storage layout (the stream2 probe reads and writes exactly the same buffers):
 - float32 params and state (the reference point);
 - bfloat16 params and grads with float32 master weights and float32 m, v (30 bytes per
-  element: read p, g (2+2), master, m, v (4+4+4); write p (2), master, m, v (4+4+4));
-- the same with stochastic rounding;
+  element: read p, g (2+2), master, m, v (4+4+4); write p (2), master, m, v (4+4+4)),
+  then on the same buffers with the fused gradient checks (loss scaling, the non-finite
+  check, global-norm clipping: one extra read of the gradients, 2 bytes per element,
+  about 7 % of the step's bytes) and with stochastic rounding;
 - bfloat16 params with bfloat16 m, v and no master copy;
-and the cost of the fused gradient checks, for bfloat16 and float16 params: a step with
-loss scaling, the non-finite check and global-norm clipping against a plain step on the
-same buffers (one extra read of the gradients: 2 bytes per element, about 7 % of the
-step's bytes). Each row's step and its limit are timed in alternation.
+- float16 params with float32 master weights, likewise with checks and rounding.
+Each row's step and its limit are timed in alternation.
 Needs ml_dtypes. Medians of repeats.
 """
 
@@ -75,20 +75,26 @@ def line(name, n, nbytes, limit, t):
     print(f"{name:<44} {nbytes / n:5.0f} {limit * 1e3:9.2f} {t * 1e3:9.2f} {limit / t:8.0%}")
 
 
-def case(name, n, pdt, sdt, master, repeats, **options):
+def case(name, n, pdt, sdt, master, repeats):
     limit, step, nbytes = setup(n, pdt, sdt, master)
-    lt, t = interleaved([limit, lambda: step(**options)], repeats)
+    lt, t = interleaved([limit, step], repeats)
     line(name, n, nbytes, lt, t)
 
 
-def checks(name, n, pdt, repeats):
-    """A plain step and one with the fused gradient checks, on the same buffers."""
+CHECKS = dict(loss_scale=1024.0, skip_nonfinite=True, max_grad_norm=1.0)
+ROUNDING = dict(stochastic_rounding=True, seed=1)
+
+
+def with_master(name, n, pdt, repeats):
+    """16-bit params with float32 master weights and m, v: the plain step, the step with
+    the fused gradient checks and the step with stochastic rounding, on the same buffers.
+    Returns the checks' cost as a fraction of the plain step."""
     limit, step, nbytes = setup(n, pdt, np.float32, True)
-    lt, plain, checked = interleaved(
-        [limit, step, lambda: step(loss_scale=1024.0, skip_nonfinite=True, max_grad_norm=1.0)],
-        repeats)
+    lt, plain, checked, rounded = interleaved(
+        [limit, step, lambda: step(**CHECKS), lambda: step(**ROUNDING)], repeats)
     line(name, n, nbytes, lt, plain)
     line("  + loss scale, inf/NaN check, clipping", n, nbytes, lt, checked)
+    line("  + stochastic rounding", n, nbytes, lt, rounded)
     return checked / plain - 1
 
 
@@ -108,11 +114,9 @@ def main(argv=None):
           "ms per step (median)")
     print(f"{'layout':<44} {'B/el':>5} {'limit':>9} {'fusedopt':>9} {'% limit':>8}")
     case("float32 params, float32 state", n, np.float32, np.float32, False, args.repeats)
-    cost = checks("bf16 params, fp32 master, fp32 m/v", n, bf16, args.repeats)
-    case("  + stochastic rounding", n, bf16, np.float32, True, args.repeats,
-         stochastic_rounding=True, seed=1)
+    cost = with_master("bf16 params, fp32 master, fp32 m/v", n, bf16, args.repeats)
     case("bf16 params, bf16 m/v, no master", n, bf16, bf16, False, args.repeats)
-    cost16 = checks("fp16 params, fp32 master, fp32 m/v", n, np.float16, args.repeats)
+    cost16 = with_master("fp16 params, fp32 master, fp32 m/v", n, np.float16, args.repeats)
     print(f"cost of the fused gradient checks: bf16 {cost:+.0%}, fp16 {cost16:+.0%} of the "
           f"step (one extra read of the 16-bit gradients is {2 / 30:.0%} of its bytes)")
 
