@@ -72,45 +72,42 @@ double dot(const Table& t, int max_threads) {
   return reduce(t, max_threads, [&](std::int64_t j) {
     const T* a = reinterpret_cast<const T*>(t.ptrs[j]);
     const T* b = reinterpret_cast<const T*>(t.ptrs[t.n + j]);
-    return [a, b](std::int64_t lo, std::int64_t hi) {
-      return block_sum(lo, hi, [a, b](std::int64_t i) { return load<double>(a[i]) * load<double>(b[i]); });
-    };
+    const auto product = [a, b](std::int64_t i) { return load<double>(a[i]) * load<double>(b[i]); };
+    return [product](std::int64_t lo, std::int64_t hi) { return block_sum(lo, hi, product); };
   });
 }
 
-// Sum of squares of a[lo, hi) for 16-bit storage. The square of a float16 or bfloat16
-// value is exact in float (at most 16 and 22 significant bits), so each lane first
-// sums runs of kRun squares in float, at twice the vector width of double, and adds
-// that partial sum to its double accumulator; the rest of the block, under one run
-// of all lanes, goes through double. A bfloat16 square can overflow float (|x| >=
-// 2^64): a block whose float sum is infinite is summed again in double. (Squares
-// below 2^-126, of values under 2^-63, lose bits; they cannot move a norm that any
-// check compares with.)
-// kLanes 16-bit values as floats (exact conversions). float16 goes through the
-// conversion instruction where the build has it; the integer path of to_float is
-// several times slower and would bound the reduction below memory speed.
-inline void load_lanes(const bf16* src, float* dst) {
+// kLanes 16-bit values as floats (exact conversions).
+template <class T>
+void load_lanes(const T* src, float* dst) {
 #pragma omp simd
   for (int l = 0; l < kLanes; ++l) dst[l] = to_float(src[l]);
 }
 
+#if defined(__AVX512F__) || defined(__F16C__)
+// float16 through the conversion instruction: the integer path of to_float is several
+// times slower and would bound the reduction below memory speed.
 inline void load_lanes(const f16* src, float* dst) {
 #if defined(__AVX512F__)
   for (int l = 0; l < kLanes; l += 16)
     _mm512_storeu_ps(dst + l, _mm512_cvtph_ps(_mm256_loadu_si256(
                                   reinterpret_cast<const __m256i*>(src + l))));
-#elif defined(__F16C__)
+#else
   for (int l = 0; l < kLanes; l += 8)
     _mm256_storeu_ps(dst + l, _mm256_cvtph_ps(_mm_loadu_si128(
                                   reinterpret_cast<const __m128i*>(src + l))));
-#else
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) dst[l] = to_float(src[l]);
 #endif
 }
+#endif
 
-template <class T>
-double sumsq16_block(const T* a, std::int64_t lo, std::int64_t hi) {
+// Sum of squares of a[lo, hi) for 16-bit storage. The square of a float16 or bfloat16
+// value is exact in float (at most 16 and 22 significant bits), so each lane first
+// sums runs of kRun squares in float, at twice the vector width of double, and adds
+// that partial sum to its double accumulator; the rest of the block, under one run
+// of all lanes, goes through `square` (double). (Squares below 2^-126, of values under
+// 2^-63, lose bits; they cannot move a norm that any check compares with.)
+template <class T, class Square>
+double sumsq16_block(const T* a, std::int64_t lo, std::int64_t hi, const Square& square) {
   constexpr int kRun = 16;
   double acc[kLanes] = {};
   std::int64_t i = lo;
@@ -125,13 +122,9 @@ double sumsq16_block(const T* a, std::int64_t lo, std::int64_t hi) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) acc[l] += double(part[l]);
   }
-  const double rest = block_sum(i, hi, [a](std::int64_t k) {
-    const double x = load<double>(a[k]);
-    return x * x;
-  });
   double s = 0.0;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s + rest;
+  return s + block_sum(i, hi, square);
 }
 
 // Sum of squares over all tensors of a one-slot table, in double.
@@ -145,8 +138,10 @@ double sumsq(const Table& t, int max_threads) {
     };
     if constexpr (sizeof(T) == 2) {
       return [a, square](std::int64_t lo, std::int64_t hi) {
-        const double s = sumsq16_block(a, lo, hi);
-        return s == s && s - s != s - s ? block_sum(lo, hi, square) : s;  // inf: again
+        // a bfloat16 square can overflow float (|x| >= 2^64): an infinite float sum
+        // is summed again in double
+        const double s = sumsq16_block(a, lo, hi, square);
+        return s == s && s - s != s - s ? block_sum(lo, hi, square) : s;
       };
     } else {
       return [square](std::int64_t lo, std::int64_t hi) { return block_sum(lo, hi, square); };
