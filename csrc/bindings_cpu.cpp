@@ -321,6 +321,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("random_bits", [](std::uint64_t key, std::int64_t j, std::uint64_t i) {
     return fo::random_bits(fo::tensor_key(key, j), i);
   }, "The random bits element i of tensor j draws with stochastic rounding under `key`.");
+  m.def("step_key", &fo::step_key, py::arg("seed"), py::arg("step"),
+        "The random stream (`key`) of step `step` for a seed, as the CUDA kernels derive it\n"
+        "from a step count kept on the device.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
     fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/layouts.h"
 #include "core/rules.h"
@@ -183,35 +184,114 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   entry(call);
 }
 
-void grad_stats(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int64_t, 0> sizes,
-                std::uintptr_t stream, std::uint64_t out_ptr, double inv_scale, double max_norm) {
+// tables: (dtype code, ptrs 1 x n, sizes) per gradient dtype of the step.
+void grad_stats(const py::list& tables, std::uintptr_t stream, std::uint64_t out_ptr,
+                double inv_scale, double max_norm, bool skip_nonfinite) {
   const std::string op = "grad_stats";
-  if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style))
-    throw std::invalid_argument(op + ": pointer and size arrays must be contiguous");
-  if (dtype < 0 || dtype > int(fo::DType::BFloat16))
-    throw std::invalid_argument(op + ": unsupported dtype code " + std::to_string(dtype));
-  const std::int64_t n = sizes.size();
-  if (ptrs.size() != n)
-    throw std::invalid_argument(op + ": expected 1 x " + std::to_string(n) + " pointers, got " +
-                                std::to_string(ptrs.size()));
   if (out_ptr == 0) throw std::invalid_argument(op + ": out_ptr is required");
   check_aligned(op, "out_ptr", out_ptr);
-  const std::uint64_t* p = ptrs.data();
-  const std::int64_t* sz = sizes.data();
-  std::int64_t first = -1;
-  for (std::int64_t j = 0; j < n; ++j) {
-    if (sz[j] < 0)
-      throw std::invalid_argument(op + ": negative size for tensor " + std::to_string(j));
-    if (sz[j] > 0 && first < 0) first = j;
+  std::vector<fo::cuda::StatsTable> parts;
+  std::vector<py::array_t<std::uint64_t, 0>> keep_ptrs;  // the tables' arrays, alive here
+  std::vector<py::array_t<std::int64_t, 0>> keep_sizes;
+  std::uint64_t first = 0;  // first non-empty gradient: it names the device
+  for (const py::handle item : tables) {
+    const auto entry = item.cast<py::tuple>();
+    if (entry.size() != 3)
+      throw std::invalid_argument(op + ": each table is (dtype, ptrs, sizes)");
+    const int dtype = entry[0].cast<int>();
+    auto ptrs = entry[1].cast<py::array_t<std::uint64_t, 0>>();
+    auto sizes = entry[2].cast<py::array_t<std::int64_t, 0>>();
+    if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style))
+      throw std::invalid_argument(op + ": pointer and size arrays must be contiguous");
+    if (dtype < 0 || dtype > int(fo::DType::BFloat16))
+      throw std::invalid_argument(op + ": unsupported dtype code " + std::to_string(dtype));
+    const std::int64_t n = sizes.size();
+    if (ptrs.size() != n)
+      throw std::invalid_argument(op + ": expected 1 x " + std::to_string(n) +
+                                  " pointers, got " + std::to_string(ptrs.size()));
+    for (std::int64_t j = 0; j < n; ++j) {
+      if (sizes.data()[j] < 0)
+        throw std::invalid_argument(op + ": negative size for tensor " + std::to_string(j));
+      if (sizes.data()[j] > 0 && first == 0) first = ptrs.data()[j];
+    }
+    parts.push_back({fo::DType(dtype), ptrs.data(), sizes.data(), n});
+    keep_ptrs.push_back(std::move(ptrs));
+    keep_sizes.push_back(std::move(sizes));
   }
   py::gil_scoped_release nogil;
-  const int device = first >= 0 ? device_of(op, "the first gradient array", p[first])
+  const int device = first != 0 ? device_of(op, "the first gradient array", first)
                                 : device_of(op, "out_ptr", out_ptr);
   DeviceGuard guard(device);
   double* out = const_cast<double*>(device_doubles(op, "out_ptr", out_ptr, device));
-  fo::cuda::grad_stats(fo::DType(dtype), p, sz, n, reinterpret_cast<cudaStream_t>(stream), out,
-                       inv_scale, max_norm);
+  fo::cuda::grad_stats(parts, reinterpret_cast<cudaStream_t>(stream), out, inv_scale, max_norm,
+                       skip_nonfinite);
 }
+
+// A few float64 values in device memory (the {skip, coef, norm} of a checked step, a
+// device step count) with a pinned host mirror: fetch() enqueues the copy to the
+// host and records an event on a stream; values() waits for that event only, not
+// for work enqueued after it. Exposes __cuda_array_interface__ for CuPy and torch.
+class DeviceScalars {
+ public:
+  DeviceScalars(int size, int device) : size_(size), device_(device) {
+    if (size <= 0) throw std::invalid_argument("DeviceScalars: size must be positive");
+    DeviceGuard guard(device);
+    check_cuda(cudaMalloc(&dev_, sizeof(double) * size), "DeviceScalars: cudaMalloc");
+    check_cuda(cudaMemset(dev_, 0, sizeof(double) * size), "DeviceScalars: cudaMemset");
+    check_cuda(cudaMallocHost(&host_, sizeof(double) * size), "DeviceScalars: cudaMallocHost");
+    check_cuda(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
+               "DeviceScalars: cudaEventCreate");
+  }
+  ~DeviceScalars() {
+    DeviceGuard guard(device_);
+    cudaEventDestroy(event_);
+    cudaFreeHost(host_);
+    cudaFree(dev_);  // after every stream's use: cudaFree waits for the device
+  }
+  DeviceScalars(const DeviceScalars&) = delete;
+  DeviceScalars& operator=(const DeviceScalars&) = delete;
+
+  std::uint64_t ptr() const { return std::uint64_t(std::uintptr_t(dev_)); }
+  int size() const { return size_; }
+  int device() const { return device_; }
+
+  void fetch(std::uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    DeviceGuard guard(device_);
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    check_cuda(cudaMemcpyAsync(host_, dev_, sizeof(double) * size_, cudaMemcpyDeviceToHost, s),
+               "DeviceScalars.fetch: cudaMemcpyAsync");
+    check_cuda(cudaEventRecord(event_, s), "DeviceScalars.fetch: cudaEventRecord");
+    fetched_ = true;
+  }
+
+  py::list values() {
+    if (!fetched_) throw std::logic_error("DeviceScalars.values: nothing was fetched");
+    {
+      py::gil_scoped_release nogil;
+      check_cuda(cudaEventSynchronize(event_), "DeviceScalars.values: cudaEventSynchronize");
+    }
+    py::list out;
+    for (int k = 0; k < size_; ++k) out.append(host_[k]);
+    return out;
+  }
+
+  py::dict array_interface() const {
+    py::dict d;
+    d["shape"] = py::make_tuple(size_);
+    d["typestr"] = "<f8";
+    d["data"] = py::make_tuple(ptr(), false);
+    d["version"] = 3;
+    return d;
+  }
+
+ private:
+  int size_, device_;
+  double* dev_ = nullptr;
+  double* host_ = nullptr;
+  cudaEvent_t event_ = nullptr;
+  bool fetched_ = false;
+};
 
 void advance_step(std::uint64_t step_ptr, std::uint64_t scale_ptr, std::uintptr_t stream) {
   const std::string op = "advance_step";
@@ -288,15 +368,26 @@ PYBIND11_MODULE(_cuda, m) {
         "given, a non-zero skip makes the step a no-op, and gradients are also multiplied by\n"
         "coef. `step_ptr`: device address of a float64 step count t of this update; when\n"
         "given, the per-step scalars are computed on the device from it (instead of `step`\n"
-        "on the host; the device's pow may differ from the host's in the last bit).");
-  m.def("grad_stats", &grad_stats, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
-        py::arg("stream"), py::arg("out_ptr"), py::arg("inv_scale") = 1.0,
-        py::arg("max_norm") = -1.0,
-        "One pass over the gradients of a pointer table (1 x n) on `stream`: writes to the\n"
-        "device float64 array at out_ptr {skip, coef, norm}: norm is the 2-norm of\n"
-        "g * inv_scale over all tensors (a deterministic sum in float64), skip is 1.0 when\n"
-        "it is not finite (an inf or NaN gradient), coef = inv_scale * min(1, max_norm /\n"
-        "(norm + 1e-6)) when max_norm > 0, else inv_scale.");
+        "on the host; the device's pow may differ from the host's in the last bit), and `key`\n"
+        "is the seed of the random stream step_key(key, t), as the host computes it.");
+  m.def("grad_stats", &grad_stats, py::arg("tables"), py::arg("stream"), py::arg("out_ptr"),
+        py::arg("inv_scale") = 1.0, py::arg("max_norm") = -1.0, py::arg("skip_nonfinite") = true,
+        "One pass over the gradients of pointer tables [(dtype, ptrs 1 x n, sizes), ...] on\n"
+        "`stream`: writes to the device float64 array at out_ptr {skip, coef, norm}: norm is\n"
+        "the 2-norm of the gradients of all tables (a deterministic sum in float64) times\n"
+        "inv_scale; skip is 1.0 when skip_nonfinite and some gradient is inf or NaN; coef =\n"
+        "inv_scale * min(1, max_norm / (norm + 1e-6)) when max_norm > 0, else inv_scale.");
+  py::class_<DeviceScalars>(m, "DeviceScalars",
+                            "float64 values in device memory, zeroed, with a pinned host mirror.")
+      .def(py::init<int, int>(), py::arg("size"), py::arg("device"))
+      .def_property_readonly("ptr", &DeviceScalars::ptr)
+      .def_property_readonly("size", &DeviceScalars::size)
+      .def_property_readonly("device", &DeviceScalars::device)
+      .def_property_readonly("__cuda_array_interface__", &DeviceScalars::array_interface)
+      .def("fetch", &DeviceScalars::fetch, py::arg("stream"),
+           "Enqueue the copy to the host mirror on `stream` and record an event after it.")
+      .def("values", &DeviceScalars::values,
+           "The values of the last fetch, once its event has completed (waits for it only).");
   m.def("advance_step", &advance_step, py::arg("step_ptr"), py::arg("scale_ptr") = 0,
         py::arg("stream") = std::uintptr_t(0),
         "On `stream`: add 1 to the device float64 at step_ptr, unless scale_ptr's skip is set.");

@@ -151,16 +151,23 @@ def test_which_layouts_have_kernels(cuda_mod):
 
 
 def test_grad_stats_and_advance_step_validate_first(cuda_mod):
+    def table(dtype=0, ptrs=np.zeros(1, np.uint64), sizes=np.ones(1, np.int64)):
+        return [(dtype, ptrs, sizes)]
+
     with pytest.raises(ValueError, match="expected 1 x 2 pointers, got 3"):
-        cuda_mod.grad_stats(0, np.zeros(3, np.uint64), np.ones(2, np.int64), 0, 8)
+        cuda_mod.grad_stats(table(0, np.zeros(3, np.uint64), np.ones(2, np.int64)), 0, 8)
     with pytest.raises(ValueError, match="unsupported dtype code 4"):
-        cuda_mod.grad_stats(4, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 8)
+        cuda_mod.grad_stats(table(4), 0, 8)
     with pytest.raises(ValueError, match="out_ptr is required"):
-        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 0)
+        cuda_mod.grad_stats(table(), 0, 0)
     with pytest.raises(ValueError, match="out_ptr must be 8-byte aligned"):
-        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), np.ones(1, np.int64), 0, 4)
+        cuda_mod.grad_stats(table(), 0, 4)
     with pytest.raises(ValueError, match="negative size for tensor 0"):
-        cuda_mod.grad_stats(0, np.zeros(1, np.uint64), -np.ones(1, np.int64), 0, 8)
+        cuda_mod.grad_stats(table(0, sizes=-np.ones(1, np.int64)), 0, 8)
+    with pytest.raises(ValueError, match=r"each table is \(dtype, ptrs, sizes\)"):
+        cuda_mod.grad_stats([(0, np.zeros(1, np.uint64))], 0, 8)
+    with pytest.raises(ValueError, match="size must be positive"):
+        cuda_mod.DeviceScalars(0, 0)
     with pytest.raises(ValueError, match="step_ptr is required"):
         cuda_mod.advance_step(0)
     with pytest.raises(ValueError, match="scale_ptr must be 8-byte aligned"):
@@ -552,9 +559,10 @@ def test_per_tensor_hyperparameters_across_launches(cp):
 
 # --- Device-side loss scaling, clipping and step counting --------------------
 
-def _decoded_norm(code, arrays, inv_scale):
-    total = sum(float(np.sum((_decode(code, a) * inv_scale) ** 2)) for a in arrays)
-    return math.sqrt(total)
+def _decoded_norm(tables, inv_scale):
+    """The float64 norm of [(code, arrays), ...], as the host computes it."""
+    total = sum(float(np.sum(_decode(code, a) ** 2)) for code, arrays in tables for a in arrays)
+    return math.sqrt(total) * inv_scale
 
 
 @pytest.mark.cuda
@@ -571,14 +579,14 @@ def test_grad_stats(cp, code):
     out = cp.zeros(3, cp.float64)
     inv = 1.0 / 64
 
-    def stats(max_norm=-1.0):
-        _cuda.grad_stats(code, ptrs, sizes, stream.ptr, out.data.ptr, inv_scale=inv,
-                         max_norm=max_norm)
+    def stats(max_norm=-1.0, skip_nonfinite=True):
+        _cuda.grad_stats([(code, ptrs, sizes)], stream.ptr, out.data.ptr, inv_scale=inv,
+                         max_norm=max_norm, skip_nonfinite=skip_nonfinite)
         return cp.asnumpy(out)
 
     skip, coef, norm = first = stats()
     assert skip == 0.0 and coef == inv
-    assert norm == pytest.approx(_decoded_norm(code, host, inv), rel=1e-12)
+    assert norm == pytest.approx(_decoded_norm([(code, host)], inv), rel=1e-12)
     assert stats().tobytes() == first.tobytes()  # the same sum on every run
     # torch's clip_grad_norm_ coefficient: max_norm / (norm + 1e-6), at most 1
     assert stats(max_norm=norm / 4)[1] == inv * ((norm / 4) / (norm + 1e-6))
@@ -586,12 +594,49 @@ def test_grad_stats(cp, code):
     for bad in (np.inf, -np.inf, np.nan):
         dev[3][17:18] = cp.asarray(_encode(code, np.array([bad])))
         assert stats()[0] == 1.0, bad
+        # without skipping: no flag, and the coefficient the host computes (0 or NaN)
+        kept = stats(max_norm=1.0, skip_nonfinite=False)
+        assert kept[0] == 0.0 and (np.isnan(kept[1]) if np.isnan(bad) else kept[1] == 0.0)
         dev[3][17:18] = cp.asarray(grads[3][17:18])
     assert stats()[0] == 0.0
     # no elements: norm 0, nothing to skip
-    _cuda.grad_stats(code, ptrs[:1], sizes[:1], stream.ptr, out.data.ptr, inv_scale=0.5,
+    _cuda.grad_stats([(code, ptrs[:1], sizes[:1])], stream.ptr, out.data.ptr, inv_scale=0.5,
                      max_norm=1.0)
     assert cp.asnumpy(out).tolist() == [0.0, 0.5, 0.0]
+
+
+@pytest.mark.cuda
+def test_grad_stats_over_several_tables(cp):
+    """One pass over gradients of several dtypes gives their joint norm; finite float64
+    gradients whose squares overflow are not taken for inf (the norm is inf, no skip)."""
+    from fusedopt import _cuda
+    rng = np.random.default_rng(19)
+    tables, host = [], []
+    for code in (FLOAT32, BFLOAT16, FLOAT64, FLOAT16):
+        grads = [_encode(code, rng.standard_normal(n)) for n in SIZES]
+        dev = _place(cp, [grads])[0]
+        tables.append((code, *_table([dev], lambda a: a.data.ptr)))
+        host.append((code, grads))
+    out = cp.zeros(3, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    _cuda.grad_stats(tables, stream.ptr, out.data.ptr, inv_scale=0.5)
+    assert cp.asnumpy(out)[2] == pytest.approx(_decoded_norm(host, 0.5), rel=1e-12)
+    huge = cp.asarray(np.array([1e200, 3.0]))
+    ptrs, sizes = _table([[huge]], lambda a: a.data.ptr)
+    _cuda.grad_stats([(FLOAT64, ptrs, sizes)], stream.ptr, out.data.ptr, max_norm=1.0)
+    assert cp.asnumpy(out).tolist() == [0.0, 0.0, math.inf]
+
+
+@pytest.mark.cuda
+def test_device_scalars(cp):
+    from fusedopt import _cuda
+    stats = _cuda.DeviceScalars(3, 0)
+    view = cp.asarray(stats)  # __cuda_array_interface__: the same memory
+    assert view.data.ptr == stats.ptr and view.dtype == cp.float64 and view.shape == (3,)
+    assert cp.asnumpy(view).tolist() == [0.0, 0.0, 0.0]
+    view[...] = cp.asarray([1.0, 2.0, 3.0])
+    stats.fetch(cp.cuda.get_current_stream().ptr)
+    assert stats.values() == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.cuda
@@ -654,6 +699,29 @@ def test_step_ptr_and_advance_step(cp, case, bitwise):
         _assert_same(cp, dev, host, np.float32)
     _cuda.advance_step(count.data.ptr)  # without scale_ptr: always counts
     assert float(count[0]) == 5
+
+
+@pytest.mark.cuda
+def test_step_ptr_derives_the_rounding_stream_from_the_count(cp):
+    """With the count on the device, `key` is the seed and the stream is the host's
+    rounding_key(seed, t): the same bits as a CPU step told key=rounding_key(seed, t)."""
+    from fusedopt import _cuda, _precision
+    kernel, nstates, hyper = CASES["sgd_momentum"]
+    lay = LAYOUTS["bfloat16/float32"]
+    rng = np.random.default_rng(20)
+    data = _layout_slots(rng, SIZES, nstates, lay)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t in (1, 2, 3):
+        _new_grads(rng, host, dev, lay[0], cp)
+        _cpu_step(kernel, lay[0], host, hyper(t), state_dtype=lay[1], extra=lay[2], step=t,
+                  stochastic=True, key=_precision.rounding_key(99, t))
+        _cuda.advance_step(count.data.ptr, 0, stream.ptr)
+        _gpu_step(cp, kernel, lay[0], dev, hyper(t), state_dtype=lay[1], extra=lay[2],
+                  stochastic=True, key=99, step_ptr=count.data.ptr)
+    stream.synchronize()
+    _assert_bits(cp, dev, host)
 
 
 # --- Public API on CuPy arrays: fusedopt routes them to fusedopt._cuda --------

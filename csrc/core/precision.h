@@ -119,6 +119,16 @@ FO_HD std::uint32_t random_bits(std::uint64_t key, std::uint64_t index) {
   return std::uint32_t((z ^ (z >> 31)) >> 32);
 }
 
+// The random stream of one step: a hash of the seed and the step count, so each step
+// rounds with fresh bits and a given (seed, step) always with the same ones. The host
+// computes it for the counts it keeps (fusedopt._precision.rounding_key calls this),
+// the CUDA kernels for a count kept on the device.
+FO_HD std::uint64_t step_key(std::uint64_t seed, std::uint64_t step) {
+  std::uint64_t z = seed * 0x9e3779b97f4a7c15ull + step * 0xc2b2ae3d27d4eb4full;
+  z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+  return z ^ (z >> 29);
+}
+
 // The random stream of tensor j of a call: element i of it draws random_bits(key, i).
 FO_HD std::uint64_t tensor_key(std::uint64_t call_key, std::int64_t j) {
   return call_key ^ (std::uint64_t(j + 1) * 0xd1b54a32d192ed03ull);

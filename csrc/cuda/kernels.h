@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "../core/layouts.h"
 #include "../core/rules.h"
@@ -69,14 +70,22 @@ FO_DECLARE_CUDA_STEP(variant_bf16_f32)
 FO_DECLARE_CUDA_STEP(variant_bf16_bf16)
 #undef FO_DECLARE_CUDA_STEP
 
-// Sum of squares of g * inv_scale over every gradient of the table (one slot),
-// accumulated in double with a fixed association (no atomics): the same value on
-// every run. Writes out[0] = 1 if the sum is not finite (else 0), out[1] = the
-// gradient coefficient inv_scale * min(1, max_norm / (norm + 1e-6)) (max_norm > 0;
-// inv_scale otherwise), out[2] = norm = sqrt(sum). `out` is device memory.
-void grad_stats(DType dtype, const std::uint64_t* ptrs, const std::int64_t* sizes,
-                std::int64_t n, cudaStream_t stream, double* out, double inv_scale,
-                double max_norm);
+// One gradient table of grad_stats: the gradients of one dtype.
+struct StatsTable {
+  DType dtype;
+  const std::uint64_t* ptrs;  // n device addresses
+  const std::int64_t* sizes;
+  std::int64_t n;
+};
+
+// Sum of squares of every gradient of the tables, accumulated in double with a
+// fixed association (no atomics): the same value on every run. Writes to the
+// device memory `out`: out[2] = norm = sqrt(sum) * inv_scale; out[0] = 1 when
+// skip_nonfinite and some gradient is inf or NaN (else 0); out[1] = the gradient
+// multiplier inv_scale * min(1, max_norm / (norm + 1e-6)) when max_norm > 0, else
+// inv_scale: the host's formulas (fusedopt._precision.grad_multiplier).
+void grad_stats(const std::vector<StatsTable>& tables, cudaStream_t stream, double* out,
+                double inv_scale, double max_norm, bool skip_nonfinite);
 
 // *count += 1, unless scale is given and scale[0] (skip) is non-zero.
 void advance_step(double* count, const double* scale, cudaStream_t stream);

@@ -70,10 +70,12 @@ struct UpdateFunctor {
   struct Block {
     Hyper h;
     double grad_scale;
+    std::uint64_t key;  // the call's random stream
   };
 
   // One thread reads the block's settings (the call's Hyper or the tensor's row of
-  // the table, the skip flag and coefficient, the device-side step count) and
+  // the table, the skip flag and coefficient, the device-side step count and the
+  // random stream that goes with it) and
   // shares them in shared memory; null: skip the whole block, and nothing is read
   // or written. The loop reads the settings from there: values that may live in
   // memory rather than in registers across the whole loop leave the registers to
@@ -87,8 +89,14 @@ struct UpdateFunctor {
       // The same at_step as the host's; only the device's pow may round
       // differently in the last bit, which is why the host computes these
       // scalars unless the count lives on the device.
-      if (count != nullptr && !skip) Rule::at_step(one, *count);
-      shared = Block{one, scale != nullptr ? mode.grad_scale * scale[1] : mode.grad_scale};
+      // With the count on the device, mode.key is the seed of the stream and the
+      // stream is the host's step_key(seed, t) for that count.
+      std::uint64_t key = mode.key;
+      if (count != nullptr && !skip) {
+        Rule::at_step(one, *count);
+        key = step_key(mode.key, std::uint64_t(*count));
+      }
+      shared = Block{one, scale != nullptr ? mode.grad_scale * scale[1] : mode.grad_scale, key};
       shared_skip = skip ? 1 : 0;
     }
     __syncthreads();
@@ -103,7 +111,7 @@ struct UpdateFunctor {
     const M gscale = M(b->grad_scale);
     Mode m = mode;
     m.stochastic = SR ? 1.0 : 0.0;
-    const std::uint64_t key = tensor_key(mode.key, j);
+    const std::uint64_t key = tensor_key(b->key, j);
 
     P* p = static_cast<P*>(ptr[0]);
     const P* g = static_cast<const P*>(ptr[1]);

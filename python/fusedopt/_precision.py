@@ -5,7 +5,9 @@ Loss scaling, the non-finite check and clipping share one pass over the gradient
 sum of their squares (in double, the same for every thread count). If it is not
 finite some gradient is inf or NaN, and with `skip_nonfinite` the step does nothing.
 Otherwise the unscale factor and the clip coefficient become one gradient multiplier
-of the update pass, so the whole step reads the gradients twice at most.
+of the update pass, so the whole step reads the gradients twice at most. On the GPU
+the pass writes {skip, coef, norm} to device memory and the update kernels read them
+there: a checked step makes no host round trip (DeviceStepInfo).
 """
 
 from __future__ import annotations
@@ -27,6 +29,47 @@ class StepInfo(NamedTuple):
 
     skipped: bool
     grad_norm: float
+
+
+class DeviceStepInfo:
+    """What a checked step on the GPU found, kept on the device: `stats` holds float64
+    {skip, coef, norm} in device memory (it has `__cuda_array_interface__`), which the
+    step's kernels read there. Reading `skipped` or `grad_norm` copies those three
+    numbers to the host: it waits for the gradient pass of this step (an event after
+    it), not for the update or anything enqueued later. Unpacks like a StepInfo."""
+
+    __slots__ = ("stats", "stream", "_values")
+
+    def __init__(self, stats, stream):
+        self.stats, self.stream, self._values = stats, stream, None
+
+    def fetch(self):
+        """Enqueue the copy of the numbers to the host (right after the gradient pass)."""
+        self.stats.fetch(self.stream)
+
+    def _host(self):
+        if self._values is None:
+            self._values = self.stats.values()
+        return self._values
+
+    @property
+    def skipped(self):
+        return self._host()[0] != 0.0
+
+    @property
+    def grad_norm(self):
+        return self._host()[2]
+
+    def __iter__(self):
+        return iter((self.skipped, self.grad_norm))
+
+    def __eq__(self, other):
+        return tuple(self) == tuple(other)
+
+    def __repr__(self):
+        if self._values is None:
+            return "DeviceStepInfo(<on the device>)"
+        return f"DeviceStepInfo(skipped={self.skipped}, grad_norm={self.grad_norm})"
 
 
 class Options:
@@ -134,10 +177,11 @@ def _is_numpy_dtype(dtype):
 
 def rounding_key(seed, step):
     """The random stream of one step: a mix of the seed and the step count, so each
-    step rounds with fresh bits and a given (seed, step) always with the same ones."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xC2B2AE3D27D4EB4F) & _MASK
-    z = ((z ^ (z >> 31)) * 0xBF58476D1CE4E5B9) & _MASK
-    return z ^ (z >> 29)
+    step rounds with fresh bits and a given (seed, step) always with the same ones
+    (csrc/core/precision.h's step_key, which the GPU applies to device step counts)."""
+    from . import _cpu
+
+    return _cpu.step_key(int(seed) & _MASK, int(step) & _MASK)
 
 
 def grad_multiplier(sumsq, finite, options):
