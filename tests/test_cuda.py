@@ -611,10 +611,11 @@ def test_grad_stats_over_several_tables(cp):
     gradients whose squares overflow are not taken for inf (the norm is inf, no skip)."""
     from fusedopt import _cuda
     rng = np.random.default_rng(19)
-    tables, host = [], []
+    tables, host, alive = [], [], []
     for code in (FLOAT32, BFLOAT16, FLOAT64, FLOAT16):
         grads = [_encode(code, rng.standard_normal(n)) for n in SIZES]
         dev = _place(cp, [grads])[0]
+        alive.append(dev)  # the tables hold their addresses only
         tables.append((code, *_table([dev], lambda a: a.data.ptr)))
         host.append((code, grads))
     out = cp.zeros(3, cp.float64)
@@ -780,5 +781,143 @@ def test_optimizer_on_cupy_matches_numpy(cp, cls, kwargs):
         opt_cp.step([cp.asarray(g) for g in grads])
     cp.cuda.get_current_stream().synchronize()
     assert [p.data.ptr for p in p_cp] == addresses  # updated in place
+    _assert_same(cp, [p_cp], [p_np], np.float32)
+    _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"], np.float32)
+
+
+# --- Checked steps on the GPU: skip and clip on the device, no host round trip --
+
+_SPIN = r"""
+extern "C" __global__ void spin(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+"""
+
+
+def _adam_kwargs(t):
+    return dict(step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+
+
+CHECKS = {"loss scale": dict(loss_scale=1024.0), "clip": dict(max_grad_norm=0.5),
+          "scale, clip, skip": dict(loss_scale=64.0, max_grad_norm=0.5, skip_nonfinite=True)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("checks", list(CHECKS))
+def test_functional_checked_steps_on_cupy_match_numpy(cp, checks):
+    """The device's gradient pass gives the host's norm, skip and clip coefficient:
+    the same results as the CPU step on the same inputs, over steps with inf and NaN
+    gradients where the options skip them."""
+    import fusedopt.functional as F
+    from fusedopt._precision import DeviceStepInfo
+    opts = CHECKS[checks]
+    rng = np.random.default_rng(21)
+    data = _host_slots(rng, SIZES, 2, np.float32)
+    host, dev = _place(np, data), _place(cp, data)
+    t = 0
+    bads = (None, np.inf, None, np.nan, None) if opts.get("skip_nonfinite") else (None,) * 4
+    for bad in bads:
+        grads = [(100.0 * rng.standard_normal(n)).astype(np.float32) for n in SIZES]
+        if bad is not None:
+            grads[4][123] = bad
+        got = F.adam_(dev[0], [cp.asarray(g) for g in grads], dev[2], dev[3],
+                      **_adam_kwargs(t + 1), **opts)
+        want = F.adam_(host[0], grads, host[2], host[3], **_adam_kwargs(t + 1), **opts)
+        if want is None:
+            assert got is None
+        else:
+            assert isinstance(got, DeviceStepInfo)
+            assert got.skipped == want.skipped
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12, nan_ok=True)
+        t += 0 if want is not None and want.skipped else 1
+    cp.cuda.get_current_stream().synchronize()
+    _assert_same(cp, dev, host, np.float32)
+
+
+@pytest.mark.cuda
+def test_a_checked_step_does_not_wait_for_the_device(cp):
+    """While the stream is busy for half a second, a loss-scaled, clipped, checked step
+    and its device step count are enqueued and the call returns: nothing waited for
+    the device. Reading the outcome then waits for the gradient pass."""
+    import fusedopt.functional as F
+    rng = np.random.default_rng(22)
+    data = _host_slots(rng, SIZES, 2, np.float32)
+    dev = _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    cp.RawKernel(_SPIN, "spin")((1,), (1,), (np.uint64(500_000_000),))
+    info = F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(count),
+                   loss_scale=8.0, max_grad_norm=1.0, skip_nonfinite=True)
+    assert not stream.done
+    assert info.skipped is False and info.grad_norm > 0.0
+    stream.synchronize()
+    assert float(count[0]) == 1.0
+
+
+@pytest.mark.cuda
+def test_functional_step_counter_on_the_device(cp):
+    """step=<float64 device array>: the op adds 1 to it unless the step is skipped and
+    computes the per-step scalars from it on the device (pow there may differ from the
+    host's in the last bit, hence the tolerance)."""
+    import fusedopt.functional as F
+    rng = np.random.default_rng(23)
+    data = _host_slots(rng, SIZES, 2, np.float32)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    t = 0
+    for bad in (None, np.inf, None, None, np.nan, None):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+        if bad is not None:
+            grads[3][2] = bad
+        F.adam_(dev[0], [cp.asarray(g) for g in grads], dev[2], dev[3],
+                **_adam_kwargs(count), skip_nonfinite=True)
+        if bad is None:
+            t += 1
+            F.adam_(host[0], grads, host[2], host[3], **_adam_kwargs(t))
+    cp.cuda.get_current_stream().synchronize()
+    assert float(count[0]) == t == 4
+    _assert_same(cp, dev, host, np.float32)
+    with pytest.raises(TypeError, match="float64 array of one element"):
+        F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(cp.zeros(2, cp.float64)))
+    with pytest.raises(TypeError, match="in host memory"):
+        F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(np.zeros(1)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kwargs", [("Adam", {"lr": 1e-2}),
+                                         ("SGD", {"lr": 0.1, "momentum": 0.9})])
+def test_optimizer_with_loss_scaler_on_cupy_matches_numpy(cp, cls, kwargs):
+    """DynamicLossScaler + a class on the GPU: the kernels skip on the device, and the
+    counts, the state a skipped step created and the scale follow when the host next
+    needs them; everything ends as on the CPU. Param 1 first gets a gradient in a
+    skipped step (its new state is dropped again)."""
+    import fusedopt
+    from fusedopt.amp import DynamicLossScaler
+    rng = np.random.default_rng(24)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    p_np, p_cp = [p.copy() for p in params], [cp.asarray(p) for p in params]
+    opt_np = getattr(fusedopt, cls)(p_np, **kwargs)
+    opt_cp = getattr(fusedopt, cls)(p_cp, **kwargs)
+    scalers = [DynamicLossScaler(init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    for k, bad in enumerate((None, None, np.inf, None, None, np.nan, None, None)):
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        grads = [(scalers[0].get_scale() * rng.standard_normal(n)).astype(np.float32)
+                 for n in SIZES]
+        if bad is not None:
+            grads[3][7] = bad
+        if k < 2:
+            grads[1] = None
+        got = scalers[1].step(opt_cp, [None if g is None else cp.asarray(g) for g in grads],
+                              max_grad_norm=5.0)
+        want = scalers[0].step(opt_np, grads, max_grad_norm=5.0)
+        assert got.skipped == want.skipped
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12, nan_ok=True)
+    cp.cuda.get_current_stream().synchronize()
+    assert opt_cp.steps_taken == opt_np.steps_taken == 6
+    assert scalers[1].state_dict() == scalers[0].state_dict()
     _assert_same(cp, [p_cp], [p_np], np.float32)
     _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"], np.float32)

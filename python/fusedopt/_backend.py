@@ -10,7 +10,7 @@ class _Cpu:
     name = "cpu"
 
     @staticmethod
-    def step(kernel, dtype, ptrs, sizes, hyper, *, stream, arrays, device, **mode):
+    def step(kernel, dtype, ptrs, sizes, hyper, **mode):
         _cpu.step(kernel, dtype, ptrs, sizes, hyper, **mode)
 
 
@@ -20,11 +20,17 @@ class _Cuda:
     def __init__(self, module):
         self.module = module
 
-    def step(self, kernel, dtype, ptrs, sizes, hyper, *, stream, arrays, device, **mode):
+    @staticmethod
+    def stream_of(stream, arrays, device):
+        """The cudaStream_t (an int) a call runs on: `stream` (an int, or an object with
+        `ptr` or `cuda_stream`), else the current stream of the arrays' producer."""
         if stream is None:
-            stream = current_stream(arrays[0], device - 1)
-        elif not isinstance(stream, int):
-            stream = int(getattr(stream, "ptr", getattr(stream, "cuda_stream", stream)))
+            return current_stream(arrays[0], device - 1)
+        if isinstance(stream, int):
+            return stream
+        return int(getattr(stream, "ptr", getattr(stream, "cuda_stream", stream)))
+
+    def step(self, kernel, dtype, ptrs, sizes, hyper, *, stream, **mode):
         self.module.step(kernel, dtype, ptrs, sizes, hyper, stream, **mode)
 
 

@@ -8,6 +8,10 @@
 The schedule is torch.cuda.amp.GradScaler's: the scale is multiplied by
 `backoff_factor` after a step with non-finite gradients, and by `growth_factor`
 after `growth_interval` consecutive good steps.
+
+On the GPU the step's outcome stays on the device (the kernels skip there); the
+scaler reads it when the next scale is asked for (`get_scale`, `scale`), which in a
+training loop comes after the next forward pass has been enqueued.
 """
 
 from __future__ import annotations
@@ -32,9 +36,16 @@ class DynamicLossScaler:
         self.growth_interval = growth_interval
         self.enabled = enabled
         self.growth_tracker = 0
+        self._pending = None  # the StepInfo of the last step, not yet read
 
     def get_scale(self):
+        self._settle()
         return self.scale_value if self.enabled else 1.0
+
+    def _settle(self):
+        info, self._pending = self._pending, None
+        if info is not None:
+            self.update(info.skipped)
 
     def scale(self, loss):
         """The loss multiplied by the current scale (backpropagate this one)."""
@@ -46,7 +57,9 @@ class DynamicLossScaler:
         info = optimizer.step(grads, loss_scale=self.get_scale(), skip_nonfinite=True,
                               max_grad_norm=max_grad_norm)
         if self.enabled:
-            self.update(info.skipped)
+            self._pending = info  # read on the next get_scale (at once on the CPU)
+            if isinstance(info, tuple):
+                self._settle()
         return info
 
     def update(self, found_inf):
@@ -60,11 +73,13 @@ class DynamicLossScaler:
                 self.growth_tracker = 0
 
     def state_dict(self):
+        self._settle()
         return {"scale": self.scale_value, "growth_factor": self.growth_factor,
                 "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
                 "growth_tracker": self.growth_tracker}
 
     def load_state_dict(self, state):
+        self._pending = None
         self.scale_value = float(state["scale"])
         self.growth_factor = float(state["growth_factor"])
         self.backoff_factor = float(state["backoff_factor"])

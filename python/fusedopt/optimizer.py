@@ -14,7 +14,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from . import _precision
+from . import _arrays, _precision, functional
 from ._precision import Precision
 
 _required = object()
@@ -28,6 +28,10 @@ def _is_array(x):
 
 
 class Optimizer:
+    #: a checked GPU step whose outcome the host has not read yet: (DeviceStepInfo,
+    #: indices of the state it created, the states whose step it counts)
+    _pending = None
+
     #: state buffers (besides `step`) of a group, in the order the functional op takes them
     def _state_names(self, group):
         raise NotImplementedError
@@ -62,7 +66,7 @@ class Optimizer:
         if not isinstance(self.precision, Precision):
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
-        self.steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
+        self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
         self.defaults = dict(defaults)
         self.param_groups = []
         self.state = {}
@@ -76,6 +80,50 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+
+    # --- a checked step on the GPU leaves its outcome on the device ------------------------
+    # The update kernels read the skip flag there; the host learns it only when it needs
+    # the counts: at the next step, or when `state` or `steps_taken` is read. By then the
+    # flag has long been copied back, and reading it waits for that copy only.
+
+    @property
+    def state(self):
+        if self._pending is not None:
+            self._settle()
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._settle()
+        self._state = value
+
+    @property
+    def steps_taken(self):
+        if self._pending is not None:
+            self._settle()
+        return self._steps_taken
+
+    @steps_taken.setter
+    def steps_taken(self, value):
+        self._settle()
+        self._steps_taken = value
+
+    def _settle(self):
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        info, created, counted = pending
+        if info.skipped:  # the kernels changed nothing: neither does the bookkeeping
+            for idx in created:
+                del self._state[idx]
+            return
+        self._count(counted)
+
+    def _count(self, counted):
+        self._steps_taken += 1
+        if self.has_step:
+            for state in counted:
+                state["step"] += 1.0
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -116,7 +164,11 @@ class Optimizer:
         Gradients are divided by `loss_scale`; with `max_grad_norm` they are clipped to
         that global L2 norm (over all groups); with `skip_nonfinite` a step whose
         gradients hold inf or NaN changes nothing (no state created, no step counted).
-        With either check the step returns a StepInfo(skipped, grad_norm)."""
+        With either check the step returns a StepInfo(skipped, grad_norm); on a GPU a
+        DeviceStepInfo: the kernels skip there, and the step counts (and any state the
+        skipped step created) are settled when the host next needs them."""
+        self._settle()
+        known = self._state
         total = sum(len(g["params"]) for g in self.param_groups)
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
@@ -134,7 +186,7 @@ class Optimizer:
             frozen = group.get("frozen_params")
             if frozen:
                 gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
-            states = list(map(self.state.get, range(offset, offset + n)))
+            states = list(map(known.get, range(offset, offset + n)))
             # (`None in gslice` would compare arrays elementwise: test the types instead)
             if _NoneType not in set(map(type, gslice)) and None not in states:
                 steps = set(map(_STEP, states)) if self.has_step else {0.0}
@@ -168,18 +220,31 @@ class Optimizer:
                                               "skip_nonfinite": skip_nonfinite})
         info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
         if options.checks_grads:
+            devices = {plan.prep.device for plan in plans if plan.prep.groups}
+            if len(devices) > 1:
+                raise TypeError("step: gradient checks need every param on one device, got "
+                                f"{sorted(_arrays._device_name(d) for d in devices)}")
+            if devices and devices != {_arrays.CPU}:
+                return self._checked_on_device(plans, options, created, counted)
             skip, coef, norm = _precision.grad_multiplier(
                 *_precision.total_sumsq(plans), options)
             info = _precision.StepInfo(skip, norm)
             if skip:
                 return info
-        self.state.update(created)
+        known.update(created)
         for plan in plans:
             plan.run(coef)
-        self.steps_taken += 1
-        if self.has_step:
-            for state in counted:
-                state["step"] += 1.0
+        self._count(counted)
+        return info
+
+    def _checked_on_device(self, plans, options, created, counted):
+        """The kernels skip or scale on the device; the counts follow once the host reads
+        the flag (`_settle`)."""
+        info = functional.device_checks(plans, options)
+        self._state.update(created)
+        for plan in plans:
+            plan.run(1.0, info.stats.ptr)  # coef on the device includes 1 / loss_scale
+        self._pending = (info, list(created), counted)
         return info
 
     def _bucket_plan(self, group, params, grads, states, step, fresh):
