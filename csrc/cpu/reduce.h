@@ -77,11 +77,36 @@ double dot(const Table& t, int max_threads) {
   });
 }
 
-// kLanes 16-bit values as floats (exact conversions).
+// kLanes 16-bit values as floats (exact conversions): lane l holds src[l].
 template <class T>
 void load_lanes(const T* src, float* dst) {
 #pragma omp simd
   for (int l = 0; l < kLanes; ++l) dst[l] = to_float(src[l]);
+}
+
+// bfloat16 in another order: lane l < 16 holds src[2l] and lane 16 + l src[2l + 1], the
+// low and high halves of 32-bit words, so that a shift and a mask convert a whole
+// vector of words, with no widening shuffle. Every build uses this order, so the sums
+// agree bit for bit.
+inline void load_lanes(const bf16* src, float* dst) {
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_loadu_si512(src);
+  const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
+  _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  _mm512_storeu_ps(dst + 16, _mm512_castsi512_ps(_mm512_and_si512(w, high)));
+#elif defined(__AVX2__)
+  const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
+    _mm256_storeu_ps(dst + 8 * h, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    _mm256_storeu_ps(dst + 16 + 8 * h, _mm256_castsi256_ps(_mm256_and_si256(w, high)));
+  }
+#else
+  for (int l = 0; l < kLanes / 2; ++l) {
+    dst[l] = to_float(src[2 * l]);
+    dst[kLanes / 2 + l] = to_float(src[2 * l + 1]);
+  }
+#endif
 }
 
 #if defined(__AVX512F__) || defined(__F16C__)
