@@ -3,6 +3,7 @@
 
     python benchmarks/bench_gpu.py                      # Adam, 256M elements and GPT-2 small
     python benchmarks/bench_gpu.py --algos adam,adamw,sgd_momentum --json gpu.json
+    python benchmarks/bench_gpu.py --mixed              # Adam in the 16-bit layouts
 
 The limit is the device-to-device copy bandwidth measured in the same run (bytes read
 plus bytes written of a large cupy copy); an optimizer step's floor is its ideal byte
@@ -13,7 +14,14 @@ and the ratio of torch's time to fusedopt's. The host overhead of a step over GP
 148 tensors is timed separately (wall clock per call, GPU work excluded by using tiny
 tensors of the same count).
 
-Needs CuPy and a CUDA build of fusedopt; torch (CUDA) is optional.
+`--mixed` times Adam on one 256M-element tensor of torch CUDA tensors in each storage
+layout (float32; bfloat16 params with float32 master weights and m, v, plain, with the
+fused gradient checks that stay on the device, and with stochastic rounding; bfloat16
+params and state; float16 params with master weights), each against its own byte count
+over the copy bandwidth, and torch's fused Adam where torch has the layout (float32;
+bfloat16 params and state).
+
+Needs CuPy and a CUDA build of fusedopt; torch (CUDA) is optional, except for --mixed.
 """
 
 from __future__ import annotations
@@ -171,12 +179,101 @@ def host_overhead(algo, count, repeats):
     return statistics.median(times) * 1e6
 
 
+ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+CHECKS = dict(loss_scale=1024.0, skip_nonfinite=True, max_grad_norm=1.0)
+ROUNDING = dict(stochastic_rounding=True, seed=1)
+# (name, param dtype, state dtype, float32 master weights)
+MIXED = (("float32 params, float32 state", "float32", "float32", False),
+         ("bf16 params, fp32 master, fp32 m/v", "bfloat16", "float32", True),
+         ("bf16 params, bf16 m/v, no master", "bfloat16", "bfloat16", False),
+         ("fp16 params, fp32 master, fp32 m/v", "float16", "float32", True))
+
+
+def torch_events_median(fn, repeats):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times)
+
+
+def run_mixed(n, repeats, bw):
+    """Adam in the 16-bit layouts (see the module's docstring); prints one row each."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--mixed needs torch with CUDA (bfloat16 tensors)")
+    print(f"Adam, {n} elements; ms per step (median of {repeats})")
+    print(f"{'layout':<44} {'B/el':>5} {'limit':>8} {'fusedopt':>9} {'% limit':>8} "
+          f"{'torch fused':>11} {'% limit':>8}")
+    for layout in MIXED:
+        mixed_layout(torch, n, repeats, bw, *layout)
+        torch.cuda.empty_cache()
+
+
+def mixed_layout(torch, n, repeats, bw, name, pname, sname, master):
+    pdt, sdt = getattr(torch, pname), getattr(torch, sname)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p32 = torch.randn(n, device="cuda", generator=gen)
+    params = [p32.to(pdt)]
+    grads = [torch.randn(n, device="cuda", generator=gen).to(pdt)]
+    m, v = [torch.zeros(n, device="cuda", dtype=sdt)], [torch.zeros(n, device="cuda", dtype=sdt)]
+    extra = {"master_params": [p32.clone()]} if master else {}
+    psize, ssize = params[0].element_size(), m[0].element_size()
+    per_element = 2 * psize + 2 * ssize + psize + 2 * ssize + (8 if master else 0)
+    limit = n * per_element / bw
+    # correctness first: one step against the float64 reference on a sample
+    k = 4096
+    p0, g0 = p32[:k].double().cpu().numpy(), grads[0][:k].double().cpu().numpy()
+    if not master:
+        p0 = params[0][:k].double().cpu().numpy()
+    want = fo.reference.adam([p0], [g0], [np.zeros(k)], [np.zeros(k)], step=1, **ADAM)[0][0]
+    fo.functional.adam_(params, grads, m, v, step=1, **ADAM, **extra)
+    got = (extra["master_params"][0] if master else params[0])[:k].double().cpu().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5 if master or psize == 4 else 2**-7,
+                               atol=1e-6)
+    variants = [(name, {})]
+    if master:
+        variants += [("  + loss scale, inf/NaN check, clipping", CHECKS),
+                     ("  + stochastic rounding", ROUNDING)]
+    for label, options in variants:
+        count = [1]
+
+        def one(options=options):
+            count[0] += 1
+            fo.functional.adam_(params, grads, m, v, step=count[0], **ADAM, **extra,
+                                **options)
+
+        t = torch_events_median(one, repeats)
+        tt = ""
+        if label == name and not master:  # torch keeps state in the param's dtype
+            weights = [params[0].clone().requires_grad_()]
+            weights[0].grad = grads[0].clone()
+            opt = torch.optim.Adam(weights, lr=ADAM["lr"], betas=(ADAM["beta1"],
+                                   ADAM["beta2"]), eps=ADAM["eps"], fused=True)
+            t_torch = torch_events_median(opt.step, repeats)
+            tt = f"{t_torch * 1e3:11.3f} {limit / t_torch:8.0%}"
+            del opt, weights
+        print(f"{label:<44} {per_element:5d} {limit * 1e3:8.3f} {t * 1e3:9.3f} "
+              f"{limit / t:8.0%} {tt}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--algos", default="adam")
     ap.add_argument("--workloads", default="256M,gpt2")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--mixed", action="store_true", help="Adam in the 16-bit layouts")
+    ap.add_argument("--elements", type=int, default=256 << 20, help="for --mixed")
     args = ap.parse_args(argv)
     try:
         import cupy
@@ -187,6 +284,9 @@ def main(argv=None):
     bw = copy_bandwidth(args.repeats)
     dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"device: {dev}; device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    if args.mixed:
+        run_mixed(args.elements, args.repeats, bw)
+        return
     rows = []
     print(f"{'algorithm':<13} {'workload':<9} {'fusedopt ms':>11} {'% limit':>8} "
           f"{'torch fused ms':>14} {'% limit':>8} {'torch/fusedopt':>14}")
