@@ -168,17 +168,23 @@ def available_isas():
     return isas
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
 @pytest.mark.parametrize("dtype,state_dtype,extra", LAYOUTS,
                          ids=[f"{d}-{s}-{x}" for d, s, x in LAYOUTS])
-def test_stochastic_bits_same_on_every_isa_and_thread_count(dtype, state_dtype, extra):
-    """Two Adam steps with stochastic rounding over tensors large enough to be split
-    between two threads (the boundary falls inside a tensor): params, states and extra
-    buffers are bit-identical for every instruction set and thread count."""
+def test_bits_same_on_every_isa_and_thread_count(dtype, state_dtype, extra, stochastic):
+    """Two Adam steps, rounding stochastically or to nearest, over tensors large enough
+    to be split between two threads (the boundary falls inside a tensor), with
+    infinities, NaN and subnormals among the params and gradients: params, states and
+    extra buffers are bit-identical for every instruction set and thread count."""
     rng = np.random.default_rng(8)
     sizes = [40_000, 7, 30_001, 1]
     params0 = [np.asarray(rng.standard_normal(n), dtype=dtype) for n in sizes]
     grads = [[np.asarray(rng.standard_normal(n), dtype=dtype) for n in sizes]
              for _ in range(2)]
+    special = [np.nan, np.inf, -np.inf, 6e-8, -3e-5, 0.0, -0.0, 60000.0]
+    params0[0][100:108] = np.asarray(special, dtype=dtype)
+    grads[0][0][200:208] = np.asarray(special, dtype=dtype)
+    grads[1][2][5:13] = np.asarray(special[::-1], dtype=dtype)
     c = case("adam", lr=0.01, amsgrad=True)
 
     def run():
@@ -190,7 +196,7 @@ def test_stochastic_bits_same_on_every_isa_and_thread_count(dtype, state_dtype, 
         elif extra == "kahan":
             kwargs["kahan_buffers"] = [np.zeros_like(p) for p in params]
         for t, g in enumerate(grads, start=1):
-            c.algo.op(params, g, *states, **c.op_kwargs(t), stochastic_rounding=True,
+            c.algo.op(params, g, *states, **c.op_kwargs(t), stochastic_rounding=stochastic,
                       seed=99, **kwargs)
         return params + [s for lst in states for s in lst] + sum(kwargs.values(), [])
 
@@ -205,6 +211,40 @@ def test_stochastic_bits_same_on_every_isa_and_thread_count(dtype, state_dtype, 
     for where, got in others:
         for k, (a, b) in enumerate(zip(got, expect)):
             assert_same_bits(a, b, f"array {k}, {where} vs {first}")
+
+
+def test_float16_conversions_same_on_every_isa():
+    """float16 params go through the conversion instructions in the AVX2 and AVX-512
+    builds and through integer code in the base build. SGD with lr = 0 loads every
+    float16 pattern and stores it back (NaN made quiet), and with master weights rounds
+    float32 values to float16: every float16 value, the midpoints between neighbours and
+    the floats next to them (ties and near ties, subnormals included), and 2^20 random
+    patterns (NaN payloads included). Every build must write the same bits."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(F16)
+    finite = halves[np.isfinite(halves)].astype(np.float64)
+    finite = np.unique(finite)  # sorted; +0 and -0 are one value here
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(F32)
+    rng = np.random.default_rng(12)
+    masters = np.concatenate([
+        halves.astype(F32), mids, np.nextafter(mids, np.float32(np.inf)),
+        np.nextafter(mids, np.float32(-np.inf)), -mids,
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(F32)])
+    results = {}
+    for isa in available_isas():
+        fusedopt._cpu.set_isa(isa)
+        loaded = [halves.copy()]
+        F.sgd_(loaded, [np.zeros_like(halves)], lr=0.0)
+        stored = [np.zeros(masters.size, F16)]
+        F.sgd_(stored, [np.zeros(masters.size, F16)], lr=0.0, master_params=[masters.copy()])
+        results[isa] = (loaded[0], stored[0])
+    assert len(results) >= 2, "only one instruction set on this CPU"
+    base = results.pop("base")
+    finite_in = np.isfinite(halves)
+    np.testing.assert_array_equal(base[0].view(np.uint16)[finite_in],
+                                  halves.view(np.uint16)[finite_in])
+    for isa, (loaded, stored) in results.items():
+        assert_same_bits(loaded, base[0], f"float16 loads, {isa} vs base")
+        assert_same_bits(stored, base[1], f"float16 stores, {isa} vs base")
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])

@@ -71,7 +71,9 @@ FO_HD float f16_bits_float(std::uint32_t h) {
   const std::uint32_t exp = (h >> 10) & 0x1fu;
   const std::uint32_t man = h & 0x3ffu;
   const std::uint32_t normal = ((exp + 112u) << 23) | (man << 13);
-  const std::uint32_t special = 0x7f800000u | (man << 13);      // inf, NaN
+  // inf, and NaN made quiet with its payload kept: what the F16C conversion
+  // instruction gives, so that the builds using it agree bit for bit
+  const std::uint32_t special = 0x7f800000u | (man << 13) | (man != 0 ? 0x400000u : 0u);
   const float sub = float(int(man)) * 5.9604644775390625e-08f;  // man * 2^-24, exact
   const std::uint32_t mag = exp == 0 ? float_bits(sub) : exp == 31 ? special : normal;
   return bits_float(sign | mag);
@@ -87,7 +89,8 @@ FO_HD std::uint16_t f16_nearest(float f) {
   const std::uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
   // below 2^-14: adding 0.5 makes the float unit round the value at 2^-24 steps
   const std::uint32_t sub = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
-  const std::uint32_t mag = a > 0x7f800000u   ? 0x7e00u   // NaN
+  // NaN: quiet, with the top of its payload (as the F16C instruction rounds)
+  const std::uint32_t mag = a > 0x7f800000u   ? 0x7e00u | ((a >> 13) & 0x3ffu)
                             : a >= 0x477ff000u ? 0x7c00u  // rounds to infinity
                             : a < 0x38800000u  ? sub
                                                : normal;

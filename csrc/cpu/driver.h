@@ -11,8 +11,13 @@
 
 #include <omp.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -74,6 +79,67 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
   }
 }
 
+#if defined(__F16C__)
+// float16 params (without stochastic rounding or Kahan buffers) in builds with the
+// conversion instructions: a block of params and gradients is converted to float, runs
+// through the same loop as float params (the master copy, states and L1 as ever), and
+// the params are rounded back to nearest even. The instructions convert exactly as
+// f16_bits_float and f16_nearest do, NaN included (a test compares them on every
+// value), so the bits are the other builds' bits; the integer conversions they replace
+// cost more than the memory traffic.
+constexpr std::int64_t kStage = 256;
+
+inline void halves_to_float(const f16* src, float* dst, std::int64_t n) {
+  std::int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_store_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                 reinterpret_cast<const __m256i*>(src + i))));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm256_store_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                 reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].bits);
+}
+
+inline void float_to_halves(const float* src, f16* dst, std::int64_t n) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  std::int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_load_ps(src + i), kNearest));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_load_ps(src + i), kNearest));
+  for (; i < n; ++i) dst[i].bits = _cvtss_sh(src[i], kNearest);
+}
+
+template <class Rule, class M, Extra X, class S, std::size_t... K>
+void update_range_f16(const typename Rule::Hyper& h, const Mode& mode,
+                      const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
+                      std::index_sequence<K...> states) {
+  static_assert(std::is_same_v<M, float> && X != Extra::Kahan);
+  constexpr std::size_t NS = sizeof...(K);
+  alignas(64) float pf[kStage], gf[kStage];
+  f16* p = reinterpret_cast<f16*>(slot[0]);
+  const f16* g = reinterpret_cast<const f16*>(slot[1]);
+  for (std::int64_t at = lo; at < hi; at += kStage) {
+    const std::int64_t n = std::min(kStage, hi - at);
+    halves_to_float(p + at, pf, n);
+    halves_to_float(g + at, gf, n);
+    // the block's slots: float params and gradients here, states and master weights
+    // (float) where they are; the loop runs over [0, n)
+    std::uint64_t block[2 + NS + 2] = {std::uint64_t(pf), std::uint64_t(gf),
+                                       (slot[2 + K] + std::uint64_t(at) * sizeof(S))..., 0, 0};
+    if constexpr (X == Extra::Master) block[2 + NS] = slot[2 + NS] + std::uint64_t(at) * 4;
+    update_range_impl<Rule, M, X, float, S, false>(h, mode, 0, block, 0, n, states);
+    float_to_halves(pf, p + at, n);
+  }
+}
+#endif
+
 // `h` holds one Hyper for all tensors (per_tensor false) or one per tensor, so that
 // K optimizer settings (a hyperparameter search, an ensemble) step in one call.
 template <class Rule, class M, Extra X, class P, class S>
@@ -113,6 +179,15 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
         const std::uint64_t key = tensor_key(mode.key, j);
         auto update = [&](std::int64_t from, std::int64_t to) {
           if (from >= to) return;
+#if defined(__F16C__)
+          if constexpr (std::is_same_v<P, f16> && X != Extra::Kahan) {
+            if (mode.stochastic == 0.0) {
+              update_range_f16<Rule, M, X, S>(hj, mode, slot, from, to,
+                                              std::make_index_sequence<NS>{});
+              return;
+            }
+          }
+#endif
           // stochastic rounding is a separate loop, not a branch inside one
           if (is_16bit<P>() && mode.stochastic != 0.0)
             update_range_impl<Rule, M, X, P, S, is_16bit<P>()>(hj, mode, key, slot, from, to,
