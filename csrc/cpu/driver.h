@@ -80,10 +80,10 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
 }
 
 #if defined(__F16C__)
-// float16 params (without stochastic rounding or Kahan buffers) in builds with the
-// conversion instructions: a block of params and gradients is converted to float, runs
-// through the same loop as float params (the master copy, states and L1 as ever), and
-// the params are rounded back to nearest even. The instructions convert exactly as
+// float16 params (without Kahan buffers) in builds with the conversion instructions: a
+// block of params and gradients is converted to float, runs through the same loop as
+// float params (the master copy, states and L1 as ever), and the params are rounded
+// back, to nearest even or stochastically. The instructions convert exactly as
 // f16_bits_float and f16_nearest do, NaN included (a test compares them on every
 // value), so the bits are the other builds' bits; the integer conversions they replace
 // cost more than the memory traffic.
@@ -116,13 +116,73 @@ inline void float_to_halves(const float* src, f16* dst, std::int64_t n) {
   for (; i < n; ++i) dst[i].bits = _cvtss_sh(src[i], kNearest);
 }
 
-template <class Rule, class M, Extra X, class S, std::size_t... K>
-void update_range_f16(const typename Rule::Hyper& h, const Mode& mode,
+// f16_stochastic lane by lane, with the conversion instructions for its roundings to
+// nearest and its conversions back: the same operations in the same order, so the
+// same bits.
+inline void float_to_halves_stochastic(const float* src, const std::uint32_t* rnd, f16* dst,
+                                       std::int64_t n) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  std::int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+  const __m512i low16 = _mm512_set1_epi32(0xffff);
+  const __m512 unit = _mm512_set1_ps(5.9604645e-08f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 f = _mm512_load_ps(src + i);
+    const __m256i r16 = _mm512_cvtps_ph(f, kNearest);
+    const __m512 fr = _mm512_cvtph_ps(r16);
+    const __m512i r = _mm512_cvtepu16_epi32(r16);
+    const __m512 af = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(f), abs_mask));
+    const __m512 afr = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(fr), abs_mask));
+    const __mmask16 away = _mm512_cmp_ps_mask(af, afr, _CMP_GT_OQ);
+    const __m512i other =
+        _mm512_and_si512(_mm512_mask_add_epi32(_mm512_sub_epi32(r, one), away, r, one), low16);
+    const __m512 gap = _mm512_sub_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(other)), fr);
+    const __m512 prob = _mm512_div_ps(_mm512_sub_ps(f, fr), gap);
+    const __m512i bits = _mm512_srli_epi32(_mm512_load_si512(rnd + i), 8);
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(bits), unit);
+    const __mmask16 up = _mm512_cmp_ps_mask(u, prob, _CMP_LT_OQ);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(up, r, other)));
+  }
+#else
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), one = _mm256_set1_epi32(1);
+  const __m256i low16 = _mm256_set1_epi32(0xffff);
+  const __m256 unit = _mm256_set1_ps(5.9604645e-08f);
+  const auto narrow = [](__m256i x) {  // 8 values below 2^16 to 16 bits
+    return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  };
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_load_ps(src + i);
+    const __m128i r16 = _mm256_cvtps_ph(f, kNearest);
+    const __m256 fr = _mm256_cvtph_ps(r16);
+    const __m256i r = _mm256_cvtepu16_epi32(r16);
+    const __m256 af = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(f), abs_mask));
+    const __m256 afr = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(fr), abs_mask));
+    const __m256i away = _mm256_castps_si256(_mm256_cmp_ps(af, afr, _CMP_GT_OQ));
+    const __m256i other = _mm256_and_si256(
+        _mm256_blendv_epi8(_mm256_sub_epi32(r, one), _mm256_add_epi32(r, one), away), low16);
+    const __m256 gap = _mm256_sub_ps(_mm256_cvtph_ps(narrow(other)), fr);
+    const __m256 prob = _mm256_div_ps(_mm256_sub_ps(f, fr), gap);
+    const __m256i bits = _mm256_srli_epi32(
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(rnd + i)), 8);
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(bits), unit);
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(u, prob, _CMP_LT_OQ));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     narrow(_mm256_blendv_epi8(r, other, up)));
+  }
+#endif
+  for (; i < n; ++i) dst[i].bits = f16_stochastic(src[i], rnd[i]);
+}
+
+template <class Rule, class M, Extra X, bool SR, class S, std::size_t... K>
+void update_range_f16(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                       const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
                       std::index_sequence<K...> states) {
   static_assert(std::is_same_v<M, float> && X != Extra::Kahan);
   constexpr std::size_t NS = sizeof...(K);
   alignas(64) float pf[kStage], gf[kStage];
+  alignas(64) std::uint32_t rnd[SR ? kStage : 1];
   f16* p = reinterpret_cast<f16*>(slot[0]);
   const f16* g = reinterpret_cast<const f16*>(slot[1]);
   for (std::int64_t at = lo; at < hi; at += kStage) {
@@ -135,7 +195,12 @@ void update_range_f16(const typename Rule::Hyper& h, const Mode& mode,
                                        (slot[2 + K] + std::uint64_t(at) * sizeof(S))..., 0, 0};
     if constexpr (X == Extra::Master) block[2 + NS] = slot[2 + NS] + std::uint64_t(at) * 4;
     update_range_impl<Rule, M, X, float, S, false>(h, mode, 0, block, 0, n, states);
-    float_to_halves(pf, p + at, n);
+    if constexpr (SR) {
+      for (std::int64_t k = 0; k < n; ++k) rnd[k] = random_bits(key, std::uint64_t(at + k));
+      float_to_halves_stochastic(pf, rnd, p + at, n);
+    } else {
+      float_to_halves(pf, p + at, n);
+    }
   }
 }
 #endif
@@ -181,11 +246,13 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
           if (from >= to) return;
 #if defined(__F16C__)
           if constexpr (std::is_same_v<P, f16> && X != Extra::Kahan) {
-            if (mode.stochastic == 0.0) {
-              update_range_f16<Rule, M, X, S>(hj, mode, slot, from, to,
-                                              std::make_index_sequence<NS>{});
-              return;
-            }
+            if (mode.stochastic != 0.0)
+              update_range_f16<Rule, M, X, true, S>(hj, mode, key, slot, from, to,
+                                                    std::make_index_sequence<NS>{});
+            else
+              update_range_f16<Rule, M, X, false, S>(hj, mode, key, slot, from, to,
+                                                     std::make_index_sequence<NS>{});
+            return;
           }
 #endif
           // stochastic rounding is a separate loop, not a branch inside one
