@@ -27,6 +27,22 @@ def _is_array(x):
         hasattr(x, "__dlpack__")
 
 
+def _settled(name):
+    """An attribute read and written through `name`, after the pending outcome of a
+    checked GPU step has been settled (`Optimizer._settle`)."""
+
+    def get(self):
+        if self._pending is not None:
+            self._settle()
+        return getattr(self, name)
+
+    def set(self, value):
+        self._settle()
+        setattr(self, name, value)
+
+    return property(get, set)
+
+
 class Optimizer:
     #: a checked GPU step whose outcome the host has not read yet: (DeviceStepInfo,
     #: indices of the state it created, the states whose step it counts)
@@ -86,27 +102,8 @@ class Optimizer:
     # the counts: at the next step, or when `state` or `steps_taken` is read. By then the
     # flag has long been copied back, and reading it waits for that copy only.
 
-    @property
-    def state(self):
-        if self._pending is not None:
-            self._settle()
-        return self._state
-
-    @state.setter
-    def state(self, value):
-        self._settle()
-        self._state = value
-
-    @property
-    def steps_taken(self):
-        if self._pending is not None:
-            self._settle()
-        return self._steps_taken
-
-    @steps_taken.setter
-    def steps_taken(self, value):
-        self._settle()
-        self._steps_taken = value
+    state = _settled("_state")
+    steps_taken = _settled("_steps_taken")
 
     def _settle(self):
         pending, self._pending = self._pending, None
