@@ -324,6 +324,16 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step_key", &fo::step_key, py::arg("seed"), py::arg("step"),
         "The random stream (`key`) of step `step` for a seed, as the CUDA kernels derive it\n"
         "from a step count kept on the device.");
+  m.def("hyper_fields", [](const std::string& kernel) {
+    std::pair<std::vector<std::string>, std::vector<std::string>> names;
+    const bool known = fo::with_rule(kernel, [&](auto rule) {
+      names = fo::hyper_field_names<typename decltype(rule)::Hyper>();
+    });
+    if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return py::make_tuple(py::tuple(py::cast(names.first)), py::tuple(py::cast(names.second)));
+  }, py::arg("kernel"),
+        "(fields the host fills, fields the rule fills per step) of a kernel's Hyper, by\n"
+        "name, in memory order: the hyperparameter array holds them in this order.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
     fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });

@@ -12,13 +12,31 @@ from cases import ALGORITHMS, CASES, FULL_CASES, assert_same_bits, case, data_pt
 SHAPES = [(10,), (4, 3), (), (0,), (2000,)]
 
 
+# torch.optim's execution flags, which only fusedopt.torch takes
+TORCH_FLAGS = {"foreach", "fused", "capturable", "differentiable"}
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_defaults_are_torchs(name):
+def test_defaults_are_the_specs(name):
     algo = ALGORITHMS[name]
     opt = algo.cls([np.zeros(3)])
     group = opt.param_groups[0]
-    assert {k: v for k, v in group.items() if k != "params"} == algo.defaults
-    assert opt.defaults == algo.defaults
+    expected = algo.spec.group_defaults()
+    assert {k: v for k, v in group.items() if k != "params"} == expected
+    assert opt.defaults == expected
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_defaults_are_torchs(name):
+    """The spec's defaults against torch.optim's own (where torch has the algorithm)."""
+    torch = pytest.importorskip("torch")
+    algo = ALGORITHMS[name]
+    cls = getattr(torch.optim, algo.cls.__name__, None)
+    if cls is None:
+        pytest.skip(f"torch.optim has no {algo.cls.__name__}")
+    theirs = cls([torch.zeros(3, requires_grad=True)]).defaults
+    theirs = {k: v for k, v in theirs.items() if k not in TORCH_FLAGS}
+    assert algo.spec.group_defaults() == theirs
 
 
 INVALID = [

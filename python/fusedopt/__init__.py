@@ -5,22 +5,26 @@
     opt.step(grads)
 
 `fo.functional` holds the stateless in-place ops, `fo.reference` the float64 NumPy
-references they are tested against.
+references they are tested against, `fo.algorithms` the table of algorithms every
+front-end is generated from.
 """
 
-from . import _cpu, amp, functional, reference
+from . import _cpu, algorithms, amp, functional, reference
 from . import batched, schedules, transfer
 from ._precision import DeviceStepInfo, Precision, StepInfo
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer
-from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .optimizers import CLASSES as _CLASSES
+
+globals().update({_cls.__name__: _cls for _cls in _CLASSES.values()})
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "LBFGS", "Newton",
-           "DeviceStepInfo", "Optimizer", "Precision", "StepInfo", "amp", "batched",
-           "functional", "reference", "schedules", "transfer", "set_num_threads", "get_num_threads", "cuda_available"]
+__all__ = [c.__name__ for c in _CLASSES.values()] + [
+    "LBFGS", "Newton", "DeviceStepInfo", "Optimizer", "Precision", "StepInfo", "algorithms",
+    "amp", "batched", "functional", "reference", "schedules", "transfer", "set_num_threads",
+    "get_num_threads", "cuda_available"]
 
 
 def set_num_threads(n: int) -> None:
@@ -29,6 +33,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads of the CPU kernels."""
     return _cpu.get_num_threads()
 
 

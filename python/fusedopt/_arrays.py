@@ -349,3 +349,68 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
                        np.ascontiguousarray(sizes)))
         layouts.append({"state_dtype": int(k % 4), "extra": extra_kind})
     return Prepared(device, groups, layouts, keep)
+
+
+# --- arrays like a param (the optimizer classes' state) -----------------------------------------
+
+
+def like(op, name, obj):
+    """An array object with `shape` and `dtype` for `obj`: `obj` itself when it is a NumPy
+    or CuPy array or a PyTorch tensor, else a view of its memory through the interface it
+    offers (a NumPy view of host memory, a CuPy view of device memory). A read-only
+    producer that refuses the export gets the read-only ValueError; an object that is
+    no array, the TypeError of `describe`."""
+    if isinstance(obj, np.ndarray) or _is_known_kind(obj):
+        return obj
+    if _foreign._is_jax(obj):
+        raise ValueError(_foreign.readonly_message(op, name, obj))
+    if hasattr(obj, "__array_interface__"):
+        return np.asarray(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asarray(obj)
+    if hasattr(obj, "__dlpack__"):
+        row, holder = _foreign.describe(op, name, obj)
+        if holder is not None:
+            holder.release()
+        try:
+            if row[DEVICE] == CPU:
+                return np.from_dlpack(obj)
+            import cupy
+
+            return cupy.from_dlpack(obj)
+        except BufferError as e:
+            raise ValueError(_foreign.readonly_message(op, name, obj) + f" ({e})") from None
+    _foreign.describe(op, name, obj)  # raises the TypeError for what is not an array
+    raise TypeError(f"{op}: {name} is not an array")
+
+
+def _is_known_kind(obj):
+    module = type(obj).__module__
+    return module.startswith("cupy") or module.startswith("torch")
+
+
+def zeros_like(obj, dtype=None):
+    """Zeros with the shape and device of an array from `like`, of `dtype` (a NumPy dtype;
+    default: the array's): a torch tensor for a torch tensor, a CuPy array on the GPU, a
+    NumPy array otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        tdtype = obj.dtype if dtype is None else _torch_dtype(torch, dtype)
+        if obj.is_cpu and tdtype != torch.bfloat16:
+            # host memory: NumPy state, as for any host array (a bfloat16 tensor keeps
+            # torch's bfloat16, which needs no ml_dtypes)
+            return np.zeros(tuple(obj.shape), dtype=_numpy_dtype(tdtype))
+        return torch.zeros(tuple(obj.shape), dtype=tdtype, device=obj.device)
+    return np.zeros_like(obj, dtype=dtype)  # CuPy arrays answer with CuPy (__array_function__)
+
+
+def _torch_dtype(torch, dtype):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, np.dtype(dtype).name)
+
+
+def _numpy_dtype(tdtype):
+    return np.dtype(str(tdtype).rpartition(".")[2])

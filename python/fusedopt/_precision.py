@@ -17,8 +17,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-OPTIONS = ("master_params", "kahan_buffers", "stochastic_rounding", "seed", "loss_scale",
-           "max_grad_norm", "skip_nonfinite", "l1")
+#: The mixed-precision and gradient-check keywords every functional op takes:
+#: (name, default, annotation, description).
+KEYWORDS = (
+    ("master_params", None, "list | None",
+     "float32 master weights of 16-bit params, updated with them in the same pass."),
+    ("kahan_buffers", None, "list | None",
+     "Compensation buffers (the params' dtype) that carry what rounding 16-bit params lost."),
+    ("stochastic_rounding", False, "bool",
+     "Write 16-bit params back with stochastic rounding."),
+    ("seed", 0, "int", "The random stream of stochastic rounding (mixed with the step)."),
+    ("loss_scale", None, "float | None", "The gradients are divided by it."),
+    ("max_grad_norm", None, "float | None",
+     "Clip the gradients to this global L2 norm (over all params of the call)."),
+    ("skip_nonfinite", False, "bool",
+     "A step whose gradients hold inf or NaN changes nothing."),
+    ("l1", 0.0, "float",
+     "L1 regularization: the proximal step p = sign(p) max(|p| - lr l1, 0) after the update."),
+)
+OPTIONS = tuple(k[0] for k in KEYWORDS)
 
 _MASK = (1 << 64) - 1
 
