@@ -33,25 +33,55 @@ Launch g_launch = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 
+// The instruction sets this build compiled the kernels for (all three unless a
+// development build narrowed FUSEDOPT_ISAS).
+#if defined(FO_HAVE_ISA_AVX512)
+constexpr bool kBuilt512 = true;
+#else
+constexpr bool kBuilt512 = false;
+#endif
+#if defined(FO_HAVE_ISA_AVX2)
+constexpr bool kBuilt2 = true;
+#else
+constexpr bool kBuilt2 = false;
+#endif
+#if defined(FO_HAVE_ISA_BASE)
+constexpr bool kBuiltBase = true;
+#else
+constexpr bool kBuiltBase = false;
+#endif
+
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+  const bool has2 = kBuilt2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
-  const bool has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  const bool has512 = kBuilt512 && __builtin_cpu_supports("avx2") &&
+                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
   std::string isa = want;
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
-  if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
-    throw std::invalid_argument("this CPU does not support " + isa);
+  if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2) || (isa == "base" && !kBuiltBase))
+    throw std::invalid_argument("this CPU or build does not support " + isa);
   namespace c = fo::cpu;
-  if (isa == "avx512")
+  if (isa == "avx512") {
+#if defined(FO_HAVE_ISA_AVX512)
     g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
     g_vector_bits = c::isa_avx512::vector_bits;
-  else if (isa == "avx2")
-    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq, g_vector_bits = c::isa_avx2::vector_bits;
-  else if (isa == "base")
-    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq, g_vector_bits = c::isa_base::vector_bits;
-  else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
+#endif
+  } else if (isa == "avx2") {
+#if defined(FO_HAVE_ISA_AVX2)
+    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
+    g_vector_bits = c::isa_avx2::vector_bits;
+#endif
+  } else if (isa == "base") {
+#if defined(FO_HAVE_ISA_BASE)
+    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
+    g_vector_bits = c::isa_base::vector_bits;
+#endif
+  } else {
+    throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
+  }
   g_isa = isa;
 }
 
@@ -315,6 +345,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_isa", &select_isa, py::arg("isa"),
         "Select the instruction set of the kernels: 'auto', 'avx512', 'avx2' or 'base'.");
   m.def("get_isa", [] { return g_isa; });
+  m.def("built_isas", [] {
+    py::list out;
+    if (kBuiltBase) out.append("base");
+    if (kBuilt2) out.append("avx2");
+    if (kBuilt512) out.append("avx512");
+    return out;
+  }, "The instruction sets this build compiled the kernels for.");
   m.def("vector_bits", [] { return g_vector_bits(); },
         "The vector width the selected instruction set's kernels were compiled for.");
   m.def("num_states", &num_states, py::arg("kernel"));
