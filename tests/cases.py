@@ -80,6 +80,44 @@ ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
 NONNEGATIVE_STATES = {s.name for spec in SPECS.values() for s in spec.states if s.positive}
 
 
+#: (class name, constructor options) that torch.optim refuses with a ValueError; the
+#: NumPy classes refuse them too, and fusedopt.torch with torch's very message.
+INVALID = [
+    ("SGD", dict(lr=-0.1)),
+    ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1e-4)),
+    ("SGD", dict(nesterov=True)),
+    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
+    ("Adagrad", dict(lr=-0.1)),
+    ("Adagrad", dict(lr_decay=-0.1)),
+    ("Adagrad", dict(weight_decay=-0.1)),
+    ("Adagrad", dict(initial_accumulator_value=-0.1)),
+    ("Adagrad", dict(eps=-1e-10)),
+    ("RMSprop", dict(lr=-0.1)),
+    ("RMSprop", dict(eps=-1e-8)),
+    ("RMSprop", dict(momentum=-0.1)),
+    ("RMSprop", dict(weight_decay=-0.1)),
+    ("RMSprop", dict(alpha=-0.1)),
+    ("Adadelta", dict(lr=-0.1)),
+    ("Adadelta", dict(rho=-0.1)),
+    ("Adadelta", dict(rho=1.1)),
+    ("Adadelta", dict(eps=-1e-6)),
+    ("Adadelta", dict(weight_decay=-0.1)),
+    ("Adam", dict(lr=-0.1)),
+    ("Adam", dict(eps=-1e-8)),
+    ("Adam", dict(betas=(1.0, 0.999))),
+    ("Adam", dict(betas=(-0.1, 0.999))),
+    ("Adam", dict(betas=(0.9, 1.0))),
+    ("Adam", dict(betas=(0.9, -0.5))),
+    ("Adam", dict(weight_decay=-0.1)),
+    ("AdamW", dict(lr=-0.1)),
+    ("AdamW", dict(eps=-1e-8)),
+    ("AdamW", dict(betas=(1.0, 0.999))),
+    ("AdamW", dict(betas=(0.9, 1.0))),
+    ("AdamW", dict(weight_decay=-0.1)),
+]
+
+
 @dataclass(frozen=True)
 class Case:
     algo: Algorithm

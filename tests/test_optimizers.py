@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import fusedopt
-from cases import ALGORITHMS, CASES, FULL_CASES, assert_same_bits, case, data_ptr, random_arrays
+from cases import (ALGORITHMS, CASES, FULL_CASES, INVALID, assert_same_bits, case, data_ptr,
+                   random_arrays)
 
 SHAPES = [(10,), (4, 3), (), (0,), (2000,)]
 
@@ -37,42 +38,6 @@ def test_defaults_are_torchs(name):
     theirs = cls([torch.zeros(3, requires_grad=True)]).defaults
     theirs = {k: v for k, v in theirs.items() if k not in TORCH_FLAGS}
     assert algo.spec.group_defaults() == theirs
-
-
-INVALID = [
-    ("SGD", dict(lr=-0.1)),
-    ("SGD", dict(momentum=-0.5)),
-    ("SGD", dict(weight_decay=-1e-4)),
-    ("SGD", dict(nesterov=True)),
-    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
-    ("Adagrad", dict(lr=-0.1)),
-    ("Adagrad", dict(lr_decay=-0.1)),
-    ("Adagrad", dict(weight_decay=-0.1)),
-    ("Adagrad", dict(initial_accumulator_value=-0.1)),
-    ("Adagrad", dict(eps=-1e-10)),
-    ("RMSprop", dict(lr=-0.1)),
-    ("RMSprop", dict(eps=-1e-8)),
-    ("RMSprop", dict(momentum=-0.1)),
-    ("RMSprop", dict(weight_decay=-0.1)),
-    ("RMSprop", dict(alpha=-0.1)),
-    ("Adadelta", dict(lr=-0.1)),
-    ("Adadelta", dict(rho=-0.1)),
-    ("Adadelta", dict(rho=1.1)),
-    ("Adadelta", dict(eps=-1e-6)),
-    ("Adadelta", dict(weight_decay=-0.1)),
-    ("Adam", dict(lr=-0.1)),
-    ("Adam", dict(eps=-1e-8)),
-    ("Adam", dict(betas=(1.0, 0.999))),
-    ("Adam", dict(betas=(-0.1, 0.999))),
-    ("Adam", dict(betas=(0.9, 1.0))),
-    ("Adam", dict(betas=(0.9, -0.5))),
-    ("Adam", dict(weight_decay=-0.1)),
-    ("AdamW", dict(lr=-0.1)),
-    ("AdamW", dict(eps=-1e-8)),
-    ("AdamW", dict(betas=(1.0, 0.999))),
-    ("AdamW", dict(betas=(0.9, 1.0))),
-    ("AdamW", dict(weight_decay=-0.1)),
-]
 
 
 @pytest.mark.parametrize("cls,kwargs", INVALID,
