@@ -67,6 +67,9 @@ class FusedFunctional(Impl):
 class NumpyByHand(Impl):
     key = "numpy"
 
+    def supports(self, algo, dtype):
+        return algo.has_numpy
+
     def build(self, algo, work):
         return ArrayRunner(algo, work, algo.numpy)
 

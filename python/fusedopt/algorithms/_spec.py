@@ -185,6 +185,9 @@ class Spec:
     #: options the batched optimizers take as one value for all members (they change
     #: the kernel or the state buffers)
     batch_shared: ClassVar[tuple] = ()
+    #: the step benchmark's rows of this algorithm: {row name: constructor options}
+    #: (default: one row, named after the algorithm, with the default options)
+    bench: ClassVar[dict | None] = None
     #: the options shown in the docstring's example
     example: ClassVar[str] = "lr=1e-3"
 

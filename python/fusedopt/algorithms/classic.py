@@ -64,6 +64,7 @@ class Sgd(Spec):
     scalars = ()
     fresh_keyword = "first_step"
     example = "lr=0.01, momentum=0.9"
+    bench = {"sgd": dict(lr=0.01), "sgd_momentum": dict(lr=0.01, momentum=0.9)}
 
     def validate(self, g):
         check_lr(g)
@@ -122,6 +123,7 @@ class Adagrad(Spec):
     states = (State("sum", "state_sums", "Sum of squared gradients.", positive=True),)
     eager_state = True
     example = "lr=0.1"
+    bench = {"adagrad": dict(lr=0.01, eps=1e-10)}
 
     def validate(self, g):
         check_lr(g)
