@@ -349,3 +349,8 @@ def _make_all():
 CLASSES = _make_all()
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 __all__ += [cls.__name__ for cls in CLASSES.values()]
+
+# The optimizers that are not generated from an elementwise spec.
+from ._torch_lbfgs import LBFGS  # noqa: E402
+
+__all__ += ["LBFGS"]
