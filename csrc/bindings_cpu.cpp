@@ -94,7 +94,8 @@ int num_states(const std::string& kernel) {
 
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper, int state_dtype,
-          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1) {
+          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1,
+          double ema_decay) {
   if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
       !(hyper.flags() & py::array::c_style))
     throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
@@ -102,14 +103,14 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   if (n == 0) return;
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  const std::int64_t nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + ((extra & fo::kEmaBit) != 0 ? 1 : 0);
   if (ptrs.size() != nslots * n)
     throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
                                 " entries, expected " + std::to_string(nslots) + " slots x " +
                                 std::to_string(n) + " tensors");
   Table t{ptrs.data(), sizes.data(), n};
   const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
-  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1, ema_decay};
   const double* h = hyper.data();
   const std::int64_t nh = hyper.size();
   const int nt = num_threads();
@@ -217,7 +218,10 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
   const py::ssize_t n = PySequence_Fast_GET_SIZE(fast[0].ptr());
   for (const auto& f : fast)
     if (PySequence_Fast_GET_SIZE(f.ptr()) != n) return py::none();
-  const int ext = extra_kind != 0 ? int(L) - 1 : -1;
+  // the lists end with the extra buffer (extra_kind & 3) and then the EMA (extra_kind & 4)
+  const int ema = (extra_kind & fo::kEmaBit) != 0 ? int(L) - 1 : -1;
+  const int xkind = extra_kind & 3;
+  const int ext = xkind != 0 ? int(L) - 1 - (ema >= 0 ? 1 : 0) : -1;
   std::vector<std::uint64_t> ptr(static_cast<std::size_t>(L * n));
   std::vector<std::int64_t> size(static_cast<std::size_t>(n));
   std::vector<int> key(static_cast<std::size_t>(n));
@@ -251,7 +255,8 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
         if (type(k) != ts) return py::none();
       scode = code_of(ts);
     }
-    if (ext >= 0 && (code < 2 || type(ext) != (extra_kind == 1 ? kF32 : t0))) return py::none();
+    if (ext >= 0 && (code < 2 || type(ext) != (xkind == 1 ? kF32 : t0))) return py::none();
+    if (ema >= 0 && type(ema) != t0) return py::none();
     std::int64_t count = 1;
     for (int d = 0; d < a[0]->nd; ++d) count *= a[0]->dimensions[d];
     size[std::size_t(i)] = count;
@@ -263,7 +268,7 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
     w.reserve(std::size_t((L - 1) * n));
     auto bytes = [&](py::ssize_t k, py::ssize_t i) {
       const int c = key[std::size_t(i)];
-      const int code = k == 1 || k == 0 ? c / 4 : k == ext ? (extra_kind == 1 ? 0 : c / 4) : c % 4;
+      const int code = k == 1 || k == 0 || k == ema ? c / 4 : k == ext ? (xkind == 1 ? 0 : c / 4) : c % 4;
       return std::uint64_t(size[std::size_t(i)]) * (code == 1 ? 8u : code == 0 ? 4u : 2u);
     };
     for (py::ssize_t k = 0; k < L; ++k) {
@@ -315,7 +320,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
         py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
-        py::arg("step") = 1.0, py::arg("l1") = 0.0,
+        py::arg("step") = 1.0, py::arg("l1") = 0.0, py::arg("ema_decay") = 0.0,
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
         "holds the rule's hyperparameters once, or once per tensor (n x size). `dtype` and\n"
         "`state_dtype` are storage codes (0 float32, 1 float64, 2 float16, 3 bfloat16; -1: as\n"
@@ -323,7 +328,9 @@ PYBIND11_MODULE(_cpu, m) {
         "Gradients are multiplied by `grad_scale`; `stochastic` rounds 16-bit params\n"
         "stochastically with the random stream `key`. `step` is the count t after this update,\n"
         "from which the rule fills its per-step scalars (bias corrections, decayed rates).\n"
-        "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.");
+        "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.\n"
+        "`extra` + 4 adds an EMA slot (the params' dtype, after the extra buffer's), moved\n"
+        "toward the stored params as torch.lerp(ema, p, 1 - ema_decay); ema_decay 0 copies.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),

@@ -97,9 +97,11 @@ const char* dtype_name(int code) {
 std::string layout_name(int param, int state, int extra) {
   std::string s = dtype_name(param);
   if (param == state && extra == 0) return s;
+  if (param == state && extra == fo::kEmaBit) return s + ", EMA";
   s += " params, " + std::string(dtype_name(state)) + " states";
-  if (extra == 1) s += ", master weights";
-  if (extra == 2) s += ", Kahan";
+  if ((extra & 3) == 1) s += ", master weights";
+  if ((extra & 3) == 2) s += ", Kahan";
+  if ((extra & fo::kEmaBit) != 0) s += ", EMA";
   return s;
 }
 
@@ -109,7 +111,8 @@ int built(const std::string& kernel, int param, int state, int extra) {
   int result = -1;
   fo::with_rule(kernel, [&](auto rule) {
     fo::with_layout(param, state, extra, [&](auto, auto p, auto s, auto x) {
-      result = fo::cuda::is_built<decltype(rule), decltype(x)::value, decltype(p), decltype(s)>();
+      result = fo::cuda::is_built<decltype(rule), decltype(x)::value, decltype(p), decltype(s),
+                                  decltype(x)::ema>();
     });
   });
   return result;
@@ -133,14 +136,14 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper,
           std::uintptr_t stream, int state_dtype, int extra, double grad_scale, bool stochastic,
           std::uint64_t key, double step_count, double l1, std::uint64_t scale_ptr,
-          std::uint64_t step_ptr) {
+          std::uint64_t step_ptr, double ema_decay) {
   check_contiguous(kernel, ptrs, sizes, hyper);
   const int ns = num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   const std::int64_t nptrs = ptrs.size(), nhyper = hyper.size();
   // Exactly the layout's slots: the kernels read every one of them.
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  const std::int64_t nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + ((extra & fo::kEmaBit) != 0 ? 1 : 0);
   if (nptrs != nslots * n)
     throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
                                 std::to_string(n) + " pointers, got " + std::to_string(nptrs));
@@ -173,7 +176,8 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (first < 0) return;  // nothing to update: no CUDA call at all
 
   fo::cuda::StepCall call{kernel, name, dtype, state, extra, p, sz, n, hyper.data(), per_tensor,
-                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1},
+                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1,
+                                   ema_decay},
                           reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
   const StepEntry entry = step_entry(dtype, state);
   py::gil_scoped_release nogil;
@@ -331,7 +335,7 @@ py::object device_error() {
 py::dict launch_limits(const std::string& kernel, int extra) {
   const int ns = num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
-  const int nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  const int nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + ((extra & fo::kEmaBit) != 0 ? 1 : 0);
   py::dict d;
   auto fill = [&](auto batch) {
     using B = decltype(batch);
@@ -347,6 +351,7 @@ py::dict launch_limits(const std::string& kernel, int extra) {
     case 4: fill(fo::cuda::Batch<4>{}); break;
     case 5: fill(fo::cuda::Batch<5>{}); break;
     case 6: fill(fo::cuda::Batch<6>{}); break;
+    case 7: fill(fo::cuda::Batch<7>{}); break;
     default: throw std::invalid_argument(kernel + ": no launcher for " + std::to_string(nslots) + " slots");
   }
   return d;
@@ -361,6 +366,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
         py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
         py::arg("l1") = 0.0, py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
+        py::arg("ema_decay") = 0.0,
         "Run `kernel` in place over the device tensors of a pointer table (slots x tensors),\n"
         "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).\n"
         "The arguments after `stream` are _cpu.step's, with the same results bit for bit.\n"

@@ -441,9 +441,11 @@ def _decode(code, a):
 
 
 def _layout_codes(layout, nstates):
-    """Storage dtype code of every slot: param, grad, states, then the extra buffer."""
+    """Storage dtype code of every slot: param, grad, states, then the extra buffer, then
+    the EMA slot (extra code + 4)."""
     param, state, extra = layout
-    return [param, param] + [state] * nstates + {0: [], 1: [FLOAT32], 2: [param]}[extra]
+    return [param, param] + [state] * nstates + {0: [], 1: [FLOAT32], 2: [param]}[extra & 3] + \
+        ([param] if extra & 4 else [])
 
 
 def _layout_slots(rng, sizes, nstates, layout):
@@ -453,10 +455,12 @@ def _layout_slots(rng, sizes, nstates, layout):
     for k in range(nstates):
         lo, hi = (0.5, 1.5) if k == 0 else (0.0, 0.2)
         values.append([rng.uniform(lo, hi, n) for n in sizes])
-    if layout[2] == 1:
+    if layout[2] & 3 == 1:
         values.append([v.astype(np.float32).astype(np.float64) for v in values[0]])
-    elif layout[2] == 2:
+    elif layout[2] & 3 == 2:
         values.append([1e-3 * rng.standard_normal(n) for n in sizes])
+    if layout[2] & 4:  # averages near the params
+        values.append([v + 0.1 * rng.standard_normal(v.size) for v in values[0]])
     codes = _layout_codes(layout, nstates)
     return [[_encode(codes[k], v) for v in slot] for k, slot in enumerate(values)]
 
@@ -943,3 +947,71 @@ def test_optimizer_with_loss_scaler_on_cupy_matches_numpy(cp, cls, kwargs):
     assert scalers[1].state_dict() == scalers[0].state_dict()
     _assert_same(cp, [p_cp], [p_np], np.float32)
     _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"], np.float32)
+
+
+# --- The EMA slot (extra code + 4) and the EMA rule: bit for bit ------------------------
+
+EMA_LAYOUTS = {name + "/ema": (p, st, x | 4) for name, (p, st, x) in LAYOUTS.items() if x != 2}
+EMA_DECAY = {"ema_decay": lambda t: 0.0 if t == 1 else (0.999, 0.3, 0.9)[t % 3]}
+
+
+def test_ema_layouts_have_kernels(cuda_mod):
+    """Every update rule in every EMA layout; neither the bandwidth probes nor the EMA
+    rule itself, and no EMA next to Kahan buffers."""
+    for layout in EMA_LAYOUTS.values():
+        for case in LAYOUT_CASES:
+            assert cuda_mod.has_kernel(CASES[case][0], *layout)
+        assert not cuda_mod.has_kernel("stream0", *layout)
+        assert not cuda_mod.has_kernel("ema", *layout)
+    assert cuda_mod.has_kernel("ema", FLOAT16, FLOAT32, 0)
+    assert not cuda_mod.has_kernel("adam", FLOAT16, FLOAT32, 6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(EMA_LAYOUTS))
+@pytest.mark.parametrize("case", ["sgd_momentum", "rmsprop_centered_momentum", "adam",
+                                  "adamw_amsgrad"])
+def test_ema_layout_bitwise_equal_to_cpu(cp, case, layout):
+    """The EMA's lerp is a written-out fused multiply-add on both sides: the same bits."""
+    host, dev = _run_layout(cp, np.random.default_rng(40), CASES[case], EMA_LAYOUTS[layout],
+                            steps=4, **EMA_DECAY)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bfloat16/float32/ema", "float16/float32/master/ema"])
+def test_ema_layout_with_stochastic_rounding(cp, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(41), CASES["adam"], EMA_LAYOUTS[layout],
+                            stochastic=True, key=lambda t: 1234 + t, **EMA_DECAY)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32", "float16/float32"])
+def test_ema_rule_bitwise_equal_to_cpu(cp, layout):
+    case = ("ema", 0, _hyper("ema", decay=lambda t: 0.0 if t == 1 else 0.75))
+    host, dev = _run_layout(cp, np.random.default_rng(42), case, LAYOUTS[layout])
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kwargs", [("Adam", {"lr": 1e-2}), ("SGD", {"lr": 0.1})])
+def test_optimizer_with_ema_on_cupy_matches_numpy(cp, cls, kwargs):
+    """A class with ema_decay on the GPU: the averages as on the CPU, bit for bit,
+    also for a param without a gradient in a step (the EMA rule's pass)."""
+    import fusedopt
+    rng = np.random.default_rng(43)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    p_np, p_cp = [p.copy() for p in params], [cp.asarray(p) for p in params]
+    opt_np = getattr(fusedopt, cls)(p_np, ema_decay=0.9, **kwargs)
+    opt_cp = getattr(fusedopt, cls)(p_cp, ema_decay=0.9, **kwargs)
+    for k in range(4):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+        if k == 2:
+            grads[3] = None
+        opt_np.step(grads)
+        opt_cp.step([None if g is None else cp.asarray(g) for g in grads])
+    cp.cuda.get_current_stream().synchronize()
+    for i in range(len(SIZES)):
+        assert cp.asnumpy(p_cp[i]).tobytes() == p_np[i].tobytes()
+        assert cp.asnumpy(opt_cp.state[i]["ema"]).tobytes() == opt_np.state[i]["ema"].tobytes()

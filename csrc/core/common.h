@@ -43,4 +43,16 @@ FO_HD M prepare_grad(M g, M p, bool maximize, double wd) {
   return wd != 0.0 ? g + M(wd) * p : g;
 }
 
+// torch.optim.swa_utils' EMA (AveragedModel with get_ema_multi_avg_fn): the average e
+// moves toward the param p as torch.lerp(e, p, w) with w = 1 - decay, in the form
+// torch's CPU vector kernel computes it, and its CUDA kernel once contracted:
+// fma(w, p - e, e) for |w| < 0.5, else fma(w - 1, p - e, p). The fused multiply-add
+// is written out (the kernels are otherwise built without contraction).
+template <class M>
+FO_HD M ema_lerp(M e, M p, double decay) {
+  const M w = M(1.0 - decay);
+  const bool small = std::fabs(w) < M(0.5);
+  return std::fma(small ? w : w - M(1), p - e, small ? e : p);
+}
+
 }  // namespace fo

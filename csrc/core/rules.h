@@ -3,10 +3,12 @@
 #pragma once
 
 #include <string_view>
+#include <type_traits>
 
 #include "adadelta.h"
 #include "adagrad.h"
 #include "adam.h"
+#include "ema.h"
 #include "rmsprop.h"
 #include "sgd.h"
 #include "stream.h"
@@ -20,6 +22,15 @@ constexpr int hyper_size() {
                 "a Hyper must be declared with FO_FIELDS / FO_STEP_FIELDS only");
   return int(sizeof(typename Rule::Hyper) / sizeof(double));
 }
+
+// Whether a kernel takes the EMA slot of a layout: every update rule; not the
+// bandwidth probes, nor the EMA rule itself (no instantiations for them).
+template <class Rule>
+struct TakesEma : std::true_type {};
+template <int N>
+struct TakesEma<Stream<N>> : std::false_type {};
+template <>
+struct TakesEma<Ema> : std::false_type {};
 
 template <class F>
 bool with_rule(std::string_view name, F&& f) {
@@ -37,6 +48,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream1") return f(Stream<1>{}), true;
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
+  if (name == "ema") return f(Ema{}), true;
   return false;
 }
 

@@ -32,8 +32,11 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
     for (Hyper& one : h) Rule::at_step(one, mode.step);
     const bool known = with_layout(layout.param, layout.state, layout.extra,
                                    [&](auto m, auto p, auto s, auto x) {
-      run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
-          t, h.data(), per_tensor, mode, max_threads);
+      if constexpr (decltype(x)::ema && !TakesEma<Rule>::value)
+        throw std::invalid_argument(std::string(kernel) + ": this kernel has no EMA slot");
+      else
+        run<Rule, decltype(m), decltype(x)::value, decltype(x)::ema, decltype(p), decltype(s)>(
+            t, h.data(), per_tensor, mode, max_threads);
     });
     if (!known)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +

@@ -12,10 +12,10 @@
 namespace fo::cuda::FO_CUDA_NS {
 namespace {
 
-template <class Rule, class M, Extra X, class P, class S, bool SR>
+template <class Rule, class M, Extra X, bool E, class P, class S, bool SR>
 void run(const StepCall& c) {
   using Hyper = typename Rule::Hyper;
-  using Op = UpdateFunctor<Rule, M, X, P, S, SR>;
+  using Op = UpdateFunctor<Rule, M, X, P, S, SR, E>;
   // Hyper is a plain struct of doubles: copy it out of the caller's array. The
   // per-step scalars come from the same at_step as on the CPU, in double on the
   // host, unless the count lives on the device.
@@ -48,16 +48,17 @@ void step(const StepCall& c) {
       using P = decltype(p);
       using S = decltype(s);
       constexpr Extra X = decltype(x)::value;
+      constexpr bool E = decltype(x)::ema;
       if constexpr (dtype_code<P>() == FO_CUDA_PARAM && dtype_code<S>() == FO_CUDA_STATE &&
-                    is_built<Rule, X, P, S>()) {
+                    is_built<Rule, X, P, S, E>()) {
         // stochastic rounding concerns 16-bit params only, as on the CPU
         if constexpr (sizeof(P) == 2) {
           if (c.mode.stochastic != 0.0)
-            run<Rule, decltype(m), X, P, S, true>(c);
+            run<Rule, decltype(m), X, E, P, S, true>(c);
           else
-            run<Rule, decltype(m), X, P, S, false>(c);
+            run<Rule, decltype(m), X, E, P, S, false>(c);
         } else {
-          run<Rule, decltype(m), X, P, S, false>(c);
+          run<Rule, decltype(m), X, E, P, S, false>(c);
         }
         done = true;
       }

@@ -49,13 +49,14 @@ struct IsStreamProbe<Stream<N>> : std::true_type {};
 
 // Whether this module has a kernel for the rule in the layout: every optimizer in
 // every layout; the bandwidth probes (stream*) only where the benchmarks use them,
-// float32, float64 and bfloat16 params with float32 states and master weights,
-// which keeps the build time in check.
-template <class Rule, Extra X, class P, class S>
+// float32, float64 and bfloat16 params with float32 states and master weights
+// (without the EMA slot), which keeps the build time in check.
+template <class Rule, Extra X, class P, class S, bool E = false>
 constexpr bool is_built() {
+  if constexpr (E && !TakesEma<Rule>::value) return false;
   if constexpr (!IsStreamProbe<Rule>::value) return true;
-  return std::is_same_v<P, float> || std::is_same_v<P, double> ||
-         (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master);
+  return !E && (std::is_same_v<P, float> || std::is_same_v<P, double> ||
+                (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master));
 }
 
 #define FO_DECLARE_CUDA_STEP(ns) \
