@@ -27,6 +27,7 @@ F_WRITEABLE = _cpu.FLAG_WRITEABLE
 F_NATIVE = _cpu.FLAG_NATIVE
 
 CPU = 0  # device column: 0 for host memory, 1 + ordinal for CUDA device `ordinal`
+EMA_BIT = 4  # bit of a layout's extra code: the EMA slot (csrc/core/layouts.h, kEmaBit)
 
 # NumPy type number -> the kernels' dtype code (fo::DType): float32 0, float64 1,
 # float16 2, bfloat16 3 (ml_dtypes' NumPy type, or the marker for producers that
@@ -154,11 +155,12 @@ def _check_list(op, name, seq, n):
         raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
 
 
-def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
+def _diagnose(op, names, seqs, R, codes, extra_kind, read_only, ema=False):
     """Find and raise the first problem of a call whose combined check failed. The
     order is the documented one: dtypes, shapes, devices, then writeability."""
     params, prow = seqs[0], R[0]
-    nstates = len(seqs) - 2 - (extra_kind != 0)
+    nstates = len(seqs) - 2 - (extra_kind != 0) - ema
+    xi = len(seqs) - 1 - ema  # the extra list's index
     bad = np.flatnonzero((codes < 0) | ((prow[:, FLAGS] & F_NATIVE) == 0))
     if bad.size:
         i = int(bad[0])
@@ -178,7 +180,7 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
                                 f"{_dtype_of(seqs, R, 2, i)}; the state of a 16-bit "
                                 "param is float32 or bfloat16")
             rule = "params[{i}] has {p}" if k == 2 else f"{names[2]}[{{i}}] has {{s}}"
-        elif k == len(seqs) - 1 and extra_kind == 1:
+        elif k == xi and extra_kind == 1:
             expect, rule = np.full_like(expect, F32), "master weights are float32"
         bad = np.flatnonzero((R[k][:, TYPENUM] != expect) | ((R[k][:, FLAGS] & F_NATIVE) == 0))
         if bad.size:
@@ -189,7 +191,7 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
     if extra_kind:
         bad = np.flatnonzero(codes < 2)
         if bad.size:
-            raise TypeError(f"{op}: {names[-1]} are for float16 and bfloat16 params; "
+            raise TypeError(f"{op}: {names[xi]} are for float16 and bfloat16 params; "
                             f"params[{int(bad[0])}] has {_dtype_of(seqs, R, 0, int(bad[0]))}")
     for k in range(1, len(seqs)):
         bad = np.flatnonzero((R[k][:, SHAPE] != prow[:, SHAPE]) | (R[k][:, SIZE] != prow[:, SIZE]))
@@ -226,7 +228,7 @@ def describe_list(op, name, seq, stream=None, params=None):
 
 
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None, rows=None):
+            extra=None, rows=None, ema=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -240,7 +242,9 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     producers order their pending work before it. `rows`, aligned with the lists
     (params, grads, states, extra), may hold the description rows of lists that the
     caller knows unchanged since it described them (`describe_list`); only the other
-    lists are described, and every check still runs on all rows.
+    lists are described, and every check still runs on all rows. `ema` is None or
+    (list, name): the EMA slot, written, of the params' dtype and shapes, after the
+    extra list; the layouts' extra code then has `EMA_BIT` set.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -260,20 +264,25 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         seqs.append(extra[0])
         names.append(extra[1])
         extra_kind = extra[2]
+    if ema is not None:
+        _check_list(op, ema[1], ema[0], n)
+        seqs.append(ema[0])
+        names.append(ema[1])
     if n == 0:
         return Prepared(CPU, [], [], keep)
     if rows is None:
         # NumPy arrays that pass every check: described, checked and laid out in C++
-        fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num())
+        kind = extra_kind | (EMA_BIT if ema is not None else 0)
+        fast = _cpu.prepare_numpy(seqs, len(states), kind, read_only, _bf16_num())
         if fast is not None:
             return Prepared(CPU, [(code, ptrs, sizes) for code, _, ptrs, sizes in fast],
-                            [{"state_dtype": s, "extra": extra_kind} for _, s, _, _ in fast],
+                            [{"state_dtype": s, "extra": kind} for _, s, _, _ in fast],
                             keep)
 
     # every array of the call described at once: R[k] holds the rows of list k
     L = len(seqs)
     R = np.zeros((L, n, NCOLS), dtype=np.int64)
-    fresh = [k for k in range(L) if rows is None or rows[k] is None]
+    fresh = [k for k in range(L) if rows is None or k >= len(rows) or rows[k] is None]
     if len(fresh) == L:
         R.reshape(L * n, NCOLS)[:, :DEVICE] = _cpu.describe([x for seq in seqs for x in seq])
     else:
@@ -306,15 +315,18 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         if ok and not plain.all():
             bf16 = [t for t, c in known.items() if c == 3]
             ok = np.isin(stype[~plain], [F32, *bf16]).all()
+    xi = L - 1 - (ema is not None)  # the extra list's index
     if ok and extra_kind:
-        ok = (codes >= 2).all() and (typ[-1] == (F32 if extra_kind == 1 else typ[0])).all()
+        ok = (codes >= 2).all() and (typ[xi] == (F32 if extra_kind == 1 else typ[0])).all()
+    if ok and ema is not None:
+        ok = (typ[-1] == typ[0]).all()
     ok = ok and (R[1:, :, SHAPE] == R[0, :, SHAPE]).all() and \
         (R[1:, :, SIZE] == R[0, :, SIZE]).all() and (R[:, :, DEVICE] == R[0, 0, DEVICE]).all()
     if ok and not read_only:
         written = np.delete(flags, 1, axis=0)
         ok = ((written & (F_CONTIG | F_WRITEABLE)) == (F_CONTIG | F_WRITEABLE)).all()
     if not ok:
-        _diagnose(op, names, seqs, R, codes, extra_kind, read_only)
+        _diagnose(op, names, seqs, R, codes, extra_kind, read_only, ema is not None)
     device = int(prow[0, DEVICE])
 
     # arrays only read (the gradients; every list of a reduction) that are not
@@ -347,7 +359,8 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
             ptrs, sizes = table[:, sel], prow[sel, SIZE]
         groups.append((int(k // 4), np.ascontiguousarray(ptrs).ravel(),
                        np.ascontiguousarray(sizes)))
-        layouts.append({"state_dtype": int(k % 4), "extra": extra_kind})
+        layouts.append({"state_dtype": int(k % 4),
+                        "extra": extra_kind | (EMA_BIT if ema is not None else 0)})
     return Prepared(device, groups, layouts, keep)
 
 
