@@ -417,11 +417,13 @@ def test_deepcopy_and_repr():
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_constructor_signature_is_torchs(name):
-    """Same argument names, order, kinds and defaults: switching the import is enough."""
+    """Same argument names, order, kinds and defaults: switching the import is enough.
+    fusedopt's take one more keyword at the end, ``ema_decay`` (default None: no EMA)."""
     import inspect
 
     def shape(cls):
         return [(p.name, p.kind, p.default) for p in
                 inspect.signature(cls.__init__).parameters.values()]
 
-    assert shape(getattr(fot, name)) == shape(getattr(torch.optim, name))
+    extra = [("ema_decay", inspect.Parameter.KEYWORD_ONLY, None)]
+    assert shape(getattr(fot, name)) == shape(getattr(torch.optim, name)) + extra

@@ -61,6 +61,8 @@ class Plan:
         mode = {"grad_scale": grad_scale, "step": self.step}
         if opts.l1:
             mode["l1"] = float(self.lr) * opts.l1  # the proximal step of lr * l1
+        if opts.ema is not None:
+            mode["ema_decay"] = opts.ema_decay
         if opts.stochastic_rounding:
             mode["stochastic"] = True
             # with the count on the device, the kernels derive the stream from the seed
@@ -133,9 +135,10 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     if hyper is None:
         hyper = pack(kernel, spec.hyper(kw))
     names = spec.arg_names(spec.active(kw) if names is None else names)
+    ema = (options.ema, "ema") if options.ema is not None else None
     prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
-                           rows=rows)
-    prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
+                           rows=rows, ema=ema)
+    prep.keep.append((states, options.extra, options.ema))  # the tables point into them
     step = kw.get("step", 1)
     step_ptr = 0
     if not isinstance(step, numbers.Real):

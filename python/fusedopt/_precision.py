@@ -34,6 +34,13 @@ KEYWORDS = (
      "A step whose gradients hold inf or NaN changes nothing."),
     ("l1", 0.0, "float",
      "L1 regularization: the proximal step p = sign(p) max(|p| - lr l1, 0) after the update."),
+    ("ema", None, "list | None",
+     "Exponential moving averages of the params (their dtypes and shapes), moved toward the "
+     "updated params in the same pass: ``ema = torch.lerp(ema, p, 1 - ema_decay)``, "
+     "torch.optim.swa_utils' EMA update (not with `kahan_buffers`)."),
+    ("ema_decay", None, "float | None",
+     "The decay of `ema`, in [0, 1]; 0 copies the updated params (AveragedModel's first "
+     "update)."),
 )
 OPTIONS = tuple(k[0] for k in KEYWORDS)
 
@@ -115,6 +122,16 @@ class Options:
                              f"{self.loss_scale}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"{op}: max_grad_norm must be > 0, got {self.max_grad_norm}")
+        self.ema = kwargs.get("ema")
+        self.ema_decay = kwargs.get("ema_decay")
+        if self.ema is not None or self.ema_decay is not None:
+            check_ema_decay(op, self.ema_decay)
+            if self.ema is None:
+                raise ValueError(f"{op}: ema_decay was given without the ema arrays")
+            if self.kahan_buffers is not None:
+                raise ValueError(f"{op}: ema and kahan_buffers do not go together; use "
+                                 "master_params")
+            self.ema_decay = float(self.ema_decay)
 
     @property
     def checks_grads(self):
@@ -128,6 +145,16 @@ class Options:
         if self.kahan_buffers is not None:
             return self.kahan_buffers, "kahan_buffers", 2
         return None
+
+
+def check_ema_decay(op, decay):
+    """ValueError unless `decay` is a number in [0, 1] (torch's get_ema_multi_avg_fn)."""
+    if decay is None:
+        raise ValueError(f"{op}: ema needs ema_decay")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) or \
+            not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in "
+                         "[0,1] range.")
 
 
 class Precision:

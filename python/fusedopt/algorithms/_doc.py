@@ -35,6 +35,13 @@ def _states(spec):
     return "\n".join(lines) if lines else "None."
 
 
+EMA_DOC = ("Keep an exponential moving average of every param, ``state['ema']``, moved in "
+           "the same pass as each step as torch.optim.swa_utils.AveragedModel with "
+           "get_ema_multi_avg_fn(ema_decay) moves it (the first step copies the params); "
+           "``swap_ema()`` and ``with opt.averaged():`` put the averages into the params for "
+           "evaluation. A value in [0, 1]; None keeps no averages.")
+
+
 def class_signature(spec, torch=False):
     """The constructor's signature: ``(self, params, <options>, *, precision)`` for the
     NumPy classes, torch's exact one for `fusedopt.torch`."""
@@ -51,6 +58,7 @@ def class_signature(spec, torch=False):
     if not torch:
         params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
                          annotation="Precision | None"))
+    params.append(_P("ema_decay", _P.KEYWORD_ONLY, default=None, annotation="float | None"))
     return inspect.Signature(params, return_annotation=None)
 
 
@@ -74,8 +82,10 @@ def class_doc(spec, torch=False):
         lines.append(_entry("precision", "Precision or None",
                             "The mixed-precision policy (`fusedopt.Precision`): state dtype, "
                             "master weights or Kahan buffers, stochastic rounding.", None))
+    lines.append(_entry("ema_decay", "float or None", EMA_DOC, None))
     lines += ["", "Notes", "-----",
-              "State per param, under torch.optim's names:", "", _states(spec), "",
+              "State per param, under torch.optim's names:", "", _states(spec),
+              "- ``ema``: the param's exponential moving average (with ``ema_decay``).", "",
               "``learning_rate=`` is accepted as an alias of ``lr``."]
     if torch:
         lines += ["", f"A drop-in for ``torch.optim.{spec.title}``: the same arguments, "
