@@ -37,6 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _arrays, _engine
+from ._torch_ema import TorchEma
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
 from .optimizers import bind_options
@@ -68,12 +69,13 @@ class _Cache:
                  "scalars", "values", "fresh", "rows")
 
 
-class _Fused(Optimizer):
+class _Fused(TorchEma, Optimizer):
     """What every class shares: state bookkeeping and the step loop, over a spec."""
 
     spec = None
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, ema_decay=None):
+        self._ema_init(ema_decay)
         self._fo_caches = {}
         self._fo_lock = threading.Lock()
         super().__init__(params, defaults)
@@ -107,12 +109,17 @@ class _Fused(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._fo_lock:
+            self._ema_begin()
             plans, counted = [], []
             for group in self.param_groups:
                 self._plan_group(group, plans, counted)
+            ema_plan = self._ema_rest_plan(plans)
             # every group validated: run, then count the step and install first buffers
+            self._ema_install()
             for plan in plans:
                 plan.run()
+            if ema_plan is not None:
+                ema_plan.run()
             for cache, sel, params, after in counted:
                 for index, new in after:
                     for name, value in new.items():
@@ -185,7 +192,7 @@ class _Fused(Optimizer):
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: first}
         after.append((index, new))
-        precision = None
+        precision = self._ema_options(params)
         return _engine.plan(spec, kw, params, grads, lists, rows=rows, options=precision)
 
     def _kept_rows(self, cache, params):
@@ -328,9 +335,10 @@ def make_class(spec, base=_Fused):
             raise ValueError("Tensor lr must be 1-element")
         if "betas" in values:
             values["betas"] = tuple(map(_plain, values["betas"]))
+        ema_decay = values.pop("ema_decay")
         spec.validate(values)
         _check_torch_flags(type(self), values)
-        _Fused.__init__(self, params, {**values, **spec.group_extras})
+        _Fused.__init__(self, params, {**values, **spec.group_extras}, ema_decay)
 
     __init__.__signature__ = signature
     __init__.__doc__ = f"See `{spec.title}`."
