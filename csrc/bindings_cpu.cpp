@@ -22,6 +22,9 @@ namespace {
 using fo::cpu::Table;
 using Launch = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&, const double*,
                         std::int64_t, const fo::Mode&, int);
+using LaunchRows = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&,
+                           const fo::cpu::RowsTable&, const double*, std::int64_t, const fo::Mode&,
+                           int);
 using Dot = double (*)(fo::DType, const Table&, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
@@ -30,6 +33,7 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 
 std::string g_isa;
 Launch g_launch = nullptr;
+LaunchRows g_launch_rows = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 
@@ -66,17 +70,17 @@ void select_isa(const std::string& want) {
   namespace c = fo::cpu;
   if (isa == "avx512") {
 #if defined(FO_HAVE_ISA_AVX512)
-    g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
+    g_launch = c::isa_avx512::launch, g_launch_rows = c::isa_avx512::launch_rows, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
     g_vector_bits = c::isa_avx512::vector_bits;
 #endif
   } else if (isa == "avx2") {
 #if defined(FO_HAVE_ISA_AVX2)
-    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
+    g_launch = c::isa_avx2::launch, g_launch_rows = c::isa_avx2::launch_rows, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
     g_vector_bits = c::isa_avx2::vector_bits;
 #endif
   } else if (isa == "base") {
 #if defined(FO_HAVE_ISA_BASE)
-    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
+    g_launch = c::isa_base::launch, g_launch_rows = c::isa_base::launch_rows, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
     g_vector_bits = c::isa_base::vector_bits;
 #endif
   } else {
@@ -116,6 +120,44 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   g_launch(kernel, layout, t, h, nh, mode, nt);
+}
+
+// A row-sparse step: `kernel` on the rows rows[j][0..counts[j]) of each tensor j (rows
+// of row_len[j] elements, distinct indices), the gradient slot holding counts[j] rows of
+// values per tensor. No EMA slot.
+void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+               py::array_t<std::uint64_t, 0> rows, py::array_t<std::int64_t, 0> counts,
+               py::array_t<std::int64_t, 0> row_len, py::array_t<double, 0> hyper,
+               int state_dtype, int extra, double grad_scale, bool stochastic, std::uint64_t key,
+               double step_count) {
+  for (const py::array* a : {static_cast<py::array*>(&ptrs), static_cast<py::array*>(&rows),
+                             static_cast<py::array*>(&counts), static_cast<py::array*>(&row_len),
+                             static_cast<py::array*>(&hyper)})
+    if (!(a->flags() & py::array::c_style))
+      throw std::invalid_argument(kernel + ": table arrays must be contiguous");
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  if ((extra & fo::kEmaBit) != 0)
+    throw std::invalid_argument(kernel + ": a row-sparse step has no EMA slot");
+  const std::int64_t n = counts.size();
+  if (rows.size() != n || row_len.size() != n)
+    throw std::invalid_argument(kernel + ": rows, counts and row_len must have one entry per tensor");
+  if (n == 0) return;
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (ptrs.size() != nslots * n)
+    throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
+                                " entries, expected " + std::to_string(nslots) + " slots x " +
+                                std::to_string(n) + " tensors");
+  for (std::int64_t j = 0; j < n; ++j)
+    if (counts.data()[j] < 0 || row_len.data()[j] < 0)
+      throw std::invalid_argument(kernel + ": negative count or row length");
+  Table t{ptrs.data(), nullptr, n};
+  const fo::cpu::RowsTable r{rows.data(), counts.data(), row_len.data()};
+  const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count};
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  g_launch_rows(kernel, layout, t, r, hyper.data(), hyper.size(), mode, nt);
 }
 
 // The reductions' checks: a known dtype and a table of `slots` x n pointers.
@@ -331,6 +373,15 @@ PYBIND11_MODULE(_cpu, m) {
         "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.\n"
         "`extra` + 4 adds an EMA slot (the params' dtype, after the extra buffer's), moved\n"
         "toward the stored params as torch.lerp(ema, p, 1 - ema_decay); ema_decay 0 copies.");
+  m.def("step_rows", &step_rows, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("rows"), py::arg("counts"), py::arg("row_len"), py::arg("hyper"), py::kw_only(),
+        py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
+        py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
+        "Run `kernel` on the rows a row-sparse gradient touches, in place: tensor j's rows\n"
+        "rows[j] (the address of counts[j] distinct int64 indices) of row_len[j] elements each,\n"
+        "with the gradient slot of the pointer table holding counts[j] rows of values. The\n"
+        "other rows of the params and states are not read or written. Otherwise as `step`\n"
+        "(no EMA slot, no L1 step); stochastic rounding draws per (tensor, row) streams.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),

@@ -188,6 +188,73 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   entry(call);
 }
 
+using RowsEntry = void (*)(const fo::cuda::RowsCall&);
+
+RowsEntry rows_entry(int param, int state) {
+  namespace fc = fo::cuda;
+  const bool f32_state = state == int(fo::DType::Float32);
+  switch (fo::DType(param)) {
+    case fo::DType::Float32: return fc::variant_f32::step_rows;
+    case fo::DType::Float64: return fc::variant_f64::step_rows;
+    case fo::DType::Float16:
+      return f32_state ? fc::variant_f16_f32::step_rows : fc::variant_f16_bf16::step_rows;
+    case fo::DType::BFloat16:
+      return f32_state ? fc::variant_bf16_f32::step_rows : fc::variant_bf16_bf16::step_rows;
+  }
+  return nullptr;
+}
+
+// _cpu.step_rows for device memory: the row indices (rows: their device addresses) are
+// read on the device.
+void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+               py::array_t<std::uint64_t, 0> rows, py::array_t<std::int64_t, 0> counts,
+               py::array_t<std::int64_t, 0> row_len, py::array_t<double, 0> hyper,
+               std::uintptr_t stream, int state_dtype, int extra, double grad_scale,
+               bool stochastic, std::uint64_t key, double step_count) {
+  check_contiguous(kernel, ptrs, counts, hyper);
+  check_contiguous(kernel, rows, row_len, hyper);
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  if ((extra & fo::kEmaBit) != 0)
+    throw std::invalid_argument(kernel + ": a row-sparse step has no EMA slot");
+  const std::int64_t n = counts.size();
+  if (rows.size() != n || row_len.size() != n)
+    throw std::invalid_argument(kernel + ": rows, counts and row_len must have one entry per tensor");
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (ptrs.size() != nslots * n)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
+                                std::to_string(n) + " pointers, got " + std::to_string(ptrs.size()));
+  int size = 0;
+  fo::with_rule(kernel, [&](auto rule) { size = fo::hyper_size<decltype(rule)>(); });
+  const bool per_tensor = hyper.size() == size * n && n > 1;
+  if (hyper.size() != size && !per_tensor)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(size) +
+                                " hyperparameters (or " + std::to_string(size) +
+                                " per tensor), got " + std::to_string(hyper.size()));
+  const int state = state_dtype < 0 ? dtype : state_dtype;
+  if (built(kernel, dtype, state, extra) < 1 || kernel.rfind("stream", 0) == 0 || kernel == "ema")
+    throw std::invalid_argument(kernel + ": no row-sparse kernel for this layout");
+  std::int64_t first = -1;  // first tensor with touched rows: its param names the device
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (counts.data()[j] < 0 || row_len.data()[j] < 0)
+      throw std::invalid_argument(kernel + ": negative count or row length");
+    if (counts.data()[j] > 0 && row_len.data()[j] > 0 && first < 0) first = j;
+  }
+  if (first < 0) return;  // nothing to update: no CUDA call at all
+  const std::string name = kernel + "[rows, " + layout_name(dtype, state, extra) + "]";
+  fo::cuda::RowsCall call{
+      fo::cuda::StepCall{kernel, name, dtype, state, extra, ptrs.data(), nullptr, n,
+                         hyper.data(), per_tensor,
+                         fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count},
+                         reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr},
+      rows.data(), counts.data(), row_len.data()};
+  const RowsEntry entry = rows_entry(dtype, state);
+  py::gil_scoped_release nogil;
+  const int device = device_of(kernel, "the first parameter array", ptrs.data()[first]);
+  DeviceGuard guard(device);
+  entry(call);
+}
+
 // tables: (dtype code, ptrs 1 x n, sizes) per gradient dtype of the step.
 void grad_stats(const py::list& tables, std::uintptr_t stream, std::uint64_t out_ptr,
                 double inv_scale, double max_norm, bool skip_nonfinite) {
@@ -376,6 +443,13 @@ PYBIND11_MODULE(_cuda, m) {
         "given, the per-step scalars are computed on the device from it (instead of `step`\n"
         "on the host; the device's pow may differ from the host's in the last bit), and `key`\n"
         "is the seed of the random stream step_key(key, t), as the host computes it.");
+  m.def("step_rows", &step_rows, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("rows"), py::arg("counts"), py::arg("row_len"), py::arg("hyper"),
+        py::arg("stream") = std::uintptr_t(0), py::kw_only(), py::arg("state_dtype") = -1,
+        py::arg("extra") = 0, py::arg("grad_scale") = 1.0, py::arg("stochastic") = false,
+        py::arg("key") = 0, py::arg("step") = 1.0,
+        "_cpu.step_rows on device memory, enqueued on `stream`; `rows` holds the device\n"
+        "addresses of the row indices, which only the device reads.");
   m.def("grad_stats", &grad_stats, py::arg("tables"), py::arg("stream"), py::arg("out_ptr"),
         py::arg("inv_scale") = 1.0, py::arg("max_norm") = -1.0, py::arg("skip_nonfinite") = true,
         "One pass over the gradients of pointer tables [(dtype, ptrs 1 x n, sizes), ...] on\n"

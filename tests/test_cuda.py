@@ -1015,3 +1015,73 @@ def test_optimizer_with_ema_on_cupy_matches_numpy(cp, cls, kwargs):
     for i in range(len(SIZES)):
         assert cp.asnumpy(p_cp[i]).tobytes() == p_np[i].tobytes()
         assert cp.asnumpy(opt_cp.state[i]["ema"]).tobytes() == opt_np.state[i]["ema"].tobytes()
+
+
+# --- Row-sparse steps (step_rows): the CPU's bits on the touched rows only ---------------
+
+def _rows_data(rng, layout, shapes=((300, 7), (5, 64), (70000, 3))):
+    """Host slots (param, gradient rows, 2 states) and distinct sorted row indices."""
+    codes = _layout_codes(layout, 2)
+    rows = [np.unique(rng.integers(0, s[0], max(1, s[0] // 3))) for s in shapes]
+    values = [[rng.standard_normal(s).ravel() for s in shapes],
+              [rng.standard_normal(len(r) * s[1]) for r, s in zip(rows, shapes)],
+              [0.1 * rng.standard_normal(s).ravel() for s in shapes],
+              [rng.uniform(0.1, 1.0, s).ravel() for s in shapes]]
+    if layout[2] == 1:
+        values.append([v.astype(np.float32).astype(np.float64) for v in values[0]])
+    elif layout[2] == 2:
+        values.append([1e-3 * rng.standard_normal(v.size) for v in values[0]])
+    slots = [[_encode(codes[k], v) for v in slot] for k, slot in enumerate(values)]
+    return slots, rows, [s[1] for s in shapes]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32",
+                                    "float16/float32/master", "bfloat16/bfloat16/kahan"])
+def test_step_rows_bitwise_equal_to_cpu(cp, layout):
+    from fusedopt import _cpu, _cuda
+    lay = LAYOUTS[layout]
+    slots, rows, row_len = _rows_data(np.random.default_rng(50), lay)
+    host, dev = _place(np, slots), _place(cp, slots)
+    drows = [cp.asarray(r) for r in rows]
+    hyper = np.asarray(pack("sparse_adam", dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8,
+                                                maximize=False)), np.float64)
+    counts = np.array([len(r) for r in rows], np.int64)
+    lens = np.array(row_len, np.int64)
+    before = [cp.asnumpy(a) for a in dev[0]]
+    for t in (1, 2):
+        hp, _ = _table(host, lambda a: a.ctypes.data)
+        dp, _ = _table(dev, lambda a: a.data.ptr)
+        _cpu.step_rows("sparse_adam", lay[0], hp, np.array([r.ctypes.data for r in rows],
+                                                           np.uint64), counts, lens, hyper,
+                       state_dtype=lay[1], extra=lay[2], step=t)
+        _cuda.step_rows("sparse_adam", lay[0], dp, np.array([r.data.ptr for r in drows],
+                                                            np.uint64), counts, lens, hyper,
+                        cp.cuda.get_current_stream().ptr, state_dtype=lay[1], extra=lay[2],
+                        step=t)
+    cp.cuda.get_current_stream().synchronize()
+    _assert_bits(cp, dev, host)
+    for j, (b, r, n) in enumerate(zip(before, rows, row_len)):  # untouched rows: as they were
+        other = np.setdiff1d(np.arange(b.size // n), r)
+        got = cp.asnumpy(dev[0][j]).reshape(-1, n)
+        assert got[other].tobytes() == b.reshape(-1, n)[other].tobytes()
+
+
+@pytest.mark.cuda
+def test_functional_sparse_adam_on_cupy_matches_numpy(cp):
+    import fusedopt.functional as F
+    rng = np.random.default_rng(51)
+    shape = (1000, 16)
+    host = [rng.standard_normal(shape).astype(np.float32), np.zeros(shape, np.float32),
+            np.zeros(shape, np.float32)]
+    dev = [cp.asarray(a) for a in host]
+    for t in range(1, 4):
+        rows = rng.integers(0, 200, 300)  # repeats: summed on either side
+        values = rng.standard_normal((300, 16)).astype(np.float32)
+        F.sparse_adam_([host[0]], [rows], [values], [host[1]], [host[2]], step=t, lr=0.01,
+                       beta1=0.9, beta2=0.999, eps=1e-8)
+        F.sparse_adam_([dev[0]], [cp.asarray(rows)], [cp.asarray(values)], [dev[1]], [dev[2]],
+                       step=t, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    cp.cuda.get_current_stream().synchronize()
+    for d, h in zip(dev, host):  # (the sums of repeats may be added in another order)
+        np.testing.assert_allclose(cp.asnumpy(d), h, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@
 #include "ema.h"
 #include "rmsprop.h"
 #include "sgd.h"
+#include "sparse_adam.h"
 #include "stream.h"
 
 namespace fo {
@@ -49,6 +50,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
   if (name == "ema") return f(Ema{}), true;
+  if (name == "sparse_adam") return f(SparseAdam{}), true;
   return false;
 }
 

@@ -12,6 +12,7 @@
 #include "driver.h"
 #include "kernels.h"
 #include "reduce.h"
+#include "rows.h"
 
 namespace fo::cpu::FO_ISA_NS {
 
@@ -37,6 +38,37 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
       else
         run<Rule, decltype(m), decltype(x)::value, decltype(x)::ema, decltype(p), decltype(s)>(
             t, h.data(), per_tensor, mode, max_threads);
+    });
+    if (!known)
+      throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
+                                  std::to_string(layout.param) + ", state " +
+                                  std::to_string(layout.state) + ", extra " +
+                                  std::to_string(layout.extra) + ")");
+  });
+}
+
+bool launch_rows(std::string_view kernel, const Layout& layout, const Table& t,
+                 const RowsTable& r, const double* hyper, std::int64_t nhyper, const Mode& mode,
+                 int max_threads) {
+  return with_rule(kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    using Hyper = typename Rule::Hyper;
+    const std::int64_t size = hyper_size<Rule>();
+    const bool per_tensor = nhyper == size * t.n && t.n > 1;
+    if (nhyper != size && !per_tensor)
+      throw std::invalid_argument(std::string(kernel) + ": expected " + std::to_string(size) +
+                                  " hyperparameters (or " + std::to_string(size) +
+                                  " per tensor), got " + std::to_string(nhyper));
+    std::vector<Hyper> h(per_tensor ? std::size_t(t.n) : 1);
+    std::memcpy(h.data(), hyper, h.size() * sizeof(Hyper));
+    for (Hyper& one : h) Rule::at_step(one, mode.step);
+    const bool known = with_layout(layout.param, layout.state, layout.extra,
+                                   [&](auto m, auto p, auto s, auto x) {
+      if constexpr (decltype(x)::ema || !TakesEma<Rule>::value)
+        throw std::invalid_argument(std::string(kernel) + ": no row-sparse kernel in this layout");
+      else
+        run_rows<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
+            t, r, h.data(), per_tensor, mode, max_threads);
     });
     if (!known)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +

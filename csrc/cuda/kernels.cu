@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "multi_tensor.cuh"
+#include "rows.cuh"
 #include "update_functor.cuh"
 
 namespace fo::cuda::FO_CUDA_NS {
@@ -38,7 +39,64 @@ void run(const StepCall& c) {
   multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
 }
 
+template <class Rule, class M, Extra X, class P, class S>
+void run_rows(const RowsCall& rc) {
+  using Hyper = typename Rule::Hyper;
+  constexpr int kSlots = 2 + Rule::kStates + (X != Extra::None ? 1 : 0);
+  const StepCall& c = rc.step;
+  std::vector<Hyper> h(c.per_tensor ? std::size_t(c.n) : 1);
+  std::memcpy(h.data(), c.hyper, h.size() * sizeof(Hyper));
+  for (Hyper& one : h) Rule::at_step(one, c.mode.step);
+  std::vector<RowsMeta<kSlots>> meta(std::size_t(c.n));
+  std::int64_t total = 0;
+  for (std::int64_t j = 0; j < c.n; ++j) {
+    for (int k = 0; k < kSlots; ++k) meta[j].ptr[k] = c.ptrs[k * c.n + j];
+    meta[j].rows = rc.rows[j];
+    meta[j].first = total;
+    meta[j].len = rc.row_len[j];
+    total += rc.counts[j];
+  }
+  if (total == 0) return;
+  // the table (and the Hyper of each tensor) in device memory, ordered on the stream;
+  // copies from pageable memory return once the data is staged
+  const std::size_t meta_bytes = meta.size() * sizeof(RowsMeta<kSlots>);
+  const std::size_t hyper_bytes = c.per_tensor ? h.size() * sizeof(Hyper) : 0;
+  StreamBuffer buffer(meta_bytes + hyper_bytes, c.stream, c.name);
+  auto* dmeta = buffer.get<RowsMeta<kSlots>>();
+  check_cuda(cudaMemcpyAsync(dmeta, meta.data(), meta_bytes, cudaMemcpyHostToDevice, c.stream),
+             c.name + ": copying the row table");
+  const Hyper* dtable = nullptr;
+  if (c.per_tensor) {
+    auto* at = reinterpret_cast<Hyper*>(buffer.get<char>() + meta_bytes);
+    check_cuda(cudaMemcpyAsync(at, h.data(), hyper_bytes, cudaMemcpyHostToDevice, c.stream),
+               c.name + ": copying the hyperparameter table");
+    dtable = at;
+  }
+  const unsigned blocks = unsigned(total < 65536 ? total : 65536);
+  launch(c.name, rows_kernel<Rule, M, X, P, S, kSlots>, blocks, 256, c.stream,
+         static_cast<const RowsMeta<kSlots>*>(dmeta), c.n, total, h[0], dtable, c.mode);
+}
+
 }  // namespace
+
+void step_rows(const RowsCall& rc) {
+  const StepCall& c = rc.step;
+  bool done = false;
+  with_rule(c.kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    with_layout(c.param, c.state, c.extra, [&](auto m, auto p, auto s, auto x) {
+      using P = decltype(p);
+      using S = decltype(s);
+      constexpr Extra X = decltype(x)::value;
+      if constexpr (dtype_code<P>() == FO_CUDA_PARAM && dtype_code<S>() == FO_CUDA_STATE &&
+                    !decltype(x)::ema && TakesEma<Rule>::value) {
+        run_rows<Rule, decltype(m), X, P, S>(rc);
+        done = true;
+      }
+    });
+  });
+  if (!done) throw std::logic_error(c.name + ": no row-sparse kernel for this layout");
+}
 
 void step(const StepCall& c) {
   bool done = false;

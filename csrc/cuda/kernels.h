@@ -34,6 +34,17 @@ struct StepCall {
   const double* count;  // the step count t of this update, or null
 };
 
+// One validated row-sparse call: the StepCall's table holds the gradient rows in its
+// gradient slot; rows[j] is the device address of tensor j's counts[j] distinct int64
+// row indices, row_len[j] its elements per row (host arrays). No EMA slot, no device-side
+// scale or step count.
+struct RowsCall {
+  StepCall step;
+  const std::uint64_t* rows;
+  const std::int64_t* counts;
+  const std::int64_t* row_len;
+};
+
 template <class T>
 constexpr int dtype_code() {
   if constexpr (std::is_same_v<T, float>) return int(DType::Float32);
@@ -59,9 +70,10 @@ constexpr bool is_built() {
                 (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master));
 }
 
-#define FO_DECLARE_CUDA_STEP(ns) \
-  namespace ns {                 \
-  void step(const StepCall& call); \
+#define FO_DECLARE_CUDA_STEP(ns)     \
+  namespace ns {                     \
+  void step(const StepCall& call);   \
+  void step_rows(const RowsCall& call); \
   }
 FO_DECLARE_CUDA_STEP(variant_f32)
 FO_DECLARE_CUDA_STEP(variant_f64)
