@@ -74,7 +74,8 @@ def _algorithm(spec):
         kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec)
 
 
-ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
+# (the elementwise algorithms over dense gradients; the others have tests of their own)
+ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items() if spec.batchable}
 
 # State buffers whose values are never negative (sums and averages of squares).
 NONNEGATIVE_STATES = {s.name for spec in SPECS.values() for s in spec.states if s.positive}

@@ -135,6 +135,11 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     if hyper is None:
         hyper = pack(kernel, spec.hyper(kw))
     names = spec.arg_names(spec.active(kw) if names is None else names)
+    if spec.gradient == "rows":  # row-sparse gradients: only the rows they touch
+        from . import _rows
+
+        return _rows.plan(spec, kw, hyper, kernel, params, grads, states, names, options,
+                          stream, op)
     ema = (options.ema, "ema") if options.ema is not None else None
     prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
                            rows=rows, ema=ema)
@@ -179,10 +184,21 @@ def functional_op(spec):
     keywords = tuple((o.name, o.default) for o in spec.op_keywords)
     nargs = len(args)
 
+    rows_form = spec.gradient == "rows"
+
     def op(params, grads, *states, stream=None, **kwargs):
+        if rows_form:  # (params, rows, values, *states): the gradients as rows of values
+            if not states:
+                raise TypeError(f"{op_name}() missing required argument: 'values'")
+            values, states = states[0], states[1:]
+            if not isinstance(grads, (list, tuple)) or not isinstance(values, (list, tuple)):
+                raise TypeError(f"{op_name}: rows and values must be lists of arrays")
+            if len(grads) != len(values):
+                raise ValueError(f"{op_name}: got {len(grads)} rows for {len(values)} values")
+            grads = list(zip(grads, values))
         if len(states) > nargs:
-            raise TypeError(f"{op_name}() takes at most {2 + nargs} positional arguments "
-                            f"({2 + len(states)} given)")
+            raise TypeError(f"{op_name}() takes at most {2 + rows_form + nargs} positional "
+                            f"arguments ({2 + rows_form + len(states)} given)")
         lists = dict(zip(args, states))
         for name in args[len(states):]:
             if name in kwargs:

@@ -330,7 +330,7 @@ def _make(spec):
                                      "__doc__": doc, "__module__": __name__})
 
 
-OPTIMIZERS = {spec.name: _make(spec) for spec in SPECS.values()}
+OPTIMIZERS = {spec.name: _make(spec) for spec in SPECS.values() if spec.batchable}
 globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
 __all__ += [cls.__name__ for cls in OPTIMIZERS.values()]
 

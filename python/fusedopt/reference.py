@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+__all__ += ["sparse_adam"]
 
 
 def _f64(arrays, name, count=None):
@@ -194,3 +195,29 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
+
+
+def sparse_adam(params, rows, values, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+                maximize=False):
+    """SparseAdam (torch.optim.SparseAdam) on row-sparse gradients: ``values[j]`` holds the
+    gradient rows of ``params[j]`` at the indices ``rows[j]`` (along the first dimension),
+    repeats summed. On the touched rows: m += (1 - b1) (g - m), v += (1 - b2) (g^2 - v),
+    p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps); the other rows, and their
+    moments, are copied unchanged."""
+    params = _f64(params, "params")
+    n = len(params)
+    exp_avgs, exp_avg_sqs = _f64(exp_avgs, "exp_avgs", n), _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    step_size = lr * np.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    for p, r, v, m, s in zip(params, rows, values, exp_avgs, exp_avg_sqs):
+        r = np.asarray(r, dtype=np.int64)
+        g = np.zeros_like(p)
+        np.add.at(g, r, np.asarray(v, dtype=np.float64))  # repeats summed
+        if maximize:
+            g = -g
+        touched = np.unique(r)
+        gt, mt, st = g[touched], m[touched], s[touched]
+        mt = mt + (1.0 - beta1) * (gt - mt)
+        st = st + (1.0 - beta2) * (gt * gt - st)
+        p[touched] = p[touched] - step_size * mt / (np.sqrt(st) + eps)
+        m[touched], s[touched] = mt, st
+    return _result(params, exp_avgs, exp_avg_sqs)

@@ -92,12 +92,24 @@ def class_doc(spec, torch=False):
                   "defaults, validation, param groups and state dicts (which load into "
                   "torch.optim and back); the step runs fusedopt's fused kernels."]
     lines += ["", "Examples", "--------"]
-    if torch:
+    if torch and spec.gradient == "rows":
+        lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
+                  ">>> emb = torch.nn.Embedding(10, 4, sparse=True)",
+                  f">>> opt = {spec.title}(emb.parameters(), {spec.example})",
+                  ">>> emb(torch.tensor([1, 3, 1])).sum().backward()",
+                  ">>> opt.step()  # rows 1 and 3 change", ">>> opt.zero_grad()"]
+    elif torch:
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
                   ">>> model = torch.nn.Linear(4, 2)",
                   f">>> opt = {spec.title}(model.parameters(), {spec.example})",
                   ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
                   ">>> opt.zero_grad()"]
+    elif spec.gradient == "rows":
+        lines += [">>> import numpy as np", ">>> import fusedopt as fo",
+                  ">>> table = np.zeros((10, 4), np.float32)",
+                  f">>> opt = fo.{spec.title}([table], {spec.example})",
+                  ">>> rows, values = np.array([1, 3, 1]), np.ones((3, 4), np.float32)",
+                  ">>> opt.step([(rows, values)])  # rows 1 (twice: summed) and 3 change"]
     else:
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
                   ">>> params = [np.ones((4, 2), np.float32), np.zeros(2, np.float32)]",
@@ -109,8 +121,12 @@ def class_doc(spec, torch=False):
 
 def op_signature(spec):
     """``(params, grads, <state lists>, *, <op keywords>, stream, <precision keywords>)``."""
-    params = [_P("params", _P.POSITIONAL_OR_KEYWORD, annotation="list"),
-              _P("grads", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    params = [_P("params", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    if spec.gradient == "rows":
+        params += [_P("rows", _P.POSITIONAL_OR_KEYWORD, annotation="list"),
+                   _P("values", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    else:
+        params.append(_P("grads", _P.POSITIONAL_OR_KEYWORD, annotation="list"))
     for s in spec.states:
         default = None if s.optional else _P.empty
         params.append(_P(s.arg, _P.POSITIONAL_OR_KEYWORD, default=default,
@@ -129,9 +145,17 @@ def op_doc(spec):
     lines = [f"In-place {spec.title} step over lists of arrays, one fused kernel call per "
              "(device, dtype).", "", spec.summary, "", _math(spec), "",
              "Parameters", "----------",
-             _entry("params", "list of arrays", "Updated in place."),
-             _entry("grads", "list of arrays", "Aligned with `params`; only read (gradients "
-                    "that are not C-contiguous are read through a copy).")]
+             _entry("params", "list of arrays", "Updated in place.")]
+    if spec.gradient == "rows":
+        lines += [_entry("rows", "list of arrays", "Per param, the 1-D integer indices of the "
+                         "rows (along its first dimension) the gradient touches; repeats are "
+                         "summed (torch's coalesce). Only these rows of the param and its "
+                         "state are read or written."),
+                  _entry("values", "list of arrays", "Per param, the gradient's rows: shape "
+                         "``(len(rows), *param.shape[1:])``, the param's dtype.")]
+    else:
+        lines.append(_entry("grads", "list of arrays", "Aligned with `params`; only read "
+                            "(gradients that are not C-contiguous are read through a copy)."))
     for s in spec.states:
         text = s.doc + " Updated in place."
         lines.append(_entry(s.arg, "list of arrays" + (", optional" if s.optional else ""),

@@ -186,10 +186,21 @@ class Spec:
     #: the kernel or the state buffers)
     batch_shared: ClassVar[tuple] = ()
     #: the step benchmark's rows of this algorithm: {row name: constructor options}
-    #: (default: one row, named after the algorithm, with the default options)
+    #: (default: one row, named after the algorithm, with the default options; {}: none)
     bench: ClassVar[dict | None] = None
     #: the options shown in the docstring's example
     example: ClassVar[str] = "lr=1e-3"
+    #: how gradients come: "dense" (an array like the param) or "rows" (row-sparse: a
+    #: pair (row indices, rows of values) or a torch sparse tensor, see `fusedopt._rows`;
+    #: the functional op then takes ``rows`` and ``values`` lists instead of ``grads``,
+    #: and the kernel runs on the touched rows only)
+    gradient: ClassVar[str] = "dense"
+    #: whether the batched optimizers (`fusedopt.batched`) and the generic test tables
+    #: take it (elementwise rules over dense gradients)
+    batchable: ClassVar[bool] = True
+    #: "module:Name" of a hand-written `fusedopt.torch` class, for algorithms whose torch
+    #: state does not fit the generated one (torch keeps SparseAdam's step as an int)
+    torch_class: ClassVar[str | None] = None
 
     # --- derived names -------------------------------------------------------------------------
 
