@@ -350,6 +350,8 @@ def make_class(spec, base=_Fused):
 def _make_all():
     made = {}
     for spec in SPECS.values():
+        if spec.torch_class is not None:  # hand-written (its module imports this one)
+            continue
         made[spec.name] = make_class(spec, made[spec.base] if spec.base else _Fused)
     return made
 
@@ -361,4 +363,16 @@ __all__ += [cls.__name__ for cls in CLASSES.values()]
 # The optimizers that are not generated from an elementwise spec.
 from ._torch_lbfgs import LBFGS  # noqa: E402
 
-__all__ += ["LBFGS"]
+
+def _hand_written():
+    import importlib
+
+    for spec in SPECS.values():
+        if spec.torch_class is not None:
+            module, _, name = spec.torch_class.partition(":")
+            CLASSES[spec.name] = getattr(importlib.import_module(module), name)
+
+
+_hand_written()
+globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__all__ += ["LBFGS"] + [cls.__name__ for cls in CLASSES.values() if cls.__name__ not in __all__]
