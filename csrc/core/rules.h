@@ -9,6 +9,7 @@
 #include "adagrad.h"
 #include "adam.h"
 #include "ema.h"
+#include "muon.h"
 #include "rmsprop.h"
 #include "sgd.h"
 #include "sparse_adam.h"
@@ -25,13 +26,16 @@ constexpr int hyper_size() {
 }
 
 // Whether a kernel takes the EMA slot of a layout: every update rule; not the
-// bandwidth probes, nor the EMA rule itself (no instantiations for them).
+// bandwidth probes, the EMA rule itself, nor a pass whose param slot is not a param
+// (no instantiations for them; neither do the row-sparse drivers take them).
 template <class Rule>
 struct TakesEma : std::true_type {};
 template <int N>
 struct TakesEma<Stream<N>> : std::false_type {};
 template <>
 struct TakesEma<Ema> : std::false_type {};
+template <>
+struct TakesEma<MuonMomentum> : std::false_type {};  // (its param slot is a scratch matrix)
 
 template <class F>
 bool with_rule(std::string_view name, F&& f) {
@@ -51,6 +55,8 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream3") return f(Stream<3>{}), true;
   if (name == "ema") return f(Ema{}), true;
   if (name == "sparse_adam") return f(SparseAdam{}), true;
+  if (name == "muon_momentum") return f(MuonMomentum{}), true;
+  if (name == "muon_update") return f(MuonUpdate{}), true;
   return false;
 }
 
