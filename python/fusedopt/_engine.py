@@ -130,6 +130,9 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     op = op or spec.op_name
     if options is None:
         options = _precision.Options(op, {})
+    if spec.composite:  # more than one kernel call: the spec builds the plan
+        names = spec.arg_names(spec.active(kw) if names is None else names)
+        return spec.make_plan(kw, params, grads, states, names, options, stream, op)
     if kernel is None:
         kernel = spec.kernel(kw)
     if hyper is None:

@@ -180,8 +180,10 @@ class Optimizer:
         self.param_groups.append(group)
 
     def _validate_group(self, group):
-        """ValueError for invalid hyperparameters (the spec's rules, torch.optim's)."""
+        """ValueError for invalid hyperparameters and params (the spec's rules,
+        torch.optim's)."""
         self.spec.validate(group)
+        self.spec.check_params(group["params"])
 
     # --- state -------------------------------------------------------------------------------
 

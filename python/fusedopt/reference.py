@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 __all__ += ["sparse_adam"]
+__all__ += ["muon", "newton_schulz"]
 
 
 def _f64(arrays, name, count=None):
@@ -221,3 +222,43 @@ def sparse_adam(params, rows, values, exp_avgs, exp_avg_sqs, *, step, lr, beta1,
         p[touched] = p[touched] - step_size * mt / (np.sqrt(st) + eps)
         m[touched], s[touched] = mt, st
     return _result(params, exp_avgs, exp_avg_sqs)
+
+
+def newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
+    """torch.optim.Muon's orthogonalization of one matrix, in float64: X = G / max(|G|_F,
+    eps) (transposed while it has more rows than columns), then `steps` times
+    A = X X^T, X = a X + (b A + c A^2) X."""
+    a, b, c = coefficients
+    x = np.array(g, dtype=np.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / max(np.linalg.norm(x), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def muon(params, grads, momentum_buffers, *, lr, weight_decay=0.1, momentum=0.95,
+         nesterov=True, ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
+         adjust_lr_fn=None, ns_dtype="float32"):
+    """Muon (torch.optim.Muon) in float64, the Newton-Schulz iterations included (whatever
+    `ns_dtype` says): b = mu b + (1 - mu) g; u = g + mu (b - g) (Nesterov) or b;
+    p = p (1 - lr wd) - lr' NS(u), lr' = lr sqrt(max(1, A / B)) ("original") or
+    0.2 lr sqrt(max(A, B)) ("match_rms_adamw")."""
+    params = _f64(params, "params")
+    bufs = _f64(momentum_buffers, "momentum_buffers", len(params))
+    for p, g, b in zip(params, grads, bufs):
+        g = np.asarray(g, dtype=np.float64)
+        b += (1.0 - momentum) * (g - b)
+        u = g + momentum * (b - g) if nesterov else b
+        o = newton_schulz(u, ns_coefficients, ns_steps, eps)
+        rows, cols = p.shape
+        if adjust_lr_fn in (None, "original"):
+            ratio = np.sqrt(max(1.0, rows / cols))
+        else:
+            ratio = 0.2 * np.sqrt(max(rows, cols))
+        p *= 1.0 - lr * weight_decay
+        p -= lr * ratio * o
+    return _result(params, bufs)

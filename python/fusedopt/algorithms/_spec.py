@@ -201,6 +201,10 @@ class Spec:
     #: "module:Name" of a hand-written `fusedopt.torch` class, for algorithms whose torch
     #: state does not fit the generated one (torch keeps SparseAdam's step as an int)
     torch_class: ClassVar[str | None] = None
+    #: a step that is more than one elementwise kernel call (Muon's Newton-Schulz
+    #: iterations between two elementwise passes, Adafactor's reductions): `make_plan`
+    #: builds it, and everything else (state, classes, state dicts) stays generic
+    composite: ClassVar[bool] = False
 
     # --- derived names -------------------------------------------------------------------------
 
@@ -231,6 +235,16 @@ class Spec:
 
     def validate(self, group):
         """ValueError for invalid hyperparameters, with torch.optim's messages."""
+
+    def check_params(self, params):
+        """ValueError for params the algorithm does not take (torch's message; Muon's
+        2-D only), checked when a class gets them."""
+
+    def make_plan(self, kw, params, grads, states, names, options, stream, op):
+        """The validated plan of a composite step (`composite`): an object with the
+        methods of `_engine.Plan` that the front-ends use (``run``, ``execute``,
+        ``sumsq``, ``grads_finite``) and its ``prep`` and ``params``."""
+        raise NotImplementedError
 
     def to_op(self, group):
         """A param group's hyperparameters as the functional op's keywords (without the
