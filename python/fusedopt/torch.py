@@ -339,6 +339,8 @@ def make_class(spec, base=_Fused):
         spec.validate(values)
         _check_torch_flags(type(self), values)
         _Fused.__init__(self, params, {**values, **spec.group_extras}, ema_decay)
+        for group in self.param_groups:
+            spec.check_params(group["params"])
 
     __init__.__signature__ = signature
     __init__.__doc__ = f"See `{spec.title}`."
