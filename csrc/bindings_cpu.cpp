@@ -25,6 +25,9 @@ using Launch = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&, 
 using LaunchRows = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&,
                            const fo::cpu::RowsTable&, const double*, std::int64_t, const fo::Mode&,
                            int);
+using LaunchFactored = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&,
+                               const fo::cpu::FactoredShape*, const double*, std::int64_t,
+                               const fo::Mode&, int);
 using Dot = double (*)(fo::DType, const Table&, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
@@ -34,6 +37,7 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 std::string g_isa;
 Launch g_launch = nullptr;
 LaunchRows g_launch_rows = nullptr;
+LaunchFactored g_launch_factored = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 
@@ -70,17 +74,20 @@ void select_isa(const std::string& want) {
   namespace c = fo::cpu;
   if (isa == "avx512") {
 #if defined(FO_HAVE_ISA_AVX512)
-    g_launch = c::isa_avx512::launch, g_launch_rows = c::isa_avx512::launch_rows, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
+    g_launch = c::isa_avx512::launch, g_launch_rows = c::isa_avx512::launch_rows,
+    g_launch_factored = c::isa_avx512::launch_factored, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
     g_vector_bits = c::isa_avx512::vector_bits;
 #endif
   } else if (isa == "avx2") {
 #if defined(FO_HAVE_ISA_AVX2)
-    g_launch = c::isa_avx2::launch, g_launch_rows = c::isa_avx2::launch_rows, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
+    g_launch = c::isa_avx2::launch, g_launch_rows = c::isa_avx2::launch_rows,
+    g_launch_factored = c::isa_avx2::launch_factored, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
     g_vector_bits = c::isa_avx2::vector_bits;
 #endif
   } else if (isa == "base") {
 #if defined(FO_HAVE_ISA_BASE)
-    g_launch = c::isa_base::launch, g_launch_rows = c::isa_base::launch_rows, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
+    g_launch = c::isa_base::launch, g_launch_rows = c::isa_base::launch_rows,
+    g_launch_factored = c::isa_base::launch_factored, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
     g_vector_bits = c::isa_base::vector_bits;
 #endif
   } else {
@@ -158,6 +165,38 @@ void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   g_launch_rows(kernel, layout, t, r, hyper.data(), hyper.size(), mode, nt);
+}
+
+// A factored step (Adafactor): tensor j is a stack of batch[j] matrices of rows[j] x
+// cols[j] (rows[j] == 0: an unfactored tensor of cols[j] elements); pointer table slots:
+// param, grad, row factors (or a vector's second moment), column factors (0 for vectors).
+void step_factored(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+                   py::array_t<std::int64_t, 0> shapes, py::array_t<double, 0> hyper,
+                   int state_dtype, double grad_scale, double step_count) {
+  for (const py::array* a : {static_cast<py::array*>(&ptrs), static_cast<py::array*>(&shapes),
+                             static_cast<py::array*>(&hyper)})
+    if (!(a->flags() & py::array::c_style))
+      throw std::invalid_argument(kernel + ": table arrays must be contiguous");
+  bool known = false;
+  fo::with_factored_rule(kernel, [&](auto) { known = true; });
+  if (!known) throw std::invalid_argument("unknown factored kernel '" + kernel + "'");
+  if (shapes.size() % 3 != 0)
+    throw std::invalid_argument(kernel + ": shapes must hold (batch, rows, cols) per tensor");
+  const std::int64_t n = shapes.size() / 3;
+  if (ptrs.size() != 4 * n)
+    throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
+                                " entries, expected 4 slots x " + std::to_string(n) + " tensors");
+  const auto* shape = reinterpret_cast<const fo::cpu::FactoredShape*>(shapes.data());
+  for (std::int64_t j = 0; j < n; ++j)
+    if (shape[j].batch < 0 || shape[j].rows < 0 || shape[j].cols < 0)
+      throw std::invalid_argument(kernel + ": negative extent for tensor " + std::to_string(j));
+  if (n == 0) return;
+  Table t{ptrs.data(), nullptr, n};
+  const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, 0};
+  const fo::Mode mode{grad_scale, 0.0, 0, step_count};
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  g_launch_factored(kernel, layout, t, shape, hyper.data(), hyper.size(), mode, nt);
 }
 
 // The reductions' checks: a known dtype and a table of `slots` x n pointers.
@@ -382,6 +421,14 @@ PYBIND11_MODULE(_cpu, m) {
         "with the gradient slot of the pointer table holding counts[j] rows of values. The\n"
         "other rows of the params and states are not read or written. Otherwise as `step`\n"
         "(no EMA slot, no L1 step); stochastic rounding draws per (tensor, row) streams.");
+  m.def("step_factored", &step_factored, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("shapes"), py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1,
+        py::arg("grad_scale") = 1.0, py::arg("step") = 1.0,
+        "A factored second-moment step (Adafactor) over the tensors of a 4-slot pointer table\n"
+        "(param, grad, row factors or a vector's second moment, column factors): `shapes`\n"
+        "holds (batch, rows, cols) per tensor, rows 0 for an unfactored tensor of cols\n"
+        "elements. Three passes over the elements (csrc/cpu/factored.h); the same bits for\n"
+        "every thread count.");
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
@@ -421,9 +468,8 @@ PYBIND11_MODULE(_cpu, m) {
         "from a step count kept on the device.");
   m.def("hyper_fields", [](const std::string& kernel) {
     std::pair<std::vector<std::string>, std::vector<std::string>> names;
-    const bool known = fo::with_rule(kernel, [&](auto rule) {
-      names = fo::hyper_field_names<typename decltype(rule)::Hyper>();
-    });
+    auto take = [&](auto rule) { names = fo::hyper_field_names<typename decltype(rule)::Hyper>(); };
+    const bool known = fo::with_rule(kernel, take) || fo::with_factored_rule(kernel, take);
     if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
     return py::make_tuple(py::tuple(py::cast(names.first)), py::tuple(py::cast(names.second)));
   }, py::arg("kernel"),
@@ -431,7 +477,8 @@ PYBIND11_MODULE(_cpu, m) {
         "name, in memory order: the hyperparameter array holds them in this order.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
-    fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });
+    auto take = [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); };
+    if (!fo::with_rule(kernel, take)) fo::with_factored_rule(kernel, take);
     if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
     return n;
   });

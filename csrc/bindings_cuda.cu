@@ -255,6 +255,71 @@ void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 
   entry(call);
 }
 
+using FactoredEntry = void (*)(const fo::cuda::FactoredCall&);
+
+FactoredEntry factored_entry(int param, int state) {
+  namespace fc = fo::cuda;
+  const bool f32_state = state == int(fo::DType::Float32);
+  switch (fo::DType(param)) {
+    case fo::DType::Float32: return fc::variant_f32::step_factored;
+    case fo::DType::Float64: return fc::variant_f64::step_factored;
+    case fo::DType::Float16:
+      return f32_state ? fc::variant_f16_f32::step_factored : fc::variant_f16_bf16::step_factored;
+    case fo::DType::BFloat16:
+      return f32_state ? fc::variant_bf16_f32::step_factored : fc::variant_bf16_bf16::step_factored;
+  }
+  return nullptr;
+}
+
+// _cpu.step_factored on device memory, enqueued on `stream`.
+void step_factored(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+                   py::array_t<std::int64_t, 0> shapes, py::array_t<double, 0> hyper,
+                   std::uintptr_t stream, int state_dtype, double grad_scale, double step_count) {
+  check_contiguous(kernel, ptrs, shapes, hyper);
+  bool known = false;
+  int size = 0;
+  fo::with_factored_rule(kernel, [&](auto rule) {
+    known = true;
+    size = fo::hyper_size<decltype(rule)>();
+  });
+  if (!known) throw std::invalid_argument("unknown factored kernel '" + kernel + "'");
+  if (shapes.size() % 3 != 0)
+    throw std::invalid_argument(kernel + ": shapes must hold (batch, rows, cols) per tensor");
+  const std::int64_t n = shapes.size() / 3;
+  if (ptrs.size() != 4 * n)
+    throw std::invalid_argument(kernel + ": expected 4 x " + std::to_string(n) +
+                                " pointers, got " + std::to_string(ptrs.size()));
+  if (hyper.size() != size)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(size) +
+                                " hyperparameters, got " + std::to_string(hyper.size()));
+  const int state = state_dtype < 0 ? dtype : state_dtype;
+  bool layout = false;
+  fo::with_layout(dtype, state, 0, [&](auto, auto, auto, auto) { layout = true; });
+  if (!layout)
+    throw std::invalid_argument(kernel + ": unsupported storage layout (param " +
+                                std::to_string(dtype) + ", state " + std::to_string(state) + ")");
+  std::int64_t first = -1;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const std::int64_t* sh = shapes.data() + 3 * j;
+    if (sh[0] < 0 || sh[1] < 0 || sh[2] < 0)
+      throw std::invalid_argument(kernel + ": negative extent for tensor " + std::to_string(j));
+    const std::int64_t numel = sh[1] == 0 ? sh[2] : sh[0] * sh[1] * sh[2];
+    if (numel > 0 && first < 0) first = j;
+  }
+  if (first < 0) return;  // nothing to update: no CUDA call at all
+  const std::string name = kernel + "[" + layout_name(dtype, state, 0) + "]";
+  fo::cuda::FactoredCall call{
+      fo::cuda::StepCall{kernel, name, dtype, state, 0, ptrs.data(), nullptr, n, hyper.data(),
+                         false, fo::Mode{grad_scale, 0.0, 0, step_count},
+                         reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr},
+      shapes.data()};
+  const FactoredEntry entry = factored_entry(dtype, state);
+  py::gil_scoped_release nogil;
+  const int device = device_of(kernel, "the first parameter array", ptrs.data()[first]);
+  DeviceGuard guard(device);
+  entry(call);
+}
+
 // tables: (dtype code, ptrs 1 x n, sizes) per gradient dtype of the step.
 void grad_stats(const py::list& tables, std::uintptr_t stream, std::uint64_t out_ptr,
                 double inv_scale, double max_norm, bool skip_nonfinite) {
@@ -450,6 +515,13 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("key") = 0, py::arg("step") = 1.0,
         "_cpu.step_rows on device memory, enqueued on `stream`; `rows` holds the device\n"
         "addresses of the row indices, which only the device reads.");
+  m.def("step_factored", &step_factored, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("shapes"), py::arg("hyper"), py::arg("stream") = std::uintptr_t(0),
+        py::kw_only(), py::arg("state_dtype") = -1, py::arg("grad_scale") = 1.0,
+        py::arg("step") = 1.0,
+        "_cpu.step_factored on device memory, enqueued on `stream` (five kernels; nothing\n"
+        "read back by the host). Same results as the CPU within rounding (block sums\n"
+        "associate differently).");
   m.def("grad_stats", &grad_stats, py::arg("tables"), py::arg("stream"), py::arg("out_ptr"),
         py::arg("inv_scale") = 1.0, py::arg("max_norm") = -1.0, py::arg("skip_nonfinite") = true,
         "One pass over the gradients of pointer tables [(dtype, ptrs 1 x n, sizes), ...] on\n"

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "adadelta.h"
+#include "adafactor.h"
 #include "adagrad.h"
 #include "adam.h"
 #include "ema.h"
@@ -57,6 +58,14 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "sparse_adam") return f(SparseAdam{}), true;
   if (name == "muon_momentum") return f(MuonMomentum{}), true;
   if (name == "muon_update") return f(MuonUpdate{}), true;
+  return false;
+}
+
+// The factored rules (row and column factors of a second moment; csrc/cpu/factored.h),
+// a registry of their own: their passes are not the elementwise drivers'.
+template <class F>
+bool with_factored_rule(std::string_view name, F&& f) {
+  if (name == "adafactor") return f(Adafactor{}), true;
   return false;
 }
 

@@ -10,6 +10,7 @@
 #include "../core/layouts.h"
 #include "../core/rules.h"
 #include "driver.h"
+#include "factored.h"
 #include "kernels.h"
 #include "reduce.h"
 #include "rows.h"
@@ -71,6 +72,35 @@ bool launch_rows(std::string_view kernel, const Layout& layout, const Table& t,
             t, r, h.data(), per_tensor, mode, max_threads);
     });
     if (!known)
+      throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
+                                  std::to_string(layout.param) + ", state " +
+                                  std::to_string(layout.state) + ", extra " +
+                                  std::to_string(layout.extra) + ")");
+  });
+}
+
+bool launch_factored(std::string_view kernel, const Layout& layout, const Table& t,
+                     const FactoredShape* shape, const double* hyper, std::int64_t nhyper,
+                     const Mode& mode, int max_threads) {
+  return with_factored_rule(kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    using Hyper = typename Rule::Hyper;
+    const std::int64_t size = hyper_size<Rule>();
+    if (nhyper != size)
+      throw std::invalid_argument(std::string(kernel) + ": expected " + std::to_string(size) +
+                                  " hyperparameters, got " + std::to_string(nhyper));
+    Hyper h;
+    std::memcpy(&h, hyper, sizeof(Hyper));
+    Rule::at_step(h, mode.step);
+    bool ran = false;
+    if (layout.extra == 0)
+      with_layout(layout.param, layout.state, 0, [&](auto m, auto p, auto s, auto x) {
+        if constexpr (decltype(x)::value == Extra::None && !decltype(x)::ema) {
+          run_adafactor<decltype(m), decltype(p), decltype(s)>(t, shape, h, mode, max_threads);
+          ran = true;
+        }
+      });
+    if (!ran)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
                                   std::to_string(layout.param) + ", state " +
                                   std::to_string(layout.state) + ", extra " +

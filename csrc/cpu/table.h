@@ -22,4 +22,10 @@ struct RowsTable {
   const std::int64_t* row_len;  // elements per row of each tensor
 };
 
+// The geometry of one tensor of a factored call (csrc/cpu/factored.h): a stack of `batch`
+// matrices of rows x cols elements, or with rows == 0 an unfactored tensor of cols elements.
+struct FactoredShape {
+  std::int64_t batch, rows, cols;
+};
+
 }  // namespace fo::cpu

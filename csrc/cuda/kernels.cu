@@ -8,6 +8,7 @@
 #include "kernels.h"
 #include "multi_tensor.cuh"
 #include "rows.cuh"
+#include "factored.cuh"
 #include "update_functor.cuh"
 
 namespace fo::cuda::FO_CUDA_NS {
@@ -77,7 +78,109 @@ void run_rows(const RowsCall& rc) {
          static_cast<const RowsMeta<kSlots>*>(dmeta), c.n, total, h[0], dtable, c.mode);
 }
 
+template <class M, class P, class S>
+void run_factored(const FactoredCall& fc) {
+  const StepCall& c = fc.step;
+  AdafactorHyper h;
+  std::memcpy(&h, c.hyper, sizeof(h));
+  Adafactor::at_step(h, c.mode.step);
+  std::vector<FactoredTensor> tensors(std::size_t(c.n));
+  std::vector<FactoredWork> items;
+  std::vector<std::int64_t> matrix_tensor;
+  std::int64_t cols_scratch = 0, rows_total = 0;
+  for (std::int64_t j = 0; j < c.n; ++j) {
+    FactoredTensor& t = tensors[std::size_t(j)];
+    t.p = c.ptrs[j];
+    t.g = c.ptrs[c.n + j];
+    t.r = c.ptrs[2 * c.n + j];
+    t.c = c.ptrs[3 * c.n + j];
+    t.batch = fc.shapes[3 * j];
+    t.rows = fc.shapes[3 * j + 1];
+    t.cols = fc.shapes[3 * j + 2];
+    t.row_at = rows_total;
+    t.mat_at = std::int64_t(matrix_tensor.size());
+    t.first_item = std::int64_t(items.size());
+    constexpr std::int64_t kItem = std::int64_t(1) << 14;
+    if (t.rows == 0) {
+      for (std::int64_t lo = 0; lo < t.cols; lo += kItem)
+        items.push_back({j, 0, lo, lo + kItem < t.cols ? lo + kItem : t.cols, 0});
+    } else {
+      std::int64_t per = kItem / (t.cols > 0 ? t.cols : 1);
+      per = per < 1 ? 1 : per > t.rows ? t.rows : per;
+      for (std::int64_t b = 0; b < t.batch; ++b) {
+        matrix_tensor.push_back(j);
+        for (std::int64_t r0 = 0; r0 < t.rows; r0 += per) {
+          items.push_back({j, b, r0, r0 + per < t.rows ? r0 + per : t.rows, cols_scratch});
+          cols_scratch += t.cols;
+        }
+      }
+      rows_total += t.batch * t.rows;
+    }
+    t.end_item = std::int64_t(items.size());
+  }
+  const std::int64_t nitems = std::int64_t(items.size());
+  if (nitems == 0) return;
+  const std::int64_t nmat = std::int64_t(matrix_tensor.size());
+  // one allocation on the stream: the tables, then the scratch sums (doubles)
+  const std::size_t tb = tensors.size() * sizeof(FactoredTensor), ib = items.size() * sizeof(FactoredWork),
+                    mb = matrix_tensor.size() * sizeof(std::int64_t);
+  const std::size_t doubles = std::size_t(rows_total + cols_scratch + 2 * nitems + nmat + c.n);
+  const std::size_t head = (tb + ib + mb + 7) / 8 * 8;
+  StreamBuffer buffer(head + doubles * sizeof(double), c.stream, c.name);
+  char* base = buffer.get<char>();
+  auto* dt = reinterpret_cast<FactoredTensor*>(base);
+  auto* di = reinterpret_cast<FactoredWork*>(base + tb);
+  auto* dm = reinterpret_cast<std::int64_t*>(base + tb + ib);
+  double* row_sum = reinterpret_cast<double*>(base + head);
+  double* col_sum = row_sum + rows_total;
+  double* p_part = col_sum + cols_scratch;
+  double* u_part = p_part + nitems;
+  double* rbar = u_part + nitems;
+  double* coef = rbar + nmat;
+  check_cuda(cudaMemcpyAsync(dt, tensors.data(), tb, cudaMemcpyHostToDevice, c.stream),
+             c.name + ": copying the tensor table");
+  check_cuda(cudaMemcpyAsync(di, items.data(), ib, cudaMemcpyHostToDevice, c.stream),
+             c.name + ": copying the work items");
+  if (mb > 0)
+    check_cuda(cudaMemcpyAsync(dm, matrix_tensor.data(), mb, cudaMemcpyHostToDevice, c.stream),
+               c.name + ": copying the matrix table");
+  const double gs = c.mode.grad_scale;
+  const unsigned threads = unsigned(kFactoredThreads);
+  launch(c.name + " (pass 1)", factored_pass1<M, P, S>, unsigned(nitems), threads, c.stream,
+         static_cast<const FactoredTensor*>(dt), static_cast<const FactoredWork*>(di), h, gs,
+         row_sum, col_sum, p_part, u_part);
+  if (nmat > 0)
+    launch(c.name + " (factors)", factored_factors<M, S>, unsigned(nmat), threads, c.stream,
+           static_cast<const FactoredTensor*>(dt), static_cast<const std::int64_t*>(dm),
+           static_cast<const FactoredWork*>(di), h, static_cast<const double*>(row_sum),
+           static_cast<const double*>(col_sum), rbar);
+  launch(c.name + " (pass 2)", factored_pass2<M, P, S>, unsigned(nitems), threads, c.stream,
+         static_cast<const FactoredTensor*>(dt), static_cast<const FactoredWork*>(di), h, gs,
+         static_cast<const double*>(rbar), u_part);
+  launch(c.name + " (coefficients)", factored_coef, unsigned(c.n), 32u, c.stream,
+         static_cast<const FactoredTensor*>(dt), h, static_cast<const double*>(p_part),
+         static_cast<const double*>(u_part), coef);
+  launch(c.name + " (pass 3)", factored_pass3<M, P, S>, unsigned(nitems), threads, c.stream,
+         static_cast<const FactoredTensor*>(dt), static_cast<const FactoredWork*>(di), h, gs,
+         static_cast<const double*>(rbar), static_cast<const double*>(coef));
+}
+
 }  // namespace
+
+void step_factored(const FactoredCall& fc) {
+  const StepCall& c = fc.step;
+  bool done = false;
+  with_layout(c.param, c.state, 0, [&](auto m, auto p, auto s, auto x) {
+    using P = decltype(p);
+    using S = decltype(s);
+    if constexpr (dtype_code<P>() == FO_CUDA_PARAM && dtype_code<S>() == FO_CUDA_STATE &&
+                  decltype(x)::value == Extra::None && !decltype(x)::ema) {
+      run_factored<decltype(m), P, S>(fc);
+      done = true;
+    }
+  });
+  if (!done) throw std::logic_error(c.name + ": no factored kernel for this layout");
+}
 
 void step_rows(const RowsCall& rc) {
   const StepCall& c = rc.step;

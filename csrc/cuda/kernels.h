@@ -45,6 +45,14 @@ struct RowsCall {
   const std::int64_t* row_len;
 };
 
+// One validated factored call (Adafactor): the StepCall's table has 4 slots (param, grad,
+// row factors or a vector's moment, column factors); shapes holds (batch, rows, cols)
+// per tensor (host memory), rows 0 for a vector.
+struct FactoredCall {
+  StepCall step;
+  const std::int64_t* shapes;
+};
+
 template <class T>
 constexpr int dtype_code() {
   if constexpr (std::is_same_v<T, float>) return int(DType::Float32);
@@ -74,6 +82,7 @@ constexpr bool is_built() {
   namespace ns {                     \
   void step(const StepCall& call);   \
   void step_rows(const RowsCall& call); \
+  void step_factored(const FactoredCall& call); \
   }
 FO_DECLARE_CUDA_STEP(variant_f32)
 FO_DECLARE_CUDA_STEP(variant_f64)
