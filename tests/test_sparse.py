@@ -267,8 +267,3 @@ def test_torch_dense_gradient_is_refused():
         fot.SparseAdam(lin.parameters()).step()
     for p, b in zip(lin.parameters(), before):
         assert torch.equal(p.detach(), b)
-
-
-def test_every_torch_optim_name_i_added_exists():
-    for name in ("LBFGS", "SparseAdam"):
-        assert issubclass(getattr(fot, name), torch.optim.Optimizer)

@@ -196,7 +196,13 @@ class Optimizer:
         dtype = self.precision.state_dtype_for(arr.dtype)
         state = {}
         for name in spec.active(spec.to_op(group)):
-            buf = state[name] = _arrays.zeros_like(arr, dtype)
+            if spec.shaped_states:
+                shape = spec.state_shape(name, tuple(arr.shape))
+                if shape is None:
+                    continue
+                buf = state[name] = _zeros(arr, shape, dtype)
+            else:
+                buf = state[name] = _arrays.zeros_like(arr, dtype)
             value = spec.init_value(name, group)
             if value:
                 buf[...] = value
@@ -427,7 +433,10 @@ class Optimizer:
     def _bucket_plan(self, kw, precision, params, grads, states, scalars, fresh, updates):
         spec = self.spec
         names = spec.active(kw)
-        lists = [list(map(itemgetter(name), states)) for name in names]
+        if spec.shaped_states:  # (None for a param without the buffer)
+            lists = [[s.get(name) for s in states] for name in names]
+        else:
+            lists = [list(map(itemgetter(name), states)) for name in names]
         before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
         extra, after = spec.advance(kw, before)
         if extra:
@@ -509,20 +518,25 @@ class Optimizer:
         if saved.get("ema") is not None:
             names.append("ema")
         for name in names:
+            expect = tuple(param.shape)
+            if spec.shaped_states and name in {st.name for st in spec.states}:
+                expect = spec.state_shape(name, expect)
+                if expect is None:
+                    continue
             if name not in saved or saved[name] is None:
                 raise ValueError(f"loaded state of param {idx} has no {name!r}")
             value = saved[name]
             shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
-            if shape != tuple(param.shape):
-                raise ValueError(f"loaded {name} of param {idx} has shape {shape}, the param "
-                                 f"has {tuple(param.shape)}")
+            if shape != expect:
+                raise ValueError(f"loaded {name} of param {idx} has shape {shape}, expected "
+                                 f"{expect} for a param of shape {tuple(param.shape)}")
             want = np.dtype(np.float32) if name == "master_param" else \
                 param.dtype if name in ("kahan_comp", "ema") else \
                 self.precision.state_dtype_for(param.dtype)
             if dtype != want:
                 raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
                                  f"{want} for a param of dtype {param.dtype}")
-            out = state[name] = _arrays.zeros_like(param, want)
+            out = state[name] = _zeros(param, expect, want)
             out[...] = value
         for name in spec.scalars:
             value = saved.get(name)
@@ -533,6 +547,28 @@ class Optimizer:
                 raise ValueError(f"loaded step of param {idx} is {value}, not a count")
             state[name] = value
         return state
+
+
+def _zeros(arr, shape, dtype=None):
+    """Zeros of `shape` on the device and of the array kind of `arr` (from `_arrays.like`)."""
+    if tuple(shape) == tuple(arr.shape):
+        return _arrays.zeros_like(arr, dtype)
+    # the kind, dtype and device `zeros_like` picks for the param, from one element of it
+    return _zeros_of(_arrays.zeros_like(arr.reshape(-1)[:1], dtype), shape)
+
+
+def _zeros_of(like, shape):
+    """Zeros of `shape` and of like's dtype, array kind and device."""
+    module = type(like).__module__.partition(".")[0]
+    if module == "torch":
+        import torch
+
+        return torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
+    if module == "cupy":
+        import cupy
+
+        return cupy.zeros(tuple(shape), like.dtype)
+    return np.zeros(tuple(shape), like.dtype)
 
 
 def _no_scalars(state):

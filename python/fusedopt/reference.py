@@ -22,6 +22,7 @@ import numpy as np
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 __all__ += ["sparse_adam"]
 __all__ += ["muon", "newton_schulz"]
+__all__ += ["adafactor"]
 
 
 def _f64(arrays, name, count=None):
@@ -262,3 +263,47 @@ def muon(params, grads, momentum_buffers, *, lr, weight_decay=0.1, momentum=0.95
         p *= 1.0 - lr * weight_decay
         p -= lr * ratio * o
     return _result(params, bufs)
+
+
+def adafactor(params, grads, row_vars, col_vars, variances, *, step, lr, beta2_decay=-0.8,
+              eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False):
+    """Adafactor (torch.optim.Adafactor's equations) in float64. A param with two or more
+    dimensions keeps row and column factors (``row_vars[i]`` of shape (*batch, m, 1),
+    ``col_vars[i]`` of shape (*batch, 1, n)); a vector or 0-d param a full second moment
+    (``variances[i]``); the lists hold None elsewhere. With b = t^beta2_decay:
+    R += b (mean_j g^2 - R), C += b (mean_i g^2 - C), V = R C / max(mean_i R, eps1)
+    (vectors: V += b (g^2 - V)); U = g / sqrt(max(V, eps1^2));
+    p = p (1 - lr wd) - max(eps2, RMS(p)) min(lr, 1/sqrt(t)) / max(1, RMS(U) / d) U, with
+    RMS(p) before the decay. eps1 None: the machine epsilon of the first param's dtype."""
+    if eps1 is None:
+        eps1 = float(np.finfo(np.asarray(params[0]).dtype).eps)
+    params = _f64(params, "params")
+    n = len(params)
+
+    def copies(arrays):
+        if arrays is None:
+            return [None] * n
+        return [None if a is None else np.array(a, dtype=np.float64) for a in arrays]
+
+    rows, cols, var = copies(row_vars), copies(col_vars), copies(variances)
+    b = float(step) ** beta2_decay
+    rho = min(lr, 1.0 / np.sqrt(step))
+    for i, (p, g) in enumerate(zip(params, grads)):
+        g = np.asarray(g, dtype=np.float64)
+        if maximize:
+            g = -g
+        alpha = max(eps2, np.sqrt(np.mean(p * p))) * rho
+        if weight_decay != 0:
+            p *= 1.0 - lr * weight_decay
+        if p.ndim > 1:
+            rows[i] += b * (np.mean(g * g, axis=-1, keepdims=True) - rows[i])
+            cols[i] += b * (np.mean(g * g, axis=-2, keepdims=True) - cols[i])
+            estimate = rows[i] * cols[i] / np.maximum(np.mean(rows[i], axis=-2, keepdims=True),
+                                                      eps1)
+        else:
+            var[i] += b * (g * g - var[i])
+            estimate = var[i]
+        u = g / np.sqrt(np.maximum(estimate, eps1 * eps1))
+        denom = max(1.0, np.sqrt(np.mean(u * u)) / d)
+        p -= alpha / denom * u
+    return params, rows, cols, var

@@ -240,6 +240,18 @@ class Spec:
         """ValueError for params the algorithm does not take (torch's message; Muon's
         2-D only), checked when a class gets them."""
 
+    def state_shape(self, name, shape):
+        """The shape of state buffer `name` of a param of `shape`, or None when such a
+        param keeps no such buffer (Adafactor: row and column factors for matrices, a
+        full second moment for vectors). By default every buffer has the param's shape;
+        a spec that says otherwise sets `shaped_states`."""
+        return shape
+
+    #: whether `state_shape` differs from the param's shape for some buffer or param (the
+    #: classes then make, load and pass each param's buffers by `state_shape`; lists of
+    #: state buffers hold None for a param without the buffer)
+    shaped_states: ClassVar[bool] = False
+
     def make_plan(self, kw, params, grads, states, names, options, stream, op):
         """The validated plan of a composite step (`composite`): an object with the
         methods of `_engine.Plan` that the front-ends use (``run``, ``execute``,
