@@ -1085,3 +1085,85 @@ def test_functional_sparse_adam_on_cupy_matches_numpy(cp):
     cp.cuda.get_current_stream().synchronize()
     for d, h in zip(dev, host):  # (the sums of repeats may be added in another order)
         np.testing.assert_allclose(cp.asnumpy(d), h, rtol=1e-5, atol=1e-6)
+
+
+# --- Muon, Adafactor and fusedopt.torch.LBFGS on a GPU ----------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_on_cupy_matches_numpy(cp, ns_dtype):
+    """The momentum and update passes on the GPU, the Newton-Schulz iterations through
+    CuPy's batched products: the CPU's results within float32 rounding (bfloat16's for
+    the emulated bfloat16 iterations)."""
+    import fusedopt.functional as F
+    rng = np.random.default_rng(60)
+    shapes = [(64, 96), (96, 64), (64, 96), (32, 32)]
+    host = [[rng.standard_normal(s).astype(np.float32) for s in shapes],
+            [np.zeros(s, np.float32) for s in shapes]]
+    dev = [[cp.asarray(a) for a in lst] for lst in host]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_dtype=ns_dtype)
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        F.muon_(host[0], grads, host[1], **kw)
+        F.muon_(dev[0], [cp.asarray(g) for g in grads], dev[1], **kw)
+    cp.cuda.get_current_stream().synchronize()
+    tol = 1e-5 if ns_dtype == "float32" else 2e-3
+    for d, h in zip(dev[0] + dev[1], host[0] + host[1]):
+        np.testing.assert_allclose(cp.asnumpy(d), h, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adafactor_on_cupy_matches_numpy(cp, dtype):
+    """The five factored kernels against the CPU driver: the same math, sums associated
+    differently (float32 rounding of the sums, far below the tolerance)."""
+    import fusedopt.functional as F
+    from fusedopt.algorithms import SPECS
+    spec = SPECS["adafactor"]
+    rng = np.random.default_rng(61)
+    shapes = [(300, 70), (3, 40, 50), (1000,), (), (5, 1)]
+    host = [[rng.standard_normal(s).astype(dtype) for s in shapes]]
+    for name in ("row_var", "col_var", "variance"):
+        host.append([None if spec.state_shape(name, s) is None else
+                     np.zeros(spec.state_shape(name, s), dtype) for s in shapes])
+    dev = [[None if a is None else cp.asarray(a) for a in lst] for lst in host]
+    for t in range(1, 4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        kw = dict(step=t, lr=0.05, weight_decay=0.01)
+        F.adafactor_(host[0], grads, *host[1:], **kw)
+        F.adafactor_(dev[0], [cp.asarray(g) for g in grads], *dev[1:], **kw)
+    cp.cuda.get_current_stream().synchronize()
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    for dl, hl in zip(dev, host):
+        for d, h in zip(dl, hl):
+            if h is not None:
+                np.testing.assert_allclose(cp.asnumpy(d), h, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.cuda
+def test_torch_lbfgs_on_cuda_matches_cpu(cuda_mod):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 2)).double().to(device)
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(32, 6, generator=g, dtype=torch.float64).to(device)
+        y = torch.randn(32, 2, generator=g, dtype=torch.float64).to(device)
+        opt = fot.LBFGS(model.parameters(), line_search_fn="strong_wolfe", max_iter=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        results.append([p.detach().cpu().numpy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
