@@ -125,6 +125,20 @@ def test_numpy_class_matches_reference_and_state_dicts(rng):
         fo.Adafactor(params).load_state_dict(bad)
 
 
+def test_ema_of_the_params(rng):
+    torch = pytest.importorskip("torch")
+    params = [rng.standard_normal((6, 5)), rng.standard_normal(4)]
+    opt = fo.Adafactor(params, lr=0.1, ema_decay=0.5)
+    opt.step([rng.standard_normal(p.shape) for p in params])
+    first = [p.copy() for p in params]
+    for i, p in enumerate(params):
+        assert_same_bits(opt.state[i]["ema"], p, "the first step copies")
+    opt.step([rng.standard_normal(p.shape) for p in params])
+    for i, (p, f) in enumerate(zip(params, first)):
+        want = torch.lerp(torch.from_numpy(f), torch.from_numpy(p), 0.5).numpy()
+        assert_same_bits(opt.state[i]["ema"], want, "then torch's EMA update")
+
+
 # --- fusedopt.torch.Adafactor against torch.optim.Adafactor --------------------------------
 
 torch = pytest.importorskip("torch")

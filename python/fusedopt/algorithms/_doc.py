@@ -100,7 +100,7 @@ def class_doc(spec, torch=False):
                   ">>> opt.step()  # rows 1 and 3 change", ">>> opt.zero_grad()"]
     elif torch:
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
-                  ">>> model = torch.nn.Linear(4, 2)",
+                  f">>> model = {spec.example_model}",
                   f">>> opt = {spec.title}(model.parameters(), {spec.example})",
                   ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
                   ">>> opt.zero_grad()"]
@@ -111,10 +111,11 @@ def class_doc(spec, torch=False):
                   ">>> rows, values = np.array([1, 3, 1]), np.ones((3, 4), np.float32)",
                   ">>> opt.step([(rows, values)])  # rows 1 (twice: summed) and 3 change"]
     else:
+        a, b = spec.example_shapes
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
-                  ">>> params = [np.ones((4, 2), np.float32), np.zeros(2, np.float32)]",
+                  f">>> params = [np.ones({a}, np.float32), np.zeros({b}, np.float32)]",
                   f">>> opt = fo.{spec.title}(params, {spec.example})",
-                  ">>> grads = [np.full((4, 2), 0.5, np.float32), np.ones(2, np.float32)]",
+                  f">>> grads = [np.full({a}, 0.5, np.float32), np.ones({b}, np.float32)]",
                   ">>> opt.step(grads)  # the params change in place"]
     return "\n".join(lines) + "\n"
 

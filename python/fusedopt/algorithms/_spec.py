@@ -190,6 +190,9 @@ class Spec:
     bench: ClassVar[dict | None] = None
     #: the options shown in the docstring's example
     example: ClassVar[str] = "lr=1e-3"
+    #: the example's param shapes (NumPy classes) and model (fusedopt.torch)
+    example_shapes: ClassVar[tuple] = ((4, 2), (2,))
+    example_model: ClassVar[str] = "torch.nn.Linear(4, 2)"
     #: how gradients come: "dense" (an array like the param) or "rows" (row-sparse: a
     #: pair (row indices, rows of values) or a torch sparse tensor, see `fusedopt._rows`;
     #: the functional op then takes ``rows`` and ``values`` lists instead of ``grads``,

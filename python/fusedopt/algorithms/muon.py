@@ -71,6 +71,8 @@ class Muon(Spec):
     batchable = False
     bench = {}  # (benchmarks/bench_muon.py: the iterations dominate)
     example = "lr=0.02"
+    example_shapes = ((4, 2), (3, 5))
+    example_model = "torch.nn.Linear(4, 2, bias=False)"
 
     def validate(self, g):
         lr, momentum, wd = number(g["lr"]), number(g["momentum"]), number(g["weight_decay"])
