@@ -160,6 +160,10 @@ __global__ void __launch_bounds__(kFactoredThreads)
   if (threadIdx.x == 0) u_part[blockIdx.x] = us;
 }
 
+// A template, like the other kernels of this header: kernels.cu is compiled into one
+// object per group of layouts, and a plain __global__ function defined here would be
+// defined in each of them (a duplicate symbol when the module is linked).
+template <int = 0>
 __global__ void factored_coef(const FactoredTensor* tensors, AdafactorHyper h,
                               const double* p_part, const double* u_part, double* coef) {
   if (threadIdx.x != 0) return;

@@ -157,7 +157,7 @@ void run_factored(const FactoredCall& fc) {
   launch(c.name + " (pass 2)", factored_pass2<M, P, S>, unsigned(nitems), threads, c.stream,
          static_cast<const FactoredTensor*>(dt), static_cast<const FactoredWork*>(di), h, gs,
          static_cast<const double*>(rbar), u_part);
-  launch(c.name + " (coefficients)", factored_coef, unsigned(c.n), 32u, c.stream,
+  launch(c.name + " (coefficients)", factored_coef<>, unsigned(c.n), 32u, c.stream,
          static_cast<const FactoredTensor*>(dt), h, static_cast<const double*>(p_part),
          static_cast<const double*>(u_part), coef);
   launch(c.name + " (pass 3)", factored_pass3<M, P, S>, unsigned(nitems), threads, c.stream,
