@@ -130,6 +130,10 @@ class Options:
         return None
 
 
+#: the options of a step without any (shared: an Options is never changed)
+PLAIN = None
+
+
 class Precision:
     """The mixed-precision policy of an optimizer (`fo.Adam(..., precision=...)`).
 
@@ -182,6 +186,9 @@ class Precision:
         if not self.stochastic_rounding:
             return {}
         return {"stochastic_rounding": True, "seed": rounding_key(self.seed, steps_taken)}
+
+
+PLAIN = Options("step", {})
 
 
 def _is_numpy_dtype(dtype):
