@@ -108,3 +108,20 @@ def test_python_m_fusedopt_prints_the_build():
     assert ("CUDA module: built" in out) == built
     assert ("CUDA module: not built" in out) == (not built)
     assert "python -m fusedopt.bench" in out
+
+
+@pytest.mark.parametrize("module", DOCUMENTED + [_precision, fo],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    """The Examples sections are run and their printed results compared (doctest)."""
+    import doctest
+
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module, module.__name__) if t.examples]
+    if module is not fo:
+        assert tests, f"{module.__name__} has no examples"
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} example(s) of {module.__name__} failed"
