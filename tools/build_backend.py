@@ -20,11 +20,9 @@ before, so the worst case is the old full rebuild.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import scikit_build_core
 import scikit_build_core.build as _backend
+from build_dirs import adopt_build_dirs
 from scikit_build_core.build import *  # noqa: F401,F403 (the other hooks, unchanged)
 from scikit_build_core.build import __all__ as _hooks
 from scikit_build_core.cmake import DIR as _SKBUILD_DIR
@@ -36,47 +34,15 @@ for _name in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_ed
         __all__.append(_name)
 
 
-def _gone_root(path):
-    """The topmost ancestor of `path` that no longer exists (the deleted environment)."""
-    path = Path(path)
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
-
-
-def adopt_build_dirs(source_dir="."):
-    """Re-home the build directories under `source_dir`/build whose recorded environment
-    was deleted; return the ones changed."""
-    adopted = []
-    for record in Path(source_dir, "build").glob("*/.skbuild-info.json"):
-        try:
-            info = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(info, dict) or info.get("skbuild_version") != \
-                scikit_build_core.__version__:
-            continue
-        gone = _gone_root(info.get("skbuild_path") or ".")
-        if gone is None:
-            continue
-        cache = record.parent / "CMakeCache.txt"
-        if cache.is_file():
-            lines = cache.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if str(gone) not in line]
-            cache.write_text("".join(kept), encoding="utf-8")
-        info["skbuild_path"] = str(_SKBUILD_DIR)
-        record.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        adopted.append(record.parent)
-    return adopted
+def _adopt():
+    adopt_build_dirs(".", scikit_build_core.__version__, _SKBUILD_DIR)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    adopt_build_dirs()
+    _adopt()
     return _backend.build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    adopt_build_dirs()
+    _adopt()
     return _backend.build_editable(wheel_directory, config_settings, metadata_directory)
