@@ -140,9 +140,14 @@ def test_png_check_catches_a_corrupt_file(run):
 
 def test_default_plan():
     args = _cli.parse_args([])
-    assert args.plan == [(w, a) for w in ("1x16M", "1000x16K") for a in _cli.DEFAULT_ALGOS] + \
-        [("gpt2", "adam"), ("tiny", "adam")]
+    assert args.plan == [("1x16M", "sgd_momentum"), ("1x16M", "adagrad"), ("1x16M", "rmsprop"),
+                         ("1x16M", "adadelta"), ("1x16M", "adam"), ("1000x16K", "adam"),
+                         ("tiny", "adam")]
     assert _cli.parse_args(["--algos", "sgd", "--workloads", "tiny"]).plan == [("tiny", "sgd")]
+    assert _cli.parse_args(["--algos", "adamw,sgd"]).plan == [
+        ("1x16M", "sgd"), ("1x16M", "adamw"), ("1000x16K", "sgd"), ("1000x16K", "adamw")]
+    assert _cli.parse_args(["--algos", "adam"]).plan == [
+        ("1x16M", "adam"), ("1000x16K", "adam"), ("tiny", "adam")]
     assert len(_cli.parse_args(["--algos", "all", "--workloads", "all"]).plan) == 28
 
 

@@ -38,13 +38,14 @@ from pathlib import Path
 
 ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 WORKLOADS = ["1x16M", "1000x16K", "gpt2", "tiny"]
-# The default run, about a minute on two cores: the two 16M-element workloads for
-# every algorithm but the near duplicates (AdamW is Adam plus one multiply, SGD without
-# momentum a lighter SGD), and the large model and the host-overhead workload for
-# Adam only.
+# The default run, about a minute on two cores: one large tensor for every algorithm but
+# the near duplicates (AdamW is Adam plus one multiply, SGD without momentum a lighter
+# SGD with momentum), and Adam also on many tensors and on tiny ones (the host cost per
+# tensor). GPT-2's 124M elements take minutes: --workloads gpt2 (or all) adds them.
 DEFAULT_ALGOS = ["sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam"]
+DEFAULT_PLAN = [("1x16M", a) for a in DEFAULT_ALGOS] + [("1000x16K", "adam"), ("tiny", "adam")]
+# --workloads default with chosen algorithms: these for each, and tiny for Adam
 DEFAULT_WORKLOADS = ["1x16M", "1000x16K"]
-ADAM_ONLY = ["gpt2", "tiny"]
 DEVICE = "cpu"  # a GPU mode would add its implementations and limit (copy bandwidth)
 RESULTS_DIR = "fusedopt-bench-results"
 
@@ -60,8 +61,10 @@ def parse_args(argv):
                     help="comma-separated algorithms, 'all', or 'default' (all but sgd and "
                          "adamw): " + ", ".join(ALGOS))
     ap.add_argument("--workloads", default="default",
-                    help="comma-separated workloads, 'all', or 'default' (1x16M and 1000x16K "
-                         "for every algorithm, gpt2 and tiny for adam): " + ", ".join(WORKLOADS))
+                    help="comma-separated workloads, 'all', or 'default' (with the default "
+                         "algorithms: 1x16M for each, 1000x16K and tiny for adam; with "
+                         "--algos: 1x16M and 1000x16K for each, tiny for adam): "
+                         + ", ".join(WORKLOADS))
     ap.add_argument("--impls", default="default",
                     help="comma-separated implementations, 'all' (every one installed), or "
                          "'default' (all but DeepSpeed, whose optimizers take seconds to build)")
@@ -88,14 +91,16 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     algos = DEFAULT_ALGOS if args.algos == "default" else \
         ALGOS if args.algos == "all" else _names(ap, "--algos", args.algos, ALGOS)
-    args.algos = algos
-    if args.workloads == "default":
+    if args.workloads == "default" and args.algos == "default":
+        args.plan = list(DEFAULT_PLAN)
+    elif args.workloads == "default":
         args.plan = [(w, a) for w in DEFAULT_WORKLOADS for a in algos]
-        args.plan += [(w, "adam") for w in ADAM_ONLY if "adam" in algos]
+        args.plan += [("tiny", "adam")] if "adam" in algos else []
     else:
         chosen = WORKLOADS if args.workloads == "all" else _names(ap, "--workloads",
                                                                   args.workloads, WORKLOADS)
         args.plan = [(w, a) for w in chosen for a in algos]
+    args.algos = algos
     if args.threads < 0 or args.repeats < 0:
         ap.error("--threads and --repeats must not be negative")
     return args

@@ -235,18 +235,26 @@ def plot(path, results, info):
         per_tensor = w == "tiny"
         width = 0.84 / len(keys)
         tops = []
+        missing = []  # (x, key) of an implementation that has no step for an algorithm
         for j, key in enumerate(keys):
             xs, ys = [], []
             for i, a in enumerate(algos):
-                for r in rows:
-                    if r["algo"] == a and r["key"] == key:
-                        xs.append(i + (j - (len(keys) - 1) / 2) * width)
-                        ys.append(r["us_per_tensor"] if per_tensor else r["pct_limit"])
+                x = i + (j - (len(keys) - 1) / 2) * width
+                found = [r for r in rows if r["algo"] == a and r["key"] == key]
+                for r in found:
+                    xs.append(x)
+                    ys.append(r["us_per_tensor"] if per_tensor else r["pct_limit"])
+                if not found:
+                    missing.append(x)
             bars = ax.bar(xs, ys, width * 0.92, color=colors[key], label=labels[key])
             tops += ys
             bar_px = 110 * 0.85 * fig_w / (len(algos) * len(keys))
             ax.bar_label(bars, [_short(y) for y in ys], fontsize=6.5, padding=1.5,
                          rotation=0 if bar_px >= 20 else 90)
+        for x in missing:
+            ax.annotate("n/a", (x, 0), xytext=(0, 2), textcoords="offset points",
+                        xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                        fontsize=6.5, color="0.4", rotation=90)
         limits = [r for r in rows if r["kind"] == "limit"]
         if per_tensor:
             for i, a in enumerate(algos):
