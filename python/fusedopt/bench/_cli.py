@@ -1,6 +1,6 @@
 """Optimizer step benchmark: fusedopt against NumPy and torch.optim, and against the limit.
 
-    python -m fusedopt.bench                            # the default run, about a minute
+    python -m fusedopt.bench                            # the default run, 1-2 minutes
     python -m fusedopt.bench --algos adam,adamw --workloads all --out results/
 
 For every algorithm and workload it measures, in the same run:
@@ -38,7 +38,7 @@ from pathlib import Path
 
 ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 WORKLOADS = ["1x16M", "1000x16K", "gpt2", "tiny"]
-# The default run, about a minute on two cores: one large tensor for every algorithm but
+# The default run, one to two minutes on two cores: one large tensor for every algorithm but
 # the near duplicates (AdamW is Adam plus one multiply, SGD without momentum a lighter
 # SGD with momentum), and Adam also on many tensors and on tiny ones (the host cost per
 # tensor). GPT-2's 124M elements take minutes: --workloads gpt2 (or all) adds them.
