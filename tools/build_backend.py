@@ -25,7 +25,11 @@ import scikit_build_core.build as _backend
 from build_dirs import adopt_build_dirs
 from scikit_build_core.build import *  # noqa: F401,F403 (the other hooks, unchanged)
 from scikit_build_core.build import __all__ as _hooks
-from scikit_build_core.cmake import DIR as _SKBUILD_DIR
+
+try:  # the environment scikit-build-core records (its own folder)
+    from scikit_build_core.cmake import DIR as _SKBUILD_DIR
+except ImportError:  # another version's layout: leave its build directories to it
+    _SKBUILD_DIR = None
 
 __all__ = list(_hooks)
 for _name in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
@@ -35,7 +39,8 @@ for _name in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_ed
 
 
 def _adopt():
-    adopt_build_dirs(".", scikit_build_core.__version__, _SKBUILD_DIR)
+    if _SKBUILD_DIR is not None:
+        adopt_build_dirs(".", scikit_build_core.__version__, _SKBUILD_DIR)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
