@@ -33,7 +33,7 @@ except ImportError:  # another version's layout: leave its build directories to 
 
 __all__ = list(_hooks)
 for _name in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
-    if hasattr(_backend, _name):  # defined where scikit-build-core can provide them
+    if hasattr(_backend, _name) and _name not in __all__:  # where it provides them
         globals()[_name] = getattr(_backend, _name)
         __all__.append(_name)
 
