@@ -100,7 +100,8 @@ STORAGE = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.uint16, BFLOAT1
 
 # --- The module, with or without a GPU ---------------------------------------
 
-NOT_BUILT = "fusedopt._cuda was not built (no CUDA compiler at build time)"
+NOT_BUILT = ("fusedopt._cuda was not built (it is built where nvcc and a GPU are found, "
+             "or with FUSEDOPT_CUDA=ON)")
 
 
 @pytest.fixture(scope="module")
