@@ -77,7 +77,8 @@ def test_json_holds_sane_results(run):
     keys = [r["key"] for r in rows]
     expected = ["limit", "fusedopt", "fusedopt-class", "numpy"]
     if HAS_TORCH:
-        expected += ["fusedopt-torch", "torch-loop", "torch-foreach", "torch-fused"]
+        expected += ["fusedopt-torch", "fusedopt-torch-flat", "torch-loop", "torch-foreach",
+                     "torch-fused"]
     assert sorted(keys) == sorted(expected)
     for r in rows:
         assert (r["workload"], r["algo"], r["tensors"], r["elements"]) == \

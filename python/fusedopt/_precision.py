@@ -33,7 +33,8 @@ KEYWORDS = (
     ("skip_nonfinite", False, "bool",
      "A step whose gradients hold inf or NaN changes nothing."),
     ("l1", 0.0, "float",
-     "L1 regularization: the proximal step p = sign(p) max(|p| - lr l1, 0) after the update."),
+     "L1 regularization: the proximal step ``p = sign(p) max(|p| - lr l1, 0)`` after the "
+     "update."),
 )
 OPTIONS = tuple(k[0] for k in KEYWORDS)
 
