@@ -15,8 +15,9 @@ State is kept under torch's names (`step`, `exp_avg`, ...). The `step` counts of
 param group live in one float tensor, and each param's `state["step"]` is a 0-d
 view of it, so one vectorized add counts a step for every tensor. The lists of
 state tensors are cached per param group and rebuilt when the group's params, the
-state options, the optimizer's state dict or the set of states change; replacing
-a single tensor inside `opt.state[p]` by assignment is not seen until the next
+state options, the optimizer's state dict, the set of states or a param's state dict (replaced
+whole, as ZeroRedundancyOptimizer.load_state_dict does) change; replacing a single
+tensor inside `opt.state[p]` by assignment is not seen until the next
 `load_state_dict`.
 
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
@@ -68,10 +69,10 @@ def _check_lr(lr):
 
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
-    param has no state yet), and its step counts."""
+    param has no state yet), its step counts, and the params' state dicts they came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "steps", "counts", "fresh", "rows")
+                 "steps", "counts", "fresh", "rows", "dicts")
 
 
 class _Fused(Optimizer):
@@ -199,7 +200,8 @@ class _Fused(Optimizer):
         if (cache is None or cache.group is not group or cache.state is not self.state or
                 cache.nstate != len(self.state) or cache.names != names or
                 len(cache.params) != len(params) or
-                not all(map(is_, cache.params, params))):
+                not all(map(is_, cache.params, params)) or
+                not all(map(is_, cache.dicts, map(self.state.get, params)))):
             cache = self._fo_caches[id(group)] = self._build(group, names)
         return cache
 
@@ -226,6 +228,7 @@ class _Fused(Optimizer):
             st = self.state.get(p)
             if st:
                 self._adopt(group, cache, i, p, st)
+        cache.dicts = list(map(self.state.get, params))
         cache.nstate = len(self.state)
         return cache
 
@@ -249,7 +252,7 @@ class _Fused(Optimizer):
             if cache.has[i]:
                 continue
             p = params[i]
-            st = self.state[p]
+            st = cache.dicts[i] = self.state[p]
             if cache.steps is not None:
                 cache.counts[i] = 0.0
                 st["step"] = cache.steps[i]
@@ -316,7 +319,8 @@ class SGD(_Fused):
     def _install_fresh(self, cache, sel):
         index = np.arange(len(cache.params)) if sel is None else np.asarray(sel)
         for i in index[cache.fresh[index]]:
-            self.state[cache.params[i]]["momentum_buffer"] = cache.lists[0][i]
+            st = cache.dicts[i] = self.state[cache.params[i]]
+            st["momentum_buffer"] = cache.lists[0][i]
             cache.fresh[i] = False
         cache.nstate = len(self.state)
 
