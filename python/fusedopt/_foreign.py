@@ -9,7 +9,9 @@ capsule per tensor and step).
 
 Objects are tried in this order: PyTorch tensors, `__cuda_array_interface__`,
 `__array_interface__`, then DLPack (`__dlpack__` / `__dlpack_device__`). JAX
-arrays are described but never writeable: JAX buffers are immutable.
+arrays are described but never writeable: JAX buffers are immutable. A DTensor
+(torch.distributed.tensor, e.g. an FSDP2 parameter) is described by its local
+shard: a step updates each rank's shard where it lives.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def describe(op, name, obj, consumer=None):
     """(row, holder) for `obj`, or TypeError when it is not an array we can read."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        return _torch_row(op, name, obj, torch, consumer), None
+        return _torch_row(op, name, local_shard(obj, torch), torch, consumer), None
     jax = _is_jax(obj)
     cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
@@ -191,6 +193,8 @@ def describe(op, name, obj, consumer=None):
 def describe_into(op, name, seq, index, rows, keep, consumer=None):
     """Fill `rows[index]` for the objects `seq[index]`; holders go to `keep`."""
     torch = sys.modules.get("torch")
+    if torch is not None:
+        seq = local_shards(seq, torch)
     if torch is not None and len(index) == len(seq) and \
             all(map(isinstance, seq, repeat(torch.Tensor))):
         try:
@@ -214,7 +218,7 @@ def contiguous_copy(op, name, obj, device):
     """A C-contiguous copy of a gradient (gradients are only read)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        copy = obj.detach().contiguous()
+        copy = local_shard(obj, torch).detach().contiguous()
         return copy.numpy() if device == 0 else copy
     if device == 0:
         return np.ascontiguousarray(obj)
@@ -296,6 +300,31 @@ def _from_dlpack(op, name, obj, consumer):
 
 
 # --- PyTorch --------------------------------------------------------------------------------
+
+def _dtensor_class():
+    """torch's DTensor class once torch.distributed.tensor has been imported, else None
+    (then no tensor can be a DTensor, and nothing is checked)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def local_shard(t, torch):
+    """The local shard of a DTensor (its own memory, not a copy), else `t`."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():  # no autograd view: the shard tensor itself
+        return t.to_local()
+
+
+def local_shards(seq, torch):
+    """`seq`, with every DTensor replaced by its local shard."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not any(map(isinstance, seq, repeat(DTensor))):
+        return seq
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, DTensor) else t for t in seq]
+
 
 _T_SHAPE = attrgetter("shape")
 _T_DTYPE = attrgetter("dtype")
