@@ -3,8 +3,9 @@
 `run_ranks` starts one process per rank (torch.distributed: rank, world size and a
 rendezvous file in the environment), `run_mpiexec` one `mpiexec -n N` job. Both wait
 at most `timeout` seconds; on timeout, and after a normal end alike, every process
-they started (the children's children included, which mpiexec starts in sessions of
-their own) is killed by its id. The output of all processes comes back for messages.
+they started is killed by its id: their descendants, and any process whose environment
+carries the launch's token (mpiexec's proxies and ranks start sessions of their own and
+outlive a killed mpiexec as orphans). The output of all processes comes back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import fusedopt
@@ -38,8 +40,12 @@ class Finished:
         return self
 
 
-def environment(**extra):
+TOKEN = "FUSEDOPT_TEST_JOB"
+
+
+def environment(token, **extra):
     env = dict(os.environ)
+    env[TOKEN] = token
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PYTHONPATH, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -71,24 +77,54 @@ def _descendants(pid, tree):
     return out
 
 
-def _kill_all(procs):
-    """SIGKILL the processes and every descendant of theirs, by pid."""
+def _marked(token):
+    """Pids of the processes whose environment holds TOKEN=token."""
+    needle = f"{TOKEN}={token}".encode() + b"\0"
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read():
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def _kill_all(procs, token):
+    """SIGKILL the processes, their descendants and whatever carries the token, by pid."""
     tree = _children()
     pids = [p.pid for p in procs if p.poll() is None]
     for p in procs:
         pids += _descendants(p.pid, tree)
-    for pid in pids:
+    pids += _marked(token)
+    for pid in set(pids):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     for p in procs:
         p.wait()
+    deadline = time.monotonic() + 10  # the kills take effect asynchronously
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def running(pid):
+    """Whether process `pid` exists and has not ended (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _run(commands, envs, timeout):
-    """Start every command with its environment, wait for all of them (at most `timeout`
-    seconds in all), then kill whatever is left."""
+    """Start every command with its environment (made by `environment` with one token),
+    wait for all of them (at most `timeout` seconds in all), then kill what is left."""
+    token = envs[0][TOKEN]
     start = time.monotonic()
     logs, procs = [], []
     try:
@@ -107,7 +143,7 @@ def _run(commands, envs, timeout):
                 break
             if p.returncode != 0:  # the others might wait for it forever: stop now
                 break
-        _kill_all(procs)  # the other ranks after a failure, grandchildren after a timeout
+        _kill_all(procs, token)  # the other ranks after a failure, all after a timeout
         output = []
         for k, log in enumerate(logs):
             log.seek(0)
@@ -118,7 +154,7 @@ def _run(commands, envs, timeout):
         return Finished([p.returncode for p in procs], output, time.monotonic() - start)
     finally:
         if procs:
-            _kill_all(procs)
+            _kill_all(procs, token)
         for log in logs:
             log.close()
 
@@ -131,7 +167,8 @@ def run_ranks(script, args, nprocs, timeout, **env):
     try:
         init = f"file://{folder}/rendezvous"
         commands = [[sys.executable, str(TESTS / script), *map(str, args)]] * nprocs
-        envs = [environment(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=nprocs,
+        token = uuid.uuid4().hex
+        envs = [environment(token, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=nprocs,
                             LOCAL_WORLD_SIZE=nprocs, FUSEDOPT_TEST_RENDEZVOUS=init, **env)
                 for rank in range(nprocs)]
         return _run(commands, envs, timeout)
@@ -149,4 +186,5 @@ def run_mpiexec(script, args, nprocs, timeout, **env):
     """Run `mpiexec -n nprocs python script *args` (MPIEXEC_TIMEOUT set as a second
     bound inside the job)."""
     cmd = [mpiexec(), "-n", str(nprocs), sys.executable, str(TESTS / script), *map(str, args)]
-    return _run([cmd], [environment(MPIEXEC_TIMEOUT=int(timeout), **env)], timeout)
+    token = uuid.uuid4().hex
+    return _run([cmd], [environment(token, MPIEXEC_TIMEOUT=int(timeout), **env)], timeout)
