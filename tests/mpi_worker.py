@@ -162,6 +162,39 @@ def mismatch(comm):
     except Exception as e:  # noqa: BLE001
         out["options"] = (type(e).__name__, str(e), 0.0)
     out["cupy"] = _cupy_refused(comm)
+    out["bad"] = _bad_input(comm)
+    return out
+
+
+def _bad_input(comm):
+    """Bad input on every rank alike: (kind, message) of each, and whether the params
+    kept their values."""
+    from fusedopt.mpi import ZeroRedundancyOptimizer
+
+    def attempt(make):
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001 - the test reads the kind and the message
+            return type(e).__name__, str(e)
+        return None, None
+
+    out = {}
+    params = [np.ones((3, 4)), np.ones(5)]
+    before = [p.copy() for p in params]
+    opt = ZeroRedundancyOptimizer(params, optimizer_class=fo.Adam, comm=comm, lr=0.1)
+    out["grads-count"] = attempt(lambda: opt.step([np.ones((3, 4))]))
+    out["grads-shape"] = attempt(lambda: opt.step([np.ones((4, 3)), np.ones(5)]))
+    out["grads-dtype"] = attempt(lambda: opt.step([np.ones((3, 4), np.float32), np.ones(5)]))
+    out["grads-none"] = attempt(lambda: opt.step([np.ones((3, 4)), None]))
+    out["unchanged"] = all(np.array_equal(a, b) for a, b in zip(params, before))
+    out["lbfgs"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LBFGS,
+                                                           comm=comm))
+    out["strided"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones((4, 4))[:, ::2]],
+                                                             optimizer_class=fo.SGD, comm=comm))
+    out["hyperparameter"] = attempt(lambda: ZeroRedundancyOptimizer(
+        [np.ones(3)], optimizer_class=fo.Adam, comm=comm, lr=-1.0))
+    opt.step([np.ones((3, 4)), np.ones(5)])  # the optimizer still works after the errors
+    out["stepped"] = not np.array_equal(params[0], before[0])
     return out
 
 

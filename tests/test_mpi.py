@@ -161,3 +161,28 @@ def test_cupy_arrays_are_refused_without_a_cuda_aware_mpi(mismatched):
         assert kind == "TypeError", message
         assert "not CUDA-aware" in message and "does not copy through host memory" in message
         assert said == {"1": True, "0": False}
+
+
+BAD = [
+    ("grads-count", "ValueError", r"step: got 1 grads for 2 params"),
+    ("grads-shape", "ValueError", r"grads\[0\] has shape \(4, 3\), params\[0\] has \(3, 4\)"),
+    ("grads-dtype", "TypeError", r"grads\[0\] has dtype float32, params\[0\] has float64"),
+    ("grads-none", "TypeError", r"grads\[1\] is None"),
+    ("lbfgs", "TypeError", r"optimizer_class must be a fusedopt element-wise optimizer"),
+    ("strided", "ValueError", r"params\[0\] is not C-contiguous"),
+    ("hyperparameter", "ValueError", r"Invalid learning rate"),
+]
+
+
+@pytest.mark.parametrize("trial, kind, text", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_on_every_rank(mismatched, trial, kind, text):
+    for rank in range(RANKS):
+        got_kind, message = mismatched[rank]["bad"][trial]
+        assert got_kind == kind, (rank, got_kind, message)
+        assert re.search(text, message), message
+
+
+def test_refused_gradients_change_nothing(mismatched):
+    for rank in range(RANKS):
+        assert mismatched[rank]["bad"]["unchanged"]
+        assert mismatched[rank]["bad"]["stepped"]
