@@ -154,6 +154,46 @@ def fsdp(impl, name, folder, offload=False, checkpoint=False, resume_impl=None):
     return out
 
 
+# --- DTensors made by hand ----------------------------------------------------------------
+
+def dtensor(impl, name, placement):
+    """Params and grads that are DTensors from distribute_tensor (no FSDP), 5 steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    placements = [Shard(0)] if placement == "shard" else [Replicate()]
+    g = torch.Generator().manual_seed(5)
+    full = [torch.randn(7, 3, generator=g, dtype=torch.float64),
+            torch.randn(5, generator=g, dtype=torch.float64)]
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, placements)) for t in full]
+    opt = optimizer(impl, name)(params, **OPTIONS[name])
+    for step in range(5):
+        for p in params:
+            grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.grad = distribute_tensor(grad, mesh, placements)
+        opt.step()
+    return {"losses": [], "params": [p.full_tensor().detach().clone() for p in params]}
+
+
+def partial_grad():
+    """A gradient that is a pending sum over ranks is refused, and nothing changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh,
+                                             [Replicate()]))
+    p.grad = DTensor.from_local(torch.ones(4, 3, dtype=torch.float64), mesh, [Partial()])
+    opt = fot.SGD([p], lr=0.1)
+    try:
+        opt.step()
+        message = None
+    except ValueError as e:
+        message = str(e)
+    return {"message": message, "unchanged": bool((p.to_local() == 1).all())}
+
+
 def runs(folder):
     """name -> function of each run, in an order every rank follows."""
     todo = {}
@@ -178,6 +218,12 @@ def runs(folder):
         lambda: fsdp("torch", "Adagrad", folder, checkpoint=True, resume_impl="fusedopt")
     todo["fsdp-offload-checkpoint/fusedopt/AdamW"] = \
         lambda: fsdp("fusedopt", "AdamW", folder, offload=True, checkpoint=True)
+    for placement in ("shard", "replicate"):
+        for impl in ("fusedopt", "torch"):
+            for name in ("AdamW", "Adagrad"):
+                todo[f"dtensor-{placement}/{impl}/{name}"] = \
+                    lambda i=impl, n=name, pl=placement: dtensor(i, n, pl)
+    todo["dtensor-partial-grad"] = partial_grad
     return todo
 
 

@@ -162,7 +162,7 @@ def describe(op, name, obj, consumer=None):
     """(row, holder) for `obj`, or TypeError when it is not an array we can read."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        return _torch_row(op, name, local_shard(obj, torch), torch, consumer), None
+        return _torch_row(op, name, local_shard(obj, torch, op, name), torch, consumer), None
     jax = _is_jax(obj)
     cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
@@ -194,7 +194,7 @@ def describe_into(op, name, seq, index, rows, keep, consumer=None):
     """Fill `rows[index]` for the objects `seq[index]`; holders go to `keep`."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        seq = local_shards(seq, torch)
+        seq = local_shards(seq, torch, op, name)
     if torch is not None and len(index) == len(seq) and \
             all(map(isinstance, seq, repeat(torch.Tensor))):
         try:
@@ -218,7 +218,7 @@ def contiguous_copy(op, name, obj, device):
     """A C-contiguous copy of a gradient (gradients are only read)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        copy = local_shard(obj, torch).detach().contiguous()
+        copy = local_shard(obj, torch, op, name).detach().contiguous()
         return copy.numpy() if device == 0 else copy
     if device == 0:
         return np.ascontiguousarray(obj)
@@ -308,22 +308,33 @@ def _dtensor_class():
     return None if module is None else getattr(module, "DTensor", None)
 
 
-def local_shard(t, torch):
+def _local(op, name, t):
+    """The local shard of DTensor `t`; ValueError for a pending reduction, whose local
+    tensor is only this rank's part of a sum."""
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{op}: {name} is a DTensor with placements {tuple(t.placements)}: "
+                         "its local tensor holds a partial sum over ranks; redistribute it "
+                         "to the param's placements (x.redistribute(placements=...)) first")
+    return t.to_local()  # under no_grad: the shard tensor itself, not a copy
+
+
+def local_shard(t, torch, op="step", name="array"):
     """The local shard of a DTensor (its own memory, not a copy), else `t`."""
     DTensor = _dtensor_class()
     if DTensor is None or not isinstance(t, DTensor):
         return t
-    with torch.no_grad():  # no autograd view: the shard tensor itself
-        return t.to_local()
+    with torch.no_grad():
+        return _local(op, name, t)
 
 
-def local_shards(seq, torch):
+def local_shards(seq, torch, op="step", name="arrays"):
     """`seq`, with every DTensor replaced by its local shard."""
     DTensor = _dtensor_class()
     if DTensor is None or not any(map(isinstance, seq, repeat(DTensor))):
         return seq
     with torch.no_grad():
-        return [t.to_local() if isinstance(t, DTensor) else t for t in seq]
+        return [_local(op, f"{name}[{i}]", t) if isinstance(t, DTensor) else t
+                for i, t in enumerate(seq)]
 
 
 _T_SHAPE = attrgetter("shape")
