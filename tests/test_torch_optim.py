@@ -434,3 +434,25 @@ def test_constructor_signature_is_torchs(name):
     assert all(p[1] is inspect.Parameter.KEYWORD_ONLY for p in extra)
     assert ours[len(ours) - len(extra):] == extra
     assert ours[:len(ours) - len(extra)] == shape(getattr(torch.optim, name))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "SGD"])
+def test_a_state_dict_replaced_whole_is_used(name):
+    """Replacing a param's whole state dict (what ZeroRedundancyOptimizer.load_state_dict
+    does with the local optimizer) takes effect at the next step, as in torch.optim, even
+    when the state existed before (Adagrad makes it at construction)."""
+    options = dict(OPTIONS[name][1])
+    data = make_data()
+    source = make_model()
+    source_opt = torch.optim.__dict__[name](source.parameters(), **options)
+    train(source, source_opt, 5, data)
+    runs = []
+    for module in (torch.optim, fot):
+        model = make_model()
+        opt = module.__dict__[name](model.parameters(), **options)
+        train(model, opt, 2, data)
+        model.load_state_dict(source.state_dict())
+        for p, q in zip(model.parameters(), source.parameters()):
+            opt.state[p] = copy.deepcopy(source_opt.state[q])
+        runs.append(train(model, opt, 5, data))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=RTOL, atol=ATOL)

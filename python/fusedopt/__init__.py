@@ -12,6 +12,7 @@ front-end is generated from.
 from . import _cpu, algorithms, amp, functional, reference
 from . import batched, schedules, transfer
 from ._precision import DeviceStepInfo, Precision, StepInfo
+from .flat import FlatArrays, flat_arrays
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer
@@ -22,9 +23,9 @@ globals().update({_cls.__name__: _cls for _cls in _CLASSES.values()})
 __version__ = "0.1.0"
 
 __all__ = [c.__name__ for c in _CLASSES.values()] + [
-    "LBFGS", "Newton", "DeviceStepInfo", "Optimizer", "Precision", "StepInfo", "algorithms",
-    "amp", "batched", "functional", "reference", "schedules", "transfer", "set_num_threads",
-    "get_num_threads", "cuda_available"]
+    "LBFGS", "Newton", "DeviceStepInfo", "FlatArrays", "Optimizer", "Precision", "StepInfo",
+    "algorithms", "amp", "batched", "functional", "reference", "schedules", "transfer",
+    "flat_arrays", "set_num_threads", "get_num_threads", "cuda_available"]
 
 
 def set_num_threads(n: int) -> None:

@@ -8,12 +8,15 @@ from their attributes directly (no DLPack capsule per tensor and step).
 
 Objects are tried in this order: PyTorch tensors, `__cuda_array_interface__`,
 `__array_interface__`, then DLPack (`__dlpack__` / `__dlpack_device__`). JAX
-arrays are described but never writeable: JAX buffers are immutable.
+arrays are described but never writeable: JAX buffers are immutable. A DTensor
+(torch.distributed.tensor, e.g. an FSDP2 parameter) is described by its local
+shard: a step updates each rank's shard where it lives.
 """
 
 from __future__ import annotations
 
 import sys
+from itertools import repeat
 
 import numpy as np
 
@@ -158,7 +161,7 @@ def describe(op, name, obj, consumer=None):
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         rows = np.zeros((1, 8), dtype=np.int64)
-        _torch_rows(op, name, [obj], [0], rows, torch, consumer)
+        _torch_rows(op, name, [local_shard(obj, torch, op, name)], [0], rows, torch, consumer)
         return rows[0], None
     jax = _is_jax(obj)
     cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
@@ -191,6 +194,7 @@ def describe_into(op, name, seq, index, rows, keep, consumer=None):
     """Fill `rows[index]` for the objects `seq[index]`; holders go to `keep`."""
     torch = sys.modules.get("torch")
     if torch is not None:
+        seq = local_shards(seq, torch, op, name)
         tensors = [int(i) for i in index if isinstance(seq[int(i)], torch.Tensor)]
         if tensors:
             _torch_rows(op, name, seq, tensors, rows, torch, consumer)
@@ -208,7 +212,7 @@ def contiguous_copy(op, name, obj, device):
     """A C-contiguous copy of a gradient (gradients are only read)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        copy = obj.detach().contiguous()
+        copy = local_shard(obj, torch, op, name).detach().contiguous()
         return copy.numpy() if device == 0 else copy
     if device == 0:
         return np.ascontiguousarray(obj)
@@ -290,6 +294,42 @@ def _from_dlpack(op, name, obj, consumer):
 
 
 # --- PyTorch --------------------------------------------------------------------------------
+
+def _dtensor_class():
+    """torch's DTensor class once torch.distributed.tensor has been imported, else None
+    (then no tensor can be a DTensor, and nothing is checked)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def _local(op, name, t):
+    """The local shard of DTensor `t`; ValueError for a pending reduction, whose local
+    tensor is only this rank's part of a sum."""
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{op}: {name} is a DTensor with placements {tuple(t.placements)}: "
+                         "its local tensor holds a partial sum over ranks; redistribute it "
+                         "to the param's placements (x.redistribute(placements=...)) first")
+    return t.to_local()  # under no_grad: the shard tensor itself, not a copy
+
+
+def local_shard(t, torch, op="step", name="array"):
+    """The local shard of a DTensor (its own memory, not a copy), else `t`."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():
+        return _local(op, name, t)
+
+
+def local_shards(seq, torch, op="step", name="arrays"):
+    """`seq`, with every DTensor replaced by its local shard."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not any(map(isinstance, seq, repeat(DTensor))):
+        return seq
+    with torch.no_grad():
+        return [_local(op, f"{name}[{i}]", t) if isinstance(t, DTensor) else t
+                for i, t in enumerate(seq)]
+
 
 
 # torch.dtype -> index into _DTYPE_ROWS (itemsize, type number); torch.Size -> index

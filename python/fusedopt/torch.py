@@ -17,7 +17,8 @@ State is kept under torch's names (`step`, `exp_avg`, ...). The per-param scalar
 per name, and each param's `state["step"]` is a 0-d view of it, so one vectorized
 assignment counts a step for every tensor. The lists of state tensors are cached per
 param group and rebuilt when the group's params, the state options, the optimizer's
-state dict or the set of states change; replacing a single tensor inside
+state dict, the set of states or a param's state dict (replaced whole, as
+ZeroRedundancyOptimizer.load_state_dict does) change; replacing a single tensor inside
 `opt.state[p]` by assignment is not seen until the next `load_state_dict`.
 
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
@@ -62,10 +63,11 @@ def _plain(value):
 
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
-    param has no state yet), and its per-param scalars."""
+    param has no state yet), its per-param scalars, and the params' state dicts they
+    came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "scalars", "values", "fresh", "kept", "steady", "flat")
+                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts")
 
 
 class _Fused(Optimizer):
@@ -343,7 +345,8 @@ class _Fused(Optimizer):
         if (cache is None or cache.group is not group or cache.state is not self.state or
                 cache.nstate != len(self.state) or cache.names != names or
                 len(cache.params) != len(params) or
-                not all(map(is_, cache.params, params))):
+                not all(map(is_, cache.params, params)) or
+                not all(map(is_, cache.dicts, map(self.state.get, params)))):
             cache = self._fo_caches[id(group)] = self._build(group, names)
         return cache
 
@@ -374,6 +377,7 @@ class _Fused(Optimizer):
                 self._adopt(group, cache, i, p, st)
         if spec.fresh_keyword is not None and names:
             cache.fresh = ~cache.has
+        cache.dicts = list(map(self.state.get, params))
         cache.nstate = len(self.state)
         cache.steady = self._is_steady(cache)
         cache.flat = None  # whether the state is the flat buckets' (flat=True), when known
@@ -416,7 +420,7 @@ class _Fused(Optimizer):
             if cache.has[i]:
                 continue
             p = params[i]
-            st = self.state[p]
+            st = cache.dicts[i] = self.state[p]
             for name, tensor in cache.scalars.items():
                 cache.values[name][i] = initial[name]
                 st[name] = tensor[i]
@@ -429,7 +433,8 @@ class _Fused(Optimizer):
     def _install_fresh(self, cache, sel):
         index = np.arange(len(cache.params)) if sel is None else np.asarray(sel)
         for i in index[cache.fresh[index]]:
-            self.state[cache.params[i]][cache.names[0]] = cache.lists[0][i]
+            st = cache.dicts[i] = self.state[cache.params[i]]
+            st[cache.names[0]] = cache.lists[0][i]
             cache.fresh[i] = False
         cache.nstate = len(self.state)
 
