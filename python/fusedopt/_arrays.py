@@ -119,6 +119,17 @@ def _describe_lists(op, seqs, names, n, keep, stream=None, params=None):
     return R, bool(strided)
 
 
+def describe_list(op, name, seq, stream=None, params=None):
+    """(rows, keep): the (n, NCOLS) description rows of one list of arrays of any kind,
+    and the objects that must outlive their use (DLPack holders)."""
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got "
+                        f"{type(seq).__name__}")
+    keep = []
+    rows, _ = _describe_lists(op, [seq], [name], len(seq), keep, stream, params)
+    return rows[0], keep
+
+
 def describe_params(params, stream=None):
     """The rows of a list of params for a kept plan's check (`_engine.Kept`), or None
     when one cannot be described."""
