@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from . import _engine, _flat, _precision
+from . import _engine, _flat, _foreign, _precision
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
 from .optimizers import bind_options
@@ -114,6 +114,10 @@ class _Fused(Optimizer):
         super().add_param_group(param_group)
         if self._fo_flat:
             group = self.param_groups[-1]
+            DTensor = _foreign._dtensor_class()
+            if DTensor is not None and any(isinstance(p, DTensor) for p in group["params"]):
+                raise ValueError(f"{type(self).__name__}(flat=True): DTensor params are "
+                                 "sharded by their engine (FSDP2); step them with flat=False")
             everything = [p for g in self.param_groups for p in g["params"]]
             _flat.check_disjoint(everything, type(self).__name__)
             made = self._fo_buckets[len(self.param_groups) - 1] = _flat.buckets(group["params"])
@@ -193,6 +197,12 @@ class _Fused(Optimizer):
         kw = spec.to_op(group)
         cache = self._cache(group, spec.active(kw))
         grads = list(map(_GRAD, params))
+        counted_params = params
+        if _foreign._dtensor_class() is not None:
+            # DTensors (FSDP2) are stepped on their local shards, so that a kept plan is
+            # checked against the shards' addresses
+            params = _foreign.local_shards(params, torch, "step", "params")
+            grads = _foreign.local_shards(grads, torch, "step", "grads")
         if any(map(is_, grads, repeat(None))):
             sel = [i for i, g in enumerate(grads) if g is not None]
             if not sel:
@@ -202,14 +212,14 @@ class _Fused(Optimizer):
         after = []
         if sel is None and cache.steady and self._fo_flat and \
                 self._plan_flat(gi, cache, kw, grads, plans, after):
-            counted.append((cache, sel, params, after))
+            counted.append((cache, sel, counted_params, after))
             return
         if sel is None and cache.steady:
             # the common case: every param has its state and the same scalars
             scalars = {name: float(v[0]) for name, v in cache.values.items()}
             plans.append(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
                                     after, slice(None)))
-            counted.append((cache, sel, params, after))
+            counted.append((cache, sel, counted_params, after))
             return
         if sel is None:
             if not cache.has.all():
@@ -219,6 +229,7 @@ class _Fused(Optimizer):
             if not cache.has[sel].all():
                 self._add_state(group, cache, sel)
             params = [params[i] for i in sel]
+            counted_params = [counted_params[i] for i in sel]
             grads = [grads[i] for i in sel]
             lists = [[lst[i] for i in sel] for lst in cache.lists]
         values = {name: (v if sel is None else v[sel]) for name, v in cache.values.items()}
@@ -247,7 +258,7 @@ class _Fused(Optimizer):
                     [[lst[i] for i in pick] for lst in lists],
                     dict(zip(spec.scalars, row)), is_first, None, after, where))
         cache.steady = None if sel is not None else self._is_steady(cache)
-        counted.append((cache, sel, params, after))
+        counted.append((cache, sel, counted_params, after))
 
     def _plan_flat(self, gi, cache, kw, grads, plans, after):
         """The plans of a flat group: one per bucket, over its buffers. False (nothing
