@@ -67,7 +67,7 @@ class _Cache:
     came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts")
+                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts", "dtensor")
 
 
 class _Fused(Optimizer):
@@ -81,6 +81,7 @@ class _Fused(Optimizer):
         self._fo_flat = bool(flat)
         self._fo_buckets = {}  # group's index -> its flat buckets (flat=True)
         self._fo_where = {}  # id(param) -> (bucket, position) (flat=True)
+        self._fo_seen = None  # (keys, values) of `state` when the last step ended
         super().__init__(params, defaults)
         if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
             for group in self.param_groups:
@@ -91,14 +92,14 @@ class _Fused(Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where"):
+        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         copied = not hasattr(self, "_fo_lock")  # a copy (deepcopy, pickle), not a load
         super().__setstate__(state)
-        self._fo_caches = {}
+        self._fo_caches, self._fo_seen = {}, None
         if copied:
             self._fo_lock = threading.Lock()
             # a copy steps its params one by one: the flat buffers, which the copied
@@ -172,8 +173,9 @@ class _Fused(Optimizer):
                 loss = closure()
         with self._fo_lock:
             plans, counted = [], []
+            same = self._state_unchanged()
             for gi, group in enumerate(self.param_groups):
-                self._plan_group(gi, group, plans, counted)
+                self._plan_group(gi, group, plans, counted, same)
             # every group validated: run, then count the step and install first buffers
             for plan in plans:
                 plan.run()
@@ -185,20 +187,30 @@ class _Fused(Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
+            self._fo_seen = (list(self.state), list(self.state.values()))
         return loss
+
+    def _state_unchanged(self):
+        """Whether `state` maps the same params to the same dicts as when the last step
+        ended (identities, read in order: no hashing of tensors); then the caches that
+        step validated need not look their params' dicts up again."""
+        seen = self._fo_seen
+        state = self.state
+        return (seen is not None and len(seen[0]) == len(state) and
+                all(map(is_, state, seen[0])) and all(map(is_, state.values(), seen[1])))
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, gi, group, plans, counted):
+    def _plan_group(self, gi, group, plans, counted, same=False):
         params = group["params"]
         if not params:
             return
         spec = self.spec
         kw = spec.to_op(group)
-        cache = self._cache(group, spec.active(kw))
+        cache = self._cache(group, spec.active(kw), same)
         grads = list(map(_GRAD, params))
         counted_params = params
-        if _foreign._dtensor_class() is not None:
+        if cache.dtensor:
             # DTensors (FSDP2) are stepped on their local shards, so that a kept plan is
             # checked against the shards' addresses
             params = _foreign.local_shards(params, torch, "step", "params")
@@ -277,7 +289,8 @@ class _Fused(Optimizer):
         owner = type(self).__name__
         for bucket in buckets:
             bucket.check_params(owner)
-            if not bucket.gather_grads([grads[i] for i in bucket.indices]):
+            mine = grads if len(buckets) == 1 else [grads[i] for i in bucket.indices]
+            if not bucket.gather_grads(mine):
                 return False
         spec = self.spec
         scalars = {name: float(v[0]) for name, v in cache.values.items()}
@@ -346,9 +359,9 @@ class _Fused(Optimizer):
             return torch.full_like(param, _plain(value), memory_format=torch.preserve_format)
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _cache(self, group, names=None):
+    def _cache(self, group, names=None, same=False):
         """The group's cache, rebuilt when it no longer matches the group, its state
-        `names`, or the state."""
+        `names`, or the state (`same`: the state's dicts are known unchanged)."""
         cache = self._fo_caches.get(id(group))
         params = group["params"]
         if names is None:
@@ -357,7 +370,7 @@ class _Fused(Optimizer):
                 cache.nstate != len(self.state) or cache.names != names or
                 len(cache.params) != len(params) or
                 not all(map(is_, cache.params, params)) or
-                not all(map(is_, cache.dicts, map(self.state.get, params)))):
+                (not same and not all(map(is_, cache.dicts, map(self.state.get, params))))):
             cache = self._fo_caches[id(group)] = self._build(group, names)
         return cache
 
@@ -392,6 +405,9 @@ class _Fused(Optimizer):
         cache.nstate = len(self.state)
         cache.steady = self._is_steady(cache)
         cache.flat = None  # whether the state is the flat buckets' (flat=True), when known
+        DTensor = _foreign._dtensor_class()
+        # DTensor params (FSDP2) are stepped on their local shards; their grads are DTensors
+        cache.dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in params)
         return cache
 
     def _adopt(self, group, cache, i, p, st):
