@@ -21,6 +21,11 @@ state dict, the set of states or a param's state dict (replaced whole, as
 ZeroRedundancyOptimizer.load_state_dict does) change; replacing a single tensor inside
 `opt.state[p]` by assignment is not seen until the next `load_state_dict`.
 
+Step hooks (`register_step_pre_hook`, `register_step_post_hook` and the global ones)
+run as torch.optim runs them; the profiler's ``Optimizer.step#<Class>.step`` range is
+recorded while a profiler runs (torch enters it on every step, which costs more than
+the whole step of a small model).
+
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
 load into torch.optim unchanged) but change nothing here: every step is fused.
 `capturable` and `differentiable` are not supported. Complex params are refused
@@ -29,13 +34,15 @@ load into torch.optim unchanged) but change nothing here: every step is fused.
 
 from __future__ import annotations
 
+import functools
 import threading
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from . import _engine, _flat, _foreign, _precision
 from .algorithms import SPECS
@@ -59,6 +66,47 @@ def _plain(value):
     if isinstance(value, tuple):
         return tuple(map(_plain, value))
     return value
+
+
+def _hooked_step(func):
+    """`step` wrapped as torch.optim wraps it (the step pre- and post-hooks, global and
+    per optimizer, with torch's rules; `_optimizer_step_code` for the profiler), with the
+    profiler's `record_function` range only while a profiler runs: entered always, it
+    costs more than a whole step of a small model."""
+    pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
+    post_hooks = _torch_optimizer._global_optimizer_post_hooks
+    profiling = torch._C._autograd._profiler_enabled
+
+    def hooked(self, args, kwargs):
+        for pre_hook in chain(pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in chain(self._optimizer_step_post_hooks.values(), post_hooks.values()):
+            post_hook(self, args, kwargs)
+        return out
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        if profiling():
+            with torch.autograd.profiler.record_function(
+                    f"Optimizer.step#{type(self).__name__}.step"):
+                return hooked(self, args, kwargs)
+        if pre_hooks or self._optimizer_step_pre_hooks or \
+                self._optimizer_step_post_hooks or post_hooks:
+            return hooked(self, args, kwargs)
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    return wrapper
 
 
 class _Cache:
@@ -89,6 +137,14 @@ class _Fused(Optimizer):
                 self._add_state(group, cache, range(len(group["params"])))
 
     # --- torch.optim.Optimizer ----------------------------------------------------------
+
+    def _patch_step_function(self):
+        """torch.optim's wrapping of `step` (hooks, profiler), made light (`_hooked_step`)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        cls = type(self)
+        if not getattr(cls.step, "hooked", None):
+            cls.step = _hooked_step(cls.step)
+            cls.step.hooked = True
 
     def __getstate__(self):
         state = super().__getstate__()
