@@ -90,8 +90,13 @@ def test_bad_input_raises_and_changes_nothing(rng):
         F.adafactor_(p, g, rows, [np.zeros((3, 1)), None], var, **_kw({}, 1))
     with pytest.raises(TypeError, match=r"variances\[1\] has dtype float32"):
         F.adafactor_(p, g, rows, cols, [None, np.zeros(5, np.float32)], **_kw({}, 1))
-    with pytest.raises(ValueError, match="share memory"):
+    with pytest.raises(ValueError, match=r"params\[1\] and variances\[1\] share memory"):
         F.adafactor_(p, g, rows, cols, [None, p[1]], **_kw({}, 1))
+    shared = np.zeros(12)  # a gradient that is also a factor's memory
+    with pytest.raises(ValueError, match=r"row_vars\[0\] and grads\[0\] share memory"):
+        F.adafactor_(p, [shared.reshape(4, 3), g[1]], [shared[:4].reshape(4, 1), None],
+                     cols, var, **_kw({}, 1))
+    assert not shared.any()
     with pytest.raises(ValueError, match="master_params is not supported"):
         F.adafactor_(p, g, rows, cols, var, master_params=[None, None], **_kw({}, 1))
     for a in p:

@@ -81,18 +81,32 @@ def test_ema_needs_its_decay_and_no_kahan_buffers(rng):
         F.sgd_(p, g, ema=e, ema_decay=1.5, **kw)
     with pytest.raises(ValueError, match="without the ema arrays"):
         F.sgd_(p, g, ema_decay=0.5, **kw)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"ema\[0\] has shape \(4,\), params\[0\] has \(3,\)"):
         F.sgd_(p, g, ema=[np.zeros(4)], ema_decay=0.5, **kw)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match=r"ema\[0\] has dtype float32, params\[0\] has float64"):
         F.sgd_(p, g, ema=[np.zeros(3, np.float32)], ema_decay=0.5, **kw)
-    with pytest.raises(ValueError, match="share memory"):
+    with pytest.raises(ValueError, match=r"params\[0\] and ema\[0\] share memory"):
         F.sgd_(p, g, ema=p, ema_decay=0.5, **kw)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        F.sgd_(p, g, ema=[np.zeros(6)[::2]], ema_decay=0.5, **kw)
     half = [np.ones(3, np.float16)]
     with pytest.raises(ValueError, match="kahan_buffers"):
         F.sgd_(half, half, ema=[np.zeros(3, np.float16)], ema_decay=0.5,
                kahan_buffers=[np.zeros(3, np.float16)], **kw)
+    # next to master weights (the EMA list after theirs): each list gets its own rule
+    master = [np.ones(3, np.float32)]
+    with pytest.raises(TypeError, match=r"ema\[0\] has dtype float32, params\[0\] has float16"):
+        F.sgd_(half, half, ema=[np.zeros(3, np.float32)], ema_decay=0.5, master_params=master,
+               **kw)
+    with pytest.raises(TypeError, match=r"master_params\[0\] has dtype float16, master "
+                                        "weights are float32"):
+        F.sgd_(half, half, ema=[np.zeros(3, np.float16)], ema_decay=0.5,
+               master_params=[np.ones(3, np.float16)], **kw)
+    with pytest.raises(TypeError, match="master_params are for float16 and bfloat16 params"):
+        F.sgd_(p, g, ema=e, ema_decay=0.5, master_params=[np.ones(3, np.float32)], **kw)
     np.testing.assert_array_equal(p[0], 1.0)
     np.testing.assert_array_equal(e[0], 0.0)
+    np.testing.assert_array_equal(half[0], 1.0)
 
 
 # --- the NumPy classes -----------------------------------------------------------------------
@@ -267,3 +281,48 @@ def test_torch_swap_state_dict_and_torch_optim_loading():
     topt = torch.optim.Adam(tmodel.parameters(), lr=0.01)
     topt.load_state_dict(copy.deepcopy(sd))
     train(tmodel, topt, 1)
+
+
+def test_an_average_replaced_by_assignment_is_the_one_moved(rng):
+    """The plan a class keeps between steps holds the averages' addresses: an average
+    replaced in the state (NumPy class, fusedopt.torch) is the one the next step moves."""
+    params = random_arrays([(3, 2), (4,)], np.float64, rng)
+    opt = fo.Adam(params, lr=0.1, ema_decay=0.5)
+    for _ in range(3):
+        opt.step(_grads(rng, params))
+    new = np.full((4,), 2.0)
+    old = opt.state[1]["ema"]
+    kept = old.copy()
+    opt.state[1]["ema"] = new
+    opt.step(_grads(rng, params))
+    expected = np.full((4,), 2.0)
+    torch_ema([expected], [params[1]], 0.5)
+    assert_same_bits(new, expected, "the new average moved")
+    assert_same_bits(old, kept, "the old one did not")
+
+    model = make_model()
+    topt = fot.Adam(model.parameters(), lr=0.01, ema_decay=0.5)
+    train(model, topt, 3, freeze_every=1000)
+    p = model[2].bias
+    replaced = torch.full_like(p, 2.0)
+    old = topt.state[p]["ema"]
+    kept = old.clone()
+    topt.state[p]["ema"] = replaced
+    train(model, topt, 1, freeze_every=1000)
+    expected = torch.full_like(p, 2.0)
+    swa.get_ema_multi_avg_fn(0.5)([expected], [p.detach()], None)
+    assert torch.equal(replaced, expected)
+    assert torch.equal(old, kept)
+
+
+def test_a_copy_keeps_the_ema_settings():
+    model = make_model()
+    opt = fot.AdamW(model.parameters(), lr=0.01, ema_decay=0.9)
+    train(model, opt, 2)
+    clone = copy.deepcopy(opt)
+    assert clone.ema_decay == 0.9
+    clone_model = copy.deepcopy(model)
+    clone = fot.AdamW(clone_model.parameters(), lr=0.01, ema_decay=0.9)
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    fo_copy = copy.deepcopy(fo.Adam([np.zeros(3)], ema_decay=0.7))
+    assert fo_copy.ema_decay == 0.7

@@ -137,8 +137,8 @@ def plan(spec, kw, params, grads, states, options, stream, op):
                                  "place, so an update of a copy would be lost")
             if not flags & _arrays.F_WRITEABLE:
                 raise ValueError(_foreign.readonly_message(op, f"{name}[{i}]", buf))
-    written = np.array([True, False, True, True, True])
-    _arrays._check_overlap(op, ["params", "grads", *names], R, written)
+    seqs = [params, grads, *(seq or [] for seq in (row_vars, col_vars, variances))]
+    _check_overlap(op, ["params", "grads", *names], seqs, R)
     ema_plan = None
     if options.ema is not None:
         ema_plan = _ema.plan(options.ema, params, options.ema_decay, op=op, stream=stream)
@@ -159,3 +159,28 @@ def plan(spec, kw, params, grads, states, options, stream, op):
                        np.ascontiguousarray(batch_rows_cols[sel]).ravel()))
     return AdafactorPlan(op, prep, groups, hyper, float(kw.get("step", 1)), options, stream,
                          params, grads, keep, ema_plan)
+
+
+def _check_overlap(op, names, seqs, R):
+    """ValueError (`_arrays._error`'s message) when two arrays the step writes overlap,
+    or a gradient and one of them: the checks of csrc/tables.h take buffers of the
+    params' shapes, the factors are not (the rest of the call's checks are above)."""
+    k, i = np.nonzero(R[:, :, _arrays.SIZE] > 0)
+    start = R[k, i, _arrays.PTR]
+    end = start + R[k, i, _arrays.SIZE] * R[k, i, _arrays.ITEMSIZE]
+    w = k != 1  # every list but the gradients is written
+    order = np.argsort(start[w], kind="stable")
+    ws, we, wk, wi = start[w][order], end[w][order], k[w][order], i[w][order]
+    # written arrays sorted by start: an overlap shows between neighbours
+    bad = np.flatnonzero(ws[1:] < we[:-1])
+    if bad.size:
+        j = int(bad[0])
+        raise _arrays._error(op, names, seqs, R, (_arrays._OVERLAP, int(wk[j]), int(wi[j]),
+                                                  int(wk[j + 1]), int(wi[j + 1])))
+    # a gradient can only meet the written array with the largest start below its end
+    at = np.searchsorted(ws, end[~w], side="left") - 1
+    hit = np.flatnonzero((at >= 0) & (we[np.maximum(at, 0)] > start[~w]))
+    if hit.size:
+        g, j = int(hit[0]), int(at[hit[0]])
+        raise _arrays._error(op, names, seqs, R, (_arrays._OVERLAP, int(wk[j]), int(wi[j]), 1,
+                                                  int(i[~w][g])))

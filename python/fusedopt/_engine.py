@@ -13,12 +13,17 @@ functional op of a spec.
 from __future__ import annotations
 
 import numbers
+import sys as _sys
+from operator import is_ as _is
 
 import numpy as np
 
 from . import _arrays, _backend, _foreign, _precision
 from .algorithms import REQUIRED, pack
 from .algorithms._doc import op_doc, op_signature
+
+
+_NUMBER = (int, float)
 
 
 class Plan:
@@ -79,6 +84,21 @@ class Plan:
         for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
             backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, **mode, **layout)
 
+    def refresh(self, spec, kw, grads, options, trusted=False):
+        """This plan for another step of the same arrays: new op keywords (hyperparameters,
+        step) and new gradients, checked against the kept params and states. False when
+        the keywords now need another kernel (the caller plans anew)."""
+        kernel = spec.kernel(kw)
+        if kernel != self.kernel:
+            return False
+        self.prep.with_grads(grads, trusted)
+        self.hyper = pack(kernel, spec.hyper(kw))
+        self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
+        step = kw.get("step", 1)
+        self.step = float(step) if type(step) in _NUMBER or isinstance(step, numbers.Real) \
+            else 1.0
+        return True
+
     def execute(self):
         """Run with the gradient checks the options ask for; a StepInfo when there were any
         (a DeviceStepInfo on the GPU: the checks stay on the device)."""
@@ -116,7 +136,7 @@ def device_checks(plans, options):
     return info
 
 
-def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=None,
+def plan(spec, kw, params, grads, states, *, options=None, stream=None,
          hyper=None, op=None, kernel=None, names=None):
     """The validated step of one algorithm over lists of arrays.
 
@@ -124,8 +144,7 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     the state lists of the buffers `spec.active(kw)` names, in that order; `options`
     the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
     row per tensor: the batched optimizers, which also give the `kernel` and the state
-    `names` their members share); `rows` description rows the caller kept (see
-    `_arrays.prepare`); `op` the name errors carry (default: the op's).
+    `names` their members share); `op` the name errors carry (default: the op's).
     """
     op = op or spec.op_name
     if options is None:
@@ -145,8 +164,9 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
                           stream, op)
     ema = (options.ema, "ema") if options.ema is not None else None
     prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
-                           rows=rows, ema=ema)
-    prep.keep.append((states, options.extra, options.ema))  # the tables point into them
+                           ema=ema)
+    # a deferred plan's tables point into them
+    prep.keep.append((states, options.extra, options.ema))
     step = kw.get("step", 1)
     step_ptr = 0
     if not isinstance(step, numbers.Real):
@@ -155,6 +175,53 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
         step = 1.0
     return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
                 kw.get("lr", 0.0), step_ptr)
+
+
+class Kept:
+    """A bucket's plan kept between steps by an optimizer class, with what it was made
+    for: the step after reuses it when the params are the same arrays (their
+    descriptions, or their addresses for torch parameters) and the state buffers (and
+    the EMA arrays, when the step has them) the same objects, so only the gradients are
+    described and checked again. Only a plain `Plan` is kept: the plans that specs build
+    (`composite`) and row-sparse plans are made anew each step."""
+
+    __slots__ = ("plan", "params", "lists", "rows", "ptrs", "ema")
+
+    def __init__(self, plan, params, lists):
+        self.plan, self.params, self.lists = plan, list(params), [list(x) for x in lists]
+        rows = plan.prep.rows if type(plan) is Plan else None
+        self.ema = None if rows is None or plan.options.ema is None else list(plan.options.ema)
+        self.rows = None if rows is None else rows[0].copy()
+        self.ptrs = None if rows is None else self.rows[:, _arrays.PTR].tobytes()
+
+    def reuse(self, spec, kw, params, grads, lists, options, torch_params=False,
+              checked=False):
+        """The kept plan refreshed for this step, or None when it no longer fits.
+        `checked`: the caller knows the params and state lists are the same objects."""
+        plan = self.plan
+        if self.rows is None:
+            return None
+        ema = options.ema  # the EMA arrays are in the tables too: the same ones, or none
+        if (ema is None) != (self.ema is None) or ema is not None and (
+                len(ema) != len(self.ema) or not all(map(_is, ema, self.ema))):
+            return None
+        if not checked and (len(params) != len(self.params) or
+                            not all(map(_is, params, self.params)) or
+                            len(lists) != len(self.lists) or
+                            not all(all(map(_is, a, b)) for a, b in zip(lists, self.lists))):
+            return None
+        n = len(params)
+        if torch_params:
+            T = _sys.modules["torch"].Tensor
+            if np.fromiter(map(T.data_ptr, params), np.int64, n).tobytes() != self.ptrs:
+                return None
+        else:
+            rows = _arrays.describe_params(params, plan.stream)
+            if rows is None or rows.tobytes() != self.rows.tobytes():
+                return None
+        if not plan.refresh(spec, kw, grads, options, trusted=torch_params):
+            return None
+        return plan
 
 
 def _device_count(op, step, prep):

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from . import _arrays, _backend, _ema, _foreign, _precision
+from . import _arrays, _backend, _ema, _precision
 
 #: the step options a row-sparse call takes (the others need every element's gradient)
 SUPPORTED = ("loss_scale", "stochastic_rounding", "seed", "ema", "ema_decay")
@@ -165,49 +165,10 @@ def plan(spec, kw, hyper, kernel, params, grads, states, names, options, stream=
     for name, seq in zip(names, states):
         _arrays._check_list(op, name, seq, n)
     keep = []
-    lists, lnames = [params, *states], ["params", *names]
-    R = np.zeros((len(lists), n, _arrays.NCOLS), dtype=np.int64)
-    for k, seq in enumerate(lists):
-        R[k], kept = _arrays.describe_list(op, lnames[k], seq, stream, params)
-        keep += kept
-    codes = np.full(n, -1)
-    for typenum, code in _arrays.kernel_dtypes().items():
-        codes[R[0][:, _arrays.TYPENUM] == typenum] = code
-    bad = np.flatnonzero((codes < 0) | ((R[0][:, _arrays.FLAGS] & _arrays.F_NATIVE) == 0))
-    if bad.size:
-        i = int(bad[0])
-        raise TypeError(f"{op}: params[{i}] has dtype {getattr(params[i], 'dtype', '?')}; "
-                        f"supported: {_arrays.SUPPORTED}")
-    ptype = R[0][:, _arrays.TYPENUM]
-    for k in range(1, len(lists)):
-        sixteen = codes >= 2
-        ok16 = np.isin(R[k][:, _arrays.TYPENUM],
-                       [t for t, c in _arrays.kernel_dtypes().items() if c in (0, 3)])
-        good = np.where(sixteen, ok16 & (R[k][:, _arrays.TYPENUM] == R[1][:, _arrays.TYPENUM]),
-                        R[k][:, _arrays.TYPENUM] == ptype)
-        bad = np.flatnonzero(~good)
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {lnames[k]}[{i}] has dtype "
-                            f"{getattr(lists[k][i], 'dtype', '?')}, params[{i}] has "
-                            f"{getattr(params[i], 'dtype', '?')}")
-        bad = np.flatnonzero((R[k][:, _arrays.SHAPE] != R[0][:, _arrays.SHAPE]) |
-                             (R[k][:, _arrays.SIZE] != R[0][:, _arrays.SIZE]))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{op}: {lnames[k]}[{i}] has shape {tuple(lists[k][i].shape)}, "
-                             f"params[{i}] has {tuple(params[i].shape)}")
-    device = int(R[0][0, _arrays.DEVICE]) if n else _arrays.CPU
-    for k in range(len(lists)):
-        bad = np.flatnonzero(R[k][:, _arrays.DEVICE] != device)
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {lnames[k]}[{i}] is not on the device of params[0]")
-        _arrays._check_writable(op, lnames[k], lists[k], R[k])
-    # the gradients: coalesced, in the params' dtype and row shapes, on their device
-    coalesced, vrows = [], np.zeros((n, _arrays.NCOLS), dtype=np.int64)
+    # the gradients: checked against their params' shapes and dtypes, then coalesced
+    coalesced = []
     for i, (p, r, v) in enumerate(zip(params, rows, values)):
-        shape = tuple(p.shape)
+        shape = tuple(getattr(p, "shape", ()))
         if not shape:
             raise ValueError(f"{op}: params[{i}] is 0-d; row-sparse gradients need rows")
         vshape = tuple(getattr(v, "shape", ()))
@@ -218,43 +179,36 @@ def plan(spec, kw, hyper, kernel, params, grads, states, names, options, stream=
                              f"{(len(r), *shape[1:])}")
         if getattr(v, "dtype", None) != getattr(p, "dtype", None):
             raise TypeError(f"{op}: values[{i}] has dtype {getattr(v, 'dtype', '?')}, "
-                            f"params[{i}] has {p.dtype}")
-        r, v = _coalesce_one(op, i, r, v, shape[0])
-        vrow, kept = _foreign.describe(op, f"values[{i}]", v) if _module(v) != "numpy" else \
-            (np.append(_arrays._cpu.describe([v])[0], _arrays.CPU), None)
-        if vrow[_arrays.DEVICE] != device:
-            raise TypeError(f"{op}: values[{i}] is not on the device of params[{i}]")
-        if not vrow[_arrays.FLAGS] & _arrays.F_CONTIG:
-            v = _foreign.contiguous_copy(op, f"values[{i}]", v, device)
-            vrow, kept = _foreign.describe(op, f"values[{i}]", v) if _module(v) != "numpy" \
-                else (np.append(_arrays._cpu.describe([v])[0], _arrays.CPU), None)
-        if kept is not None:
-            keep.append(kept)
-        vrows[i] = vrow
-        coalesced.append((r, v, math.prod(shape[1:])))
+                            f"params[{i}] has {getattr(p, 'dtype', '?')}")
+        coalesced.append((*_coalesce_one(op, i, r, v, shape[0]), math.prod(shape[1:])))
     keep.append(coalesced)
-    written = np.ones(len(lists) + 1, dtype=bool)
-    written[1] = False
-    _arrays._check_overlap(op, [lnames[0], "values", *lnames[1:]],
-                           np.concatenate([R[:1], vrows[None], R[1:]]), written)
+    # every array of the call, the values in the gradients' place, through the one
+    # description path and the one set of checks (csrc/tables.h)
+    seqs = [params, [c[1] for c in coalesced], *states]
+    lnames = ["params", "values", *names]
+    if n == 0:
+        return RowsPlan(op, kernel, _arrays.CPU, [], hyper, options, stream, params, grads,
+                        float(kw.get("step", 1)), keep, None)
+    R, strided = _arrays._describe_lists(op, seqs, lnames, n, keep, stream, params)
+    device = int(R[0, 0, _arrays.DEVICE])
+    if strided and not (R[1, :, _arrays.FLAGS] & _arrays.F_CONTIG).all():
+        sub = R[1:2]
+        _arrays._copy_strided(op, seqs[1:2], lnames[1:2], sub, device, keep, stream, params)
+        R[1:2] = sub
+    tables = _arrays._cpu.Tables(R, len(states), 0, False, _arrays._bf16_num(), row_grads=True)
+    if tables.issue is not None:
+        raise _arrays._error(op, lnames, seqs, R, tables.issue)
     ema_plan = None
     if options.ema is not None:
         ema_plan = _ema.plan(options.ema, params, options.ema_decay, op=op, stream=stream)
-    # one table per (param dtype, state dtype)
-    scodes = np.where(codes < 2, codes, 0)
-    if states:
-        for typenum, code in _arrays.kernel_dtypes().items():
-            scodes[R[1][:, _arrays.TYPENUM] == typenum] = code
+    # one table per (param dtype, state dtype), as laid out by the checks
     groups = []
-    table = np.concatenate([R[:1, :, _arrays.PTR], vrows[None, :, _arrays.PTR],
-                            R[1:, :, _arrays.PTR]]).astype(np.uint64)
-    for key in np.unique(codes * 4 + scodes):
-        sel = np.flatnonzero(codes * 4 + scodes == key)
+    for (code, scode, ptrs, _), sel in zip(tables.groups(), tables.group_tensors()):
         rows_ptrs = np.array([_address(coalesced[i][0]) for i in sel], dtype=np.uint64)
         counts = np.array([len(coalesced[i][0]) for i in sel], dtype=np.int64)
         row_len = np.array([coalesced[i][2] for i in sel], dtype=np.int64)
-        groups.append((int(key // 4), np.ascontiguousarray(table[:, sel]).ravel(), counts,
-                       int(key % 4), rows_ptrs, row_len))
+        groups.append((code, ptrs, counts, scode, rows_ptrs, row_len))
+    keep.append(tables)  # the groups' pointer tables view its memory
     step = float(kw.get("step", 1))
     return RowsPlan(op, kernel, device, groups, hyper, options, stream, params, grads, step,
                     keep, ema_plan)

@@ -96,7 +96,7 @@ class SparseAdam(TorchEma, Optimizer):
                 plans.append(_engine.plan(spec, dict(kw, step=count + 1), ps, gs, [ms, vs],
                                           options=self._ema_options(ps)))
                 counted += ps
-        ema_plan = self._ema_rest_plan(plans)
+        ema_plan = self._ema_rest_plan({id(p) for p in counted})
         # every group validated: the new state, the counts, then the kernels
         for p, state in fresh.items():
             self.state[p].update(state)

@@ -17,12 +17,22 @@ without momentum, say) comes back as an unchanged copy.
 
 from __future__ import annotations
 
+from typing import Any, Optional, Sequence, Tuple
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 __all__ += ["sparse_adam"]
 __all__ += ["muon", "newton_schulz"]
 __all__ += ["adafactor"]
+
+_Arrays = Sequence[ArrayLike]
+_Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 def _f64(arrays, name, count=None):
@@ -48,13 +58,56 @@ def _result(params, *states):
     return (params,) + tuple(s for s in states if s is not None)
 
 
-def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
-        weight_decay=0.0, nesterov=False, maximize=False, first_step=False):
-    """SGD with optional momentum, dampening and Nesterov momentum.
+def sgd(params: _Arrays, grads: _Arrays, momentum_buffers: Optional[_Arrays] = None, *,
+        lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+        nesterov: bool = False, maximize: bool = False, first_step: bool = False) -> _Result:
+    """One step of SGD, with optional momentum, dampening and Nesterov momentum.
 
-    With momentum, ``first_step=True`` means the buffers are created by this
-    step: b = g, whatever they held before.
-    Returns ``(params, momentum_buffers)``, or ``(params,)`` without buffers.
+    With :math:`g` the gradient (negated if `maximize`):
+    :math:`g \\mathrel{+}= \\lambda p`; with momentum :math:`\\mu`,
+    :math:`b = g` on the first step, else :math:`b = \\mu b + (1 - \\tau) g`, and
+    :math:`g = g + \\mu b` (Nesterov) or :math:`g = b`; then :math:`p \\mathrel{-}= \\eta g`.
+
+    Parameters
+    ----------
+    params, grads : sequence of array_like
+        Parameters and their gradients, aligned.
+    momentum_buffers : sequence of array_like, optional
+        The momentum buffers; needed when `momentum` != 0.
+    lr : float
+        The learning rate :math:`\\eta`.
+    momentum : float, default 0.0
+        :math:`\\mu`.
+    dampening : float, default 0.0
+        :math:`\\tau`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    nesterov : bool, default False
+        Nesterov momentum.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    first_step : bool, default False
+        With momentum: the buffers are created by this step (:math:`b = g`, whatever
+        they held before), as torch.optim's first step.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, momentum_buffers)``, or ``(params,)`` without buffers: new float64
+        arrays.
+
+    Raises
+    ------
+    ValueError
+        If the lists differ in length, or momentum is asked without buffers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> (p,), = reference.sgd([np.array([1.0, 2.0])], [np.array([0.5, -1.0])], lr=0.1)
+    >>> p
+    array([0.95, 2.1 ])
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -76,11 +129,36 @@ def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0
     return _result(ps, bs)
 
 
-def adagrad(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0.0,
-            eps=1e-10, maximize=False):
-    """Adagrad; ``step`` is t after its increment (1 on the first step).
+def adagrad(params: _Arrays, grads: _Arrays, state_sums: _Arrays, *, step: int, lr: float,
+            lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+            maximize: bool = False) -> _Result:
+    """One step of Adagrad.
 
-    Returns ``(params, state_sums)``.
+    :math:`g \\mathrel{+}= \\lambda p`;
+    :math:`\\tilde\\eta = \\eta / (1 + (t - 1)\\,\\delta)`; :math:`s \\mathrel{+}= g^2`;
+    :math:`p \\mathrel{-}= \\tilde\\eta\\, g / (\\sqrt{s} + \\epsilon)`.
+
+    Parameters
+    ----------
+    params, grads, state_sums : sequence of array_like
+        Parameters, gradients and the sums of squared gradients, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    lr_decay : float, default 0.0
+        :math:`\\delta`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    eps : float, default 1e-10
+        :math:`\\epsilon`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, state_sums)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -96,11 +174,45 @@ def adagrad(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0
     return _result(ps, ss)
 
 
-def rmsprop(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr,
-            alpha, eps, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
-    """RMSprop with optional momentum and centering.
+def rmsprop(params: _Arrays, grads: _Arrays, square_avgs: _Arrays,
+            momentum_buffers: Optional[_Arrays] = None, grad_avgs: Optional[_Arrays] = None,
+            *, lr: float, alpha: float, eps: float, weight_decay: float = 0.0,
+            momentum: float = 0.0, centered: bool = False, maximize: bool = False) -> _Result:
+    """One step of RMSprop, with optional momentum and centering.
 
-    Returns ``(params, square_avgs[, momentum_buffers][, grad_avgs])``.
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`v = \\alpha v + (1 - \\alpha) g^2`;
+    centered: :math:`\\bar g = \\alpha \\bar g + (1 - \\alpha) g`,
+    :math:`d = \\sqrt{v - \\bar g^2} + \\epsilon`, else :math:`d = \\sqrt{v} + \\epsilon`;
+    with momentum :math:`b = \\mu b + g / d`, :math:`p \\mathrel{-}= \\eta b`, else
+    :math:`p \\mathrel{-}= \\eta g / d`.
+
+    Parameters
+    ----------
+    params, grads, square_avgs : sequence of array_like
+        Parameters, gradients and the averages of squared gradients, aligned.
+    momentum_buffers : sequence of array_like, optional
+        Needed when `momentum` > 0.
+    grad_avgs : sequence of array_like, optional
+        The averages of the gradients; needed when `centered`.
+    lr : float
+        :math:`\\eta`.
+    alpha : float
+        The smoothing constant :math:`\\alpha`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    momentum : float, default 0.0
+        :math:`\\mu`.
+    centered : bool, default False
+        Normalize by the estimated variance instead of the second moment.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, square_avgs[, momentum_buffers][, grad_avgs])``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -132,9 +244,36 @@ def rmsprop(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *
     return _result(ps, vs, bs, gas)
 
 
-def adadelta(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_decay=0.0,
-             maximize=False):
-    """Adadelta. Returns ``(params, square_avgs, acc_deltas)``."""
+def adadelta(params: _Arrays, grads: _Arrays, square_avgs: _Arrays, acc_deltas: _Arrays, *,
+             lr: float, rho: float, eps: float, weight_decay: float = 0.0,
+             maximize: bool = False) -> _Result:
+    """One step of Adadelta.
+
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`v = \\rho v + (1 - \\rho) g^2`;
+    :math:`\\Delta = \\sqrt{u + \\epsilon} / \\sqrt{v + \\epsilon}\\; g`;
+    :math:`u = \\rho u + (1 - \\rho) \\Delta^2`; :math:`p \\mathrel{-}= \\eta \\Delta`.
+
+    Parameters
+    ----------
+    params, grads, square_avgs, acc_deltas : sequence of array_like
+        Parameters, gradients, the averages of squared gradients (:math:`v`) and of
+        squared updates (:math:`u`), aligned.
+    lr : float
+        :math:`\\eta`.
+    rho : float
+        :math:`\\rho`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, square_avgs, acc_deltas)``, new float64 arrays.
+    """
     n = len(params)
     ps = _f64(params, "params")
     gs = _f64(grads, "grads", n)
@@ -151,13 +290,57 @@ def adadelta(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_dec
     return _result(ps, vs, us)
 
 
-def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1,
-         beta2, eps, weight_decay=0.0, amsgrad=False, maximize=False,
-         decoupled_weight_decay=False):
-    """Adam (L2 weight decay) or, with ``decoupled_weight_decay``, AdamW.
+def adam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays,
+         max_exp_avg_sqs: Optional[_Arrays] = None, *, step: int, lr: float, beta1: float,
+         beta2: float, eps: float, weight_decay: float = 0.0, amsgrad: bool = False,
+         maximize: bool = False, decoupled_weight_decay: bool = False) -> _Result:
+    """One step of Adam (L2 weight decay) or, with `decoupled_weight_decay`, AdamW.
 
-    ``step`` is t after its increment (1 on the first step).
-    Returns ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``.
+    :math:`g \\mathrel{+}= \\lambda p` (Adam) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (AdamW); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`; amsgrad:
+    :math:`\\hat v = \\max(\\hat v, v)`, else :math:`\\hat v = v`;
+    :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\,
+    \\frac{m}{\\sqrt{\\hat v} / \\sqrt{1 - \\beta_2^t} + \\epsilon}`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    max_exp_avg_sqs : sequence of array_like, optional
+        The running maxima of the second moment; needed when `amsgrad`.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly (AdamW) instead of adding :math:`\\lambda p` to the
+        gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``, new float64 arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> z = [np.zeros(2)]
+    >>> p, m, v = reference.adam([np.ones(2)], [np.array([1.0, -1.0])], z, z, step=1,
+    ...                          lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    >>> np.round(p[0], 6)          # the first step moves each element by lr
+    array([0.9, 1.1])
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -189,23 +372,72 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr
     return _result(ps, ms, vs, vmaxs)
 
 
-def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1,
-          beta2, eps, weight_decay=1e-2, amsgrad=False, maximize=False,
-          decoupled_weight_decay=True):
-    """AdamW: :func:`adam` with decoupled weight decay (default 1e-2, as torch.optim.AdamW)."""
+def adamw(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays,
+          max_exp_avg_sqs: Optional[_Arrays] = None, *, step: int, lr: float, beta1: float,
+          beta2: float, eps: float, weight_decay: float = 1e-2, amsgrad: bool = False,
+          maximize: bool = False, decoupled_weight_decay: bool = True) -> _Result:
+    """One step of AdamW: `adam` with decoupled weight decay (default 1e-2, as
+    torch.optim.AdamW).
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+        As for `adam`.
+    step, lr, beta1, beta2, eps, amsgrad, maximize
+        As for `adam`.
+    weight_decay : float, default 1e-2
+        :math:`\\lambda`, applied as :math:`p \\mathrel{*}= 1 - \\eta\\lambda`.
+    decoupled_weight_decay : bool, default True
+        False gives `adam`'s L2 decay.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``, new float64 arrays.
+    """
     return adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
 
 
-def sparse_adam(params, rows, values, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-                maximize=False):
-    """SparseAdam (torch.optim.SparseAdam) on row-sparse gradients: ``values[j]`` holds the
-    gradient rows of ``params[j]`` at the indices ``rows[j]`` (along the first dimension),
-    repeats summed. On the touched rows: m += (1 - b1) (g - m), v += (1 - b2) (g^2 - v),
-    p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps); the other rows, and their
-    moments, are copied unchanged."""
+def sparse_adam(params: _Arrays, rows: _Arrays, values: _Arrays, exp_avgs: _Arrays,
+                exp_avg_sqs: _Arrays, *, step: int, lr: float, beta1: float, beta2: float,
+                eps: float, maximize: bool = False) -> _Result:
+    """One step of SparseAdam (torch.optim.SparseAdam) on row-sparse gradients.
+
+    The gradient of ``params[j]`` is ``values[j]`` at the indices ``rows[j]`` along the
+    first dimension, repeats summed. On the touched rows:
+    :math:`m \\mathrel{+}= (1 - \\beta_1)(g - m)`,
+    :math:`v \\mathrel{+}= (1 - \\beta_2)(g^2 - v)`,
+    :math:`p \\mathrel{-}= \\eta \\frac{\\sqrt{1 - \\beta_2^t}}{1 - \\beta_1^t}
+    \\frac{m}{\\sqrt{v} + \\epsilon}`; the other rows, and their moments, are copied
+    unchanged.
+
+    Parameters
+    ----------
+    params, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, first and second moments, aligned.
+    rows : sequence of array_like
+        1-D integer indices of the gradient rows of each param.
+    values : sequence of array_like
+        The gradient rows: ``values[j]`` has shape ``(len(rows[j]), *params[j].shape[1:])``.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
+    """
     params = _f64(params, "params")
     n = len(params)
     exp_avgs, exp_avg_sqs = _f64(exp_avgs, "exp_avgs", n), _f64(exp_avg_sqs, "exp_avg_sqs", n)
@@ -225,10 +457,31 @@ def sparse_adam(params, rows, values, exp_avgs, exp_avg_sqs, *, step, lr, beta1,
     return _result(params, exp_avgs, exp_avg_sqs)
 
 
-def newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
-    """torch.optim.Muon's orthogonalization of one matrix, in float64: X = G / max(|G|_F,
-    eps) (transposed while it has more rows than columns), then `steps` times
-    A = X X^T, X = a X + (b A + c A^2) X."""
+def newton_schulz(g: ArrayLike, coefficients: Tuple[float, float, float] = (3.4445, -4.7750,
+                                                                            2.0315),
+                  steps: int = 5, eps: float = 1e-7) -> np.ndarray:
+    """torch.optim.Muon's orthogonalization of one matrix, in float64.
+
+    :math:`X = G / \\max(\\lVert G \\rVert_F, \\epsilon)` (transposed while it has more
+    rows than columns), then `steps` times :math:`A = X X^T`,
+    :math:`X = a X + (b A + c A^2) X`.
+
+    Parameters
+    ----------
+    g : array_like
+        The matrix (2-D).
+    coefficients : tuple of float, default (3.4445, -4.7750, 2.0315)
+        :math:`a, b, c`.
+    steps : int, default 5
+        The number of iterations.
+    eps : float, default 1e-7
+        :math:`\\epsilon`.
+
+    Returns
+    -------
+    ndarray
+        The orthogonalized matrix, float64, of the shape of `g`.
+    """
     a, b, c = coefficients
     x = np.array(g, dtype=np.float64)
     tall = x.shape[0] > x.shape[1]
@@ -241,13 +494,47 @@ def newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
     return x.T if tall else x
 
 
-def muon(params, grads, momentum_buffers, *, lr, weight_decay=0.1, momentum=0.95,
-         nesterov=True, ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
-         adjust_lr_fn=None, ns_dtype="float32"):
-    """Muon (torch.optim.Muon) in float64, the Newton-Schulz iterations included (whatever
-    `ns_dtype` says): b = mu b + (1 - mu) g; u = g + mu (b - g) (Nesterov) or b;
-    p = p (1 - lr wd) - lr' NS(u), lr' = lr sqrt(max(1, A / B)) ("original") or
-    0.2 lr sqrt(max(A, B)) ("match_rms_adamw")."""
+def muon(params: _Arrays, grads: _Arrays, momentum_buffers: _Arrays, *, lr: float,
+         weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
+         ns_coefficients: Tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+         eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: Optional[str] = None,
+         ns_dtype: str = "float32") -> _Result:
+    """One step of Muon (torch.optim.Muon) in float64, the Newton-Schulz iterations
+    included.
+
+    :math:`b = \\mu b + (1 - \\mu) g`; :math:`u = g + \\mu (b - g)` (Nesterov) or
+    :math:`b`; :math:`p = p (1 - \\eta\\lambda) - \\eta' \\mathrm{NS}(u)` with
+    :math:`\\eta' = \\eta \\sqrt{\\max(1, A / B)}` ("original") or
+    :math:`0.2\\,\\eta \\sqrt{\\max(A, B)}` ("match_rms_adamw") for an A x B param.
+
+    Parameters
+    ----------
+    params, grads, momentum_buffers : sequence of array_like
+        2-D parameters, their gradients and momentum buffers, aligned.
+    lr : float
+        :math:`\\eta`.
+    weight_decay : float, default 0.1
+        :math:`\\lambda`.
+    momentum : float, default 0.95
+        :math:`\\mu`.
+    nesterov : bool, default True
+        Nesterov momentum.
+    ns_coefficients : tuple of float, default (3.4445, -4.7750, 2.0315)
+        The coefficients of `newton_schulz`.
+    eps : float, default 1e-7
+        The floor of the Frobenius norm in `newton_schulz`.
+    ns_steps : int, default 5
+        The number of Newton-Schulz iterations.
+    adjust_lr_fn : str, optional
+        "original" (None) or "match_rms_adamw".
+    ns_dtype : str, default "float32"
+        Accepted as the op takes it; the reference always iterates in float64.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, momentum_buffers)``, new float64 arrays.
+    """
     params = _f64(params, "params")
     bufs = _f64(momentum_buffers, "momentum_buffers", len(params))
     for p, g, b in zip(params, grads, bufs):
@@ -265,16 +552,56 @@ def muon(params, grads, momentum_buffers, *, lr, weight_decay=0.1, momentum=0.95
     return _result(params, bufs)
 
 
-def adafactor(params, grads, row_vars, col_vars, variances, *, step, lr, beta2_decay=-0.8,
-              eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False):
-    """Adafactor (torch.optim.Adafactor's equations) in float64. A param with two or more
-    dimensions keeps row and column factors (``row_vars[i]`` of shape (*batch, m, 1),
-    ``col_vars[i]`` of shape (*batch, 1, n)); a vector or 0-d param a full second moment
-    (``variances[i]``); the lists hold None elsewhere. With b = t^beta2_decay:
-    R += b (mean_j g^2 - R), C += b (mean_i g^2 - C), V = R C / max(mean_i R, eps1)
-    (vectors: V += b (g^2 - V)); U = g / sqrt(max(V, eps1^2));
-    p = p (1 - lr wd) - max(eps2, RMS(p)) min(lr, 1/sqrt(t)) / max(1, RMS(U) / d) U, with
-    RMS(p) before the decay. eps1 None: the machine epsilon of the first param's dtype."""
+def adafactor(params: _Arrays, grads: _Arrays, row_vars: Optional[Sequence[Any]],
+              col_vars: Optional[Sequence[Any]], variances: Optional[Sequence[Any]], *,
+              step: int, lr: float, beta2_decay: float = -0.8, eps1: Optional[float] = None,
+              eps2: float = 1e-3, d: float = 1.0, weight_decay: float = 0.0,
+              maximize: bool = False) -> _Result:
+    """One step of Adafactor (torch.optim.Adafactor's equations) in float64.
+
+    A param with two or more dimensions keeps row and column factors, a vector or 0-d
+    param a full second moment. With :math:`b = t^{\\mathrm{beta2\\_decay}}`:
+    :math:`R \\mathrel{+}= b(\\overline{g^2}_j - R)`,
+    :math:`C \\mathrel{+}= b(\\overline{g^2}_i - C)`,
+    :math:`V = R C / \\max(\\bar R, \\epsilon_1)` (vectors:
+    :math:`V \\mathrel{+}= b(g^2 - V)`); :math:`U = g / \\sqrt{\\max(V, \\epsilon_1^2)}`;
+    :math:`p = p (1 - \\eta\\lambda) - \\max(\\epsilon_2, \\mathrm{RMS}(p))
+    \\min(\\eta, 1/\\sqrt t) / \\max(1, \\mathrm{RMS}(U) / d)\\, U`, with
+    :math:`\\mathrm{RMS}(p)` taken before the decay.
+
+    Parameters
+    ----------
+    params, grads : sequence of array_like
+        Parameters and gradients, aligned.
+    row_vars, col_vars : sequence of array_like or None, optional
+        Row factors of shape ``(*batch, m, 1)`` and column factors of shape
+        ``(*batch, 1, n)`` of the params with two or more dimensions; None in the other
+        places (or for the whole list when no param has them).
+    variances : sequence of array_like or None, optional
+        The full second moments of the vectors and 0-d params; None elsewhere.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta2_decay : float, default -0.8
+        The exponent of :math:`b`.
+    eps1 : float, optional
+        :math:`\\epsilon_1`; None: the machine epsilon of the first param's dtype.
+    eps2 : float, default 1e-3
+        :math:`\\epsilon_2`.
+    d : float, default 1.0
+        The clipping threshold of :math:`\\mathrm{RMS}(U)`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists
+        ``(params, row_vars, col_vars, variances)``: new float64 arrays, None where a
+        param has no such buffer.
+    """
     if eps1 is None:
         eps1 = float(np.finfo(np.asarray(params[0]).dtype).eps)
     params = _f64(params, "params")
