@@ -80,6 +80,24 @@ def test_same_bits_for_every_thread_count(rng):
         assert_same_bits(a, b, "1 vs 2 threads")
 
 
+def test_strided_gradients_are_read_as_they_are(rng):
+    """A gradient that is not C-contiguous (a transpose) is read through its contiguous
+    copy: the same bits as the contiguous gradient."""
+    shapes = [(4, 6), (2, 5, 3), (7,)]
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [rng.standard_normal(s[::-1]).T for s in shapes]
+    assert not any(g.flags.c_contiguous for g in grads[:2])
+    out = []
+    for given in (grads, [np.ascontiguousarray(g) for g in grads]):
+        params = [p.copy() for p in start]
+        state = _buffers(shapes, np.float64)
+        for t in (1, 2):
+            F.adafactor_(params, given, *state, **_kw({}, t))
+        out.append(params + [b for lst in state for b in lst if b is not None])
+    for a, b in zip(*out):
+        assert_same_bits(a, b, "strided vs contiguous")
+
+
 def test_bad_input_raises_and_changes_nothing(rng):
     p = [np.ones((4, 3)), np.ones(5)]
     g = [np.ones((4, 3)), np.ones(5)]

@@ -88,8 +88,8 @@ def plan(spec, kw, params, grads, states, options, stream, op):
             raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
     keep = [prep.keep]
     R = np.zeros((5, n, _arrays.NCOLS), dtype=np.int64)  # params, grads, rows, cols, vars
-    R[0] = _arrays.describe_list(op, "params", params, stream, params)[0] if n else R[0]
-    R[1] = _arrays.describe_list(op, "grads", grads, stream, params)[0] if n else R[1]
+    if n:  # as checked (a strided gradient: its contiguous copy, which prep keeps)
+        R[:2] = prep.rows
     known = _arrays.kernel_dtypes()
     codes = np.array([known.get(int(t), -1) for t in R[0][:, _arrays.TYPENUM]], dtype=np.int64)
     scodes = np.where(codes < 2, codes, 0)
