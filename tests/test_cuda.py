@@ -1088,6 +1088,16 @@ def test_functional_sparse_adam_on_cupy_matches_numpy(cp):
         np.testing.assert_allclose(cp.asnumpy(d), h, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+def test_sparse_adam_rows_on_another_device_are_refused(cp):
+    import fusedopt.functional as F
+    p, m, v = (cp.zeros((10, 4), cp.float32) for _ in range(3))
+    with pytest.raises(TypeError, match=r"rows\[0\] is on cpu, params\[0\] is on cuda"):
+        F.sparse_adam_([p], [np.array([1, 2])], [cp.ones((2, 4), cp.float32)], [m], [v],
+                       step=1, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert not p.any() and not m.any() and not v.any()
+
+
 # --- Muon, Adafactor and fusedopt.torch.LBFGS on a GPU ----------------------------------
 
 @pytest.mark.cuda

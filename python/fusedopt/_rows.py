@@ -198,6 +198,15 @@ def plan(spec, kw, hyper, kernel, params, grads, states, names, options, stream=
     tables = _arrays._cpu.Tables(R, len(states), 0, False, _arrays._bf16_num(), row_grads=True)
     if tables.issue is not None:
         raise _arrays._error(op, lnames, seqs, R, tables.issue)
+    # the kernels read the row indices where the params are
+    indices = [c[0] for c in coalesced]
+    rrows, kept = _arrays.describe_list(op, "rows", indices, stream, params)
+    keep += kept
+    bad = np.flatnonzero(rrows[:, _arrays.DEVICE] != device)
+    if bad.size:
+        raise _arrays._error(op, lnames + ["rows"], seqs + [indices],
+                             np.concatenate([R, rrows[None]]),
+                             (_arrays._DEVICE, len(lnames), int(bad[0]), 0, 0))
     ema_plan = None
     if options.ema is not None:
         ema_plan = _ema.plan(options.ema, params, options.ema_decay, op=op, stream=stream)
