@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -35,8 +34,6 @@ import fusedopt as fo
 import fusedopt.torch as fot
 from fusedopt import _ema
 from fusedopt import functional as F
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 M = 1 << 20
 K = 1 << 10
