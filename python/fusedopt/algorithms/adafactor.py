@@ -63,7 +63,7 @@ class Adafactor(Spec):
     shaped_states = True
     batchable = False
     torch_class = "fusedopt._torch_adafactor:Adafactor"
-    bench = {}  # (benchmarks/bench_adafactor.py)
+    bench = {}  # (benchmarks/bench_more.py --only adafactor)
     example = "lr=1e-2"
 
     def validate(self, g):

@@ -40,7 +40,7 @@ class SparseAdam(Spec):
     gradient = "rows"
     batchable = False
     torch_class = "fusedopt._torch_sparse:SparseAdam"
-    bench = {}  # (the dense step benchmark does not apply; benchmarks/bench_sparse.py)
+    bench = {}  # (the dense step benchmark does not apply; bench_more.py --only sparse)
     example = "lr=1e-3"
 
     def validate(self, g):
