@@ -157,15 +157,15 @@ class _Fused(Optimizer):
         if all(v.min() == v.max() for v in values.values()) and \
                 (first is None or first.all() or not first.any()):
             rows = self._kept_rows(cache, params) if sel is None else None
-            scalars = {name: float(v[0]) for name, v in values.items()}
+            scalars = {name: v[0] for name, v in values.items()}  # in their stored dtypes
             plans.append(self._plan(kw, params, grads, lists, scalars,
                                     first is not None and bool(first[0]), rows, after, index))
         else:  # params at different step counts, or new momentum buffers among old ones
-            table = np.stack([values[n] for n in spec.scalars], axis=1) if spec.scalars else \
-                np.zeros((len(params), 0))
+            table = list(zip(*(values[n] for n in spec.scalars))) if spec.scalars else \
+                [()] * len(params)  # each scalar in its stored dtype
             fresh = np.zeros(len(params), dtype=bool) if first is None else first
             keys = {}
-            for i, (row, f) in enumerate(zip(map(tuple, table), fresh)):
+            for i, (row, f) in enumerate(zip(table, fresh)):
                 keys.setdefault((row, bool(f)), []).append(i)
             for (row, is_first), pick in keys.items():
                 pick = np.asarray(pick)
@@ -234,14 +234,9 @@ class _Fused(Optimizer):
         cache.rows = None
         cache.scalars, cache.values = {}, {}
         if spec.scalars:
-            dtype = _scalar_dtype()
-            for p in params:
-                st = self.state.get(p)
-                if st and isinstance(st.get("step"), torch.Tensor):
-                    dtype = st["step"].dtype
-                    break
+            dtypes = self._scalar_dtypes(params)
             for name in spec.scalars:
-                cache.scalars[name] = torch.zeros(n, dtype=dtype)
+                cache.scalars[name] = torch.zeros(n, dtype=dtypes[name])
                 cache.values[name] = cache.scalars[name].numpy()  # the same memory
         for i, p in enumerate(params):
             st = self.state.get(p)
@@ -251,6 +246,33 @@ class _Fused(Optimizer):
             cache.fresh = ~cache.has
         cache.nstate = len(self.state)
         return cache
+
+    def _scalar_dtypes(self, params):
+        """The dtype of each per-param scalar of a group, as torch.optim keeps it: `step`
+        in torch's scalar dtype (float32, or float64 when that is the default dtype) or
+        the dtype the existing state has; any other scalar (NAdam's mu_product, ASGD's
+        eta and mu) likewise when fresh, and after a load in the dtype torch's
+        load_state_dict gave it (the param's: float64 for float64 params). A loaded
+        scalar of another dtype (torch casts these to a 16-bit param's dtype) is kept
+        in `step`'s dtype instead."""
+        found = {}
+        for p in params:
+            st = self.state.get(p)
+            if st:
+                for name in self.spec.scalars:
+                    if name not in found and isinstance(st.get(name), torch.Tensor):
+                        found[name] = st[name].dtype
+            if len(found) == len(self.spec.scalars):
+                break
+        default = found.get("step", _scalar_dtype())
+        out = {}
+        for name in self.spec.scalars:
+            dtype = found.get(name, default)
+            if name != "step" and dtype not in (torch.float32, torch.float64):
+                dtype = torch.float32 if default not in (torch.float32, torch.float64) \
+                    else default
+            out[name] = dtype
+        return out
 
     def _adopt(self, group, cache, i, p, st):
         """Take an existing state into the cache, completing what the options now need."""
