@@ -261,7 +261,16 @@ class Spec:
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars
         before the step. By default the scalars are the step count: the op receives the
-        count after this step if it takes `step`."""
+        count after this step if it takes `step`.
+
+        `scalars` holds each value as its front-end stores it: a Python float (the NumPy
+        classes, the batched optimizers, the case table) or a NumPy scalar of the dtype
+        it is stored in (`fusedopt.torch`, which keeps torch.optim's dtypes: float32
+        unless the default dtype is float64, and after a load the dtype torch's
+        load_state_dict gives). Where torch computes a new scalar in its stored dtype
+        (NAdam's ``mu_product *= mu``), compute it in ``type(value)``, so that runs and
+        state dicts agree with torch's bit for bit; the front-end stores what this
+        returns in its own dtype."""
         if not self.scalars:
             return {}, {}
         step = scalars["step"] + 1.0
