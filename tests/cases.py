@@ -45,6 +45,8 @@ class Algorithm:
     #: (options, t) -> keyword arguments of the functional op
     kwargs: Callable
     spec: object = None
+    #: the per-param scalars the class keeps in its state (`step`, NAdam's mu_product...)
+    scalars: tuple = ()
 
     def arg_name(self, state_name):
         return dict((s, a) for a, s in self.slots)[state_name]
@@ -71,7 +73,7 @@ def _algorithm(spec):
         getattr(R, spec.name), slots=tuple((s.arg, s.name) for s in spec.states),
         defaults=spec.defaults(), has_step="step" in spec.scalars,
         active=lambda o: spec.active(spec.to_op({**spec.group_extras, **o})),
-        kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec)
+        kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec, scalars=tuple(spec.scalars))
 
 
 ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
