@@ -85,6 +85,31 @@ CASES = {
     **{f"stream{k}": (f"stream{k}", k, _hyper(f"stream{k}", scale=0.5)) for k in range(4)},
 }
 
+
+def _table_case(c):
+    """(kernel, state count, hyper(t)) of a case of the case table (tests/cases.py): its
+    op keywords of step t through the spec, packed by field name."""
+    spec = c.algo.spec
+    kw = c.op_kwargs(1)
+    kernel = spec.kernel(kw)
+
+    def hyper(t):
+        kw_t = c.op_kwargs(t)
+        assert spec.kernel(kw_t) == kernel
+        return list(pack(kernel, spec.hyper(kw_t)))
+
+    return kernel, len(spec.active(kw)), hyper
+
+
+def _table_cases():
+    """Every case of the case table, named "table-<case id>": an algorithm's rows there
+    bring its kernels here."""
+    from cases import CASES as TABLE
+    return {f"table-{c.id}": _table_case(c) for c in TABLE}
+
+
+CASES.update(_table_cases())
+
 # Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
 # weights, 2 Kahan compensation), as fusedopt._cpu.step takes them.
 LAYOUTS = {
@@ -500,6 +525,12 @@ def _assert_bits(cp, dev, host):
 
 LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adadelta",
                 "adam", "adamw_amsgrad"]
+# and, for every other kernel, its first case in the case table
+_kernels = {CASES[name][0] for name in LAYOUT_CASES}
+for _name, (_kernel, _, _) in CASES.items():
+    if _name.startswith("table-") and _kernel not in _kernels:
+        _kernels.add(_kernel)
+        LAYOUT_CASES.append(_name)
 
 
 @pytest.mark.cuda
