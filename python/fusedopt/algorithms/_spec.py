@@ -174,6 +174,8 @@ class Spec:
     states: ClassVar[tuple] = ()
     #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
     scalars: ClassVar[tuple] = ("step",)
+    #: what each scalar other than `step` holds, for the docstrings: {name: text}
+    scalar_docs: ClassVar[dict] = {}
     #: extra entries of every param group that are not constructor arguments
     group_extras: ClassVar[dict] = {}
     #: state created at construction (torch's Adagrad), not at a param's first step
