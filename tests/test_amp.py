@@ -433,8 +433,19 @@ def _torch_optimizer(torch, case_, tparams_groups):
 @pytest.mark.parametrize("case_", FULL_CASES, ids=str)
 def test_clipping_matches_torch(case_, loss_scale, rng):
     """torch.nn.utils.clip_grad_norm_ over all params, then the torch.optim step, in
-    float64, against one fused step with max_grad_norm (and the loss scale)."""
+    float64, against one fused step with max_grad_norm (and the loss scale). torch runs
+    with float64 as its default dtype, the dtype of its per-param scalars (NAdam's
+    mu_product, ...), which the classes keep in double."""
     torch = pytest.importorskip("torch")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _clip_and_step_like_torch(torch, case_, loss_scale, rng)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _clip_and_step_like_torch(torch, case_, loss_scale, rng):
     params = [rng.standard_normal(s) for s in [(9,), (4, 6), (30,)]]
     lr2 = case_.options["lr"] / 2
     tparams = [torch.tensor(p, requires_grad=True) for p in params]
