@@ -188,16 +188,18 @@ def test_state_dict_crosses_over(c, direction):
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_state_dict_survives_torch_save(name):
-    """A fusedopt state dict written with torch.save loads into torch.optim."""
+    """A fusedopt state dict written with torch.save loads into torch.optim, which goes
+    on as fusedopt resuming from the same file."""
     opts = OPTIONS[name][1]
     data = make_data()
     (tm, topt), (fm, fopt) = both(name, opts)
     train(fm, fopt, 5, data)
     buf = io.BytesIO()
     torch.save(fopt.state_dict(), buf)
-    buf.seek(0)
     tm.load_state_dict(fm.state_dict())
-    topt.load_state_dict(torch.load(buf))
+    for opt in (topt, fopt):
+        buf.seek(0)
+        opt.load_state_dict(torch.load(buf))
     train(fm, fopt, 5, data)
     train(tm, topt, 5, data)
     assert_models_close(fm, tm, name)
