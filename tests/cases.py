@@ -117,6 +117,12 @@ INVALID = [
     ("AdamW", dict(betas=(1.0, 0.999))),
     ("AdamW", dict(betas=(0.9, 1.0))),
     ("AdamW", dict(weight_decay=-0.1)),
+    ("NAdam", dict(lr=-0.1)),
+    ("NAdam", dict(eps=-1e-8)),
+    ("NAdam", dict(betas=(1.0, 0.999))),
+    ("NAdam", dict(betas=(0.9, -0.1))),
+    ("NAdam", dict(weight_decay=-0.1)),
+    ("NAdam", dict(momentum_decay=-0.1)),
 ]
 
 
@@ -222,6 +228,13 @@ CASES = [
     case("adamw", lr=0.01, weight_decay=0.0),
     case("adamw", lr=0.01, amsgrad=True),
     case("adamw", lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True, maximize=True),
+    case("nadam", lr=0.01),
+    case("nadam", lr=0.01, maximize=True),
+    case("nadam", lr=0.01, weight_decay=0.05),
+    case("nadam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("nadam", lr=0.01, momentum_decay=0.05),
+    case("nadam", lr=0.01, betas=(0.5, 0.9), eps=1e-6, momentum_decay=0.01, weight_decay=0.05,
+         decoupled_weight_decay=True, maximize=True),
 ]
 
 

@@ -7,6 +7,7 @@
 #include "adadelta.h"
 #include "adagrad.h"
 #include "adam.h"
+#include "nadam.h"
 #include "rmsprop.h"
 #include "sgd.h"
 #include "stream.h"
@@ -37,6 +38,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream1") return f(Stream<1>{}), true;
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
+  if (name == "nadam") return f(Nadam{}), true;
   return false;
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam"]
 
 
 def _f64(arrays, name, count=None):
@@ -194,3 +194,38 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
+
+
+def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+          weight_decay=0.0, momentum_decay=4e-3, mu_product, maximize=False,
+          decoupled_weight_decay=False):
+    """NAdam (torch.optim.NAdam's algorithm), with L2 or decoupled weight decay.
+
+    The momentum coefficients follow mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), psi the
+    momentum decay; ``mu_product`` is mu_1 ... mu_t, this step's included, and ``step``
+    is t after its increment (1 on the first step).
+    Returns ``(params, exp_avgs, exp_avg_sqs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    for i in range(n):
+        p = ps[i]
+        g = -gs[i] if maximize else gs[i]
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p - lr * weight_decay * p
+            else:
+                g = g + weight_decay * p
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        v = beta2 * vs[i] + (1.0 - beta2) * g * g
+        ms[i], vs[i] = m, v
+        m_hat = (mu_next * m / (1.0 - mu_product * mu_next)
+                 + (1.0 - mu) * g / (1.0 - mu_product))
+        v_hat = v / (1.0 - beta2 ** step)
+        ps[i] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return _result(ps, ms, vs)

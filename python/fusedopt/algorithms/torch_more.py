@@ -1,0 +1,139 @@
+"""The rest of torch.optim's elementwise algorithms, with torch's arguments, defaults,
+messages, state names and per-param scalars.
+
+Where torch keeps a per-param scalar besides the step count (NAdam's ``mu_product``),
+the spec's `advance` carries it from step to step, computed as torch computes it (in
+the dtype the front-end stores it in, see `Spec.advance`), and the kernel receives the
+per-step coefficients derived from it, in double, through its Hyper.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._spec import REQUIRED, Option, Spec, State, check_betas, check_number, number, torch_flag
+from .classic import MAXIMIZE, OP_LR, OP_MAXIMIZE, check_lr, lr_option, wd_option
+
+OP_STEP_HOST = Option("step", REQUIRED, "The step count after this update (1 on the first "
+                      "step).", "int")
+
+
+def _in_dtype_of(stored, value):
+    """``stored * value`` computed as torch computes ``tensor *= value`` for a 0-d
+    tensor holding `stored`: in its dtype when `stored` is a NumPy scalar (the value
+    rounded to that dtype first), in double for a Python float."""
+    if isinstance(stored, np.floating):
+        return stored * type(stored)(value)
+    return float(stored) * value
+
+
+def _check_host_step(spec, kw):
+    step = kw.get("step")
+    if not isinstance(step, numbers.Real):
+        raise TypeError(f"{spec.op_name}: step must be a number (the per-param scalars that "
+                        f"go with it are kept on the host), got {type(step).__name__}")
+
+
+class Nadam(Spec):
+    name, title = "nadam", "NAdam"
+    summary = ("NAdam (Dozat, 2016): Adam with Nesterov momentum and a momentum schedule, "
+               "with L2 or decoupled weight decay.")
+    math = r"""
+    Weight decay :math:`\lambda`: :math:`g \leftarrow g + \lambda p` (L2), or
+    :math:`p \leftarrow p (1 - \eta\lambda)` (decoupled, NAdamW); the momentum schedule
+    :math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{t\psi})` and its running product
+    :math:`\Pi_t = \mu_1 \cdots \mu_t`;
+    :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`;
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`;
+    :math:`p \leftarrow p - \eta \left(\frac{(1 - \mu_t)\, g}{1 - \Pi_t} +
+    \frac{\mu_{t+1}\, m}{1 - \Pi_t \mu_{t+1}}\right) / \left(\sqrt{v / (1 - \beta_2^t)}
+    + \epsilon\right)`."""
+    options = (
+        lr_option(2e-3),
+        Option("betas", (0.9, 0.999), "Decay rates :math:`(\\beta_1, \\beta_2)` of the "
+               "moment estimates.", "tuple[float, float]"),
+        Option("eps", 1e-8, "Added to the denominator."),
+        wd_option(doc="Weight decay: L2 (``g += weight_decay * p``), or decoupled with "
+                  "``decoupled_weight_decay``."),
+        Option("momentum_decay", 4e-3, "Momentum decay :math:`\\psi` of the schedule "
+               ":math:`\\mu_t`."),
+        Option("decoupled_weight_decay", False, "Decoupled weight decay (NAdamW): "
+               ":math:`p \\leftarrow p (1 - \\eta\\lambda)`.", "bool"),
+        torch_flag("foreach"),
+        Option("maximize", False, MAXIMIZE.doc, "bool", kw_only=True),
+        torch_flag("capturable"), torch_flag("differentiable"),
+    )
+    op_keywords = (
+        OP_STEP_HOST, OP_LR,
+        Option("beta1", REQUIRED, "Decay rate of the first moment."),
+        Option("beta2", REQUIRED, "Decay rate of the second moment."),
+        Option("eps", REQUIRED, "Added to the denominator."),
+        Option("weight_decay", 0.0, "Weight decay (L2, or decoupled)."),
+        Option("momentum_decay", 4e-3, "Momentum decay of the schedule."),
+        Option("mu_product", REQUIRED, "The product of the momentum coefficients "
+               ":math:`\\mu_1 \\cdots \\mu_t` up to and including this step's (torch's "
+               "``mu_product`` after the step); in [0, 1)."),
+        OP_MAXIMIZE,
+        Option("decoupled_weight_decay", False, "Decoupled weight decay (NAdamW).", "bool"),
+    )
+    states = (
+        State("exp_avg", "exp_avgs", "First moment estimate."),
+        State("exp_avg_sq", "exp_avg_sqs", "Second moment estimate.", positive=True),
+    )
+    scalars = ("step", "mu_product")
+    scalar_docs = {"mu_product": "the product of the momentum coefficients so far."}
+    bench = {"nadam": {}}
+    example = "lr=2e-3"
+
+    def validate(self, g):
+        check_lr(g)
+        check_number("epsilon value", g["eps"], 0.0)
+        check_betas(g["betas"])
+        check_number("weight_decay value", g["weight_decay"], 0.0)
+        check_number("momentum_decay value", g["momentum_decay"], 0.0)
+
+    def to_op(self, g):
+        beta1, beta2 = g["betas"]
+        return dict(lr=number(g["lr"]), beta1=number(beta1), beta2=number(beta2),
+                    eps=number(g["eps"]), weight_decay=number(g["weight_decay"]),
+                    momentum_decay=number(g["momentum_decay"]), maximize=g["maximize"],
+                    decoupled_weight_decay=g["decoupled_weight_decay"])
+
+    def init_scalars(self, group):
+        return {"step": 0.0, "mu_product": 1.0}
+
+    @staticmethod
+    def _mu(kw, t):
+        return kw["beta1"] * (1.0 - 0.5 * (0.96 ** (t * kw["momentum_decay"])))
+
+    def advance(self, kw, scalars):
+        step = scalars["step"] + 1.0
+        product = _in_dtype_of(scalars["mu_product"], self._mu(kw, float(step)))
+        return ({"step": int(step), "mu_product": float(product)},
+                {"step": step, "mu_product": product})
+
+    def check_op(self, kw):
+        _check_host_step(self, kw)
+        super().check_op(kw)
+        product = kw.get("mu_product")
+        if not (isinstance(product, numbers.Real) and 0.0 <= product < 1.0):
+            raise ValueError(f"{self.op_name}: mu_product must be a number in [0, 1) (the "
+                             f"product of the momentum coefficients up to this step's), got "
+                             f"{product!r}")
+
+    def hyper(self, kw):
+        t, lr, wd = float(kw["step"]), kw["lr"], kw["weight_decay"]
+        mu, mu_next = self._mu(kw, t), self._mu(kw, t + 1.0)
+        product = float(kw["mu_product"])
+        l2, shrink = (0.0, 1.0 - lr * wd) if kw["decoupled_weight_decay"] else (wd, 1.0)
+        return dict(beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"], l2=l2, shrink=shrink,
+                    maximize=kw["maximize"],
+                    grad_coef=lr * (1.0 - mu) / (1.0 - product),
+                    avg_coef=lr * mu_next / (1.0 - product * mu_next),
+                    inv_bc2_sqrt=1.0 / math.sqrt(1.0 - kw["beta2"] ** t))
+
+
+SPECS = (Nadam(),)
