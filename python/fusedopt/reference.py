@@ -218,7 +218,7 @@ def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
         g = -gs[i] if maximize else gs[i]
         if weight_decay != 0:
             if decoupled_weight_decay:
-                p = p - lr * weight_decay * p
+                p = p * (1.0 - lr * weight_decay)
             else:
                 g = g + weight_decay * p
         m = beta1 * ms[i] + (1.0 - beta1) * g
