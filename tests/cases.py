@@ -123,6 +123,11 @@ INVALID = [
     ("NAdam", dict(betas=(0.9, -0.1))),
     ("NAdam", dict(weight_decay=-0.1)),
     ("NAdam", dict(momentum_decay=-0.1)),
+    ("RAdam", dict(lr=-0.1)),
+    ("RAdam", dict(eps=-1e-8)),
+    ("RAdam", dict(betas=(1.0, 0.999))),
+    ("RAdam", dict(betas=(0.9, 1.0))),
+    ("RAdam", dict(weight_decay=-0.1)),
 ]
 
 
@@ -234,6 +239,13 @@ CASES = [
     case("nadam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("nadam", lr=0.01, momentum_decay=0.05),
     case("nadam", lr=0.01, betas=(0.5, 0.9), eps=1e-6, momentum_decay=0.01, weight_decay=0.05,
+         decoupled_weight_decay=True, maximize=True),
+    case("radam", lr=0.01),
+    case("radam", lr=0.01, maximize=True),
+    case("radam", lr=0.01, weight_decay=0.05),
+    case("radam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("radam", lr=0.01, betas=(0.8, 0.9), eps=1e-6),
+    case("radam", lr=0.01, betas=(0.5, 0.8), eps=1e-6, weight_decay=0.05,
          decoupled_weight_decay=True, maximize=True),
 ]
 

@@ -912,6 +912,31 @@ def test_a_checked_step_does_not_wait_for_the_device(cp):
 
 
 @pytest.mark.cuda
+def test_step_ptr_across_radams_rectification(cp):
+    """RAdam switches to its rectified step (rho_t > 5: from t = 6 with betas 0.8, 0.9)
+    by the step count; with the count on the device the switch is decided there, on
+    the same step as on the host (pow there may round differently in the last bit,
+    hence the tolerance)."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES["table-radam-lr=0.01-betas=0.8,0.9-eps=1e-06"]
+    rng = np.random.default_rng(25)
+    data = _host_slots(rng, SIZES, nstates, np.float64)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t in range(1, 9):
+        for h, d in zip(host[1], dev[1]):
+            h[...] = rng.standard_normal(h.size)
+            d[...] = cp.asarray(h)
+        _cpu_step(kernel, np.float64, host, hyper(t), step=t)
+        _cuda.advance_step(count.data.ptr, 0, stream.ptr)
+        _gpu_step(cp, kernel, np.float64, dev, hyper(t), step=1e9, step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == 8
+    _assert_same(cp, dev, host, np.float64)
+
+
+@pytest.mark.cuda
 def test_functional_step_counter_on_the_device(cp):
     """step=<float64 device array>: the op adds 1 to it unless the step is skipped and
     computes the per-step scalars from it on the device (pow there may differ from the

@@ -8,6 +8,7 @@
 #include "adagrad.h"
 #include "adam.h"
 #include "nadam.h"
+#include "radam.h"
 #include "rmsprop.h"
 #include "sgd.h"
 #include "stream.h"
@@ -39,6 +40,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
   if (name == "nadam") return f(Nadam{}), true;
+  if (name == "radam") return f(Radam{}), true;
   return false;
 }
 

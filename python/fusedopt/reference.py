@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam"]
 
 
 def _f64(arrays, name, count=None):
@@ -228,4 +228,42 @@ def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                  + (1.0 - mu) * g / (1.0 - mu_product))
         v_hat = v / (1.0 - beta2 ** step)
         ps[i] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return _result(ps, ms, vs)
+
+
+def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+          weight_decay=0.0, maximize=False, decoupled_weight_decay=False):
+    """RAdam (torch.optim.RAdam's algorithm), with L2 or decoupled weight decay.
+
+    The adaptive step is taken, rectified, once the length of the approximated simple
+    moving average rho_t exceeds 5; before that the step is m / (1 - beta1^t) times lr.
+    ``step`` is t after its increment (1 on the first step).
+    Returns ``(params, exp_avgs, exp_avg_sqs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2 ** step / (1.0 - beta2 ** step)
+    for i in range(n):
+        p = ps[i]
+        g = -gs[i] if maximize else gs[i]
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        v = beta2 * vs[i] + (1.0 - beta2) * g * g
+        ms[i], vs[i] = m, v
+        m_hat = m / (1.0 - beta1 ** step)
+        if rho_t > 5.0:
+            adaptive = np.sqrt(1.0 - beta2 ** step) / (np.sqrt(v) + eps)
+            rect = np.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                           / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+            ps[i] = p - lr * m_hat * adaptive * rect
+        else:
+            ps[i] = p - lr * m_hat
     return _result(ps, ms, vs)

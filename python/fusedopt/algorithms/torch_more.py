@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from ._spec import REQUIRED, Option, Spec, State, check_betas, check_number, number, torch_flag
-from .classic import MAXIMIZE, OP_LR, OP_MAXIMIZE, check_lr, lr_option, wd_option
+from .classic import MAXIMIZE, OP_LR, OP_MAXIMIZE, OP_STEP, check_lr, lr_option, wd_option
 
 OP_STEP_HOST = Option("step", REQUIRED, "The step count after this update (1 on the first "
                       "step).", "int")
@@ -136,4 +136,69 @@ class Nadam(Spec):
                     inv_bc2_sqrt=1.0 / math.sqrt(1.0 - kw["beta2"] ** t))
 
 
-SPECS = (Nadam(),)
+class Radam(Spec):
+    name, title = "radam", "RAdam"
+    summary = ("RAdam (Liu et al., 2020): Adam with the variance of its adaptive rate "
+               "rectified, and SGD with momentum while that variance is intractable.")
+    math = r"""
+    Weight decay :math:`\lambda`: :math:`g \leftarrow g + \lambda p` (L2), or
+    :math:`p \leftarrow p (1 - \eta\lambda)` (decoupled);
+    :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`;
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`;
+    :math:`\rho_\infty = 2 / (1 - \beta_2) - 1`,
+    :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`; if
+    :math:`\rho_t > 5`:
+    :math:`r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}
+    {(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}` and
+    :math:`p \leftarrow p - \frac{\eta\, r_t \sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
+    m / (\sqrt{v} + \epsilon)`; else :math:`p \leftarrow p - \frac{\eta}{1 - \beta_1^t}
+    m`. The switch is decided per step, in double, as torch decides it."""
+    options = (
+        lr_option(1e-3),
+        Option("betas", (0.9, 0.999), "Decay rates :math:`(\\beta_1, \\beta_2)` of the "
+               "moment estimates.", "tuple[float, float]"),
+        Option("eps", 1e-8, "Added to the denominator."),
+        wd_option(doc="Weight decay: L2 (``g += weight_decay * p``), or decoupled with "
+                  "``decoupled_weight_decay``."),
+        Option("decoupled_weight_decay", False, "Decoupled weight decay (AdamW's): "
+               ":math:`p \\leftarrow p (1 - \\eta\\lambda)`.", "bool"),
+        torch_flag("foreach"),
+        Option("maximize", False, MAXIMIZE.doc, "bool", kw_only=True),
+        torch_flag("capturable"), torch_flag("differentiable"),
+    )
+    op_keywords = (
+        OP_STEP, OP_LR,
+        Option("beta1", REQUIRED, "Decay rate of the first moment."),
+        Option("beta2", REQUIRED, "Decay rate of the second moment."),
+        Option("eps", REQUIRED, "Added to the denominator."),
+        Option("weight_decay", 0.0, "Weight decay (L2, or decoupled)."),
+        OP_MAXIMIZE,
+        Option("decoupled_weight_decay", False, "Decoupled weight decay.", "bool"),
+    )
+    states = (
+        State("exp_avg", "exp_avgs", "First moment estimate."),
+        State("exp_avg_sq", "exp_avg_sqs", "Second moment estimate.", positive=True),
+    )
+    bench = {"radam": {}}
+    example = "lr=1e-3"
+
+    def validate(self, g):
+        check_lr(g)
+        check_number("epsilon value", g["eps"], 0.0)
+        check_betas(g["betas"])
+        check_number("weight_decay value", g["weight_decay"], 0.0)
+
+    def to_op(self, g):
+        beta1, beta2 = g["betas"]
+        return dict(lr=number(g["lr"]), beta1=number(beta1), beta2=number(beta2),
+                    eps=number(g["eps"]), weight_decay=number(g["weight_decay"]),
+                    maximize=g["maximize"], decoupled_weight_decay=g["decoupled_weight_decay"])
+
+    def hyper(self, kw):
+        lr, wd = kw["lr"], kw["weight_decay"]
+        l2, shrink = (0.0, 1.0 - lr * wd) if kw["decoupled_weight_decay"] else (wd, 1.0)
+        return dict(lr=lr, beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"], l2=l2,
+                    shrink=shrink, maximize=kw["maximize"])
+
+
+SPECS = (Nadam(), Radam())
