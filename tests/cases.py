@@ -128,6 +128,11 @@ INVALID = [
     ("RAdam", dict(betas=(1.0, 0.999))),
     ("RAdam", dict(betas=(0.9, 1.0))),
     ("RAdam", dict(weight_decay=-0.1)),
+    ("Adamax", dict(lr=-0.1)),
+    ("Adamax", dict(eps=-1e-8)),
+    ("Adamax", dict(betas=(1.0, 0.999))),
+    ("Adamax", dict(betas=(0.9, -0.1))),
+    ("Adamax", dict(weight_decay=-0.1)),
 ]
 
 
@@ -247,6 +252,11 @@ CASES = [
     case("radam", lr=0.01, betas=(0.8, 0.9), eps=1e-6),
     case("radam", lr=0.01, betas=(0.5, 0.8), eps=1e-6, weight_decay=0.05,
          decoupled_weight_decay=True, maximize=True),
+    case("adamax", lr=0.01),
+    case("adamax", lr=0.01, maximize=True),
+    case("adamax", lr=0.01, weight_decay=0.05),
+    case("adamax", lr=0.01, betas=(0.8, 0.99), eps=1e-3),
+    case("adamax", lr=0.01, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.05, maximize=True),
 ]
 
 

@@ -7,6 +7,7 @@
 #include "adadelta.h"
 #include "adagrad.h"
 #include "adam.h"
+#include "adamax.h"
 #include "nadam.h"
 #include "radam.h"
 #include "rmsprop.h"
@@ -41,6 +42,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream3") return f(Stream<3>{}), true;
   if (name == "nadam") return f(Nadam{}), true;
   if (name == "radam") return f(Radam{}), true;
+  if (name == "adamax") return f(Adamax{}), true;
   return false;
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax"]
 
 
 def _f64(arrays, name, count=None):
@@ -267,3 +267,24 @@ def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
         else:
             ps[i] = p - lr * m_hat
     return _result(ps, ms, vs)
+
+
+def adamax(params, grads, exp_avgs, exp_infs, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
+           maximize=False):
+    """Adamax (torch.optim.Adamax's algorithm): u = max(beta2 u, |g| + eps), NaN kept
+    (torch.maximum); ``step`` is t after its increment (1 on the first step).
+    Returns ``(params, exp_avgs, exp_infs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    us = _f64(exp_infs, "exp_infs", n)
+    for i in range(n):
+        p = ps[i]
+        g = _prepare_grad(gs[i], p, maximize, weight_decay)
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        u = np.maximum(beta2 * us[i], np.abs(g) + eps)
+        ms[i], us[i] = m, u
+        ps[i] = p - lr / (1.0 - beta1 ** step) * m / u
+    return _result(ps, ms, us)

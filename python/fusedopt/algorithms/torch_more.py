@@ -201,4 +201,53 @@ class Radam(Spec):
                     shrink=shrink, maximize=kw["maximize"])
 
 
-SPECS = (Nadam(), Radam())
+class Adamax(Spec):
+    name, title = "adamax", "Adamax"
+    summary = "Adamax (Kingma and Ba, 2015): Adam with the infinity norm of the gradients."
+    math = r"""
+    :math:`g \leftarrow g + \lambda p`; :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`;
+    :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`;
+    :math:`p \leftarrow p - \frac{\eta}{1 - \beta_1^t}\, m / u`."""
+    options = (
+        lr_option(2e-3),
+        Option("betas", (0.9, 0.999), "Decay rates :math:`(\\beta_1, \\beta_2)` of the "
+               "first moment and of the infinity norm.", "tuple[float, float]"),
+        Option("eps", 1e-8, "Added to the gradients' magnitudes in the infinity norm."),
+        wd_option(),
+        torch_flag("foreach", kw_only=False),
+        Option("maximize", False, MAXIMIZE.doc, "bool", kw_only=True),
+        torch_flag("differentiable"), torch_flag("capturable"),
+    )
+    op_keywords = (
+        OP_STEP, OP_LR,
+        Option("beta1", REQUIRED, "Decay rate of the first moment."),
+        Option("beta2", REQUIRED, "Decay rate of the infinity norm."),
+        Option("eps", REQUIRED, "Added to the gradients' magnitudes."),
+        Option("weight_decay", 0.0, "L2 penalty."),
+        OP_MAXIMIZE,
+    )
+    states = (
+        State("exp_avg", "exp_avgs", "First moment estimate."),
+        State("exp_inf", "exp_infs", "Exponentially weighted infinity norm.", positive=True),
+    )
+    bench = {"adamax": {}}
+    example = "lr=2e-3"
+
+    def validate(self, g):
+        check_lr(g)
+        check_number("epsilon value", g["eps"], 0.0)
+        check_betas(g["betas"])
+        check_number("weight_decay value", g["weight_decay"], 0.0)
+
+    def to_op(self, g):
+        beta1, beta2 = g["betas"]
+        return dict(lr=number(g["lr"]), beta1=number(beta1), beta2=number(beta2),
+                    eps=number(g["eps"]), weight_decay=number(g["weight_decay"]),
+                    maximize=g["maximize"])
+
+    def hyper(self, kw):
+        return dict(lr=kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"],
+                    weight_decay=kw["weight_decay"], maximize=kw["maximize"])
+
+
+SPECS = (Nadam(), Radam(), Adamax())
