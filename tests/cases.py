@@ -133,6 +133,8 @@ INVALID = [
     ("Adamax", dict(betas=(1.0, 0.999))),
     ("Adamax", dict(betas=(0.9, -0.1))),
     ("Adamax", dict(weight_decay=-0.1)),
+    ("ASGD", dict(lr=-0.1)),
+    ("ASGD", dict(weight_decay=-0.1)),
 ]
 
 
@@ -257,6 +259,12 @@ CASES = [
     case("adamax", lr=0.01, weight_decay=0.05),
     case("adamax", lr=0.01, betas=(0.8, 0.99), eps=1e-3),
     case("adamax", lr=0.01, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.05, maximize=True),
+    case("asgd", lr=0.05),
+    case("asgd", lr=0.01, maximize=True),
+    case("asgd", lr=0.05, weight_decay=0.1),
+    case("asgd", lr=0.05, lambd=0.1, alpha=0.5),
+    case("asgd", lr=0.05, t0=2.0),
+    case("asgd", lr=0.01, lambd=0.01, alpha=0.9, t0=0.0, weight_decay=0.05, maximize=True),
 ]
 
 

@@ -8,6 +8,7 @@
 #include "adagrad.h"
 #include "adam.h"
 #include "adamax.h"
+#include "asgd.h"
 #include "nadam.h"
 #include "radam.h"
 #include "rmsprop.h"
@@ -43,6 +44,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "nadam") return f(Nadam{}), true;
   if (name == "radam") return f(Radam{}), true;
   if (name == "adamax") return f(Adamax{}), true;
+  if (name == "asgd") return f(Asgd{}), true;
   return false;
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax", "asgd"]
 
 
 def _f64(arrays, name, count=None):
@@ -288,3 +288,31 @@ def adamax(params, grads, exp_avgs, exp_infs, *, step, lr, beta1, beta2, eps, we
         ms[i], us[i] = m, u
         ps[i] = p - lr / (1.0 - beta1 ** step) * m / u
     return _result(ps, ms, us)
+
+
+def asgd(params, grads, axs, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+         maximize=False, eta=None, mu=None):
+    """ASGD (torch.optim.ASGD's algorithm): SGD with the rate eta_t, and the average of
+    the iterates.
+
+    The rate and the averaging coefficient of step t (after its increment: 1 on the
+    first step) are ``eta`` and ``mu`` when given (torch's state before the step),
+    else eta_t = lr / (1 + lambd lr (t - 1))^alpha and mu_t = 1 / max(1, t - 1 - t0).
+    While mu_t is 1 the average is the param itself.
+    Returns ``(params, axs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    axs_ = _f64(axs, "axs", n)
+    if eta is None:
+        eta = lr / (1.0 + lambd * lr * (step - 1)) ** alpha
+    if mu is None:
+        mu = 1.0 / max(1.0, step - 1 - t0)
+    for i in range(n):
+        p = ps[i]
+        g = _prepare_grad(gs[i], p, maximize, weight_decay)
+        p = p * (1.0 - lambd * eta) - eta * g
+        ps[i] = p
+        axs_[i] = p.copy() if mu == 1 else axs_[i] + mu * (p - axs_[i])
+    return _result(ps, axs_)

@@ -250,4 +250,90 @@ class Adamax(Spec):
                     weight_decay=kw["weight_decay"], maximize=kw["maximize"])
 
 
-SPECS = (Nadam(), Radam(), Adamax())
+class Asgd(Spec):
+    name, title = "asgd", "ASGD"
+    summary = ("Averaged SGD (Polyak and Juditsky, 1992) with torch's decaying rate: the "
+               "running average of the iterates is kept in the state.")
+    math = r"""
+    With this step's rate :math:`\eta_t` and averaging coefficient :math:`\mu_t`:
+    :math:`g \leftarrow g + \lambda_2 p` (weight decay);
+    :math:`p \leftarrow p (1 - \lambda \eta_t) - \eta_t g`;
+    :math:`a \leftarrow a + \mu_t (p - a)`, or :math:`a \leftarrow p` while
+    :math:`\mu_t = 1`. They start at :math:`\eta_1 = \eta` (lr), :math:`\mu_1 = 1`, and
+    after step :math:`t`: :math:`\eta_{t+1} = \eta / (1 + \lambda \eta t)^\alpha`,
+    :math:`\mu_{t+1} = 1 / \max(1, t - t_0)`."""
+    options = (
+        lr_option(1e-2),
+        Option("lambd", 1e-4, "Decay term :math:`\\lambda` (of the rate and of the "
+               "params)."),
+        Option("alpha", 0.75, "Power :math:`\\alpha` of the rate's decay."),
+        Option("t0", 1e6, "Step from which the iterates are averaged."),
+        wd_option(),
+        torch_flag("foreach", kw_only=False),
+        Option("maximize", False, MAXIMIZE.doc, "bool"),
+        torch_flag("differentiable", kw_only=False), torch_flag("capturable", kw_only=False),
+    )
+    op_keywords = (
+        OP_STEP_HOST,
+        Option("lr", REQUIRED, "Learning rate :math:`\\eta`, from which the rate decays "
+               "(and the scale of the L1 proximal step with ``l1``)."),
+        Option("lambd", 1e-4, "Decay term."),
+        Option("alpha", 0.75, "Power of the rate's decay."),
+        Option("t0", 1e6, "Step from which the iterates are averaged."),
+        Option("weight_decay", 0.0, "L2 penalty."),
+        OP_MAXIMIZE,
+        Option("eta", None, "This step's rate (torch's ``eta`` before the step); None: "
+               "computed in double from step, lr, lambd and alpha.", "float | None"),
+        Option("mu", None, "This step's averaging coefficient (torch's ``mu`` before the "
+               "step); None: computed in double from step and t0.", "float | None"),
+    )
+    states = (State("ax", "axs", "Running average of the params."),)
+    scalars = ("step", "eta", "mu")
+    scalar_docs = {"eta": "the rate of the next step.",
+                   "mu": "the averaging coefficient of the next step."}
+    bench = {"asgd": {}}
+    example = "lr=0.01"
+
+    def validate(self, g):
+        check_lr(g)
+        check_number("weight_decay value", g["weight_decay"], 0.0)
+
+    def init_scalars(self, group):
+        return {"step": 0.0, "eta": number(group["lr"]), "mu": 1.0}
+
+    @staticmethod
+    def _eta(kw, t):
+        """The rate after step t (torch's formula)."""
+        lr = kw["lr"]
+        return lr / ((1 + kw["lambd"] * lr * t) ** kw["alpha"])
+
+    @staticmethod
+    def _mu(kw, t):
+        """The averaging coefficient after step t (torch's formula)."""
+        return 1 / max(1, t - kw["t0"])
+
+    def advance(self, kw, scalars):
+        step = scalars["step"] + 1.0
+        t = float(step)
+        # torch stores the new values through torch.as_tensor: rounded to its default
+        # dtype (which the type of a stored step follows), then to the state's dtype
+        rounded = type(step) if isinstance(step, np.floating) else float
+        return ({"step": int(t), "eta": float(scalars["eta"]), "mu": float(scalars["mu"])},
+                {"step": step, "eta": rounded(self._eta(kw, t)),
+                 "mu": rounded(self._mu(kw, t))})
+
+    def check_op(self, kw):
+        _check_host_step(self, kw)
+        super().check_op(kw)
+
+    def hyper(self, kw):
+        t = float(kw["step"])
+        eta = kw.get("eta")
+        eta = self._eta(kw, t - 1.0) if eta is None else float(eta)
+        mu = kw.get("mu")
+        mu = self._mu(kw, t - 1.0) if mu is None else float(mu)
+        return dict(eta=eta, decay=1.0 - kw["lambd"] * eta, mu=mu, average=mu != 1.0,
+                    weight_decay=kw["weight_decay"], maximize=kw["maximize"])
+
+
+SPECS = (Nadam(), Radam(), Adamax(), Asgd())
