@@ -274,7 +274,8 @@ def class_state_before(opt, case_, i, p):
     st = opt.state.get(i)
     if st is not None:
         return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-    st = {n: case_.initial_state(p, n).astype(opt.precision.state_dtype_for(p.dtype))
+    # made in the state's dtype (an initial value such as Rprop's lr rounds there)
+    st = {n: case_.initial_state(np.zeros(p.shape, opt.precision.state_dtype_for(p.dtype)), n)
           for n in case_.state_names}
     xname = opt.precision.extra_name(p.dtype)
     if xname == "master_param":
