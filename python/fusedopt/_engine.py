@@ -123,11 +123,18 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
     row per tensor: the batched optimizers, which also give the `kernel` and the state
     `names` their members share); `rows` description rows the caller kept (see
-    `_arrays.prepare`); `op` the name errors carry (default: the op's).
+    `_arrays.prepare`); `op` the name errors carry (default: the op's). The L1
+    proximal step (``l1``) is ``kw["lr"] * l1``; an op whose update takes no rate
+    (Rprop's) has an optional ``lr`` for it, which ``l1`` then needs.
     """
     op = op or spec.op_name
     if options is None:
         options = _precision.Options(op, {})
+    lr = kw.get("lr", 0.0)
+    if lr is None:
+        if options.l1:
+            raise ValueError(f"{op}: l1 needs lr (the proximal step is lr * l1)")
+        lr = 0.0
     if kernel is None:
         kernel = spec.kernel(kw)
     if hyper is None:
@@ -142,8 +149,8 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
         step_ptr = _device_count(op, step, prep)
         prep.keep.append(step)
         step = 1.0
-    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
-                kw.get("lr", 0.0), step_ptr)
+    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options, lr,
+                step_ptr)
 
 
 def _device_count(op, step, prep):
