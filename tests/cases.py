@@ -135,6 +135,11 @@ INVALID = [
     ("Adamax", dict(weight_decay=-0.1)),
     ("ASGD", dict(lr=-0.1)),
     ("ASGD", dict(weight_decay=-0.1)),
+    ("Rprop", dict(lr=-0.1)),
+    ("Rprop", dict(etas=(0.0, 1.2))),
+    ("Rprop", dict(etas=(1.0, 1.2))),
+    ("Rprop", dict(etas=(0.5, 1.0))),
+    ("Rprop", dict(etas=(1.2, 0.5))),
 ]
 
 
@@ -265,6 +270,11 @@ CASES = [
     case("asgd", lr=0.05, lambd=0.1, alpha=0.5),
     case("asgd", lr=0.05, t0=2.0),
     case("asgd", lr=0.01, lambd=0.01, alpha=0.9, t0=0.0, weight_decay=0.05, maximize=True),
+    case("rprop", lr=0.01),
+    case("rprop", lr=0.01, maximize=True),
+    case("rprop", lr=0.05, etas=(0.3, 1.5)),
+    case("rprop", lr=0.5, step_sizes=(0.01, 0.2)),
+    case("rprop", lr=0.02, etas=(0.4, 1.1), step_sizes=(0.005, 0.1), maximize=True),
 ]
 
 

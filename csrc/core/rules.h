@@ -12,6 +12,7 @@
 #include "nadam.h"
 #include "radam.h"
 #include "rmsprop.h"
+#include "rprop.h"
 #include "sgd.h"
 #include "stream.h"
 
@@ -45,6 +46,7 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "radam") return f(Radam{}), true;
   if (name == "adamax") return f(Adamax{}), true;
   if (name == "asgd") return f(Asgd{}), true;
+  if (name == "rprop") return f(Rprop{}), true;
   return false;
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax", "asgd"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax", "asgd", "rprop"]
 
 
 def _f64(arrays, name, count=None):
@@ -316,3 +316,34 @@ def asgd(params, grads, axs, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6, weight
         ps[i] = p
         axs_[i] = p.copy() if mu == 1 else axs_[i] + mu * (p - axs_[i])
     return _result(ps, axs_)
+
+
+def _torch_sign(x):
+    """torch.sign: -1, 0 or 1, and 0 for NaN."""
+    return np.where(np.isnan(x), 0.0, np.sign(x))
+
+
+def rprop(params, grads, prevs, step_sizes, *, etaminus, etaplus, step_size_min, step_size_max,
+          maximize=False, lr=None):
+    """Rprop (torch.optim.Rprop's algorithm): each step size grows by etaplus where the
+    gradient kept its sign, shrinks by etaminus where it flipped (and the gradient
+    counts as 0 there), and is clamped to [step_size_min, step_size_max] as torch
+    clamps it (every step, a NaN kept); the param moves by sign(g) times its step
+    size, with torch.sign's signs (0 for NaN). ``lr`` plays no part in the update.
+    Returns ``(params, prevs, step_sizes)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    prev_ = _f64(prevs, "prevs", n)
+    sizes = _f64(step_sizes, "step_sizes", n)
+    for i in range(n):
+        g = -gs[i] if maximize else gs[i]
+        same = _torch_sign(g * prev_[i])
+        size = np.where(same > 0, sizes[i] * etaplus,
+                        np.where(same < 0, sizes[i] * etaminus, sizes[i]))
+        size = np.minimum(np.maximum(size, step_size_min), step_size_max)
+        g = np.where(same < 0, 0.0, g)
+        ps[i] = ps[i] - _torch_sign(g) * size
+        prev_[i], sizes[i] = g, size
+    return _result(ps, prev_, sizes)

@@ -14,7 +14,8 @@ import numbers
 
 import numpy as np
 
-from ._spec import REQUIRED, Option, Spec, State, check_betas, check_number, number, torch_flag
+from ._spec import (REQUIRED, Option, Spec, State, check, check_betas, check_number, number,
+                    torch_flag)
 from .classic import MAXIMIZE, OP_LR, OP_MAXIMIZE, OP_STEP, check_lr, lr_option, wd_option
 
 OP_STEP_HOST = Option("step", REQUIRED, "The step count after this update (1 on the first "
@@ -336,4 +337,67 @@ class Asgd(Spec):
                     weight_decay=kw["weight_decay"], maximize=kw["maximize"])
 
 
-SPECS = (Nadam(), Radam(), Adamax(), Asgd())
+class Rprop(Spec):
+    name, title = "rprop", "Rprop"
+    summary = ("Rprop (Riedmiller and Braun, 1993): per-element step sizes adapted to the "
+               "signs of successive gradients.")
+    math = r"""
+    With the previous gradient :math:`g'` and the step size :math:`s` of each element:
+    :math:`s \leftarrow \mathrm{clamp}(s \eta_+, s_{min}, s_{max})` where
+    :math:`g g' > 0`, :math:`\mathrm{clamp}(s \eta_-, s_{min}, s_{max})` and
+    :math:`g \leftarrow 0` where :math:`g g' < 0`, :math:`\mathrm{clamp}(s, s_{min},
+    s_{max})` elsewhere; :math:`p \leftarrow p - \mathrm{sign}(g)\, s`;
+    :math:`g' \leftarrow g`. Step sizes start at lr. Signs are torch.sign's (a NaN's is
+    0)."""
+    options = (
+        lr_option(1e-2),
+        Option("etas", (0.5, 1.2), "Factors :math:`(\\eta_-, \\eta_+)` that shrink and "
+               "grow the step sizes; :math:`0 < \\eta_- < 1 < \\eta_+`.",
+               "tuple[float, float]"),
+        Option("step_sizes", (1e-6, 50), "Bounds :math:`(s_{min}, s_{max})` of the step "
+               "sizes.", "tuple[float, float]"),
+        torch_flag("capturable"), torch_flag("foreach"),
+        Option("maximize", False, MAXIMIZE.doc, "bool", kw_only=True),
+        torch_flag("differentiable"),
+    )
+    op_keywords = (
+        Option("etaminus", REQUIRED, "Factor that shrinks a step size where the gradient's "
+               "sign flipped."),
+        Option("etaplus", REQUIRED, "Factor that grows a step size where the sign held."),
+        Option("step_size_min", REQUIRED, "Lower bound of the step sizes."),
+        Option("step_size_max", REQUIRED, "Upper bound of the step sizes."),
+        OP_MAXIMIZE,
+        Option("lr", None, "Learning rate: only the scale of the L1 proximal step (with "
+               "``l1``); the update takes the step sizes (which the classes start at lr).",
+               "float | None"),
+    )
+    states = (
+        State("prev", "prevs", "The previous gradient (0 where its sign flipped)."),
+        State("step_size", "step_sizes", "Per-element step sizes.", positive=True),
+    )
+    bench = {"rprop": {}}
+    example = "lr=0.01"
+
+    def validate(self, g):
+        check_lr(g)
+        etas = g["etas"]
+        check(isinstance(etas, (tuple, list)) and len(etas) == 2, f"Invalid eta values: {etas!r}")
+        etaminus, etaplus = number(etas[0]), number(etas[1])
+        check(0.0 < etaminus < 1.0 < etaplus, f"Invalid eta values: {etas[0]}, {etas[1]}")
+
+    def to_op(self, g):
+        (etaminus, etaplus), (low, high) = g["etas"], g["step_sizes"]
+        return dict(etaminus=number(etaminus), etaplus=number(etaplus),
+                    step_size_min=number(low), step_size_max=number(high),
+                    maximize=g["maximize"], lr=number(g["lr"]))
+
+    def init_value(self, name, group):
+        return number(group["lr"]) if name == "step_size" else 0.0
+
+    def hyper(self, kw):
+        return dict(etaminus=kw["etaminus"], etaplus=kw["etaplus"],
+                    step_size_min=kw["step_size_min"], step_size_max=kw["step_size_max"],
+                    maximize=kw["maximize"])
+
+
+SPECS = (Nadam(), Radam(), Adamax(), Asgd(), Rprop())
