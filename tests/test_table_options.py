@@ -181,3 +181,54 @@ def test_asgd_copies_then_averages_like_torch(torch64, t0, rng):
     assert np.isfinite(opt.state[0]["ax"]).all()
     averaging = not np.array_equal(opt.state[0]["ax"], ours[0])
     assert averaging == (t0 < 6)
+
+
+# --- the functional ops' own refusals ----------------------------------------------------
+
+
+def _arrays(rng, nstates):
+    params = [rng.standard_normal(5)]
+    return params, [rng.standard_normal(5)], [[rng.uniform(0.1, 1.0, 5)] for _ in range(nstates)]
+
+
+NADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+@pytest.mark.parametrize("op, nstates, kwargs, exc, match", [
+    ("rprop_", 2, dict(etaminus=0.5, etaplus=1.2, step_size_min=1e-6, step_size_max=50.0,
+                       l1=0.1), ValueError, "l1 needs lr"),
+    ("nadam_", 2, dict(step=1, mu_product=1.0, **NADAM), ValueError, r"mu_product .* \[0, 1\)"),
+    ("nadam_", 2, dict(step=1, mu_product=-0.5, **NADAM), ValueError, "mu_product"),
+    ("nadam_", 2, dict(step=np.ones(1), mu_product=0.45, **NADAM), TypeError,
+     "step must be a number"),
+    ("nadam_", 2, dict(step=0, mu_product=0.45, **NADAM), ValueError, "step must be >= 1"),
+    ("asgd_", 1, dict(step=np.ones(1), lr=0.01), TypeError, "step must be a number"),
+], ids=["rprop-l1-without-lr", "nadam-product-1", "nadam-product-negative",
+        "nadam-step-array", "nadam-step-0", "asgd-step-array"])
+def test_functional_refusals_change_nothing(op, nstates, kwargs, exc, match, rng, snapshot):
+    from fusedopt import functional as F
+    params, grads, states = _arrays(rng, nstates)
+    snap = snapshot(params, grads, states)
+    with pytest.raises(exc, match=match):
+        getattr(F, op)(params, grads, *states, **kwargs)
+    snap.assert_unchanged()
+
+
+def test_functional_ops_compute_asgd_rates_and_rprop_l1(rng):
+    """asgd_ without eta and mu computes torch's values for the step in double; rprop_
+    with lr and l1 takes the proximal step of lr * l1."""
+    from fusedopt import functional as F
+    from fusedopt import reference as R
+    params, grads, (axs,) = _arrays(rng, 1)
+    kw = dict(step=9, lr=0.05, lambd=0.1, alpha=0.5, t0=3.0)
+    expect = R.asgd(params, grads, axs, **kw, eta=0.05 / (1 + 0.1 * 0.05 * 8) ** 0.5,
+                    mu=1 / 5)
+    F.asgd_(params, grads, axs, **kw)
+    np.testing.assert_allclose(params[0], expect[0][0], rtol=1e-14)
+    np.testing.assert_allclose(axs[0], expect[1][0], rtol=1e-14)
+    params, grads, states = _arrays(rng, 2)
+    kw = dict(etaminus=0.5, etaplus=1.2, step_size_min=1e-6, step_size_max=50.0)
+    expect = R.rprop(params, grads, *states, **kw)[0]
+    prox_l1_(expect, 0.5 * 0.4)
+    F.rprop_(params, grads, *states, **kw, lr=0.5, l1=0.4)
+    assert_same_bits(params[0], expect[0], "rprop_ with l1")
