@@ -32,6 +32,8 @@ import os
 import sys
 import time
 
+# The default run's algorithms; --algos all takes every row of the table of algorithms
+# (benchmarks/_algos.py: a spec's `bench` rows), known once fusedopt is imported.
 ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 WORKLOADS = ["1x16M", "1000x16K", "gpt2", "tiny"]
 # The default run: the two 16M-element workloads for every algorithm, and the large
@@ -44,8 +46,9 @@ DEVICE = "cpu"  # a GPU mode would add its implementations and limit (copy bandw
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", default=",".join(ALGOS),
-                    help="comma-separated algorithms (default: all): " + ", ".join(ALGOS))
+    ap.add_argument("--algos", default="default",
+                    help="comma-separated rows of the table of algorithms (a spec's bench "
+                         "rows), 'all', or 'default': " + ", ".join(ALGOS))
     ap.add_argument("--workloads", default="default",
                     help="comma-separated workloads, 'all', or 'default' (1x16M and 1000x16K "
                          "for every algorithm, gpt2 and tiny for adam): " + ", ".join(WORKLOADS))
@@ -67,20 +70,35 @@ def parse_args(argv):
     ap.add_argument("--json", metavar="PATH", help="write results and machine details as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of %% of the limit (matplotlib)")
     args = ap.parse_args(argv)
-    args.algos = _names(ap, "--algos", args.algos, ALGOS)
+    if args.workloads not in ("default", "all"):
+        _names(ap, "--workloads", args.workloads, WORKLOADS)
+    if args.threads < 0 or args.repeats < 0:
+        ap.error("--threads and --repeats must not be negative")
+    args.error = ap.error
+    return args
+
+
+def make_plan(args, table):
+    """args.algos and args.plan, [(workload, algorithm row)], once the table of
+    algorithms (`table`: row name -> row) is known."""
+    known = list(table)
+    if args.algos == "default":
+        args.algos = [a for a in ALGOS if a in table]
+    elif args.algos == "all":
+        args.algos = known
+    else:
+        args.algos = _names(args, "--algos", args.algos, known)
     if args.workloads == "default":
         args.plan = [(w, a) for w in DEFAULT_WORKLOADS for a in args.algos]
         args.plan += [(w, "adam") for w in ADAM_ONLY if "adam" in args.algos]
     else:
-        chosen = WORKLOADS if args.workloads == "all" else _names(ap, "--workloads",
+        chosen = WORKLOADS if args.workloads == "all" else _names(args, "--workloads",
                                                                   args.workloads, WORKLOADS)
         args.plan = [(w, a) for w in chosen for a in args.algos]
-    if args.threads < 0 or args.repeats < 0:
-        ap.error("--threads and --repeats must not be negative")
-    return args
 
 
 def _names(ap, option, text, known):
+    """The names of a comma-separated option, in the order of `known`; `ap` has error()."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -110,6 +128,7 @@ def main(argv=None):
     from _measure import Mismatch, collect, run_group
     from _workloads import Workload
 
+    make_plan(args, ALGO_TABLE)
     impls = IMPLEMENTATIONS[DEVICE]()
     skipped = []
     if args.impls == "default":
