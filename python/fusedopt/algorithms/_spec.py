@@ -85,9 +85,12 @@ def torch_flag(name, kw_only=True):
 # --- validation with torch.optim's messages --------------------------------------------------
 
 
+_PLAIN = (float, int, bool)
+
+
 def number(value):
     """A hyperparameter as a Python number (torch.optim accepts 1-element tensors)."""
-    if isinstance(value, numbers.Real):
+    if type(value) in _PLAIN or isinstance(value, numbers.Real):
         return value
     item = getattr(value, "item", None)
     if callable(item):
@@ -225,9 +228,13 @@ class Spec:
 
     def to_op(self, group):
         """A param group's hyperparameters as the functional op's keywords (without the
-        scalars, which `advance` gives)."""
-        return {o.name: number(group[o.name]) for o in self.op_keywords
-                if o.name in group and o.name not in self.scalars}
+        scalars, which `advance` gives): those of the group's entries that the op takes
+        under the same name."""
+        names = self.__dict__.get("_op_names")
+        if names is None:
+            names = self._op_names = tuple(o.name for o in self.op_keywords
+                                           if o.name not in self.scalars)
+        return {name: number(group[name]) for name in names if name in group}
 
     def active(self, kw):
         """Names of the state buffers these op keywords use, in slot order."""
