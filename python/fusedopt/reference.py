@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax", "asgd", "rprop"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax",
+           "asgd", "rprop"]
 
 _Arrays = Sequence[ArrayLike]
 _Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
@@ -398,15 +399,49 @@ def adamw(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arra
                 decoupled_weight_decay=decoupled_weight_decay)
 
 
-def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-          weight_decay=0.0, momentum_decay=4e-3, mu_product, maximize=False,
-          decoupled_weight_decay=False):
-    """NAdam (torch.optim.NAdam's algorithm), with L2 or decoupled weight decay.
+def nadam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays, *,
+          step: int, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float = 0.0, momentum_decay: float = 4e-3, mu_product: float,
+          maximize: bool = False, decoupled_weight_decay: bool = False) -> _Result:
+    """One step of NAdam (torch.optim.NAdam's algorithm), with L2 or decoupled weight decay.
 
-    The momentum coefficients follow mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), psi the
-    momentum decay; ``mu_product`` is mu_1 ... mu_t, this step's included, and ``step``
-    is t after its increment (1 on the first step).
-    Returns ``(params, exp_avgs, exp_avg_sqs)``.
+    The momentum coefficients :math:`\\mu_t = \\beta_1 (1 - \\tfrac12\\, 0.96^{t\\psi})`
+    and their product :math:`\\Pi_t = \\mu_1 \\cdots \\mu_t`;
+    :math:`g \\mathrel{+}= \\lambda p` (L2) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (decoupled); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`;
+    :math:`p \\mathrel{-}= \\eta \\left(\\frac{(1 - \\mu_t)\\, g}{1 - \\Pi_t} +
+    \\frac{\\mu_{t+1}\\, m}{1 - \\Pi_t \\mu_{t+1}}\\right) /
+    \\left(\\sqrt{v / (1 - \\beta_2^t)} + \\epsilon\\right)`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    momentum_decay : float, default 4e-3
+        :math:`\\psi`.
+    mu_product : float
+        :math:`\\Pi_t`, this step's coefficient included (torch's ``mu_product`` after
+        the step).
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly instead of adding :math:`\\lambda p` to the gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -433,14 +468,46 @@ def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
     return _result(ps, ms, vs)
 
 
-def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-          weight_decay=0.0, maximize=False, decoupled_weight_decay=False):
-    """RAdam (torch.optim.RAdam's algorithm), with L2 or decoupled weight decay.
+def radam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays, *,
+          step: int, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float = 0.0, maximize: bool = False,
+          decoupled_weight_decay: bool = False) -> _Result:
+    """One step of RAdam (torch.optim.RAdam's algorithm), with L2 or decoupled weight decay.
 
-    The adaptive step is taken, rectified, once the length of the approximated simple
-    moving average rho_t exceeds 5; before that the step is m / (1 - beta1^t) times lr.
-    ``step`` is t after its increment (1 on the first step).
-    Returns ``(params, exp_avgs, exp_avg_sqs)``.
+    :math:`g \\mathrel{+}= \\lambda p` (L2) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (decoupled); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`. The length of the approximated simple
+    moving average :math:`\\rho_t = \\rho_\\infty - 2 t \\beta_2^t / (1 - \\beta_2^t)`,
+    :math:`\\rho_\\infty = 2 / (1 - \\beta_2) - 1`, decides: above 5 the adaptive step,
+    rectified by :math:`r_t = \\sqrt{(\\rho_t - 4)(\\rho_t - 2)\\rho_\\infty /
+    ((\\rho_\\infty - 4)(\\rho_\\infty - 2)\\rho_t)}`,
+    :math:`p \\mathrel{-}= \\frac{\\eta\\, r_t}{1 - \\beta_1^t}\\, m\\,
+    \\frac{\\sqrt{1 - \\beta_2^t}}{\\sqrt{v} + \\epsilon}`; otherwise
+    :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\, m`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly instead of adding :math:`\\lambda p` to the gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -471,11 +538,36 @@ def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
     return _result(ps, ms, vs)
 
 
-def adamax(params, grads, exp_avgs, exp_infs, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-           maximize=False):
-    """Adamax (torch.optim.Adamax's algorithm): u = max(beta2 u, |g| + eps), NaN kept
-    (torch.maximum); ``step`` is t after its increment (1 on the first step).
-    Returns ``(params, exp_avgs, exp_infs)``.
+def adamax(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_infs: _Arrays, *,
+           step: int, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float = 0.0, maximize: bool = False) -> _Result:
+    """One step of Adamax (torch.optim.Adamax's algorithm).
+
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`u = \\max(\\beta_2 u, |g| + \\epsilon)`, a NaN kept (as torch.maximum keeps
+    it); :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\, m / u`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_infs : sequence of array_like
+        Parameters, gradients, first moments and infinity norms, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_infs)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -492,16 +584,48 @@ def adamax(params, grads, exp_avgs, exp_infs, *, step, lr, beta1, beta2, eps, we
     return _result(ps, ms, us)
 
 
-def asgd(params, grads, axs, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
-         maximize=False, eta=None, mu=None):
-    """ASGD (torch.optim.ASGD's algorithm): SGD with the rate eta_t, and the average of
-    the iterates.
+def asgd(params: _Arrays, grads: _Arrays, axs: _Arrays, *, step: int, lr: float,
+         lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6, weight_decay: float = 0.0,
+         maximize: bool = False, eta: Optional[float] = None,
+         mu: Optional[float] = None) -> _Result:
+    """One step of ASGD (torch.optim.ASGD's algorithm): SGD with a decaying rate, and the
+    running average of the iterates.
 
-    The rate and the averaging coefficient of step t (after its increment: 1 on the
-    first step) are ``eta`` and ``mu`` when given (torch's state before the step),
-    else eta_t = lr / (1 + lambd lr (t - 1))^alpha and mu_t = 1 / max(1, t - 1 - t0).
-    While mu_t is 1 the average is the param itself.
-    Returns ``(params, axs)``.
+    :math:`g \\mathrel{+}= \\lambda_2 p`;
+    :math:`p = p\\,(1 - \\lambda \\eta_t) - \\eta_t\\, g`;
+    :math:`a = a + \\mu_t (p - a)`, or :math:`a = p` while :math:`\\mu_t = 1`. Step
+    :math:`t`'s rate and averaging coefficient are `eta` and `mu` when given (torch's
+    state before the step), else
+    :math:`\\eta_t = \\eta / (1 + \\lambda \\eta (t - 1))^\\alpha` and
+    :math:`\\mu_t = 1 / \\max(1, t - 1 - t_0)`.
+
+    Parameters
+    ----------
+    params, grads, axs : sequence of array_like
+        Parameters, gradients and the running averages of the params, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`, from which the rate decays.
+    lambd : float, default 1e-4
+        :math:`\\lambda`.
+    alpha : float, default 0.75
+        :math:`\\alpha`.
+    t0 : float, default 1e6
+        :math:`t_0`, the step from which the iterates are averaged.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda_2`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    eta : float, optional
+        :math:`\\eta_t`.
+    mu : float, optional
+        :math:`\\mu_t`.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, axs)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -525,14 +649,35 @@ def _torch_sign(x):
     return np.where(np.isnan(x), 0.0, np.sign(x))
 
 
-def rprop(params, grads, prevs, step_sizes, *, etaminus, etaplus, step_size_min, step_size_max,
-          maximize=False, lr=None):
-    """Rprop (torch.optim.Rprop's algorithm): each step size grows by etaplus where the
-    gradient kept its sign, shrinks by etaminus where it flipped (and the gradient
-    counts as 0 there), and is clamped to [step_size_min, step_size_max] as torch
-    clamps it (every step, a NaN kept); the param moves by sign(g) times its step
-    size, with torch.sign's signs (0 for NaN). ``lr`` plays no part in the update.
-    Returns ``(params, prevs, step_sizes)``.
+def rprop(params: _Arrays, grads: _Arrays, prevs: _Arrays, step_sizes: _Arrays, *,
+          etaminus: float, etaplus: float, step_size_min: float, step_size_max: float,
+          maximize: bool = False, lr: Optional[float] = None) -> _Result:
+    """One step of Rprop (torch.optim.Rprop's algorithm).
+
+    Each step size :math:`s` grows by :math:`\\eta_+` where the gradient kept the
+    previous gradient's sign, shrinks by :math:`\\eta_-` where it flipped (and the
+    gradient counts as 0 there), and is clamped to :math:`[s_{min}, s_{max}]` every
+    step, a NaN kept, as torch clamps it; :math:`p \\mathrel{-}= \\mathrm{sign}(g)\\, s`
+    with torch.sign's signs (0 for NaN); the gradient becomes the previous one.
+
+    Parameters
+    ----------
+    params, grads, prevs, step_sizes : sequence of array_like
+        Parameters, gradients, previous gradients and step sizes, aligned.
+    etaminus, etaplus : float
+        :math:`\\eta_-, \\eta_+`.
+    step_size_min, step_size_max : float
+        :math:`s_{min}, s_{max}`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    lr : float, optional
+        Plays no part in the update (the classes start the step sizes at it); taken
+        for the functional op's signature.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, prevs, step_sizes)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
