@@ -85,6 +85,31 @@ CASES = {
     **{f"stream{k}": (f"stream{k}", k, _hyper(f"stream{k}", scale=0.5)) for k in range(4)},
 }
 
+
+def _table_case(c):
+    """(kernel, state count, hyper(t)) of a case of the case table (tests/cases.py): its
+    op keywords of step t through the spec, packed by field name."""
+    spec = c.algo.spec
+    kw = c.op_kwargs(1)
+    kernel = spec.kernel(kw)
+
+    def hyper(t):
+        kw_t = c.op_kwargs(t)
+        assert spec.kernel(kw_t) == kernel
+        return list(pack(kernel, spec.hyper(kw_t)))
+
+    return kernel, len(spec.active(kw)), hyper
+
+
+def _table_cases():
+    """Every case of the case table, named "table-<case id>": an algorithm's rows there
+    bring its kernels here."""
+    from cases import CASES as TABLE
+    return {f"table-{c.id}": _table_case(c) for c in TABLE}
+
+
+CASES.update(_table_cases())
+
 # Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
 # weights, 2 Kahan compensation), as fusedopt._cpu.step takes them.
 LAYOUTS = {
@@ -501,6 +526,12 @@ def _assert_bits(cp, dev, host):
 
 LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adadelta",
                 "adam", "adamw_amsgrad"]
+# and, for every other kernel, its first case in the case table
+_kernels = {CASES[name][0] for name in LAYOUT_CASES}
+for _name, (_kernel, _, _) in CASES.items():
+    if _name.startswith("table-") and _kernel not in _kernels:
+        _kernels.add(_kernel)
+        LAYOUT_CASES.append(_name)
 
 
 @pytest.mark.cuda
@@ -879,6 +910,31 @@ def test_a_checked_step_does_not_wait_for_the_device(cp):
     assert info.skipped is False and info.grad_norm > 0.0
     stream.synchronize()
     assert float(count[0]) == 1.0
+
+
+@pytest.mark.cuda
+def test_step_ptr_across_radams_rectification(cp):
+    """RAdam switches to its rectified step (rho_t > 5: from t = 6 with betas 0.8, 0.9)
+    by the step count; with the count on the device the switch is decided there, on
+    the same step as on the host (pow there may round differently in the last bit,
+    hence the tolerance)."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES["table-radam-lr=0.01-betas=0.8,0.9-eps=1e-06"]
+    rng = np.random.default_rng(25)
+    data = _host_slots(rng, SIZES, nstates, np.float64)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t in range(1, 9):
+        for h, d in zip(host[1], dev[1]):
+            h[...] = rng.standard_normal(h.size)
+            d[...] = cp.asarray(h)
+        _cpu_step(kernel, np.float64, host, hyper(t), step=t)
+        _cuda.advance_step(count.data.ptr, 0, stream.ptr)
+        _gpu_step(cp, kernel, np.float64, dev, hyper(t), step=1e9, step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == 8
+    _assert_same(cp, dev, host, np.float64)
 
 
 @pytest.mark.cuda

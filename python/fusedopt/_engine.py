@@ -89,9 +89,10 @@ class Plan:
         kernel = spec.kernel(kw)
         if kernel != self.kernel:
             return False
+        lr = _l1_rate(self.op, kw, options)
         self.prep.with_grads(grads, trusted)
         self.hyper = pack(kernel, spec.hyper(kw))
-        self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
+        self.lr, self.options, self.grads = lr, options, grads
         step = kw.get("step", 1)
         self.step = float(step) if type(step) in _NUMBER or isinstance(step, numbers.Real) \
             else 1.0
@@ -112,6 +113,17 @@ class Plan:
         if not skip:
             self.run(coef)
         return _precision.StepInfo(skip, norm)
+
+
+def _l1_rate(op, kw, options):
+    """The rate of the L1 proximal step (``lr * l1``): the op's ``lr``. An op whose update
+    takes no rate (Rprop's) may leave it None, unless ``l1`` needs it."""
+    lr = kw.get("lr", 0.0)
+    if lr is None:
+        if options.l1:
+            raise ValueError(f"{op}: l1 needs lr (the proximal step is lr * l1)")
+        lr = 0.0
+    return lr
 
 
 def device_checks(plans, options):
@@ -142,11 +154,14 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
     the state lists of the buffers `spec.active(kw)` names, in that order; `options`
     the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
     row per tensor: the batched optimizers, which also give the `kernel` and the state
-    `names` their members share); `op` the name errors carry (default: the op's).
+    `names` their members share); `op` the name errors carry (default: the op's). The L1
+    proximal step (``l1``) is ``kw["lr"] * l1``; an op whose update takes no rate
+    (Rprop's) has an optional ``lr`` for it, which ``l1`` then needs.
     """
     op = op or spec.op_name
     if options is None:
         options = _precision.Options(op, {})
+    lr = _l1_rate(op, kw, options)
     if kernel is None:
         kernel = spec.kernel(kw)
     if hyper is None:
@@ -160,8 +175,8 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
         step_ptr = _device_count(op, step, prep)
         prep.keep.append(step)
         step = 1.0
-    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
-                kw.get("lr", 0.0), step_ptr)
+    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options, lr,
+                step_ptr)
 
 
 class Kept:

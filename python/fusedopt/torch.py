@@ -109,6 +109,12 @@ def _hooked_step(func):
     return wrapper
 
 
+def _stored(values):
+    """The per-param scalars of params that share them, each as a NumPy scalar of the
+    dtype it is stored in (what `Spec.advance` takes to compute as torch does)."""
+    return {name: v[0] for name, v in values.items()}
+
+
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
     param has no state yet), its per-param scalars, and the params' state dicts they
@@ -284,7 +290,7 @@ class _Fused(Optimizer):
             return
         if sel is None and cache.steady:
             # the common case: every param has its state and the same scalars
-            scalars = {name: float(v[0]) for name, v in cache.values.items()}
+            scalars = _stored(cache.values)
             plans.append(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
                                     after, slice(None)))
             counted.append((cache, sel, counted_params, after))
@@ -307,16 +313,16 @@ class _Fused(Optimizer):
         index = slice(None) if sel is None else np.asarray(sel)
         if all(v.min() == v.max() for v in values.values()) and \
                 (first is None or first.all() or not first.any()):
-            scalars = {name: float(v[0]) for name, v in values.items()}
+            scalars = _stored(values)
             plans.append(self._plan(kw, params, grads, lists, scalars,
                                     first is not None and bool(first[0]),
                                     cache if sel is None else None, after, index))
         else:  # params at different step counts, or new momentum buffers among old ones
-            table = np.stack([values[n] for n in spec.scalars], axis=1) if spec.scalars else \
-                np.zeros((len(params), 0))
+            table = list(zip(*(values[n] for n in spec.scalars))) if spec.scalars else \
+                [()] * len(params)  # each scalar in its stored dtype
             fresh = np.zeros(len(params), dtype=bool) if first is None else first
             keys = {}
-            for i, (row, f) in enumerate(zip(map(tuple, table), fresh)):
+            for i, (row, f) in enumerate(zip(table, fresh)):
                 keys.setdefault((row, bool(f)), []).append(i)
             for (row, is_first), pick in keys.items():
                 pick = np.asarray(pick)
@@ -349,7 +355,7 @@ class _Fused(Optimizer):
             if not bucket.gather_grads(mine):
                 return False
         spec = self.spec
-        scalars = {name: float(v[0]) for name, v in cache.values.items()}
+        scalars = _stored(cache.values)
         extra, new = spec.advance(kw, scalars)
         if extra:
             kw = {**kw, **extra}
@@ -442,14 +448,9 @@ class _Fused(Optimizer):
         cache.kept = None
         cache.scalars, cache.values = {}, {}
         if spec.scalars:
-            dtype = _scalar_dtype()
-            for p in params:
-                st = self.state.get(p)
-                if st and isinstance(st.get("step"), torch.Tensor):
-                    dtype = st["step"].dtype
-                    break
+            dtypes = self._scalar_dtypes(params)
             for name in spec.scalars:
-                cache.scalars[name] = torch.zeros(n, dtype=dtype)
+                cache.scalars[name] = torch.zeros(n, dtype=dtypes[name])
                 cache.values[name] = cache.scalars[name].numpy()  # the same memory
         for i, p in enumerate(params):
             st = self.state.get(p)
@@ -465,6 +466,33 @@ class _Fused(Optimizer):
         # DTensor params (FSDP2) are stepped on their local shards; their grads are DTensors
         cache.dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in params)
         return cache
+
+    def _scalar_dtypes(self, params):
+        """The dtype of each per-param scalar of a group, as torch.optim keeps it: `step`
+        in torch's scalar dtype (float32, or float64 when that is the default dtype) or
+        the dtype the existing state has; any other scalar (NAdam's mu_product, ASGD's
+        eta and mu) likewise when fresh, and after a load in the dtype torch's
+        load_state_dict gave it (the param's: float64 for float64 params). A loaded
+        scalar of another dtype (torch casts these to a 16-bit param's dtype) is kept
+        in `step`'s dtype instead."""
+        found = {}
+        for p in params:
+            st = self.state.get(p)
+            if st:
+                for name in self.spec.scalars:
+                    if name not in found and isinstance(st.get(name), torch.Tensor):
+                        found[name] = st[name].dtype
+            if len(found) == len(self.spec.scalars):
+                break
+        default = found.get("step", _scalar_dtype())
+        out = {}
+        for name in self.spec.scalars:
+            dtype = found.get(name, default)
+            if name != "step" and dtype not in (torch.float32, torch.float64):
+                dtype = torch.float32 if default not in (torch.float32, torch.float64) \
+                    else default
+            out[name] = dtype
+        return out
 
     def _adopt(self, group, cache, i, p, st):
         """Take an existing state into the cache, completing what the options now need."""

@@ -30,7 +30,7 @@ def _states(spec):
     lines = []
     for name in spec.scalars:
         lines.append(f"- ``{name}``: " + ("the step count." if name == "step" else
-                                          "a per-param scalar."))
+                                          spec.scalar_docs.get(name, "a per-param scalar.")))
     lines += [f"- ``{s.name}``: {s.doc}" for s in spec.states]
     return "\n".join(lines) if lines else "None."
 

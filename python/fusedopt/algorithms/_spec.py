@@ -177,6 +177,8 @@ class Spec:
     states: ClassVar[tuple] = ()
     #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
     scalars: ClassVar[tuple] = ("step",)
+    #: what each scalar other than `step` holds, for the docstrings: {name: text}
+    scalar_docs: ClassVar[dict] = {}
     #: extra entries of every param group that are not constructor arguments
     group_extras: ClassVar[dict] = {}
     #: state created at construction (torch's Adagrad), not at a param's first step
@@ -268,7 +270,16 @@ class Spec:
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars
         before the step. By default the scalars are the step count: the op receives the
-        count after this step if it takes `step`."""
+        count after this step if it takes `step`.
+
+        `scalars` holds each value as its front-end stores it: a Python float (the NumPy
+        classes, the batched optimizers, the case table) or a NumPy scalar of the dtype
+        it is stored in (`fusedopt.torch`, which keeps torch.optim's dtypes: float32
+        unless the default dtype is float64, and after a load the dtype torch's
+        load_state_dict gives). Where torch computes a new scalar in its stored dtype
+        (NAdam's ``mu_product *= mu``), compute it in ``type(value)``, so that runs and
+        state dicts agree with torch's bit for bit; the front-end stores what this
+        returns in its own dtype."""
         if not self.scalars:
             return {}, {}
         step = scalars["step"] + 1.0
