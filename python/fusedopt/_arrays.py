@@ -32,7 +32,10 @@ CPU = 0  # device column: 0 for host memory, 1 + ordinal for CUDA device `ordina
 # float16 2, bfloat16 3 (ml_dtypes' NumPy type, or the marker for producers that
 # say bfloat16 through DLPack or torch).
 F32, F64, F16 = (np.dtype(t).num for t in (np.float32, np.float64, np.float16))
+U8 = np.dtype(np.uint8).num
 SUPPORTED = "float32, float64, float16, bfloat16"
+INT8_BLOCK = 4  # the kernels' storage code of 8-bit state (codes with block scales)
+QUANT_BLOCK = _cpu.QUANT_BLOCK  # elements per scale
 
 
 def kernel_dtypes():
@@ -154,18 +157,23 @@ def _check_list(op, name, seq, n):
         raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
 
 
-def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
+def _diagnose(op, names, seqs, R, codes, extra_kind, read_only, nscales=0):
     """Find and raise the first problem of a call whose combined check failed. The
-    order is the documented one: dtypes, shapes, devices, then writeability."""
+    order is the documented one: dtypes, shapes, devices, then writeability. With
+    `nscales`, the last lists are the block scales of 8-bit states, whose own checks
+    (`_check_quant`) have passed: the states' dtype rules and shapes are theirs."""
     params, prow = seqs[0], R[0]
-    nstates = len(seqs) - 2 - (extra_kind != 0)
+    nstates = len(seqs) - 2 - (extra_kind != 0) - nscales
+    main = len(seqs) - nscales
     bad = np.flatnonzero((codes < 0) | ((prow[:, FLAGS] & F_NATIVE) == 0))
     if bad.size:
         i = int(bad[0])
         raise TypeError(f"{op}: params[{i}] has dtype {_dtype_of(seqs, R, 0, i)}; supported: {SUPPORTED} "
                         "in native byte order (no silent cast)")
-    for k in range(1, len(seqs)):
+    for k in range(1, main):
         expect, rule = prow[:, TYPENUM], "params[{i}] has {p}"
+        if nscales and 2 <= k < 2 + nstates:
+            continue  # uint8 codes, checked
         if 2 <= k < 2 + nstates:
             # states: the param's dtype, or float32/bfloat16 (one for all) for 16-bit params
             sixteen = codes >= 2
@@ -178,7 +186,7 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
                                 f"{_dtype_of(seqs, R, 2, i)}; the state of a 16-bit "
                                 "param is float32 or bfloat16")
             rule = "params[{i}] has {p}" if k == 2 else f"{names[2]}[{{i}}] has {{s}}"
-        elif k == len(seqs) - 1 and extra_kind == 1:
+        elif k == main - 1 and extra_kind == 1:
             expect, rule = np.full_like(expect, F32), "master weights are float32"
         bad = np.flatnonzero((R[k][:, TYPENUM] != expect) | ((R[k][:, FLAGS] & F_NATIVE) == 0))
         if bad.size:
@@ -189,9 +197,9 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
     if extra_kind:
         bad = np.flatnonzero(codes < 2)
         if bad.size:
-            raise TypeError(f"{op}: {names[-1]} are for float16 and bfloat16 params; "
+            raise TypeError(f"{op}: {names[main - 1]} are for float16 and bfloat16 params; "
                             f"params[{int(bad[0])}] has {_dtype_of(seqs, R, 0, int(bad[0]))}")
-    for k in range(1, len(seqs)):
+    for k in range(1, main):
         bad = np.flatnonzero((R[k][:, SHAPE] != prow[:, SHAPE]) | (R[k][:, SIZE] != prow[:, SIZE]))
         if bad.size:
             i = int(bad[0])
@@ -211,6 +219,37 @@ def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
     raise AssertionError(f"{op}: inconsistent validation")  # the combined check had a reason
 
 
+def _check_quant(op, names, seqs, R, codes, nstates, first_scale):
+    """The checks of 8-bit state: params float32, float16 or bfloat16, the states uint8
+    codes, and each state's scales float32 arrays of one element per block of
+    QUANT_BLOCK elements, C-contiguous, writeable, on the params' device."""
+    bad = np.flatnonzero((codes < 0) | (codes == 1))
+    if bad.size:
+        i = int(bad[0])
+        raise TypeError(f"{op}: params[{i}] has dtype {_dtype_of(seqs, R, 0, i)}; 8-bit state "
+                        "is for float32, float16 and bfloat16 params")
+    prow = R[0]
+    blocks = (prow[:, SIZE] + QUANT_BLOCK - 1) // QUANT_BLOCK
+    for k in range(2, 2 + nstates):
+        bad = np.flatnonzero(R[k][:, TYPENUM] != U8)
+        if bad.size:
+            i = int(bad[0])
+            raise TypeError(f"{op}: {names[k]}[{i}] has dtype {_dtype_of(seqs, R, k, i)}; 8-bit "
+                            "state (absmax given) is stored as uint8 codes")
+    for k in range(first_scale, first_scale + nstates):
+        bad = np.flatnonzero(R[k][:, TYPENUM] != F32)
+        if bad.size:
+            i = int(bad[0])
+            raise TypeError(f"{op}: {names[k]}[{i}] has dtype {_dtype_of(seqs, R, k, i)}; block "
+                            "scales are float32")
+        bad = np.flatnonzero(R[k][:, SIZE] != blocks)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{op}: {names[k]}[{i}] has {int(R[k][i, SIZE])} elements; "
+                             f"params[{i}] has {int(prow[i, SIZE])}, which need "
+                             f"{int(blocks[i])} (one scale per block of {QUANT_BLOCK})")
+
+
 def describe_list(op, name, seq, stream=None, params=None):
     """The description rows of one list of arrays, for a caller that keeps them between
     steps (`prepare(..., rows=...)`); `keep` objects are returned with them."""
@@ -226,7 +265,7 @@ def describe_list(op, name, seq, stream=None, params=None):
 
 
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None, rows=None):
+            extra=None, rows=None, scales=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -240,7 +279,9 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     producers order their pending work before it. `rows`, aligned with the lists
     (params, grads, states, extra), may hold the description rows of lists that the
     caller knows unchanged since it described them (`describe_list`); only the other
-    lists are described, and every check still runs on all rows.
+    lists are described, and every check still runs on all rows. `scales`, for 8-bit
+    states, holds one list of float32 block-scale arrays per state list (the states are
+    then uint8 codes); their pointers follow the other slots of the tables.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -260,9 +301,23 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         seqs.append(extra[0])
         names.append(extra[1])
         extra_kind = extra[2]
+    nscales = 0
+    if scales is not None:
+        if not isinstance(scales, (list, tuple)) or len(scales) != len(states):
+            raise ValueError(f"{op}: absmax must hold one list of scale arrays per state list "
+                             f"({len(states)}), got "
+                             f"{len(scales) if isinstance(scales, (list, tuple)) else scales!r}")
+        for name, seq in zip(state_names, scales):
+            _check_list(op, f"absmax of {name}", seq, n)
+            seqs.append(seq)
+            names.append(f"absmax of {name}")
+        nscales = len(scales)
+        if rows is not None:
+            rows = list(rows) + [None] * (len(seqs) - len(rows))
+    first_scale = len(seqs) - nscales
     if n == 0:
         return Prepared(CPU, [], [], keep)
-    if rows is None:
+    if rows is None and not nscales:
         # NumPy arrays that pass every check: described, checked and laid out in C++
         fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num())
         if fast is not None:
@@ -298,8 +353,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     for typenum, code in known.items():
         codes[typ[0] == typenum] = code
     nstates = len(states)
+    if nscales:
+        _check_quant(op, names, seqs, R, codes, nstates, first_scale)
     ok = (codes >= 0).all() and (flags & F_NATIVE).all() and (typ[1] == typ[0]).all()
-    if ok and nstates:
+    if ok and nstates and not nscales:
         stype = typ[2]
         plain = codes < 2
         ok = (typ[2:2 + nstates] == stype).all() and (stype[plain] == typ[0][plain]).all()
@@ -307,14 +364,16 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
             bf16 = [t for t, c in known.items() if c == 3]
             ok = np.isin(stype[~plain], [F32, *bf16]).all()
     if ok and extra_kind:
-        ok = (codes >= 2).all() and (typ[-1] == (F32 if extra_kind == 1 else typ[0])).all()
-    ok = ok and (R[1:, :, SHAPE] == R[0, :, SHAPE]).all() and \
-        (R[1:, :, SIZE] == R[0, :, SIZE]).all() and (R[:, :, DEVICE] == R[0, 0, DEVICE]).all()
+        xt = typ[first_scale - 1]
+        ok = (codes >= 2).all() and (xt == (F32 if extra_kind == 1 else typ[0])).all()
+    main = slice(1, first_scale)  # the block scales have shapes of their own
+    ok = ok and (R[main, :, SHAPE] == R[0, :, SHAPE]).all() and \
+        (R[main, :, SIZE] == R[0, :, SIZE]).all() and (R[:, :, DEVICE] == R[0, 0, DEVICE]).all()
     if ok and not read_only:
         written = np.delete(flags, 1, axis=0)
         ok = ((written & (F_CONTIG | F_WRITEABLE)) == (F_CONTIG | F_WRITEABLE)).all()
     if not ok:
-        _diagnose(op, names, seqs, R, codes, extra_kind, read_only)
+        _diagnose(op, names, seqs, R, codes, extra_kind, read_only, nscales)
     device = int(prow[0, DEVICE])
 
     # arrays only read (the gradients; every list of a reduction) that are not
@@ -334,10 +393,12 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     # one pointer table per (param dtype, state dtype)
     table = R[:, :, PTR].astype(np.uint64)
     scodes = np.where(codes < 2, codes, 0)  # no states: float32 for 16-bit params
-    if nstates:
+    if nscales:
+        scodes[:] = INT8_BLOCK
+    elif nstates:
         for typenum, code in known.items():
             scodes[typ[2] == typenum] = code
-    key = codes * 4 + scodes
+    key = codes * 8 + scodes
     groups, layouts = [], []
     for k in np.unique(key):
         sel = key == k
@@ -345,9 +406,9 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
             ptrs, sizes = table, prow[:, SIZE]
         else:
             ptrs, sizes = table[:, sel], prow[sel, SIZE]
-        groups.append((int(k // 4), np.ascontiguousarray(ptrs).ravel(),
+        groups.append((int(k // 8), np.ascontiguousarray(ptrs).ravel(),
                        np.ascontiguousarray(sizes)))
-        layouts.append({"state_dtype": int(k % 4), "extra": extra_kind})
+        layouts.append({"state_dtype": int(k % 8), "extra": extra_kind})
     return Prepared(device, groups, layouts, keep)
 
 
