@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+__all__ += ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
 
 
 def _f64(arrays, name, count=None):
@@ -194,3 +195,55 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
+
+
+# --- blockwise 8-bit state ------------------------------------------------------------------------
+
+QUANT_BLOCK = 256
+
+
+def dynamic_map(signed):
+    """The 256 values of the dynamic quantization map (Dettmers et al.; bitsandbytes'
+    create_dynamic_map), sorted, in float64: for each decade i = 0..6, the midpoints of
+    n_i equal intervals of [0.1, 1] times 10^(i-6), with n_i = 2^i (signed map, and
+    their negatives) or 2^(i+1) (unsigned map); and 0 and 1."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2 ** i if signed else 2 ** (i + 1)
+        means = 0.1 + 0.9 * (np.arange(n) + 0.5) / n
+        values += list(10.0 ** (i - 6) * means)
+        if signed:
+            values += list(-10.0 ** (i - 6) * means)
+    out = np.sort(np.array(values))
+    assert out.size == 256
+    return out
+
+
+def quantize_blockwise(values, signed):
+    """(codes, scales) of a flat array in blocks of 256 elements (the last may be
+    shorter): each block's scale is its largest magnitude, each code the index of the
+    map value nearest to value / scale (the lower one on a tie). A block of zeros gets
+    scale 0 and the code of 0; negative values of the unsigned map count as 0."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    table = dynamic_map(signed)
+    zero = int(np.flatnonzero(table == 0.0)[0])
+    codes = np.empty(x.size, dtype=np.int64)
+    scales = np.zeros((x.size + QUANT_BLOCK - 1) // QUANT_BLOCK)
+    for b in range(scales.size):
+        block = x[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK]
+        scale = np.abs(block).max()
+        scales[b] = scale
+        if scale == 0.0:
+            codes[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK] = zero
+            continue
+        y = block / scale if signed else np.maximum(block, 0.0) / scale
+        codes[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK] = \
+            np.abs(y[:, None] - table[None, :]).argmin(axis=1)
+    return codes, scales
+
+
+def dequantize_blockwise(codes, scales, signed):
+    """The float64 values of codes and block scales: map value times the block's scale."""
+    codes = np.asarray(codes).ravel().astype(np.int64)
+    scales = np.repeat(np.asarray(scales, dtype=np.float64), QUANT_BLOCK)[:codes.size]
+    return dynamic_map(signed)[codes] * scales

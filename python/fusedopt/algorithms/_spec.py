@@ -273,6 +273,13 @@ class Spec:
         """Whether the functional op takes the step count."""
         return any(o.name == "step" for o in self.op_keywords)
 
+    def check_quantized(self, kw, op):
+        """ValueError when these op keywords cannot keep their state in 8 bits (blockwise
+        codes, `fusedopt.Precision`). Any elementwise rule can: the drivers decode a block
+        of each state, run the rule and encode it back; a spec refuses the options whose
+        math breaks under the rounding of the states (centered RMSprop: v - mean(g)^2 of
+        separately rounded states can turn negative)."""
+
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
         the functional ops leave those to the caller, as torch's functional API)."""

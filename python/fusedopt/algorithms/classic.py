@@ -210,6 +210,11 @@ class Rmsprop(Spec):
             return self.kernel(probe), self.active(probe), kws
         return super().batch_kernel(kws, existing)
 
+    def check_quantized(self, kw, op):
+        # square_avg - grad_avg^2 of two separately rounded states can be negative
+        if kw.get("centered"):
+            raise ValueError(f"{op}: 8-bit state is not supported for centered RMSprop")
+
     def hyper(self, kw):
         return dict(lr=kw["lr"], alpha=kw["alpha"], eps=kw["eps"],
                     weight_decay=kw["weight_decay"], momentum=kw["momentum"],
