@@ -417,11 +417,15 @@ def test_deepcopy_and_repr():
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_constructor_signature_is_torchs(name):
-    """Same argument names, order, kinds and defaults: switching the import is enough."""
+    """Same argument names, order, kinds and defaults: switching the import is enough.
+    After torch's arguments come only the keyword-only 8-bit state options."""
     import inspect
 
     def shape(cls):
         return [(p.name, p.kind, p.default) for p in
                 inspect.signature(cls.__init__).parameters.values()]
 
-    assert shape(getattr(fot, name)) == shape(getattr(torch.optim, name))
+    theirs, ours = shape(getattr(torch.optim, name)), shape(getattr(fot, name))
+    assert ours[:len(theirs)] == theirs
+    kw = inspect.Parameter.KEYWORD_ONLY
+    assert ours[len(theirs):] == [("optim_bits", kw, 32), ("min_8bit_size", kw, 4096)]

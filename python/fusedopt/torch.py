@@ -22,6 +22,12 @@ state dict or the set of states change; replacing a single tensor inside
 
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
 load into torch.optim unchanged) but change nothing here: every step is fused.
+
+``optim_bits=8`` (keyword-only, bitsandbytes' name; with ``min_8bit_size``, default
+4096) keeps the state of every param with at least that many elements in 8 bits:
+uint8 codes under torch's names and float32 block scales under ``<name>_absmax``
+(`fusedopt._torch8bit`). `Adam8bit` and `AdamW8bit` are bitsandbytes' classes of those
+names, with its signatures and state-dict layout.
 `capturable` and `differentiable` are not supported. Complex params are refused
 (TypeError), as are sparse gradients.
 """
@@ -36,7 +42,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from . import _arrays, _engine
+from . import _arrays, _engine, _torch8bit
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
 from .optimizers import bind_options
@@ -73,10 +79,20 @@ class _Fused(Optimizer):
 
     spec = None
 
+    #: 8 keeps the state in 8 bits (`_torch8bit`), from the constructor's optim_bits
+    _fo_bits = 32
+    _fo_min_8bit_size = 4096
+    #: bitsandbytes' state names (its Adam8bit and AdamW8bit)
+    _fo_bnb_names = False
+
     def __init__(self, params, defaults):
         self._fo_caches = {}
         self._fo_lock = threading.Lock()
         super().__init__(params, defaults)
+        if self._fo_bits == 8:
+            if self.spec.eager_state:
+                _torch8bit.create_eager(self)
+            return
         if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
             for group in self.param_groups:
                 cache = self._cache(group)
@@ -98,10 +114,24 @@ class _Fused(Optimizer):
             for key, value in self.spec.group_defaults(torch=True).items():
                 group.setdefault(key, value)
 
+    def state_dict(self):
+        """torch.optim's state dict (bitsandbytes' layout for Adam8bit and AdamW8bit)."""
+        return _torch8bit.state_dict(self, super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's load_state_dict; with 8-bit state, the state tensors keep their
+        dtype (codes and scales are not cast to the param's dtype)."""
+        if self._fo_bits == 8:
+            _torch8bit.load_state_dict(self, state_dict, super().load_state_dict)
+        else:
+            super().load_state_dict(state_dict)
+
     def step(self, closure=None):
         """One update of every param whose `grad` is not None; returns the closure's loss.
 
         Steps of one optimizer from several threads run one after the other."""
+        if self._fo_bits == 8:
+            return _torch8bit.step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,6 +353,9 @@ def make_class(spec, base=_Fused):
 
     def __init__(self, params, *args, **kwargs):
         values = bind_options(type(self), spec, signature, params, args, kwargs)
+        bits, min_size = values.pop("optim_bits"), values.pop("min_8bit_size")
+        _torch8bit.check_options(type(self), bits, min_size)
+        self._fo_bits, self._fo_min_8bit_size = bits, min_size
         lr = values.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -330,6 +363,8 @@ def make_class(spec, base=_Fused):
             values["betas"] = tuple(map(_plain, values["betas"]))
         spec.validate(values)
         _check_torch_flags(type(self), values)
+        if bits == 8:
+            spec.check_quantized(spec.to_op({**values, **spec.group_extras}), type(self).__name__)
         _Fused.__init__(self, params, {**values, **spec.group_extras})
 
     __init__.__signature__ = signature
@@ -349,3 +384,7 @@ def _make_all():
 CLASSES = _make_all()
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 __all__ += [cls.__name__ for cls in CLASSES.values()]
+
+Adam8bit = _torch8bit.bnb_class(CLASSES["adam"], "Adam8bit", 0, "Adam")
+AdamW8bit = _torch8bit.bnb_class(CLASSES["adamw"], "AdamW8bit", 1e-2, "AdamW")
+__all__ += ["Adam8bit", "AdamW8bit"]
