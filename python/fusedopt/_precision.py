@@ -166,7 +166,13 @@ class Precision:
         if master_weights and kahan:
             raise ValueError("master_weights and kahan are alternatives; choose one")
         self.int8 = _is_int8(state_dtype)
-        self.state_dtype = None if state_dtype is None else np.dtype(state_dtype)
+        self.state_dtype = None
+        if state_dtype is not None:
+            try:
+                self.state_dtype = np.dtype(state_dtype)
+            except TypeError:
+                raise ValueError(f"state_dtype must be float32 or bfloat16, or 'int8' for "
+                                 f"8-bit state, got {state_dtype!r}") from None
         if self.state_dtype is not None and not self.int8 and \
                 self.state_dtype.name not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be float32 or bfloat16, or 'int8' for 8-bit "
