@@ -255,14 +255,16 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
 
 // The common case of `_arrays.prepare` in one pass over the objects: every array a
 // NumPy array and every check passing. `lists` holds params, grads, the `nstates`
-// state lists and, with `extra_kind` != 0, the master-weight or Kahan list, all of
-// the same length. Returns the kernels' groups as (param code, state code, pointer
-// table, sizes) in ascending (param, state) order, or None when the call needs the
-// Python layer: a foreign array, a strided gradient to copy, or an error to diagnose.
+// state lists, with `extra_kind` != 0 the master-weight or Kahan list, and with
+// `nscales` > 0 (8-bit states: uint8 codes) one list of float32 block scales per
+// state, ceil(size / 256) each; all lists of the same length. Returns the kernels'
+// groups as (param code, state code, pointer table, sizes) in ascending (param, state)
+// order, or None when the call needs the Python layer: a foreign array, a strided
+// gradient to copy, or an error to diagnose.
 py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool read_only,
-                         int bf16_num) {
+                         int bf16_num, int nscales) {
   auto& api = py::detail::npy_api::get();
-  constexpr int kF32 = 11, kF64 = 12, kF16 = 23;  // NumPy's type numbers
+  constexpr int kF32 = 11, kF64 = 12, kF16 = 23, kU8 = 2;  // NumPy's type numbers
   auto code_of = [&](int t) {
     return t == kF32 ? 0 : t == kF64 ? 1 : t == kF16 ? 2 : t == bf16_num ? 3 : -1;
   };
@@ -276,12 +278,20 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
   const py::ssize_t n = PySequence_Fast_GET_SIZE(fast[0].ptr());
   for (const auto& f : fast)
     if (PySequence_Fast_GET_SIZE(f.ptr()) != n) return py::none();
-  const int ext = extra_kind != 0 ? int(L) - 1 : -1;
+  const int first_scale = int(L) - nscales;
+  const int ext = extra_kind != 0 ? first_scale - 1 : -1;
   std::vector<std::uint64_t> ptr(static_cast<std::size_t>(L * n));
+  std::vector<std::uint64_t> nbytes(static_cast<std::size_t>(L * n));
   std::vector<std::int64_t> size(static_cast<std::size_t>(n));
   std::vector<int> key(static_cast<std::size_t>(n));
   constexpr int kWritten = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
                            py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  // bytes per element of a descriptor (its layout changed with NumPy 2)
+  auto itemsize = [&](PyObject* descr) {
+    if (api.PyArray_RUNTIME_VERSION_ < 0x12)
+      return std::uint64_t(py::detail::array_descriptor1_proxy(descr)->elsize);
+    return std::uint64_t(py::detail::array_descriptor2_proxy(descr)->elsize);
+  };
   for (py::ssize_t i = 0; i < n; ++i) {
     py::detail::PyArray_Proxy* a[64];
     if (L > 64) return py::none();
@@ -292,18 +302,31 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
       if (py::detail::array_descriptor_proxy(a[k]->descr)->byteorder == '>') return py::none();
       const int need = k == 1 || read_only ? py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ : kWritten;
       if ((a[k]->flags & need) != need) return py::none();
-      if (k > 0) {
+      if (k > 0 && k < first_scale) {  // block scales have shapes of their own
         if (a[k]->nd != a[0]->nd) return py::none();
         for (int d = 0; d < a[0]->nd; ++d)
           if (a[k]->dimensions[d] != a[0]->dimensions[d]) return py::none();
       }
+      std::int64_t elements = 1;
+      for (int d = 0; d < a[k]->nd; ++d) elements *= a[k]->dimensions[d];
+      nbytes[std::size_t(k * n + i)] = std::uint64_t(elements) * itemsize(a[k]->descr);
       ptr[std::size_t(k * n + i)] = std::uint64_t(reinterpret_cast<std::uintptr_t>(a[k]->data));
     }
     auto type = [&](py::ssize_t k) { return py::detail::array_descriptor_proxy(a[k]->descr)->type_num; };
     const int t0 = type(0), code = code_of(t0);
     if (code < 0 || type(1) != t0) return py::none();
     int scode = code < 2 ? code : 0;  // no states: float32 for 16-bit params
-    if (nstates > 0) {
+    std::int64_t count = 1;
+    for (int d = 0; d < a[0]->nd; ++d) count *= a[0]->dimensions[d];
+    if (nscales > 0) {  // 8-bit states: uint8 codes, float32 scales, no float64 params
+      if (code == 1 || nscales != nstates) return py::none();
+      for (int k = 2; k < 2 + nstates; ++k)
+        if (type(k) != kU8) return py::none();
+      for (int k = first_scale; k < int(L); ++k)
+        if (type(k) != kF32 || nbytes[std::size_t(k * n + i)] != std::uint64_t(fo::quant_blocks(count)) * 4u)
+          return py::none();
+      scode = int(fo::DType::Int8Block);
+    } else if (nstates > 0) {
       const int ts = type(2);
       if (code < 2 ? ts != t0 : (ts != kF32 && ts != bf16_num)) return py::none();
       for (int k = 3; k < 2 + nstates; ++k)
@@ -311,20 +334,14 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
       scode = code_of(ts);
     }
     if (ext >= 0 && (code < 2 || type(ext) != (extra_kind == 1 ? kF32 : t0))) return py::none();
-    std::int64_t count = 1;
-    for (int d = 0; d < a[0]->nd; ++d) count *= a[0]->dimensions[d];
     size[std::size_t(i)] = count;
-    key[std::size_t(i)] = code * 4 + scode;
+    key[std::size_t(i)] = code * 8 + scode;
   }
   if (!read_only) {
     // no two written arrays may overlap, nor a gradient a written array
     std::vector<std::pair<std::uint64_t, std::uint64_t>> w;  // [start, end) of written
     w.reserve(std::size_t((L - 1) * n));
-    auto bytes = [&](py::ssize_t k, py::ssize_t i) {
-      const int c = key[std::size_t(i)];
-      const int code = k == 1 || k == 0 ? c / 4 : k == ext ? (extra_kind == 1 ? 0 : c / 4) : c % 4;
-      return std::uint64_t(size[std::size_t(i)]) * (code == 1 ? 8u : code == 0 ? 4u : 2u);
-    };
+    auto bytes = [&](py::ssize_t k, py::ssize_t i) { return nbytes[std::size_t(k * n + i)]; };
     for (py::ssize_t k = 0; k < L; ++k) {
       if (k == 1) continue;
       for (py::ssize_t i = 0; i < n; ++i) {
@@ -361,7 +378,7 @@ py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool r
       sp[j] = size[std::size_t(sel[std::size_t(j)])];
       for (py::ssize_t s = 0; s < L; ++s) tp[s * m + j] = ptr[std::size_t(s * n + sel[std::size_t(j)])];
     }
-    groups.append(py::make_tuple(k / 4, k % 4, table, sizes));
+    groups.append(py::make_tuple(k / 8, k % 8, table, sizes));
   }
   return std::move(groups);
 }
@@ -398,7 +415,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum of squares over tensors (pointer table: 1 x n), in double.");
   m.def("prepare_numpy", &prepare_numpy, py::arg("lists"), py::arg("nstates"),
-        py::arg("extra_kind"), py::arg("read_only"), py::arg("bf16_num"),
+        py::arg("extra_kind"), py::arg("read_only"), py::arg("bf16_num"), py::arg("nscales") = 0,
         "Validate NumPy-only step lists and build the pointer tables in one pass; None when\n"
         "the general path is needed (foreign arrays, strided gradients, any error).");
   m.def("describe", &describe, py::arg("arrays"),

@@ -317,9 +317,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     first_scale = len(seqs) - nscales
     if n == 0:
         return Prepared(CPU, [], [], keep)
-    if rows is None and not nscales:
+    if rows is None:
         # NumPy arrays that pass every check: described, checked and laid out in C++
-        fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num())
+        fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num(),
+                                  nscales)
         if fast is not None:
             return Prepared(CPU, [(code, ptrs, sizes) for code, _, ptrs, sizes in fast],
                             [{"state_dtype": s, "extra": extra_kind} for _, s, _, _ in fast],
