@@ -79,10 +79,17 @@ double sumsq(DType dtype, const Table& t, int max_threads) {
 
 int vector_bits() { return vector_bits<>(); }
 
+// Threads for n elements of quantize/dequantize: one below 2 x kMinPerThread elements,
+// where starting a team costs more than it saves.
+int quant_threads(std::int64_t n, int max_threads) {
+  return int(std::max<std::int64_t>(1, std::min<std::int64_t>(max_threads, n / kMinPerThread)));
+}
+
 void quantize(bool is_signed, const float* x, std::int64_t n, q8* codes, float* scales,
               int max_threads) {
   const std::int64_t blocks = quant_blocks(n);
-#pragma omp parallel for schedule(static) num_threads(max_threads)
+  const int nt = quant_threads(n, max_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (std::int64_t b = 0; b < blocks; ++b) {
     const std::int64_t at = b * kQuantBlock, m = std::min<std::int64_t>(kQuantBlock, n - at);
     if (is_signed)
@@ -96,7 +103,8 @@ void dequantize(bool is_signed, const q8* codes, const float* scales, std::int64
                 int max_threads) {
   const std::int64_t blocks = quant_blocks(n);
   const float* table = is_signed ? kQuantSigned.code : kQuantUnsigned.code;
-#pragma omp parallel for schedule(static) num_threads(max_threads)
+  const int nt = quant_threads(n, max_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (std::int64_t b = 0; b < blocks; ++b) {
     const std::int64_t at = b * kQuantBlock, m = std::min<std::int64_t>(kQuantBlock, n - at);
     // decode_block stores whole vectors to aligned memory: decode into a buffer
