@@ -5,7 +5,8 @@
 //
 // Decoding is a table lookup (a gather where the instruction set has one). Encoding is
 // quant_encode's formula on whole vectors: the octave of each value from its exponent
-// bits, its slot from two lookups in registers (AVX-512) or gathers (AVX2), then one
+// bits, its slot from lookups in registers (AVX-512: permutes of 16 or 32 entries; AVX2:
+// a byte shuffle and permutes of 8 entries, the top slot blended in), then one
 // multiply, subtract, minimum and truncation; the instruction sets run the same float
 // operations in the same order, so every build writes the same codes as the scalar
 // quant_encode (and the CUDA functor).
@@ -95,23 +96,52 @@ inline __m512i pack_codes(__m512i a, __m512i b, __m512i c, __m512i d) {
       _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
 }
 #elif defined(__AVX2__)
+// The tables in registers: `first` as bytes for vpshufb (octaves 0-15 and 16-31, each
+// in both 128-bit lanes), the slots' tables for vpermps, whose 8 entries hold slots 0-7:
+// the top slot 8 (a >= thr[7]) is blended in at the end.
+struct QuantRegs {
+  __m256i first_lo, first_hi;
+  __m256 thr, mul, sub, cap, top_thr;
+  explicit QuantRegs(const QuantMap& q)
+      : thr(_mm256_loadu_ps(q.thr)), mul(_mm256_loadu_ps(q.mul)), sub(_mm256_loadu_ps(q.sub)),
+        cap(_mm256_loadu_ps(q.cap)), top_thr(_mm256_set1_ps(q.thr[7])) {
+    alignas(32) std::uint8_t lo[32], hi[32];
+    for (int k = 0; k < 32; ++k) {
+      lo[k] = std::uint8_t(q.first[k % 16]);
+      hi[k] = std::uint8_t(q.first[16 + k % 16]);
+    }
+    first_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    first_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  }
+};
+
 template <bool Signed>
-inline __m256i encode8(__m256 y, const QuantMap& q) {
+inline __m256i encode8(__m256 y, const QuantRegs& r) {
   const __m256 floor = _mm256_set1_ps(kQuantFloor);
   __m256 a = Signed ? _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))) : y;
   a = _mm256_max_ps(a, floor);
-  const __m256i octave = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23),
-                                          _mm256_set1_epi32(96));
-  __m256i s = _mm256_i32gather_epi32(q.first, octave, 4);
-  const __m256 up = _mm256_cmp_ps(a, _mm256_i32gather_ps(q.thr, s, 4), _CMP_GE_OQ);
-  s = _mm256_sub_epi32(s, _mm256_castps_si256(up));  // up is -1 where the slot moves on
-  __m256 t = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_i32gather_ps(q.mul, s, 4)),
-                           _mm256_i32gather_ps(q.sub, s, 4));
-  t = _mm256_min_ps(t, _mm256_i32gather_ps(q.cap, s, 4));
+  const __m256i octave = _mm256_srli_epi32(_mm256_castps_si256(a), 23);  // 96 .. 127
+  // first[octave - 96]: a byte lookup in the low byte of each lane (the other bytes'
+  // controls have their top bit set: zero)
+  const __m256i ctrl = _mm256_or_si256(_mm256_and_si256(octave, _mm256_set1_epi32(15)),
+                                       _mm256_set1_epi32(int(0x80808000u)));
+  __m256i s = _mm256_blendv_epi8(_mm256_shuffle_epi8(r.first_lo, ctrl),
+                                 _mm256_shuffle_epi8(r.first_hi, ctrl),
+                                 _mm256_cmpgt_epi32(octave, _mm256_set1_epi32(111)));
+  const __m256 up = _mm256_cmp_ps(a, _mm256_permutevar8x32_ps(r.thr, s), _CMP_GE_OQ);
+  s = _mm256_min_epu32(_mm256_sub_epi32(s, _mm256_castps_si256(up)), _mm256_set1_epi32(7));
+  __m256 t = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_permutevar8x32_ps(r.mul, s)),
+                           _mm256_permutevar8x32_ps(r.sub, s));
+  t = _mm256_min_ps(t, _mm256_permutevar8x32_ps(r.cap, s));
   __m256i code = _mm256_cvttps_epi32(t);
-  if (Signed) {
+  // the top code (slot 8) where a >= thr[7]: 255 on both maps, as counted here, and
+  // above every other code
+  const __m256i top = _mm256_castps_si256(_mm256_cmp_ps(a, r.top_thr, _CMP_GE_OQ));
+  code = _mm256_max_epi32(code, _mm256_and_si256(top, _mm256_set1_epi32(255)));
+  if (Signed) {  // negative: 254 - code = ~code + 255
     const __m256i neg = _mm256_srai_epi32(_mm256_castps_si256(y), 31);
-    code = _mm256_blendv_epi8(code, _mm256_sub_epi32(_mm256_set1_epi32(254), code), neg);
+    code = _mm256_add_epi32(_mm256_xor_si256(code, neg),
+                            _mm256_and_si256(neg, _mm256_set1_epi32(255)));
   }
   return code;
 }
@@ -152,12 +182,13 @@ void encode_block(const float* x, std::int64_t n, q8* codes, float* scale, const
       _mm512_storeu_si512(c + i, pack_codes(c0, c1, c2, c3));
     }
 #elif defined(__AVX2__)
+    const QuantRegs r(q);
     const __m256 iv = _mm256_set1_ps(inv);
     for (; i + 32 <= n; i += 32) {
-      const __m256i c0 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), q);
-      const __m256i c1 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), iv), q);
-      const __m256i c2 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), iv), q);
-      const __m256i c3 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), iv), q);
+      const __m256i c0 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), r);
+      const __m256i c1 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), iv), r);
+      const __m256i c2 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), iv), r);
+      const __m256i c3 = encode8<Signed>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), iv), r);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i), pack_codes(c0, c1, c2, c3));
     }
 #endif
