@@ -206,25 +206,36 @@ def int8_table(workloads, repeats):
         del made, fns
 
 
-def int8_parts(repeats, n=1 << 15, calls=200):
-    """CPU nanoseconds per element on one thread, buffers in cache (n elements)."""
+def int8_parts(repeats, n=1 << 16, calls=200):
+    """CPU nanoseconds per element on one thread, buffers in cache (n elements), of the
+    kernels called directly (no validation, no Python layer)."""
     from fusedopt import _quant
+    from fusedopt.algorithms import pack
 
     fo.set_num_threads(1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
     codes, scales = _cpu.quantize_blockwise(x, True)
+    hyper = pack("adam", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, shrink=1.0,
+                              maximize=0.0))
     parts = {}
+    keep = []
     for int8 in (False, True):
-        limit, step, _ = setup_int8(1, n, np.float32, False, int8)
+        limit, _, _ = setup_int8(1, n, np.float32, False, int8)
+        (dtype, ptrs, sizes), = _arrays.prepare("parts", *limit.keep[:2], list(limit.keep[2:4]),
+                                                 ["m", "v"], scales=limit.keep[4].get("absmax")).groups
+        layout = dict(state_dtype=4, unsigned_states=2) if int8 else {}
         name = "8-bit" if int8 else "float32"
-        parts[f"Adam step, {name} m/v"] = step
+        parts[f"Adam update, {name} m/v"] = \
+            lambda ptrs=ptrs, sizes=sizes, layout=layout: _cpu.step(
+                "adam", 0, ptrs, sizes, hyper, step=5.0, **layout)
         parts[f"stream2 probe, {name} m/v"] = limit
+        keep.append(limit)
     parts["decode one state (dequantize_blockwise)"] = \
         lambda: _cpu.dequantize_blockwise(codes, scales, True)
     parts["encode one state (quantize_blockwise)"] = lambda: _cpu.quantize_blockwise(x, True)
-    print(f"CPU time per element, 1 thread, {n} elements in cache, ISA {_cpu.get_isa()} "
-          f"(median of {repeats} runs of {calls} calls; includes the Python call, "
+    print(f"CPU time per element, 1 thread, {n} elements in cache, ISA {_cpu.get_isa()}, "
+          f"the kernels called directly (median of {repeats} runs of {calls} calls; "
           f"{_quant.BLOCK}-element blocks)")
     for name, f in parts.items():
         f()
