@@ -100,7 +100,8 @@ STORAGE = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.uint16, BFLOAT1
 
 # --- The module, with or without a GPU ---------------------------------------
 
-NOT_BUILT = "fusedopt._cuda was not built (no CUDA compiler at build time)"
+NOT_BUILT = ("fusedopt._cuda was not built (it is built where nvcc and a GPU are found, "
+             "or with FUSEDOPT_CUDA=ON)")
 
 
 @pytest.fixture(scope="module")
@@ -1059,4 +1060,52 @@ def test_8bit_torch_classes_on_the_gpu():
         runs[device] = [p.detach().cpu() for p in params] + \
             [v.cpu() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
     for a, b in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(a, b)
+
+
+# --- flat buffers: one launch -------------------------------------------------------------
+
+
+def test_a_single_tensor_is_one_launch(cuda_mod):
+    """Host-side packing (no GPU needed): a flat buffer of any size is one launch without
+    a block map; the same elements as many tensors take one launch per batch."""
+    lim = cuda_mod.launch_limits("adam")
+    big = lim["chunk"] * lim["max_blocks"] * 3 + 5  # three batches' worth as one tensor
+    assert cuda_mod.count_launches("adam", np.array([big], np.int64)) == 1
+    assert cuda_mod.count_launches("adam", np.array([0, big, 0], np.int64)) == 1
+    split = np.full(4, big // 4, np.int64)
+    assert cuda_mod.count_launches("adam", split) >= 2
+    many = np.full(lim["max_tensors"] + 1, 3, np.int64)
+    assert cuda_mod.count_launches("adam", many) == 2
+
+
+def test_single_tensor_launch_matches_cpu_beyond_one_batch(cp, rng):
+    """The contiguous kernel's chunks cover a tensor larger than one batch's blocks."""
+    from fusedopt import _cuda
+
+    lim = _cuda.launch_limits("sgd_momentum")
+    sizes = [lim["chunk"] * lim["max_blocks"] + 7]
+    host, dev = _run_both(cp, rng, CASES["sgd_momentum"], np.float32, sizes)
+    _assert_same(cp, dev, host, np.float32, bitwise=True)
+
+
+def test_torch_flat_optimizer_on_cuda_matches_default():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+
+    runs = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).cuda()
+        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat)
+        x = torch.randn(64, 16, device="cuda")
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*runs):
         assert torch.equal(a, b)

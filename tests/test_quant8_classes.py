@@ -100,6 +100,27 @@ def test_centered_rmsprop_refuses_8bit_state(rng, snapshot):
     assert opt.state == {}
 
 
+def test_a_spec_lists_the_states_it_quantizes(rng, snapshot, monkeypatch):
+    """A spec keeps in 8 bits only the states of its `quantizable` list: options that use
+    another state (amsgrad's max_exp_avg_sq here), or a spec that lists none, are
+    refused with a clear error that changes nothing."""
+    spec = fusedopt.AdamW.spec
+    monkeypatch.setattr(type(spec), "quantizable", ("exp_avg", "exp_avg_sq"))
+    params = [np.asarray(rng.standard_normal(10), F32)]
+    fusedopt.AdamW(params, precision=fusedopt.Precision(**INT8)).step(_grads(params, rng))
+    opt = fusedopt.AdamW(params, amsgrad=True, precision=fusedopt.Precision(**INT8))
+    snap = snapshot(params)
+    with pytest.raises(ValueError, match="8-bit state is not supported for AdamW's "
+                                         "'max_exp_avg_sq'"):
+        opt.step(_grads(params, rng))
+    snap.assert_unchanged()
+    assert opt.state == {}
+    monkeypatch.setattr(type(spec), "quantizable", ())
+    with pytest.raises(ValueError, match=r"AdamW's 'exp_avg' \(it has no 8-bit state\)"):
+        fusedopt.AdamW(params, precision=fusedopt.Precision(**INT8)).step(_grads(params, rng))
+    snap.assert_unchanged()
+
+
 @pytest.mark.parametrize("bad,exc,match", [
     ("float64 params", TypeError, "8-bit state is for float32, float16 and bfloat16"),
     ("float codes", TypeError, "uint8 codes"),
@@ -312,12 +333,13 @@ def test_adam8bit_keeps_bitsandbytes_names(rng):
     w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
     opt.step()
     st = opt.state[w]
-    assert st["step"] == 1 and isinstance(st["step"], int)
+    assert st["step"] == 1  # a 0-d tensor here (as torch.optim's), an int in the state dict
     assert st["state1"].dtype == torch.uint8 and st["absmax1"].shape == (20,)
     assert torch.equal(st["qmap1"], torch.from_numpy(fusedopt._cpu.quant_tables(True)["code"]))
     assert torch.equal(st["qmap2"], torch.from_numpy(fusedopt._cpu.quant_tables(False)["code"]))
     assert opt.state[b]["state1"].dtype == torch.float32  # under min_8bit_size
     sd = opt.state_dict()
+    assert sd["state"][0]["step"] == 1 and isinstance(sd["state"][0]["step"], int)
     nested = sd["state"][0]["__bnb_optimizer_quant_state__"]
     assert set(nested) == {"state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"}
     # Adam8bit decays the weights decoupled, as bitsandbytes' does: AdamW8bit's step

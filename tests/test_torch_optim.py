@@ -415,17 +415,44 @@ def test_deepcopy_and_repr():
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
+# fusedopt.torch's own keyword-only arguments, after torch's
+FUSEDOPT_ONLY = ("flat", "optim_bits", "min_8bit_size")
+
+
+@pytest.mark.parametrize("name", [n for n in fot.__all__ if hasattr(torch.optim, n)])
 def test_constructor_signature_is_torchs(name):
-    """Same argument names, order, kinds and defaults: switching the import is enough.
-    After torch's arguments come only the keyword-only 8-bit state options."""
+    """Same argument names, order, kinds and defaults: switching the import is enough
+    (fusedopt's own keyword-only arguments come after torch's)."""
     import inspect
 
     def shape(cls):
         return [(p.name, p.kind, p.default) for p in
                 inspect.signature(cls.__init__).parameters.values()]
 
-    theirs, ours = shape(getattr(torch.optim, name)), shape(getattr(fot, name))
-    assert ours[:len(theirs)] == theirs
-    kw = inspect.Parameter.KEYWORD_ONLY
-    assert ours[len(theirs):] == [("optim_bits", kw, 32), ("min_8bit_size", kw, 4096)]
+    ours = shape(getattr(fot, name))
+    extra = [p for p in ours if p[0] in FUSEDOPT_ONLY]
+    assert all(p[1] is inspect.Parameter.KEYWORD_ONLY for p in extra)
+    assert ours[len(ours) - len(extra):] == extra
+    assert ours[:len(ours) - len(extra)] == shape(getattr(torch.optim, name))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "SGD"])
+def test_a_state_dict_replaced_whole_is_used(name):
+    """Replacing a param's whole state dict (what ZeroRedundancyOptimizer.load_state_dict
+    does with the local optimizer) takes effect at the next step, as in torch.optim, even
+    when the state existed before (Adagrad makes it at construction)."""
+    options = dict(OPTIONS[name][1])
+    data = make_data()
+    source = make_model()
+    source_opt = torch.optim.__dict__[name](source.parameters(), **options)
+    train(source, source_opt, 5, data)
+    runs = []
+    for module in (torch.optim, fot):
+        model = make_model()
+        opt = module.__dict__[name](model.parameters(), **options)
+        train(model, opt, 2, data)
+        model.load_state_dict(source.state_dict())
+        for p, q in zip(model.parameters(), source.parameters()):
+            opt.state[p] = copy.deepcopy(source_opt.state[q])
+        runs.append(train(model, opt, 5, data))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=RTOL, atol=ATOL)

@@ -1,5 +1,5 @@
-"""8-bit optimizer state for `fusedopt.torch`: ``optim_bits=8`` on every class, and
-`Adam8bit` and `AdamW8bit` under bitsandbytes' names and signatures.
+"""8-bit optimizer state for `fusedopt.torch`: the state keys, the state-dict layouts,
+and `Adam8bit` and `AdamW8bit` under bitsandbytes' names and signatures.
 
 With ``optim_bits=8`` each state buffer of a param with at least ``min_8bit_size``
 elements (float32, float16 or bfloat16) is kept as uint8 codes of the dynamic
@@ -8,14 +8,15 @@ quantization maps with one float32 scale per block of 256 elements
 for float64). The state is kept under torch's names: ``state[p]["exp_avg"]`` holds the
 codes and ``state[p]["exp_avg_absmax"]`` the scales. `Adam8bit` and `AdamW8bit` keep
 bitsandbytes' names instead (``state1``, ``state2``, ``absmax1``, ``absmax2``,
-``qmap1``, ``qmap2``, an integer ``step``) and its state-dict layout, so that their
-state dicts and bitsandbytes' load into each other.
+``qmap1``, ``qmap2``) and its state-dict layout (the tensors nested under `BNB_WRAP`,
+``step`` an integer), so that their state dicts and bitsandbytes' load into each other.
+The steps run through fusedopt.torch's one step path (its caches, kept plans and flat
+buffers), which asks `keys` for the names.
 
 Loading a state dict moves every state tensor to its param's device and keeps its
 dtype (torch.optim would cast float tensors to the param's dtype, which would change
-the scales).
+the codes and the scales).
 """
-
 from __future__ import annotations
 
 from itertools import chain
@@ -23,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from . import _cpu, _engine, _precision, _quant
+from . import _cpu, _quant
 
 #: where bitsandbytes' state_dict nests the quantization state of a param
 BNB_WRAP = "__bnb_optimizer_quant_state__"
@@ -39,28 +40,16 @@ def check_options(cls, optim_bits, min_8bit_size):
                          f"{min_8bit_size!r}")
 
 
-def _keys(opt, k, name):
-    """(codes or buffer, scales, code table or None) keys of state buffer `name`, the
-    k-th the options use."""
+def keys(opt, k, name):
+    """(codes or buffer, scales, code table or None) state keys of state buffer `name`,
+    the k-th the options use."""
     if opt._fo_bnb_names:
         return f"state{k + 1}", f"absmax{k + 1}", f"qmap{k + 1}"
     return name, _quant.absmax_name(name), None
 
 
-def _plain(value):
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, tuple):
-        return tuple(map(_plain, value))
-    return value
-
-
-def _quantizes(opt, p):
-    return p.dtype in (torch.float32, torch.float16, torch.bfloat16) and \
-        p.numel() >= opt._fo_min_8bit_size
-
-
-def _qmap(positive, device):
+def qmap(positive, device):
+    """bitsandbytes' code table of a state (its ``qmap1``/``qmap2``)."""
     return torch.from_numpy(_cpu.quant_tables(not positive)["code"]).to(device)
 
 
@@ -68,100 +57,14 @@ def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def new_state(opt, p, group, names):
-    """A param's fresh state: its buffers (8-bit where `opt` quantizes it) and scalars."""
-    spec = opt.spec
-    st = {}
-    for name, value in spec.init_scalars(group).items():
-        st[name] = int(value) if opt._fo_bnb_names else torch.tensor(value, dtype=_scalar_dtype())
-    quantized = _quantizes(opt, p)
-    for k, name in enumerate(names):
-        key, scale_key, qmap_key = _keys(opt, k, name)
-        value = _plain(spec.init_value(name, group))
-        positive = spec.state(name).positive
-        if quantized:
-            code, scale = _quant.constant(value, positive)
-            st[key] = torch.full(p.shape, code, dtype=torch.uint8, device=p.device)
-            st[scale_key] = torch.full((_quant.blocks(p.numel()),), scale, dtype=torch.float32,
-                                       device=p.device)
-            if qmap_key is not None:
-                st[qmap_key] = _qmap(positive, p.device)
-        else:
-            dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-            st[key] = torch.full(p.shape, value, dtype=dtype, device=p.device)
-    return st
-
-
-def create_eager(opt):
-    """State at construction (torch's Adagrad makes it there)."""
-    spec = opt.spec
-    for group in opt.param_groups:
-        names = spec.active(spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"}))
-        for p in group["params"]:
-            opt.state[p].update(new_state(opt, p, group, names))
-
-
-def step(opt, closure=None):
-    """One update of every param whose `grad` is not None, with 8-bit state."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    spec = opt.spec
-    with opt._fo_lock:
-        plans, counts, created = [], [], {}
-        for group in opt.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
-            names = spec.active(kw)
-            keys = [_keys(opt, k, name) for k, name in enumerate(names)]
-            buckets = {}
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients")
-                st = opt.state.get(p)
-                fresh = not st or (keys and keys[0][0] not in st)
-                if fresh:  # a param's first step (torch makes no state before it)
-                    st = created[p] = {**(st or {}), **new_state(opt, p, group, names)}
-                missing = [key for key, _, _ in keys if key not in st]
-                if missing:
-                    raise ValueError(f"{type(opt).__name__}: the state of a param has no "
-                                     f"{missing[0]!r} (the options changed after its first step)")
-                scalars = tuple(float(st[n]) for n in spec.scalars)
-                quantized = bool(keys) and keys[0][1] in st
-                buckets.setdefault((scalars, fresh, quantized), []).append((p, st))
-            for (scalars, fresh, quantized), members in buckets.items():
-                extra, after = spec.advance(kw, dict(zip(spec.scalars, scalars)))
-                op_kw = {**kw, **extra}
-                if spec.fresh_keyword is not None:
-                    op_kw[spec.fresh_keyword] = fresh
-                ps = [p for p, _ in members]
-                sts = [st for _, st in members]
-                lists = [[st[key] for st in sts] for key, _, _ in keys]
-                options = {}
-                if quantized:
-                    options["absmax"] = [[st[scale_key] for st in sts] for _, scale_key, _ in keys]
-                plans.append(_engine.plan(spec, op_kw, ps, [p.grad for p in ps], lists,
-                                          options=_precision.Options("step", options)))
-                counts.append((sts, after))
-        # every group validated: install the new state, run, count the steps
-        for p, st in created.items():
-            opt.state[p] = st
-        for plan in plans:
-            plan.run()
-        for sts, after in counts:
-            for st in sts:
-                for name, value in after.items():
-                    if opt._fo_bnb_names:
-                        st[name] = int(value)
-                    elif isinstance(st.get(name), torch.Tensor):
-                        st[name].fill_(value)
-                    else:
-                        st[name] = torch.tensor(value, dtype=_scalar_dtype())
-            torch.autograd.graph.increment_version([p for plan in plans for p in plan.params])
-    return loss
+def has_8bit(state_dict):
+    """Whether a state dict holds 8-bit state (block scales, or bitsandbytes' nesting)."""
+    for st in state_dict.get("state", {}).values():
+        if isinstance(st, dict) and (BNB_WRAP in st or any(
+                isinstance(k, str) and (k.endswith("_absmax") or k.startswith("absmax"))
+                for k in st)):
+            return True
+    return False
 
 
 def _is_state_tensor(key, value):
@@ -180,6 +83,8 @@ def state_dict(opt, base):
         wrapped = {k: st.pop(k) for k in list(st) if _is_state_tensor(k, st[k])}
         if wrapped:
             st[BNB_WRAP] = wrapped
+        if "step" in st:  # bitsandbytes counts in a Python int
+            st["step"] = int(st["step"])
         out["state"][index] = st
     return out
 
@@ -215,10 +120,8 @@ def load_state_dict(opt, state_dict, load):
         for key, value in values.items():
             st[key] = value.detach().clone().to(p.device)
         for name in opt.spec.scalars:
-            if name in st:
-                value = float(st[name])
-                st[name] = int(value) if opt._fo_bnb_names else \
-                    torch.tensor(value, dtype=_scalar_dtype())
+            if name in st and not isinstance(st[name], torch.Tensor):
+                st[name] = torch.tensor(float(st[name]), dtype=_scalar_dtype())
 
 
 # --- bitsandbytes' names ---------------------------------------------------------------------

@@ -85,9 +85,12 @@ def torch_flag(name, kw_only=True):
 # --- validation with torch.optim's messages --------------------------------------------------
 
 
+_PLAIN = (float, int, bool)
+
+
 def number(value):
     """A hyperparameter as a Python number (torch.optim accepts 1-element tensors)."""
-    if isinstance(value, numbers.Real):
+    if type(value) in _PLAIN or isinstance(value, numbers.Real):
         return value
     item = getattr(value, "item", None)
     if callable(item):
@@ -172,6 +175,12 @@ class Spec:
     op_keywords: ClassVar[tuple] = ()
     #: every state buffer any option uses, in the kernel's slot order
     states: ClassVar[tuple] = ()
+    #: the state buffers that may be kept in 8 bits (blockwise codes with a float32 scale
+    #: per block: `fusedopt.Precision`'s "int8", fusedopt.torch's ``optim_bits=8``). The
+    #: drivers take any elementwise rule with 8-bit state (they decode a block of each
+    #: state, run the rule and encode it back); a spec lists the states it was checked
+    #: with, and options that use another state refuse 8-bit state (`check_quantized`)
+    quantizable: ClassVar[tuple] = ()
     #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
     scalars: ClassVar[tuple] = ("step",)
     #: extra entries of every param group that are not constructor arguments
@@ -223,9 +232,13 @@ class Spec:
 
     def to_op(self, group):
         """A param group's hyperparameters as the functional op's keywords (without the
-        scalars, which `advance` gives)."""
-        return {o.name: number(group[o.name]) for o in self.op_keywords
-                if o.name in group and o.name not in self.scalars}
+        scalars, which `advance` gives): those of the group's entries that the op takes
+        under the same name."""
+        names = self.__dict__.get("_op_names")
+        if names is None:
+            names = self._op_names = tuple(o.name for o in self.op_keywords
+                                           if o.name not in self.scalars)
+        return {name: number(group[name]) for name in names if name in group}
 
     def active(self, kw):
         """Names of the state buffers these op keywords use, in slot order."""
@@ -275,10 +288,15 @@ class Spec:
 
     def check_quantized(self, kw, op):
         """ValueError when these op keywords cannot keep their state in 8 bits (blockwise
-        codes, `fusedopt.Precision`). Any elementwise rule can: the drivers decode a block
-        of each state, run the rule and encode it back; a spec refuses the options whose
-        math breaks under the rounding of the states (centered RMSprop: v - mean(g)^2 of
-        separately rounded states can turn negative)."""
+        codes, `fusedopt.Precision`): they use a state that is not in `quantizable`. A
+        spec also refuses the options whose math breaks under the rounding of the states
+        (centered RMSprop: v - mean(g)^2 of separately rounded states can turn
+        negative)."""
+        for name in self.active(kw):
+            if name not in self.quantizable:
+                raise ValueError(f"{op}: 8-bit state is not supported for {self.title}'s "
+                                 f"{name!r}" + ("" if self.quantizable else
+                                                " (it has no 8-bit state)"))
 
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
