@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import fusedopt
-from fusedopt import _cpu, functional as F, reference as R
+from fusedopt import _cpu, reference as R
 from cases import CASES, assert_same_bits, case, random_states
-from test_mixed_precision import BF16, C, F16, F32, F64, U32, assert_within, half_ulp, math_error
+from test_mixed_precision import BF16, F16, F32, F64, assert_within, half_ulp, math_error
 
 BLOCK = 256
 SIGNED = {s: _cpu.quant_tables(s)["code"] for s in (True, False)}
