@@ -1002,6 +1002,123 @@ def test_optimizer_with_loss_scaler_on_cupy_matches_numpy(cp, cls, kwargs):
     _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"], np.float32)
 
 
+# --- 8-bit state (uint8 codes with float32 block scales): bit for bit --------------------------
+
+INT8_BLOCK = 4  # the storage code of 8-bit states
+# (kernel case, bit mask of the states that use the unsigned code table)
+Q8_CASES = {"adam": 0b10, "adamw_amsgrad": 0b110, "sgd_momentum": 0, "adagrad": 0b1,
+            "rmsprop_momentum": 0b1, "adadelta": 0b11}
+Q8_LAYOUTS = {"float32": (FLOAT32, 0), "bfloat16": (BFLOAT16, 0), "float16": (FLOAT16, 0),
+              "bfloat16/master": (BFLOAT16, 1), "float16/kahan": (FLOAT16, 2)}
+
+
+def _q8_slots(rng, sizes, nstates, unsigned, param, extra):
+    """Host slots: params, grads, each state's codes, the extra buffer, each state's
+    scales (codes of random states, quantized by the CPU module)."""
+    from fusedopt import _cpu
+    values = [[rng.standard_normal(n) for n in sizes] for _ in range(2)]
+    slots = [[_encode(param, v) for v in slot] for slot in values]
+    codes, scales = [], []
+    for k in range(nstates):
+        positive = (unsigned >> k) & 1
+        pairs = [_cpu.quantize_blockwise(
+            (rng.uniform(0.05, 1.0, n) if positive else 0.5 * rng.standard_normal(n))
+            .astype(np.float32), not positive) for n in sizes]
+        codes.append([c for c, _ in pairs])
+        scales.append([s for _, s in pairs])
+    slots += codes
+    if extra == 1:
+        slots.append([v.astype(np.float32) for v in values[0]])
+    elif extra == 2:
+        slots.append([_encode(param, 1e-3 * rng.standard_normal(n)) for n in sizes])
+    return slots + scales
+
+
+def _run_q8(cp, rng, case, layout, sizes=SIZES, steps=3, **mode):
+    kernel, nstates, hyper = CASES[case]
+    param, extra = Q8_LAYOUTS[layout]
+    data = _q8_slots(rng, sizes, nstates, Q8_CASES[case], param, extra)
+    host, dev = _place(np, data), _place(cp, data)
+    for t in range(1, steps + 1):
+        _new_grads(rng, host, dev, param, cp)
+        kw = dict(state_dtype=INT8_BLOCK, extra=extra, step=t, unsigned_states=Q8_CASES[case],
+                  **mode)
+        _cpu_step(kernel, param, host, hyper(t), **kw)
+        _gpu_step(cp, kernel, param, dev, hyper(t), **kw)
+    cp.cuda.get_current_stream().synchronize()
+    return host, dev
+
+
+def test_8bit_layouts_have_kernels(cuda_mod):
+    for param, extra in Q8_LAYOUTS.values():
+        for case in Q8_CASES:
+            assert cuda_mod.has_kernel(CASES[case][0], param, INT8_BLOCK, extra)
+        assert not cuda_mod.has_kernel("sgd", param, INT8_BLOCK, extra)  # no state to store
+        assert not cuda_mod.has_kernel("stream2", param, INT8_BLOCK, extra)
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        cuda_mod.step("adam", 1, np.zeros(6, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)  # float64 params
+    with pytest.raises(ValueError, match="expected 6 x 1 pointers, got 4"):
+        cuda_mod.step("adam", 0, np.zeros(4, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)
+    assert cuda_mod.launch_limits("adam_amsgrad", extra=1, state_dtype=INT8_BLOCK)[
+        "max_tensors"] >= 100
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(Q8_LAYOUTS))
+@pytest.mark.parametrize("case", list(Q8_CASES))
+def test_8bit_bitwise_equal_to_cpu(cp, case, layout):
+    """Params, codes and scales: the same bits as the CPU kernels (tensors of one
+    element, partial blocks, and several chunks)."""
+    host, dev = _run_q8(cp, np.random.default_rng(30), case, layout, grad_scale=0.5)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bfloat16", "float16", "bfloat16/master"])
+def test_8bit_stochastic_rounding_same_bits_as_cpu(cp, layout):
+    host, dev = _run_q8(cp, np.random.default_rng(31), "adam", layout, stochastic=True,
+                        key=12345)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_more_tensors_than_one_launch_holds(cp):
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits("adam", state_dtype=INT8_BLOCK)
+    rng = np.random.default_rng(32)
+    sizes = [int(n) for n in rng.integers(0, 3000, 2 * lim["max_tensors"] + 5)]
+    sizes[7] = 2 * lim["chunk"] + 300
+    host, dev = _run_q8(cp, rng, "adam", "float32", sizes=sizes, steps=2)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_torch_classes_on_the_gpu():
+    """fusedopt.torch.AdamW8bit on CUDA tensors: the same params and state as on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+    rng = np.random.default_rng(33)
+    start = [torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in [(300, 70), (5000,)]]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [p.to(device).requires_grad_() for p in start]
+        opt = fot.AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+        for t in range(3):
+            for j, p in enumerate(params):
+                p.grad = torch.tensor(np.random.default_rng(100 * t + j).standard_normal(p.shape),
+                                      dtype=torch.float32, device=device)
+            opt.step()
+        torch.cuda.synchronize()
+        runs[device] = [p.detach().cpu() for p in params] + \
+            [v.cpu() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    for a, b in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(a, b)
+
+
 # --- flat buffers: one launch -------------------------------------------------------------
 
 

@@ -430,7 +430,7 @@ def test_deepcopy_and_repr():
 
 
 # fusedopt.torch's own keyword-only arguments, after torch's
-FUSEDOPT_ONLY = ("flat",)
+FUSEDOPT_ONLY = ("flat", "optim_bits", "min_8bit_size")
 
 
 @pytest.mark.parametrize("name", [n for n in fot.__all__ if hasattr(torch.optim, n)])

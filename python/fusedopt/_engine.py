@@ -30,14 +30,16 @@ class Plan:
     """A validated step, not yet run."""
 
     __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "grads", "step",
-                 "options", "step_ptr", "lr")
+                 "options", "step_ptr", "lr", "unsigned_states")
 
     def __init__(self, op, kernel, prep, hyper, stream, params, grads, step, options, lr,
-                 step_ptr=0):
+                 step_ptr=0, unsigned_states=0):
         self.op, self.kernel, self.prep = op, kernel, prep
         self.hyper, self.stream, self.params, self.grads = hyper, stream, params, grads
         self.step, self.options, self.lr = step, options, lr
         self.step_ptr = step_ptr  # device address of a float64 step count, or 0
+        # 8-bit state: bit k set when state k is never negative (the unsigned code table)
+        self.unsigned_states = unsigned_states
 
     def sumsq(self):
         """Sum of squares of this step's raw gradients, in double (CPU)."""
@@ -79,6 +81,8 @@ class Plan:
             if self.step_ptr:
                 backend.module.advance_step(self.step_ptr, scale_ptr, mode["stream"])
                 mode["step_ptr"] = self.step_ptr
+        if opts.absmax is not None and self.unsigned_states:
+            mode["unsigned_states"] = self.unsigned_states
         for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
             backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, **mode, **layout)
 
@@ -166,9 +170,16 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
         kernel = spec.kernel(kw)
     if hyper is None:
         hyper = pack(kernel, spec.hyper(kw))
-    names = spec.arg_names(spec.active(kw) if names is None else names)
-    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra)
-    prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
+    active = spec.active(kw) if names is None else names
+    names = spec.arg_names(active)
+    unsigned = 0
+    if options.absmax is not None:
+        spec.check_quantized(kw, op)
+        unsigned = sum(1 << k for k, name in enumerate(active) if spec.state(name).positive)
+    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
+                           scales=options.absmax)
+    # a deferred plan's tables point into them
+    prep.keep.append((states, options.extra, options.absmax))
     step = kw.get("step", 1)
     step_ptr = 0
     if not isinstance(step, numbers.Real):
@@ -176,7 +187,7 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
         prep.keep.append(step)
         step = 1.0
     return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options, lr,
-                step_ptr)
+                step_ptr, unsigned)
 
 
 class Kept:

@@ -24,6 +24,7 @@ from numpy.typing import ArrayLike
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax",
            "asgd", "rprop"]
+__all__ += ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
 
 _Arrays = Sequence[ArrayLike]
 _Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
@@ -694,3 +695,120 @@ def rprop(params: _Arrays, grads: _Arrays, prevs: _Arrays, step_sizes: _Arrays, 
         ps[i] = ps[i] - _torch_sign(g) * size
         prev_[i], sizes[i] = g, size
     return _result(ps, prev_, sizes)
+# --- blockwise 8-bit state ------------------------------------------------------------------------
+
+_BLOCK = 256  # elements per block scale
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 values of the dynamic quantization map, sorted, in float64.
+
+    Dettmers et al.'s map (bitsandbytes' ``create_dynamic_map``): for each decade
+    :math:`i = 0..6`, the midpoints of :math:`n_i` equal intervals of :math:`[0.1, 1]`
+    times :math:`10^{i-6}`, with :math:`n_i = 2^i` (signed map, and their negatives)
+    or :math:`2^{i+1}` (unsigned map); and 0 and 1.
+
+    Parameters
+    ----------
+    signed : bool
+        The signed map (for states of either sign) or the unsigned one (for states
+        that are never negative).
+
+    Returns
+    -------
+    ndarray
+        The 256 values, ascending; a code is an index into it.
+
+    Examples
+    --------
+    >>> from fusedopt import reference
+    >>> table = reference.dynamic_map(signed=True)
+    >>> print(table.size, table[0], table[-1])
+    256 -0.99296875 1.0
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2 ** i if signed else 2 ** (i + 1)
+        means = 0.1 + 0.9 * (np.arange(n) + 0.5) / n
+        values += list(10.0 ** (i - 6) * means)
+        if signed:
+            values += list(-10.0 ** (i - 6) * means)
+    out = np.sort(np.array(values))
+    assert out.size == 256
+    return out
+
+
+def quantize_blockwise(values: ArrayLike, signed: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Blockwise 8-bit codes and scales of a flat array, by brute force.
+
+    In blocks of 256 elements (the last may be shorter), each block's scale is its
+    largest magnitude and each code the index of the map value nearest to
+    value / scale (the lower one on a tie). A block of zeros gets scale 0 and the code
+    of 0; negative values count as 0 under the unsigned map.
+
+    Parameters
+    ----------
+    values : array_like
+        The values, flattened.
+    signed : bool
+        Which map (`dynamic_map`).
+
+    Returns
+    -------
+    codes : ndarray of int64
+        One code per value.
+    scales : ndarray of float64
+        One scale per block.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> codes, scales = reference.quantize_blockwise(np.array([0.5, -2.0]), signed=True)
+    >>> print(scales, reference.dequantize_blockwise(codes, scales, signed=True))
+    [2.] [ 0.4953125 -1.9859375]
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    table = dynamic_map(signed)
+    zero = int(np.flatnonzero(table == 0.0)[0])
+    codes = np.empty(x.size, dtype=np.int64)
+    scales = np.zeros((x.size + _BLOCK - 1) // _BLOCK)
+    for b in range(scales.size):
+        block = x[b * _BLOCK:(b + 1) * _BLOCK]
+        scale = np.abs(block).max()
+        scales[b] = scale
+        if scale == 0.0:
+            codes[b * _BLOCK:(b + 1) * _BLOCK] = zero
+            continue
+        y = block / scale if signed else np.maximum(block, 0.0) / scale
+        codes[b * _BLOCK:(b + 1) * _BLOCK] = np.abs(y[:, None] - table[None, :]).argmin(axis=1)
+    return codes, scales
+
+
+def dequantize_blockwise(codes: ArrayLike, scales: ArrayLike, signed: bool) -> np.ndarray:
+    """The float64 values of blockwise 8-bit codes: map value times the block's scale.
+
+    Parameters
+    ----------
+    codes : array_like of int
+        One code per element (an index into `dynamic_map`), flattened.
+    scales : array_like
+        One scale per block of 256 elements.
+    signed : bool
+        Which map (`dynamic_map`).
+
+    Returns
+    -------
+    ndarray
+        The values, flat.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> reference.dequantize_blockwise(np.array([0, 255]), np.array([3.0]), signed=False)
+    array([0., 3.])
+    """
+    codes = np.asarray(codes).ravel().astype(np.int64)
+    scales = np.repeat(np.asarray(scales, dtype=np.float64), _BLOCK)[:codes.size]
+    return dynamic_map(signed)[codes] * scales
