@@ -11,6 +11,7 @@
 #include "../core/rules.h"
 #include "driver.h"
 #include "kernels.h"
+#include "per_tensor.h"
 #include "reduce.h"
 
 namespace fo::cpu::FO_ISA_NS {
@@ -32,8 +33,25 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
     for (Hyper& one : h) Rule::at_step(one, mode.step);
     const bool known = with_layout(layout.param, layout.state, layout.extra,
                                    [&](auto m, auto p, auto s, auto x) {
-      run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
-          t, h.data(), per_tensor, mode, max_threads);
+      using M = decltype(m);
+      using P = decltype(p);
+      using S = decltype(s);
+      constexpr Extra X = decltype(x)::value;
+      if constexpr (reduce_count<Rule>() > 0) {
+        // two passes: every tensor's sums, then the update with each tensor's Hyper
+        // completed from them (csrc/core/two_pass.h)
+        constexpr int R = reduce_count<Rule>();
+        const std::vector<double> sums =
+            reduce_per_tensor<Rule, M, X, P, S>(t, h.data(), per_tensor, mode, max_threads);
+        std::vector<Hyper> ht(std::size_t(t.n));
+        for (std::int64_t j = 0; j < t.n; ++j) {
+          ht[std::size_t(j)] = h[per_tensor ? std::size_t(j) : 0];
+          Rule::finish(ht[std::size_t(j)], sums.data() + std::size_t(j) * R);
+        }
+        run<Rule, M, X, P, S>(t, ht.data(), true, mode, max_threads);
+      } else {
+        run<Rule, M, X, P, S>(t, h.data(), per_tensor, mode, max_threads);
+      }
     });
     if (!known)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
