@@ -10,6 +10,10 @@
 #include "rmsprop.h"
 #include "sgd.h"
 #include "stream.h"
+#include "lion.h"
+#include "lamb.h"
+#include "lars.h"
+#include "schedulefree.h"
 
 namespace fo {
 
@@ -37,6 +41,11 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream1") return f(Stream<1>{}), true;
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
+  if (name == "lion") return f(Lion{}), true;
+  if (name == "lamb") return f(Lamb{}), true;
+  if (name == "lars") return f(Lars<false>{}), true;
+  if (name == "lars_momentum") return f(Lars<true>{}), true;
+  if (name == "adamw_schedulefree") return f(AdamwScheduleFree{}), true;
   return false;
 }
 
