@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "lion", "lamb", "lars",
+           "adamw_schedulefree"]
 
 
 def _f64(arrays, name, count=None):
@@ -194,3 +195,108 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
+
+
+def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay=0.0, maximize=False):
+    """Lion (Chen et al. 2023, Algorithm 2): c = beta1 m + (1 - beta1) g;
+    p <- p - lr (sign(c) + weight_decay p); m <- beta2 m + (1 - beta2) g.
+
+    Returns ``(params, exp_avgs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    for i in range(n):
+        g = -gs[i] if maximize else gs[i]
+        c = beta1 * ms[i] + (1.0 - beta1) * g
+        ps[i] = ps[i] - lr * (np.sign(c) + weight_decay * ps[i])
+        ms[i] = beta2 * ms[i] + (1.0 - beta2) * g
+    return _result(ps, ms)
+
+
+def _trust_ratio(p, u, coefficient=1.0, eps=0.0):
+    """optax's scale_by_trust_ratio: coefficient |p| / (|u| + eps) over the whole
+    tensor, 1 where either norm is 0."""
+    p_norm = np.sqrt(np.sum(p * p))
+    u_norm = np.sqrt(np.sum(u * u))
+    if p_norm == 0.0 or u_norm == 0.0:
+        return 1.0
+    return coefficient * p_norm / (u_norm + eps)
+
+
+def lamb(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+         weight_decay=0.0):
+    """LAMB with optax.lamb's equations (scale_by_adam, add_decayed_weights,
+    scale_by_trust_ratio, scale_by_learning_rate): u = m_hat / (sqrt(v_hat) + eps) +
+    weight_decay p, p <- p - lr |p| / |u| u, with per-tensor norms. ``step`` is t after
+    its increment (1 on the first step).
+
+    Returns ``(params, exp_avgs, exp_avg_sqs)``.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    for i in range(n):
+        p, g = ps[i], gs[i]
+        ms[i] = beta1 * ms[i] + (1.0 - beta1) * g
+        vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
+        m_hat = ms[i] / (1.0 - beta1 ** step)
+        v_hat = vs[i] / (1.0 - beta2 ** step)
+        u = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p
+        ps[i] = p - lr * _trust_ratio(p, u) * u
+    return _result(ps, ms, vs)
+
+
+def lars(params, grads, momentum_buffers=None, *, lr, momentum=0.9, weight_decay=0.0,
+         trust_coefficient=0.001, eps=0.0, nesterov=False):
+    """LARS with optax.lars's equations (add_decayed_weights, scale_by_trust_ratio,
+    scale_by_learning_rate, trace): u = g + weight_decay p; u <- -lr
+    trust_coefficient |p| / (|u| + eps) u (per tensor; 1 where a norm is 0);
+    b <- u + momentum b; p <- p + b, or p + u + momentum b with Nesterov. Without
+    momentum the buffers are optional and p <- p + u.
+
+    Returns ``(params, momentum_buffers)``, or ``(params,)`` without buffers.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    bs = _f64(momentum_buffers, "momentum_buffers", n)
+    if momentum != 0 and bs is None:
+        raise ValueError("reference.lars: momentum != 0 needs momentum_buffers")
+    for i in range(n):
+        p = ps[i]
+        u = gs[i] + weight_decay * p
+        u = -lr * _trust_ratio(p, u, trust_coefficient, eps) * u
+        if bs is not None:
+            bs[i] = u + momentum * bs[i]
+            ps[i] = p + (u + momentum * bs[i] if nesterov else bs[i])
+        else:
+            ps[i] = p + u
+    return _result(ps, bs)
+
+
+def adamw_schedulefree(params, grads, zs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, ckp1,
+                       weight_decay=0.0):
+    """Schedule-free AdamW (Defazio et al. 2024), one step of the schedulefree package's
+    AdamWScheduleFree in train mode: the params hold y. ``step`` is t = k + 1, ``lr``
+    the step's (warmed-up) rate and ``ckp1`` the weight c of this step in the average:
+    v = beta2 v + (1 - beta2) g^2; u = g / (sqrt(v / (1 - beta2^t)) + eps) + weight_decay y;
+    y <- (1 - c) y + c z + lr (beta1 (1 - c) - 1) u; z <- z - lr u.
+
+    Returns ``(params, zs, exp_avg_sqs)``.
+    """
+    n = len(params)
+    ys = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    zs = _f64(zs, "zs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    for i in range(n):
+        y, g, z = ys[i], gs[i], zs[i]
+        vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
+        u = g / (np.sqrt(vs[i] / (1.0 - beta2 ** step)) + eps) + weight_decay * y
+        ys[i] = (1.0 - ckp1) * y + ckp1 * z + lr * (beta1 * (1.0 - ckp1) - 1.0) * u
+        zs[i] = z - lr * u
+    return _result(ys, zs, vs)
