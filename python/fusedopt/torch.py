@@ -107,12 +107,16 @@ class _Fused(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._fo_lock:
-            plans, counted = [], []
             for group in self.param_groups:
-                self._plan_group(group, plans, counted)
+                self.spec.check_step(group)
+            plans, counted, grouped = [], [], []
+            for group in self.param_groups:
+                self._plan_group(group, plans, counted, grouped)
             # every group validated: run, then count the step and install first buffers
             for plan in plans:
                 plan.run()
+            for group, after in grouped:
+                group.update(after)
             for cache, sel, params, after in counted:
                 for index, new in after:
                     for name, value in new.items():
@@ -124,11 +128,17 @@ class _Fused(Optimizer):
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, group, plans, counted):
+    def _plan_group(self, group, plans, counted, grouped):
+        spec = self.spec
+        kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
+        # per-group bookkeeping (spec.advance_group): every group, every step
+        extra, after = spec.advance_group(kw, group)
+        if after:
+            kw.update(extra)
+            grouped.append((group, after))
         params = group["params"]
         if not params:
             return
-        spec = self.spec
         cache = self._cache(group)
         grads = list(map(_GRAD, params))
         if any(map(is_, grads, repeat(None))):
@@ -147,7 +157,6 @@ class _Fused(Optimizer):
             params = [params[i] for i in sel]
             grads = [grads[i] for i in sel]
             lists = [[lst[i] for i in sel] for lst in cache.lists]
-        kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
         values = {name: (v if sel is None else v[sel]) for name, v in cache.values.items()}
         first = None
         if cache.fresh is not None:
@@ -205,6 +214,8 @@ class _Fused(Optimizer):
                                        if k != "params"}))
 
     def _init_state(self, name, param, group):
+        if self.spec.state(name).like_param:
+            return param.detach().clone(memory_format=torch.preserve_format)
         value = self.spec.init_value(name, group)
         if value:
             return torch.full_like(param, _plain(value), memory_format=torch.preserve_format)
@@ -306,6 +317,36 @@ class _Fused(Optimizer):
         cache.nstate = len(self.state)
 
 
+class _Modes:
+    """``train()`` and ``eval()`` of the algorithms with two sequences (a spec with a
+    `mode_state`), as the schedulefree package switches them: every param with state
+    moves by ``p.lerp_(state, w)``."""
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the params in train mode (the sequence the steps update)."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the params in eval mode (the sequence to evaluate and save)."""
+        self._switch(False)
+
+    def _switch(self, train):
+        spec = self.spec
+        with self._fo_lock:
+            for group in self.param_groups:
+                weight = spec.mode_weight({k: _plain(v) for k, v in group.items()
+                                           if k != "params"}, train)
+                if weight is None:
+                    continue
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and spec.mode_state in st:
+                        p.lerp_(end=st[spec.mode_state].to(p.device), weight=weight)
+                group.update(spec.set_mode(group, train))
+
+
 # --- the classes, from the table --------------------------------------------------------------
 
 
@@ -336,7 +377,9 @@ def make_class(spec, base=_Fused):
     __init__.__doc__ = f"See `{spec.title}`."
     attrs = {"spec": spec, "__init__": __init__, "__doc__": class_doc(spec, torch=True),
              "__module__": __name__}
-    return type(spec.title, (base,), attrs)
+    bases = (_Modes, base) if spec.mode_state is not None and not issubclass(base, _Modes) \
+        else (base,)
+    return type(spec.title, bases, attrs)
 
 
 def _make_all():
