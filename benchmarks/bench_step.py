@@ -32,7 +32,12 @@ import os
 import sys
 import time
 
-ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+# The rows of the specs' `bench` options (benchmarks/_algos.py; not imported here, since
+# fusedopt must not start OpenMP before OMP_NUM_THREADS is set). The default run takes
+# the classic family.
+ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "lion",
+         "lamb", "lars", "adamw_schedulefree"]
+DEFAULT_ALGOS = ALGOS[:7]
 WORKLOADS = ["1x16M", "1000x16K", "gpt2", "tiny"]
 # The default run: the two 16M-element workloads for every algorithm, and the large
 # model and the host-overhead workload for Adam only.
@@ -44,8 +49,9 @@ DEVICE = "cpu"  # a GPU mode would add its implementations and limit (copy bandw
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", default=",".join(ALGOS),
-                    help="comma-separated algorithms (default: all): " + ", ".join(ALGOS))
+    ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
+                    help="comma-separated algorithms, or 'all' (default: the classic family, "
+                         + ", ".join(DEFAULT_ALGOS) + "): " + ", ".join(ALGOS))
     ap.add_argument("--workloads", default="default",
                     help="comma-separated workloads, 'all', or 'default' (1x16M and 1000x16K "
                          "for every algorithm, gpt2 and tiny for adam): " + ", ".join(WORKLOADS))
@@ -67,7 +73,7 @@ def parse_args(argv):
     ap.add_argument("--json", metavar="PATH", help="write results and machine details as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of %% of the limit (matplotlib)")
     args = ap.parse_args(argv)
-    args.algos = _names(ap, "--algos", args.algos, ALGOS)
+    args.algos = ALGOS if args.algos == "all" else _names(ap, "--algos", args.algos, ALGOS)
     if args.workloads == "default":
         args.plan = [(w, a) for w in DEFAULT_WORKLOADS for a in args.algos]
         args.plan += [(w, "adam") for w in ADAM_ONLY if "adam" in args.algos]

@@ -22,6 +22,7 @@ struct Lamb {
   using Hyper = LambHyper;
   static constexpr int kStates = 2;
   static constexpr int kReduce = 2;  // sum p^2, sum u^2
+  static constexpr bool kReduceReadsStates = true;
 
   FO_HD static void at_step(Hyper& h, double t) {
     h.inv_bc1 = 1.0 / (1.0 - pow(h.beta1, t));

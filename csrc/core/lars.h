@@ -23,6 +23,7 @@ struct Lars : NoStepScalars {
   using Hyper = LarsHyper;
   static constexpr int kStates = Momentum ? 1 : 0;
   static constexpr int kReduce = 2;  // sum p^2, sum u^2
+  static constexpr bool kReduceReadsStates = false;
 
   template <class M>
   FO_HD static M direction(const Hyper& h, M p, M g) {

@@ -8,6 +8,9 @@
 // (common.h), a two-pass rule declares
 //
 //   static constexpr int kReduce;   // number of per-tensor sums (e.g. 2: |p|^2, |u|^2)
+//   static constexpr bool kReduceReadsStates;  // whether reduce reads the states (LAMB's
+//                                             // moments) or only p and g (LARS); the
+//                                             // first pass loads them only if so
 //   template <class M>
 //   FO_HD static void reduce(const Hyper&, M p, M g, const M* s, double* terms);
 //        // this element's kReduce terms, from the values before the step
@@ -39,14 +42,24 @@ FO_HD constexpr int reduce_count() {
   return ReduceCount<Rule>::value;
 }
 
+// The slots the first pass reads: p, g, and the states if the rule's reduce uses them
+// (the bytes per element of the first pass are this times the storage size).
+template <class Rule>
+FO_HD constexpr int reduce_slots() {
+  if constexpr (ReduceCount<Rule>::value == 0) return 0;
+  else return 2 + (Rule::kReduceReadsStates ? Rule::kStates : 0);
+}
+
 // One element of the first pass, for any storage layout: the rule's terms from the
-// values the update would start from (the master copy where there is one).
+// values the update would start from (the master copy where there is one). The states
+// are read only where the rule's reduce uses them.
 template <class Rule, class M, Extra X, class P, class S, class XS>
 FO_HD void reduce_element(const typename Rule::Hyper& h, const P& p, M g, const S* s,
                           const XS& x, double* terms) {
   constexpr int NS = Rule::kStates > 0 ? Rule::kStates : 1;
   M sv[NS];
-  for (int k = 0; k < Rule::kStates; ++k) sv[k] = load<M>(s[k]);
+  if constexpr (Rule::kReduceReadsStates)
+    for (int k = 0; k < Rule::kStates; ++k) sv[k] = load<M>(s[k]);
   const M pv = X == Extra::Master ? load<M>(x) : load<M>(p);
   Rule::template reduce<M>(h, pv, g, sv, terms);
 }

@@ -34,7 +34,8 @@ void reduce_block(const typename Rule::Hyper& h, const Mode& mode, const std::ui
   const S* __restrict s[sizeof...(K) + 1] = {reinterpret_cast<const S*>(slot[2 + K])..., nullptr};
   const XS* __restrict x = reinterpret_cast<const XS*>(slot[2 + sizeof...(K)]);
   auto term = [&](std::int64_t i, double* t) {
-    const S sv[sizeof...(K) + 1] = {s[K][i]..., S{}};
+    // states only where the rule's reduce reads them (LAMB's moments, not LARS's trace)
+    const S sv[sizeof...(K) + 1] = {(Rule::kReduceReadsStates ? s[K][i] : S{})..., S{}};
     const XS xv = X != Extra::None ? x[i] : XS{};
     reduce_element<Rule, M, X>(hc, p[i], load<M>(g[i]) * gscale, sv, xv, t);
   };

@@ -46,6 +46,8 @@ template <class Rule>
 struct IsStreamProbe : std::false_type {};
 template <int N>
 struct IsStreamProbe<Stream<N>> : std::true_type {};
+template <int N, bool R>
+struct IsStreamProbe<StreamReduce<N, R>> : std::true_type {};
 
 // Whether this module has a kernel for the rule in the layout: every optimizer in
 // every layout; the bandwidth probes (stream*) only where the benchmarks use them,

@@ -55,8 +55,10 @@ struct ReduceFunctor {
 #pragma unroll 4
     for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       S s[kS];
+      if constexpr (Rule::kReduceReadsStates) {  // only where the rule's reduce reads them
 #pragma unroll
-      for (int k = 0; k < kStates; ++k) s[k] = st[k][i];
+        for (int k = 0; k < kStates; ++k) s[k] = st[k][i];
+      }
       XS xv{};
       if constexpr (kExtra) xv = xp[i];
       double t[kR];
