@@ -42,13 +42,15 @@ def _group_notes(spec):
     lines = []
     if type(spec).advance_group is not Spec.advance_group and spec.group_extras:
         names = ", ".join(f"``{k}``" for k in spec.group_extras)
-        lines += ["", f"Each param group also keeps {names}: the per-group bookkeeping that "
-                  "every step advances (it travels in the state dict's param groups)."]
+        lines += ["", textwrap.fill(
+            f"Each param group also keeps {names}: the per-group bookkeeping that every "
+            "step advances (it travels in the state dict's param groups).", 88)]
     if spec.mode_state is not None:
-        lines += ["", "``train()`` puts the params in train mode and ``eval()`` in eval mode, "
-                  "moving them between the two sequences with the ``"
-                  f"{spec.mode_state}`` state; call ``train()`` before stepping (a step in "
-                  "eval mode raises RuntimeError) and ``eval()`` before evaluating or saving."]
+        lines += ["", textwrap.fill(
+            "``train()`` puts the params in train mode and ``eval()`` in eval mode, moving "
+            f"them between the two sequences with the ``{spec.mode_state}`` state; call "
+            "``train()`` before stepping (a step in eval mode raises RuntimeError) and "
+            "``eval()`` before evaluating or saving.", 88)]
     return lines
 
 
