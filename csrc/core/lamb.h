@@ -39,11 +39,10 @@ struct Lamb {
   }
 
   template <class M>
-  FO_HD static void reduce(const Hyper& h, M p, M g, const M* s, double* terms) {
+  FO_HD static Terms<2> reduce(const Hyper& h, M p, M g, const M* s) {
     M m = s[0], v = s[1];
     const double u = double(direction(h, p, g, m, v)), pd = double(p);
-    terms[0] = pd * pd;
-    terms[1] = u * u;
+    return {{pd * pd, u * u}};
   }
 
   FO_HD static void finish(Hyper& h, const double* sums) {

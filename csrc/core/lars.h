@@ -31,10 +31,9 @@ struct Lars : NoStepScalars {
   }
 
   template <class M>
-  FO_HD static void reduce(const Hyper& h, M p, M g, const M*, double* terms) {
+  FO_HD static Terms<2> reduce(const Hyper& h, M p, M g, const M*) {
     const double u = double(direction(h, p, g)), pd = double(p);
-    terms[0] = pd * pd;
-    terms[1] = u * u;
+    return {{pd * pd, u * u}};
   }
 
   FO_HD static void finish(Hyper& h, const double* sums) {

@@ -21,7 +21,7 @@ struct AdamwScheduleFreeHyper {
 // torch.lerp's formula, exact at both ends.
 template <class M>
 FO_HD M torch_lerp(M a, M b, double w) {
-  return (w < 0.5 && w > -0.5) ? a + M(w) * (b - a) : b - (b - a) * M(1.0 - w);
+  return std::fabs(w) < 0.5 ? a + M(w) * (b - a) : b - (b - a) * M(1.0 - w);
 }
 
 struct AdamwScheduleFree {

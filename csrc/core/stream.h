@@ -4,6 +4,7 @@
 // an update rule with the same byte count can reach.
 #pragma once
 #include "common.h"
+#include "two_pass.h"
 
 namespace fo {
 
@@ -40,11 +41,11 @@ struct StreamReduce : NoStepScalars {
   static constexpr bool kReduceReadsStates = ReadStates;
 
   template <class M>
-  FO_HD static void reduce(const Hyper&, M p, M g, const M* s, double* terms) {
+  FO_HD static Terms<1> reduce(const Hyper&, M p, M g, const M* s) {
     double t = double(p) + double(g);
     if constexpr (ReadStates)
       for (int k = 0; k < NStates; ++k) t += double(s[k]);
-    terms[0] = t;
+    return {{t}};
   }
 
   FO_HD static void finish(Hyper& h, const double* sums) { h.sum = sums[0]; }

@@ -12,8 +12,10 @@
 //                                             // moments) or only p and g (LARS); the
 //                                             // first pass loads them only if so
 //   template <class M>
-//   FO_HD static void reduce(const Hyper&, M p, M g, const M* s, double* terms);
-//        // this element's kReduce terms, from the values before the step
+//   FO_HD static Terms<kReduce> reduce(const Hyper&, M p, M g, const M* s);
+//        // this element's kReduce terms, from the values before the step (returned by
+//        // value: an array the rule wrote through a pointer would stay in memory, one
+//        // per SIMD lane, and the drivers' loops would not vectorize)
 //   FO_HD static void finish(Hyper&, const double* sums);
 //        // the per-tensor fields of the Hyper (declared in FO_STEP_FIELDS, after the
 //        // per-step ones at_step fills) from the tensor's kReduce sums
@@ -29,6 +31,12 @@
 #include "element.h"
 
 namespace fo {
+
+// The terms of one element, one per per-tensor sum.
+template <int R>
+struct Terms {
+  double v[R];
+};
 
 template <class Rule, class = void>
 struct ReduceCount : std::integral_constant<int, 0> {};
@@ -54,14 +62,14 @@ FO_HD constexpr int reduce_slots() {
 // values the update would start from (the master copy where there is one). The states
 // are read only where the rule's reduce uses them.
 template <class Rule, class M, Extra X, class P, class S, class XS>
-FO_HD void reduce_element(const typename Rule::Hyper& h, const P& p, M g, const S* s,
-                          const XS& x, double* terms) {
+FO_HD Terms<Rule::kReduce> reduce_element(const typename Rule::Hyper& h, const P& p, M g,
+                                          const S* s, const XS& x) {
   constexpr int NS = Rule::kStates > 0 ? Rule::kStates : 1;
-  M sv[NS];
+  M sv[NS] = {};
   if constexpr (Rule::kReduceReadsStates)
     for (int k = 0; k < Rule::kStates; ++k) sv[k] = load<M>(s[k]);
   const M pv = X == Extra::Master ? load<M>(x) : load<M>(p);
-  Rule::template reduce<M>(h, pv, g, sv, terms);
+  return Rule::template reduce<M>(h, pv, g, sv);
 }
 
 // The trust ratio of LAMB and LARS (optax's scale_by_trust_ratio): coefficient *

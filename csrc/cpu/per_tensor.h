@@ -33,26 +33,24 @@ void reduce_block(const typename Rule::Hyper& h, const Mode& mode, const std::ui
   const P* __restrict g = reinterpret_cast<const P*>(slot[1]);
   const S* __restrict s[sizeof...(K) + 1] = {reinterpret_cast<const S*>(slot[2 + K])..., nullptr};
   const XS* __restrict x = reinterpret_cast<const XS*>(slot[2 + sizeof...(K)]);
-  auto term = [&](std::int64_t i, double* t) {
+  auto term = [&](std::int64_t i) {
     // states only where the rule's reduce reads them (LAMB's moments, not LARS's trace)
     const S sv[sizeof...(K) + 1] = {(Rule::kReduceReadsStates ? s[K][i] : S{})..., S{}};
     const XS xv = X != Extra::None ? x[i] : XS{};
-    reduce_element<Rule, M, X>(hc, p[i], load<M>(g[i]) * gscale, sv, xv, t);
+    return reduce_element<Rule, M, X>(hc, p[i], load<M>(g[i]) * gscale, sv, xv);
   };
   double acc[R][kLanes] = {};
   std::int64_t i = lo;
   for (; i + kLanes <= hi; i += kLanes) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
-      double t[R];
-      term(i + l, t);
-      for (int r = 0; r < R; ++r) acc[r][l] += t[r];
+      const Terms<R> t = term(i + l);
+      for (int r = 0; r < R; ++r) acc[r][l] += t.v[r];
     }
   }
   for (int l = 0; i < hi; ++i, ++l) {
-    double t[R];
-    term(i, t);
-    for (int r = 0; r < R; ++r) acc[r][l] += t[r];
+    const Terms<R> t = term(i);
+    for (int r = 0; r < R; ++r) acc[r][l] += t.v[r];
   }
   for (int r = 0; r < R; ++r) {
     double sum = 0.0;

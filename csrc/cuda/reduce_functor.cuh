@@ -61,10 +61,9 @@ struct ReduceFunctor {
       }
       XS xv{};
       if constexpr (kExtra) xv = xp[i];
-      double t[kR];
-      reduce_element<Rule, M, X>(b->h, p[i], load<M>(g[i]) * gscale, s, xv, t);
+      const Terms<kR> t = reduce_element<Rule, M, X>(b->h, p[i], load<M>(g[i]) * gscale, s, xv);
 #pragma unroll
-      for (int r = 0; r < kR; ++r) acc[r] += t[r];
+      for (int r = 0; r < kR; ++r) acc[r] += t.v[r];
     }
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
