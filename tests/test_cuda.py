@@ -117,7 +117,8 @@ STORAGE = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.uint16, BFLOAT1
 
 # --- The module, with or without a GPU ---------------------------------------
 
-NOT_BUILT = "fusedopt._cuda was not built (no CUDA compiler at build time)"
+NOT_BUILT = ("fusedopt._cuda was not built (it is built where nvcc and a GPU are found, "
+             "or with FUSEDOPT_CUDA=ON)")
 
 
 @pytest.fixture(scope="module")
@@ -1029,6 +1030,21 @@ def test_two_pass_across_launches(cp, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_single_tensor_launch(cp, case):
+    """One non-empty tensor among empty ones (a flat buffer) runs as one launch without a
+    block map, larger than one batch: its first pass numbers the chunks as the update's
+    chunk table does."""
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits(CASES[case][0])
+    sizes = [0, lim["chunk"] * lim["max_blocks"] + 11, 0]
+    assert _cuda.count_launches(CASES[case][0], np.array(sizes, np.int64)) == 1
+    host, dev = _run_layout(cp, np.random.default_rng(35), CASES[case], LAYOUTS["float32"],
+                            sizes=sizes, steps=2)
+    _assert_layout_close(cp, dev, host, LAYOUTS["float32"], CASES[case][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
 def test_two_pass_scale_ptr_and_step_ptr(cp, case):
     """The gradient coefficient on the device scales both passes; a skipped step writes
     nothing; the step count on the device gives LAMB's bias corrections."""
@@ -1084,3 +1100,51 @@ def test_new_algorithms_on_cupy_match_numpy(cp, cls, kwargs):
     _assert_same(cp, [p_cp], [p_np], np.float32, scaled=cls in ("LAMB", "LARS"))
     _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"],
                       np.float32, scaled=cls in ("LAMB", "LARS"))
+
+
+# --- flat buffers: one launch -------------------------------------------------------------
+
+
+def test_a_single_tensor_is_one_launch(cuda_mod):
+    """Host-side packing (no GPU needed): a flat buffer of any size is one launch without
+    a block map; the same elements as many tensors take one launch per batch."""
+    lim = cuda_mod.launch_limits("adam")
+    big = lim["chunk"] * lim["max_blocks"] * 3 + 5  # three batches' worth as one tensor
+    assert cuda_mod.count_launches("adam", np.array([big], np.int64)) == 1
+    assert cuda_mod.count_launches("adam", np.array([0, big, 0], np.int64)) == 1
+    split = np.full(4, big // 4, np.int64)
+    assert cuda_mod.count_launches("adam", split) >= 2
+    many = np.full(lim["max_tensors"] + 1, 3, np.int64)
+    assert cuda_mod.count_launches("adam", many) == 2
+
+
+def test_single_tensor_launch_matches_cpu_beyond_one_batch(cp, rng):
+    """The contiguous kernel's chunks cover a tensor larger than one batch's blocks."""
+    from fusedopt import _cuda
+
+    lim = _cuda.launch_limits("sgd_momentum")
+    sizes = [lim["chunk"] * lim["max_blocks"] + 7]
+    host, dev = _run_both(cp, rng, CASES["sgd_momentum"], np.float32, sizes)
+    _assert_same(cp, dev, host, np.float32, bitwise=True)
+
+
+def test_torch_flat_optimizer_on_cuda_matches_default():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+
+    runs = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).cuda()
+        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat)
+        x = torch.randn(64, 16, device="cuda")
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -100,7 +100,8 @@ def test_torch_state_dict_resumes_exactly(c):
 
 
 def test_signatures_are_the_specs():
-    """The constructors take the arguments the issue of each algorithm gives, in order."""
+    """The constructors take the arguments the issue of each algorithm gives, in order
+    (and fusedopt.torch's keyword-only `flat`)."""
     import inspect
 
     def names(cls):
@@ -109,15 +110,16 @@ def test_signatures_are_the_specs():
     empty = inspect.Parameter.empty
     assert names(fot.Lion) == [("self", empty), ("params", empty), ("lr", 1e-4),
                                ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
-                               ("maximize", False)]
+                               ("maximize", False), ("flat", False)]
     assert names(fot.LAMB) == [("self", empty), ("params", empty), ("lr", 1e-3),
-                               ("betas", (0.9, 0.999)), ("eps", 1e-6), ("weight_decay", 0.0)]
+                               ("betas", (0.9, 0.999)), ("eps", 1e-6), ("weight_decay", 0.0),
+                               ("flat", False)]
     assert names(fot.LARS) == [("self", empty), ("params", empty), ("lr", empty),
                                ("momentum", 0.9), ("weight_decay", 0.0),
                                ("trust_coefficient", 0.001), ("eps", 0.0),
-                               ("nesterov", False)]
+                               ("nesterov", False), ("flat", False)]
     assert names(fot.AdamWScheduleFree) == [
         ("self", empty), ("params", empty), ("lr", 0.0025), ("betas", (0.9, 0.999)),
         ("eps", 1e-8), ("weight_decay", 0.0), ("warmup_steps", 0), ("r", 0.0),
-        ("weight_lr_power", 2.0), ("foreach", True)]
+        ("weight_lr_power", 2.0), ("foreach", True), ("flat", False)]
     assert "foreach" not in inspect.signature(fusedopt.AdamWScheduleFree.__init__).parameters

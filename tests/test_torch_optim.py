@@ -415,13 +415,95 @@ def test_deepcopy_and_repr():
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
+# fusedopt.torch's own keyword-only arguments, after torch's
+FUSEDOPT_ONLY = ("flat",)
+
+
+@pytest.mark.parametrize("name", [n for n in fot.__all__ if hasattr(torch.optim, n)])
 def test_constructor_signature_is_torchs(name):
-    """Same argument names, order, kinds and defaults: switching the import is enough."""
+    """Same argument names, order, kinds and defaults: switching the import is enough
+    (fusedopt's own keyword-only arguments come after torch's)."""
     import inspect
 
     def shape(cls):
         return [(p.name, p.kind, p.default) for p in
                 inspect.signature(cls.__init__).parameters.values()]
 
-    assert shape(getattr(fot, name)) == shape(getattr(torch.optim, name))
+    ours = shape(getattr(fot, name))
+    extra = [p for p in ours if p[0] in FUSEDOPT_ONLY]
+    assert all(p[1] is inspect.Parameter.KEYWORD_ONLY for p in extra)
+    assert ours[len(ours) - len(extra):] == extra
+    assert ours[:len(ours) - len(extra)] == shape(getattr(torch.optim, name))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "SGD"])
+def test_a_state_dict_replaced_whole_is_used(name):
+    """Replacing a param's whole state dict (what ZeroRedundancyOptimizer.load_state_dict
+    does with the local optimizer) takes effect at the next step, as in torch.optim, even
+    when the state existed before (Adagrad makes it at construction)."""
+    options = dict(OPTIONS[name][1])
+    data = make_data()
+    source = make_model()
+    source_opt = torch.optim.__dict__[name](source.parameters(), **options)
+    train(source, source_opt, 5, data)
+    runs = []
+    for module in (torch.optim, fot):
+        model = make_model()
+        opt = module.__dict__[name](model.parameters(), **options)
+        train(model, opt, 2, data)
+        model.load_state_dict(source.state_dict())
+        for p, q in zip(model.parameters(), source.parameters()):
+            opt.state[p] = copy.deepcopy(source_opt.state[q])
+        runs.append(train(model, opt, 5, data))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=RTOL, atol=ATOL)
+
+
+def test_step_hooks_and_profiler_range_as_torchs():
+    """Step pre- and post-hooks (the optimizer's and the global ones) run in torch's order,
+    a pre-hook may replace the arguments, and a profiler sees the step's range under
+    torch's name."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    def run(module):
+        events = []
+        model = make_model()
+        opt = module.AdamW(model.parameters(), lr=0.01)
+        x, y = make_data()
+
+        def closure():
+            events.append("closure")
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        def pre(o, args, kwargs):
+            events.append(("pre", type(o).__name__, len(args), sorted(kwargs)))
+            return (o,), {"closure": closure}  # the step runs with the closure given here
+
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: events.append("global pre")),
+            register_optimizer_step_post_hook(lambda o, a, k: events.append("global post")),
+            opt.register_step_pre_hook(pre),
+            opt.register_step_post_hook(
+                lambda o, a, k: events.append(("post", sorted(k)))),
+        ]
+        try:
+            losses = [float(opt.step()) for _ in range(3)]
+        finally:
+            for h in handles:
+                h.remove()
+        losses.append(float(opt.step(closure)))  # hooks removed: the plain path
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+        names = {e.key for e in prof.key_averages()}
+        assert f"Optimizer.step#{type(opt).__name__}.step" in names
+        return events, losses, [p.detach().clone() for p in model.parameters()]
+
+    theirs, ours = run(torch.optim), run(fot)
+    assert ours[0] == theirs[0]
+    assert ours[0].count("closure") == 5 and ours[0][0] == "global pre"
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=RTOL, atol=ATOL)
+    for a, b in zip(ours[2], theirs[2]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=RTOL, atol=ATOL)

@@ -12,6 +12,7 @@ front-end is generated from.
 from . import _cpu, algorithms, amp, functional, reference
 from . import batched, schedules, transfer
 from ._precision import DeviceStepInfo, Precision, StepInfo
+from .flat import FlatArrays, flat_arrays
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer
@@ -22,23 +23,60 @@ globals().update({_cls.__name__: _cls for _cls in _CLASSES.values()})
 __version__ = "0.1.0"
 
 __all__ = [c.__name__ for c in _CLASSES.values()] + [
-    "LBFGS", "Newton", "DeviceStepInfo", "Optimizer", "Precision", "StepInfo", "algorithms",
-    "amp", "batched", "functional", "reference", "schedules", "transfer", "set_num_threads",
-    "get_num_threads", "cuda_available"]
+    "LBFGS", "Newton", "DeviceStepInfo", "FlatArrays", "Optimizer", "Precision", "StepInfo",
+    "algorithms", "amp", "batched", "functional", "reference", "schedules", "transfer",
+    "flat_arrays", "set_num_threads", "get_num_threads", "cuda_available"]
 
 
 def set_num_threads(n: int) -> None:
-    """Threads of the CPU kernels (default: OpenMP's, i.e. OMP_NUM_THREADS)."""
+    """Set the number of threads of the CPU kernels.
+
+    Parameters
+    ----------
+    n : int
+        Threads of every following CPU step, at least 1. The default is OpenMP's,
+        i.e. ``OMP_NUM_THREADS`` or the number of cores.
+
+    Raises
+    ------
+    ValueError
+        If `n` is less than 1.
+
+    See Also
+    --------
+    get_num_threads
+
+    Examples
+    --------
+    >>> import fusedopt as fo
+    >>> fo.set_num_threads(1)
+    >>> fo.get_num_threads()
+    1
+    """
     _cpu.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
-    """Threads of the CPU kernels."""
+    """Return the number of threads of the CPU kernels.
+
+    Returns
+    -------
+    int
+        The count set by `set_num_threads`, or OpenMP's default.
+    """
     return _cpu.get_num_threads()
 
 
 def cuda_available() -> bool:
-    """True when this build has the CUDA module and a CUDA device is present."""
+    """Tell whether CUDA arrays can be stepped.
+
+    Returns
+    -------
+    bool
+        True when this build has the CUDA module (``fusedopt._cuda``) and a CUDA
+        device is present. Importing fusedopt never needs a GPU or its driver; CuPy
+        arrays and torch CUDA tensors need this to be True.
+    """
     from ._backend import cuda_module
 
     module = cuda_module()

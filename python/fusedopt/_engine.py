@@ -13,12 +13,17 @@ functional op of a spec.
 from __future__ import annotations
 
 import numbers
+import sys as _sys
+from operator import is_ as _is
 
 import numpy as np
 
 from . import _arrays, _backend, _foreign, _precision
 from .algorithms import REQUIRED, pack
 from .algorithms._doc import op_doc, op_signature
+
+
+_NUMBER = (int, float)
 
 
 class Plan:
@@ -77,6 +82,21 @@ class Plan:
         for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
             backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, **mode, **layout)
 
+    def refresh(self, spec, kw, grads, options, trusted=False):
+        """This plan for another step of the same arrays: new op keywords (hyperparameters,
+        step) and new gradients, checked against the kept params and states. False when
+        the keywords now need another kernel (the caller plans anew)."""
+        kernel = spec.kernel(kw)
+        if kernel != self.kernel:
+            return False
+        self.prep.with_grads(grads, trusted)
+        self.hyper = pack(kernel, spec.hyper(kw))
+        self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
+        step = kw.get("step", 1)
+        self.step = float(step) if type(step) in _NUMBER or isinstance(step, numbers.Real) \
+            else 1.0
+        return True
+
     def execute(self):
         """Run with the gradient checks the options ask for; a StepInfo when there were any
         (a DeviceStepInfo on the GPU: the checks stay on the device)."""
@@ -114,7 +134,7 @@ def device_checks(plans, options):
     return info
 
 
-def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=None,
+def plan(spec, kw, params, grads, states, *, options=None, stream=None,
          hyper=None, op=None, kernel=None, names=None):
     """The validated step of one algorithm over lists of arrays.
 
@@ -122,8 +142,7 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     the state lists of the buffers `spec.active(kw)` names, in that order; `options`
     the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
     row per tensor: the batched optimizers, which also give the `kernel` and the state
-    `names` their members share); `rows` description rows the caller kept (see
-    `_arrays.prepare`); `op` the name errors carry (default: the op's).
+    `names` their members share); `op` the name errors carry (default: the op's).
     """
     op = op or spec.op_name
     if options is None:
@@ -133,8 +152,7 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
     if hyper is None:
         hyper = pack(kernel, spec.hyper(kw))
     names = spec.arg_names(spec.active(kw) if names is None else names)
-    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
-                           rows=rows)
+    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra)
     prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
     step = kw.get("step", 1)
     step_ptr = 0
@@ -144,6 +162,46 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None, rows=Non
         step = 1.0
     return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
                 kw.get("lr", 0.0), step_ptr)
+
+
+class Kept:
+    """A bucket's plan kept between steps by an optimizer class, with what it was made
+    for: the step after reuses it when the params are the same arrays (their
+    descriptions, or their addresses for torch parameters) and the state buffers the
+    same objects, so only the gradients are described and checked again."""
+
+    __slots__ = ("plan", "params", "lists", "rows", "ptrs")
+
+    def __init__(self, plan, params, lists):
+        self.plan, self.params, self.lists = plan, list(params), [list(x) for x in lists]
+        rows = plan.prep.rows
+        self.rows = None if rows is None else rows[0].copy()
+        self.ptrs = None if rows is None else self.rows[:, _arrays.PTR].tobytes()
+
+    def reuse(self, spec, kw, params, grads, lists, options, torch_params=False,
+              checked=False):
+        """The kept plan refreshed for this step, or None when it no longer fits.
+        `checked`: the caller knows the params and state lists are the same objects."""
+        plan = self.plan
+        if self.rows is None:
+            return None
+        if not checked and (len(params) != len(self.params) or
+                            not all(map(_is, params, self.params)) or
+                            len(lists) != len(self.lists) or
+                            not all(all(map(_is, a, b)) for a, b in zip(lists, self.lists))):
+            return None
+        n = len(params)
+        if torch_params:
+            T = _sys.modules["torch"].Tensor
+            if np.fromiter(map(T.data_ptr, params), np.int64, n).tobytes() != self.ptrs:
+                return None
+        else:
+            rows = _arrays.describe_params(params, plan.stream)
+            if rows is None or rows.tobytes() != self.rows.tobytes():
+                return None
+        if not plan.refresh(spec, kw, grads, options, trusted=torch_params):
+            return None
+        return plan
 
 
 def _device_count(op, step, prep):

@@ -1,6 +1,6 @@
 """K optimizer settings stepped in one fused call: hyperparameter search and ensembles.
 
-Each parameter is stored as K stacked copies, an array of shape (K, *shape): member k
+Each parameter is stored as K stacked copies, an array of shape ``(K, *shape)``: member k
 owns the slices `param[k]`. A batched optimizer updates every member of every parameter
 in ONE kernel call, each member with its own hyperparameters (the CPU kernels take a
 table of one hyperparameter row per tensor), instead of K optimizer calls:

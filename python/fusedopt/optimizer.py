@@ -81,6 +81,7 @@ class Optimizer:
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
         self._lock = threading.Lock()
+        self._kept = {}  # group index -> the group's plan, kept between steps
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
         self.defaults = dict(defaults)
         self.param_groups = []
@@ -105,11 +106,13 @@ class Optimizer:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_lock", None)
+        state.pop("_kept", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._kept = {}
 
     # --- a checked step on the GPU leaves its outcome on the device ------------------------
     # The update kernels read the skip flag there; the host learns it only when it needs
@@ -161,6 +164,7 @@ class Optimizer:
                                  f"optimization parameter {key}")
             group.setdefault(key, value)
         self._validate_group(group)
+        self._kept = {}
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
             raise ValueError("some parameters appear in more than one parameter group")
@@ -244,15 +248,18 @@ class Optimizer:
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
         if len(grads) != total:
             raise ValueError(f"step: got {len(grads)} grads for {total} params")
-        options = _precision.Options("step", {"loss_scale": loss_scale,
-                                              "max_grad_norm": max_grad_norm,
-                                              "skip_nonfinite": skip_nonfinite})
+        if loss_scale is None and max_grad_norm is None and not skip_nonfinite:
+            options = _precision.PLAIN
+        else:
+            options = _precision.Options("step", {"loss_scale": loss_scale,
+                                                  "max_grad_norm": max_grad_norm,
+                                                  "skip_nonfinite": skip_nonfinite})
         scalar_key = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
         for group in self.param_groups:
             spec.check_step(group)
         plans, created, updates = [], {}, []
         offset = 0
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = group["params"]
             n = len(params)
             gslice = grads[offset:offset + n]
@@ -277,7 +284,7 @@ class Optimizer:
                     keys.add(None)  # 16-bit params with master/Kahan buffers and others
                 if len(keys) == 1:  # the common case: one bucket for the whole group
                     plans.append(self._bucket_plan(kw, precision, params, gslice, states,
-                                                   keys.pop(), False, updates))
+                                                   keys.pop(), False, updates, gi))
                     offset += n
                     continue
             buckets = {}
@@ -333,7 +340,10 @@ class Optimizer:
             precision["l1"] = group["l1"]
         return precision
 
-    def _bucket_plan(self, kw, precision, params, grads, states, scalars, fresh, updates):
+    def _bucket_plan(self, kw, precision, params, grads, states, scalars, fresh, updates,
+                     group_index=None):
+        """The plan of one bucket (params with the same scalars); a whole group's is kept
+        for the next step (`_engine.Kept`), which then checks only the gradients."""
         spec = self.spec
         names = spec.active(kw)
         lists = [list(map(itemgetter(name), states)) for name in names]
@@ -343,15 +353,26 @@ class Optimizer:
             kw = {**kw, **extra}
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: fresh}
+        kept_lists = lists
         if params:
             name = self.precision.extra_name(_dtype(params[0]))
             if name is not None:
                 precision = dict(precision)
                 key = "master_params" if name == "master_param" else "kahan_buffers"
                 precision[key] = [s[name] for s in states]
+                kept_lists = lists + [precision[key]]
         updates.append((states, after))
-        return _engine.plan(spec, kw, params, grads, lists,
-                            options=_precision.Options("step", precision))
+        options = _precision.Options("step", precision) if precision else _precision.PLAIN
+        if group_index is not None:
+            kept = self._kept.get(group_index)
+            if kept is not None:
+                plan = kept.reuse(spec, kw, params, grads, kept_lists, options)
+                if plan is not None:
+                    return plan
+        plan = _engine.plan(spec, kw, params, grads, lists, options=options)
+        if group_index is not None:
+            self._kept[group_index] = _engine.Kept(plan, params, kept_lists)
+        return plan
 
     # --- state dicts ----------------------------------------------------------------------
 
@@ -396,6 +417,7 @@ class Optimizer:
             new_state[idx] = self._load_param_state(idx, group, saved)
         self.param_groups[:] = new_groups
         self.state = new_state
+        self._kept = {}
 
     def _param(self, idx):
         for group in self.param_groups:

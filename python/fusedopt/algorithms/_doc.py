@@ -67,7 +67,9 @@ def class_signature(spec, torch=False):
         kind = _P.KEYWORD_ONLY if kw_only else _P.POSITIONAL_OR_KEYWORD
         default = _P.empty if o.default is REQUIRED else o.default
         params.append(_P(o.name, kind, default=default, annotation=o.annotation))
-    if not torch:
+    if torch:
+        params.append(_P("flat", _P.KEYWORD_ONLY, default=False, annotation="bool"))
+    else:
         params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
                          annotation="Precision | None"))
     return inspect.Signature(params, return_annotation=None)
@@ -89,7 +91,14 @@ def class_doc(spec, torch=False):
         if o.torch_only and not torch:
             continue
         lines.append(_entry(o.name, o.annotation, o.doc, o.default))
-    if not torch:
+    if torch:
+        lines.append(_entry("flat", "bool", "Move each group's params (per device and dtype) "
+                            "into one contiguous buffer, their gradients and states into "
+                            "others, so that a step is one kernel call with no per-tensor "
+                            "work; the params stay the same objects, their .data views of the "
+                            "buffer. zero_grad then zeroes the gradient buffer and keeps the "
+                            "views (see the docs: fusedopt.torch, flat buffers).", False))
+    else:
         lines.append(_entry("precision", "Precision or None",
                             "The mixed-precision policy (`fusedopt.Precision`): state dtype, "
                             "master weights or Kahan buffers, stochastic rounding.", None))

@@ -88,9 +88,12 @@ def torch_flag(name, kw_only=True):
 # --- validation with torch.optim's messages --------------------------------------------------
 
 
+_PLAIN = (float, int, bool)
+
+
 def number(value):
     """A hyperparameter as a Python number (torch.optim accepts 1-element tensors)."""
-    if isinstance(value, numbers.Real):
+    if type(value) in _PLAIN or isinstance(value, numbers.Real):
         return value
     item = getattr(value, "item", None)
     if callable(item):
@@ -235,9 +238,13 @@ class Spec:
 
     def to_op(self, group):
         """A param group's hyperparameters as the functional op's keywords (without the
-        scalars, which `advance` gives)."""
-        return {o.name: number(group[o.name]) for o in self.op_keywords
-                if o.name in group and o.name not in self.scalars}
+        scalars, which `advance` gives): those of the group's entries that the op takes
+        under the same name."""
+        names = self.__dict__.get("_op_names")
+        if names is None:
+            names = self._op_names = tuple(o.name for o in self.op_keywords
+                                           if o.name not in self.scalars)
+        return {name: number(group[name]) for name in names if name in group}
 
     def active(self, kw):
         """Names of the state buffers these op keywords use, in slot order."""
@@ -297,7 +304,12 @@ class Spec:
     def reductions(self, kw):
         """How many per-tensor sums the kernel for these op keywords computes in a first
         pass before its update (0: an elementwise rule; csrc/core/two_pass.h)."""
-        return _cpu.num_reductions(self.kernel(kw))
+        kernel = self.kernel(kw)
+        known = self.__dict__.setdefault("_reductions", {})
+        count = known.get(kernel)
+        if count is None:
+            count = known[kernel] = _cpu.num_reductions(kernel)
+        return count
 
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars
@@ -312,7 +324,10 @@ class Spec:
     @property
     def takes_step(self):
         """Whether the functional op takes the step count."""
-        return any(o.name == "step" for o in self.op_keywords)
+        takes = self.__dict__.get("_takes_step")
+        if takes is None:
+            takes = self._takes_step = any(o.name == "step" for o in self.op_keywords)
+        return takes
 
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
