@@ -53,6 +53,7 @@ CASES = [
     Case("adam-two-groups-two-dtypes", fo.Adam, {"lr": 1e-2}, dtypes=(np.float32, np.float64),
          packed=False, group_options=({"lr": 3e-2, "weight_decay": 0.1}, {})),
     Case("sgd-one-element", fo.SGD, {"lr": 0.1, "momentum": 0.5}, shapes=[(1,)]),
+    Case("lion", fo.Lion, {"lr": 1e-2, "weight_decay": 0.1}),
 ]
 
 
@@ -189,6 +190,12 @@ def _bad_input(comm):
     out["unchanged"] = all(np.array_equal(a, b) for a, b in zip(params, before))
     out["lbfgs"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LBFGS,
                                                            comm=comm))
+    out["lamb"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LAMB,
+                                                          comm=comm))
+    out["lars"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LARS,
+                                                          comm=comm, lr=0.1, momentum=0.0))
+    out["schedulefree"] = attempt(lambda: ZeroRedundancyOptimizer(
+        [np.ones(3)], optimizer_class=fo.AdamWScheduleFree, comm=comm))
     out["strided"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones((4, 4))[:, ::2]],
                                                              optimizer_class=fo.SGD, comm=comm))
     out["hyperparameter"] = attempt(lambda: ZeroRedundancyOptimizer(
