@@ -167,7 +167,10 @@ class _Fused(Optimizer):
 
     def add_param_group(self, param_group):
         """Add a param group (torch.optim's rules); with ``flat=True`` its params move
-        into flat buffers of their own."""
+        into flat buffers of their own. An algorithm with per-tensor norms (LAMB, LARS)
+        refuses params sharded by their engine (DTensors with a Shard placement, FSDP2):
+        a shard's norms are not its tensor's."""
+        self._check_shards(param_group)
         super().add_param_group(param_group)
         if self._fo_flat:
             group = self.param_groups[-1]
@@ -181,6 +184,25 @@ class _Fused(Optimizer):
             for bucket in made:
                 for position, p in enumerate(bucket.params):
                     self._fo_where[id(p)] = (bucket, position)
+
+    def _check_shards(self, param_group):
+        DTensor = _foreign._dtensor_class()
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if DTensor is None or params is None:
+            return
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # (torch refuses sets)
+            params = param_group["params"] = list(params)
+        if not any(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
+                   for p in params):
+            return
+        spec = self.spec
+        if spec.reductions(spec.to_op({**self.defaults, **param_group})):
+            raise ValueError(f"{type(self).__name__}: params sharded by their engine (DTensors "
+                             "with a Shard placement, FSDP2) are stepped on their local "
+                             "shards, and this algorithm's trust ratios need each whole "
+                             "tensor's norms")
 
     def zero_grad(self, set_to_none=True):
         """Reset the gradients (torch.optim's `zero_grad`). With ``flat=True`` the
