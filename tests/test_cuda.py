@@ -83,7 +83,49 @@ CASES = {
     "adam_amsgrad": _adam(amsgrad=True),
     "adamw_amsgrad": _adam(amsgrad=True, decoupled=True),
     **{f"stream{k}": (f"stream{k}", k, _hyper(f"stream{k}", scale=0.5)) for k in range(4)},
+    "lion": ("lion", 1, _hyper("lion", lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                               maximize=False)),
+    "lion_maximize": ("lion", 1, _hyper("lion", lr=1e-2, beta1=0.5, beta2=0.9,
+                                        weight_decay=0.0, maximize=True)),
+    "lamb": ("lamb", 2, _hyper("lamb", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6,
+                               weight_decay=0.05)),
+    "lars": ("lars", 0, _hyper("lars", lr=1.0, momentum=0.0, weight_decay=0.01,
+                               trust_coefficient=0.01, eps=0.0, nesterov=False)),
+    "lars_nesterov": ("lars_momentum", 1, _hyper("lars_momentum", lr=0.5, momentum=0.9,
+                                                 weight_decay=0.0, trust_coefficient=0.02,
+                                                 eps=1e-3, nesterov=True)),
+    "adamw_schedulefree": ("adamw_schedulefree", 2, _hyper(
+        "adamw_schedulefree", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+        ckp1=lambda t: 1.0 / t, y_coef=lambda t: 1e-2 * (0.9 * (1.0 - 1.0 / t) - 1.0))),
 }
+# Kernels with a first pass of per-tensor sums (LAMB, LARS): the GPU adds the terms in
+# another order than the CPU, so their trust ratios agree to rounding, not bit for bit.
+TWO_PASS = {name for name, (kernel, _, _) in CASES.items() if kernel.startswith(("lamb", "lars"))}
+
+
+def _table_case(c):
+    """(kernel, state count, hyper(t)) of a case of the case table (tests/cases.py): its
+    op keywords of step t through the spec, packed by field name."""
+    spec = c.algo.spec
+    kw = c.op_kwargs(1)
+    kernel = spec.kernel(kw)
+
+    def hyper(t):
+        kw_t = c.op_kwargs(t)
+        assert spec.kernel(kw_t) == kernel
+        return list(pack(kernel, spec.hyper(kw_t)))
+
+    return kernel, len(spec.active(kw)), hyper
+
+
+def _table_cases():
+    """Every case of the case table, named "table-<case id>": an algorithm's rows there
+    bring its kernels here."""
+    from cases import CASES as TABLE
+    return {f"table-{c.id}": _table_case(c) for c in TABLE}
+
+
+CASES.update(_table_cases())
 
 # Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
 # weights, 2 Kahan compensation), as fusedopt._cpu.step takes them.
@@ -289,14 +331,18 @@ def _run_both(cp, rng, case, dtype, sizes, steps=3, offsets=None):
     return host, dev
 
 
-def _assert_same(cp, dev, host, dtype, bitwise=False):
+def _assert_same(cp, dev, host, dtype, bitwise=False, scaled=False):
+    """Every slot of every tensor: bit for bit, or within RTOL; `scaled` adds an absolute
+    tolerance of RTOL times the tensor's largest value (results of a trust ratio that
+    cancel to near zero)."""
     for k, (dev_slot, host_slot) in enumerate(zip(dev, host)):
         for j, (d, h) in enumerate(zip(dev_slot, host_slot)):
             got = cp.asnumpy(d)
             where = f"slot {k}, tensor {j} ({h.size} elements)"
             if bitwise:
                 assert got.tobytes() == h.tobytes(), where
-            np.testing.assert_allclose(got, h, rtol=RTOL[dtype], err_msg=where)
+            atol = RTOL[dtype] * float(np.abs(h).max(initial=0.0)) if scaled else 0.0
+            np.testing.assert_allclose(got, h, rtol=RTOL[dtype], atol=atol, err_msg=where)
 
 
 DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -307,7 +353,7 @@ DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float3
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_cpu(cp, case, dtype):
     host, dev = _run_both(cp, np.random.default_rng(0), CASES[case], dtype, SIZES)
-    _assert_same(cp, dev, host, dtype)
+    _assert_same(cp, dev, host, dtype, scaled=case in TWO_PASS)
 
 
 # Every operation rounds the same way on both sides (--fmad=false for nvcc,
@@ -315,7 +361,8 @@ def test_matches_cpu(cp, case, dtype):
 # difference in the last bit means a contraction or an approximation crept in.
 @pytest.mark.cuda
 @DTYPES
-@pytest.mark.parametrize("case", ["adam", "adamw_amsgrad", "rmsprop_centered_momentum", "adadelta"])
+@pytest.mark.parametrize("case", ["adam", "adamw_amsgrad", "rmsprop_centered_momentum", "adadelta",
+                                  "lion", "lion_maximize", "adamw_schedulefree"])
 def test_bitwise_equal_to_cpu(cp, case, dtype):
     host, dev = _run_both(cp, np.random.default_rng(1), CASES[case], dtype, SIZES)
     _assert_same(cp, dev, host, dtype, bitwise=True)
@@ -505,6 +552,12 @@ def _assert_bits(cp, dev, host):
 
 LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adadelta",
                 "adam", "adamw_amsgrad"]
+# and, for every other kernel, its first case in the case table
+_kernels = {CASES[name][0] for name in LAYOUT_CASES}
+for _name, (_kernel, _, _) in CASES.items():
+    if _name.startswith("table-") and _kernel not in _kernels:
+        _kernels.add(_kernel)
+        LAYOUT_CASES.append(_name)
 
 
 @pytest.mark.cuda
@@ -777,18 +830,20 @@ def test_functional_adam_on_cupy_matches_numpy(cp, variant, dtype):
     _assert_same(cp, dev, host, dtype)
 
 
-def _assert_tree_same(cp, dev, host, dtype, where="state"):
+def _assert_tree_same(cp, dev, host, dtype, where="state", scaled=False):
     if isinstance(host, dict):
         assert sorted(map(str, dev)) == sorted(map(str, host)), where
         for key in host:
-            _assert_tree_same(cp, dev[key], host[key], dtype, f"{where}[{key!r}]")
+            _assert_tree_same(cp, dev[key], host[key], dtype, f"{where}[{key!r}]", scaled)
     elif isinstance(host, (list, tuple)):
         assert len(dev) == len(host), where
         for i, (d, h) in enumerate(zip(dev, host)):
-            _assert_tree_same(cp, d, h, dtype, f"{where}[{i}]")
+            _assert_tree_same(cp, d, h, dtype, f"{where}[{i}]", scaled)
     else:
         got = cp.asnumpy(dev) if isinstance(dev, cp.ndarray) else np.asarray(dev)
-        np.testing.assert_allclose(got, np.asarray(host), rtol=RTOL[dtype], err_msg=where)
+        want = np.asarray(host)
+        atol = RTOL[dtype] * float(np.abs(want).max(initial=0.0)) if scaled else 0.0
+        np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=atol, err_msg=where)
 
 
 @pytest.mark.cuda
@@ -883,6 +938,31 @@ def test_a_checked_step_does_not_wait_for_the_device(cp):
     assert info.skipped is False and info.grad_norm > 0.0
     stream.synchronize()
     assert float(count[0]) == 1.0
+
+
+@pytest.mark.cuda
+def test_step_ptr_across_radams_rectification(cp):
+    """RAdam switches to its rectified step (rho_t > 5: from t = 6 with betas 0.8, 0.9)
+    by the step count; with the count on the device the switch is decided there, on
+    the same step as on the host (pow there may round differently in the last bit,
+    hence the tolerance)."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES["table-radam-lr=0.01-betas=0.8,0.9-eps=1e-06"]
+    rng = np.random.default_rng(25)
+    data = _host_slots(rng, SIZES, nstates, np.float64)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t in range(1, 9):
+        for h, d in zip(host[1], dev[1]):
+            h[...] = rng.standard_normal(h.size)
+            d[...] = cp.asarray(h)
+        _cpu_step(kernel, np.float64, host, hyper(t), step=t)
+        _cuda.advance_step(count.data.ptr, 0, stream.ptr)
+        _gpu_step(cp, kernel, np.float64, dev, hyper(t), step=1e9, step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == 8
+    _assert_same(cp, dev, host, np.float64)
 
 
 @pytest.mark.cuda
@@ -1178,6 +1258,264 @@ def test_torch_lbfgs_on_cuda_matches_cpu(cuda_mod):
         results.append([p.detach().cpu().numpy() for p in model.parameters()])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# --- 8-bit state (uint8 codes with float32 block scales): bit for bit --------------------------
+
+INT8_BLOCK = 4  # the storage code of 8-bit states
+# (kernel case, bit mask of the states that use the unsigned code table)
+Q8_CASES = {"adam": 0b10, "adamw_amsgrad": 0b110, "sgd_momentum": 0, "adagrad": 0b1,
+            "rmsprop_momentum": 0b1, "adadelta": 0b11}
+Q8_LAYOUTS = {"float32": (FLOAT32, 0), "bfloat16": (BFLOAT16, 0), "float16": (FLOAT16, 0),
+              "bfloat16/master": (BFLOAT16, 1), "float16/kahan": (FLOAT16, 2)}
+
+
+def _q8_slots(rng, sizes, nstates, unsigned, param, extra):
+    """Host slots: params, grads, each state's codes, the extra buffer, each state's
+    scales (codes of random states, quantized by the CPU module)."""
+    from fusedopt import _cpu
+    values = [[rng.standard_normal(n) for n in sizes] for _ in range(2)]
+    slots = [[_encode(param, v) for v in slot] for slot in values]
+    codes, scales = [], []
+    for k in range(nstates):
+        positive = (unsigned >> k) & 1
+        pairs = [_cpu.quantize_blockwise(
+            (rng.uniform(0.05, 1.0, n) if positive else 0.5 * rng.standard_normal(n))
+            .astype(np.float32), not positive) for n in sizes]
+        codes.append([c for c, _ in pairs])
+        scales.append([s for _, s in pairs])
+    slots += codes
+    if extra == 1:
+        slots.append([v.astype(np.float32) for v in values[0]])
+    elif extra == 2:
+        slots.append([_encode(param, 1e-3 * rng.standard_normal(n)) for n in sizes])
+    return slots + scales
+
+
+def _run_q8(cp, rng, case, layout, sizes=SIZES, steps=3, **mode):
+    kernel, nstates, hyper = CASES[case]
+    param, extra = Q8_LAYOUTS[layout]
+    data = _q8_slots(rng, sizes, nstates, Q8_CASES[case], param, extra)
+    host, dev = _place(np, data), _place(cp, data)
+    for t in range(1, steps + 1):
+        _new_grads(rng, host, dev, param, cp)
+        kw = dict(state_dtype=INT8_BLOCK, extra=extra, step=t, unsigned_states=Q8_CASES[case],
+                  **mode)
+        _cpu_step(kernel, param, host, hyper(t), **kw)
+        _gpu_step(cp, kernel, param, dev, hyper(t), **kw)
+    cp.cuda.get_current_stream().synchronize()
+    return host, dev
+
+
+def test_8bit_layouts_have_kernels(cuda_mod):
+    for param, extra in Q8_LAYOUTS.values():
+        for case in Q8_CASES:
+            assert cuda_mod.has_kernel(CASES[case][0], param, INT8_BLOCK, extra)
+        assert not cuda_mod.has_kernel("sgd", param, INT8_BLOCK, extra)  # no state to store
+        assert not cuda_mod.has_kernel("stream2", param, INT8_BLOCK, extra)
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        cuda_mod.step("adam", 1, np.zeros(6, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)  # float64 params
+    with pytest.raises(ValueError, match="expected 6 x 1 pointers, got 4"):
+        cuda_mod.step("adam", 0, np.zeros(4, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)
+    assert cuda_mod.launch_limits("adam_amsgrad", extra=1, state_dtype=INT8_BLOCK)[
+        "max_tensors"] >= 100
+
+
+def test_8bit_layouts_have_no_ema_slot(cuda_mod):
+    """No EMA slot next to 8-bit state: no kernel, and the step refuses the layout."""
+    for param, extra in Q8_LAYOUTS.values():
+        if extra != 2:
+            assert not cuda_mod.has_kernel("adam", param, INT8_BLOCK, extra | 4)
+    with pytest.raises(ValueError, match="adam: no EMA slot with 8-bit state"):
+        cuda_mod.step("adam", 0, np.zeros(7, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK, extra=4, ema_decay=0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(Q8_LAYOUTS))
+@pytest.mark.parametrize("case", list(Q8_CASES))
+def test_8bit_bitwise_equal_to_cpu(cp, case, layout):
+    """Params, codes and scales: the same bits as the CPU kernels (tensors of one
+    element, partial blocks, and several chunks)."""
+    host, dev = _run_q8(cp, np.random.default_rng(30), case, layout, grad_scale=0.5)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bfloat16", "float16", "bfloat16/master"])
+def test_8bit_stochastic_rounding_same_bits_as_cpu(cp, layout):
+    host, dev = _run_q8(cp, np.random.default_rng(31), "adam", layout, stochastic=True,
+                        key=12345)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_more_tensors_than_one_launch_holds(cp):
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits("adam", state_dtype=INT8_BLOCK)
+    rng = np.random.default_rng(32)
+    sizes = [int(n) for n in rng.integers(0, 3000, 2 * lim["max_tensors"] + 5)]
+    sizes[7] = 2 * lim["chunk"] + 300
+    host, dev = _run_q8(cp, rng, "adam", "float32", sizes=sizes, steps=2)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_torch_classes_on_the_gpu():
+    """fusedopt.torch.AdamW8bit on CUDA tensors: the same params and state as on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+    rng = np.random.default_rng(33)
+    start = [torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in [(300, 70), (5000,)]]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [p.to(device).requires_grad_() for p in start]
+        opt = fot.AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+        for t in range(3):
+            for j, p in enumerate(params):
+                p.grad = torch.tensor(np.random.default_rng(100 * t + j).standard_normal(p.shape),
+                                      dtype=torch.float32, device=device)
+            opt.step()
+        torch.cuda.synchronize()
+        runs[device] = [p.detach().cpu() for p in params] + \
+            [v.cpu() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    for a, b in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(a, b)
+
+# --- Two-pass rules (LAMB, LARS): per-tensor sums on the device --------------------
+
+def _assert_layout_close(cp, dev, host, layout, nstates):
+    """Decoded slots within one unit in the last place of their storage (16-bit and
+    float32) or 1e-12 (float64), relative to each tensor's largest value: the trust
+    ratios of both devices agree to rounding, and a result may round the other way."""
+    codes = _layout_codes(layout, nstates)
+    ulp = {FLOAT16: 2.0**-10, BFLOAT16: 2.0**-7, FLOAT32: 2.0**-22, FLOAT64: 1e-12}
+    for k, (dev_slot, host_slot) in enumerate(zip(dev, host)):
+        for j, (d, h) in enumerate(zip(dev_slot, host_slot)):
+            got, want = _decode(codes[k], cp.asnumpy(d)), _decode(codes[k], h)
+            tol = ulp[codes[k]] * (np.abs(want) + 1e-3 * np.abs(want).max(initial=0.0))
+            np.testing.assert_array_less(np.abs(got - want), tol + 1e-300,
+                                         err_msg=f"slot {k}, tensor {j} ({h.size} elements)")
+
+
+TWO_PASS_LAYOUTS = ["float32", "float64", "bfloat16/float32/master", "float16/float32",
+                    "float16/bfloat16/kahan", "bfloat16/bfloat16"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", TWO_PASS_LAYOUTS)
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_layouts_match_cpu(cp, case, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(30), CASES[case], LAYOUTS[layout],
+                            grad_scale=0.5)
+    _assert_layout_close(cp, dev, host, LAYOUTS[layout], CASES[case][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_is_deterministic(cp, case):
+    """The sums have a fixed association (no atomics): two runs give the same bits, on
+    tensors of many chunks."""
+    sizes = [5 * 65536 + 3, 1, 70000, 0, 4097]
+    runs = [_run_layout(cp, np.random.default_rng(31), CASES[case], LAYOUTS["float32"],
+                        sizes=sizes)[1] for _ in range(2)]
+    _assert_bits(cp, runs[0], [[cp.asnumpy(a) for a in slot] for slot in runs[1]])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_across_launches(cp, case):
+    """More tensors than one launch holds, one of them cut across two launches, one
+    Hyper per tensor: every tensor's sums are its own chunks' (the chunk table numbers
+    them across launches)."""
+    from fusedopt import _cuda
+    kernel = CASES[case][0]
+    lim = _cuda.launch_limits(kernel)
+    rng = np.random.default_rng(32)
+    sizes = [int(n) for n in rng.integers(0, 3000, 2 * lim["max_tensors"] + 50)]
+    sizes[lim["max_tensors"] - 1] = 2 * lim["chunk"] + 3
+    sizes[7] = lim["chunk"] * lim["max_blocks"] + 11  # itself more than one launch
+    host, dev = _run_layout(cp, rng, CASES[case], LAYOUTS["float32"], sizes=sizes, steps=2,
+                            per_tensor=True)
+    _assert_layout_close(cp, dev, host, LAYOUTS["float32"], CASES[case][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_single_tensor_launch(cp, case):
+    """One non-empty tensor among empty ones (a flat buffer) runs as one launch without a
+    block map, larger than one batch: its first pass numbers the chunks as the update's
+    chunk table does."""
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits(CASES[case][0])
+    sizes = [0, lim["chunk"] * lim["max_blocks"] + 11, 0]
+    assert _cuda.count_launches(CASES[case][0], np.array(sizes, np.int64)) == 1
+    host, dev = _run_layout(cp, np.random.default_rng(35), CASES[case], LAYOUTS["float32"],
+                            sizes=sizes, steps=2)
+    _assert_layout_close(cp, dev, host, LAYOUTS["float32"], CASES[case][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(TWO_PASS))
+def test_two_pass_scale_ptr_and_step_ptr(cp, case):
+    """The gradient coefficient on the device scales both passes; a skipped step writes
+    nothing; the step count on the device gives LAMB's bias corrections."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES[case]
+    lay = LAYOUTS["float32"]
+    rng = np.random.default_rng(33)
+    data = _layout_slots(rng, SIZES, nstates, lay)
+    host, dev = _place(np, data), _place(cp, data)
+    scale = cp.asarray([0.0, 0.25, 3.0])
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t, skip in ((1, False), (2, True), (2, False)):
+        _new_grads(rng, host, dev, lay[0], cp)
+        scale[0] = float(skip)
+        if not skip:
+            _cpu_step(kernel, lay[0], host, hyper(t), grad_scale=0.25, step=t)
+        _cuda.advance_step(count.data.ptr, scale.data.ptr, stream.ptr)
+        _gpu_step(cp, kernel, lay[0], dev, hyper(t), step=1e9, scale_ptr=scale.data.ptr,
+                  step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == 2.0
+    _assert_layout_close(cp, dev, host, lay, nstates)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kwargs", [("Lion", dict(lr=1e-2, weight_decay=0.1)),
+                                         ("LAMB", dict(lr=1e-2, weight_decay=0.01)),
+                                         ("LARS", dict(lr=1.0, trust_coefficient=0.01)),
+                                         ("AdamWScheduleFree", dict(lr=1e-2, warmup_steps=2))])
+def test_new_algorithms_on_cupy_match_numpy(cp, cls, kwargs):
+    """The classes on CuPy arrays against the same classes on NumPy arrays (train/eval
+    switches included for schedule-free AdamW)."""
+    import fusedopt
+    rng = np.random.default_rng(34)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    p_np, p_cp = [p.copy() for p in params], [cp.asarray(p) for p in params]
+    opt_np = getattr(fusedopt, cls)(p_np, **kwargs)
+    opt_cp = getattr(fusedopt, cls)(p_cp, **kwargs)
+    modes = hasattr(opt_np, "train")
+    for _ in range(2):
+        if modes:
+            opt_np.train()
+            opt_cp.train()
+        for _ in range(3):
+            grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+            opt_np.step(grads)
+            opt_cp.step([cp.asarray(g) for g in grads])
+        if modes:
+            opt_np.eval()
+            opt_cp.eval()
+    cp.cuda.get_current_stream().synchronize()
+    _assert_same(cp, [p_cp], [p_np], np.float32, scaled=cls in ("LAMB", "LARS"))
+    _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"],
+                      np.float32, scaled=cls in ("LAMB", "LARS"))
 
 
 # --- flat buffers: one launch -------------------------------------------------------------

@@ -326,3 +326,47 @@ def test_a_copy_keeps_the_ema_settings():
     clone.load_state_dict(copy.deepcopy(opt.state_dict()))
     fo_copy = copy.deepcopy(fo.Adam([np.zeros(3)], ema_decay=0.7))
     assert fo_copy.ema_decay == 0.7
+
+
+# --- no EMA slot next to 8-bit state ---------------------------------------------------------
+
+
+def test_ema_is_refused_with_8bit_state(rng):
+    """The 8-bit kernels have no EMA slot: every layer refuses the combination with a
+    clear error and leaves the arrays as they were."""
+    from fusedopt import _arrays, _cpu
+
+    n = 300
+    p, g = [np.ones(n, np.float32)], [np.full(n, 0.5, np.float32)]
+    e = [np.zeros(n, np.float32)]
+    m, v = [np.zeros(n, np.uint8)], [np.zeros(n, np.uint8)]
+    scales = [[np.zeros(2, np.float32)], [np.zeros(2, np.float32)]]
+    kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+              amsgrad=False, maximize=False)
+    with pytest.raises(ValueError, match=r"ema and 8-bit state \(absmax\) do not go together"):
+        F.adam_(p, g, m, v, ema=e, ema_decay=0.5, absmax=scales, **kw)
+    with pytest.raises(ValueError, match=r"no EMA of the params with 8-bit state"):
+        _arrays.prepare("adam_", p, g, [m, v], ["exp_avgs", "exp_avg_sqs"], ema=(e, "ema"),
+                        scales=scales)
+    ptrs = np.array([a[0].ctypes.data for a in (p, g, m, v, e, *scales)], np.uint64)
+    with pytest.raises(ValueError, match="adam: no EMA slot with 8-bit state"):
+        _cpu.step("adam", 0, ptrs, np.array([n], np.int64), np.zeros(_cpu.hyper_size("adam")),
+                  state_dtype=4, extra=4, ema_decay=0.5)
+    np.testing.assert_array_equal(p[0], 1.0)
+    np.testing.assert_array_equal(e[0], 0.0)
+    assert not m[0].any() and not v[0].any() and not scales[0][0].any()
+    with pytest.raises(ValueError, match=r"ema_decay does not go with 8-bit state"):
+        fo.Adam([np.ones(5000, np.float32)], lr=0.1, ema_decay=0.9,
+                precision=fo.Precision(state_dtype="int8"))
+
+
+def test_torch_ema_is_refused_with_8bit_state():
+    torch = pytest.importorskip("torch")
+    import fusedopt.torch as fot
+
+    model = torch.nn.Linear(100, 50)
+    with pytest.raises(ValueError, match=r"Adam\(optim_bits=8\): ema_decay does not go with "
+                                         "8-bit state"):
+        fot.Adam(model.parameters(), lr=0.1, ema_decay=0.9, optim_bits=8)
+    fot.Adam(model.parameters(), lr=0.1, ema_decay=0.9)  # either one alone is fine
+    fot.Adam(model.parameters(), lr=0.1, optim_bits=8)

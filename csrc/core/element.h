@@ -38,6 +38,9 @@ struct Mode {
   double step;         // the step count t after this update (the rules' at_step)
   double l1 = 0.0;     // L1 proximal step after the rule: p = sign(p) max(|p| - l1, 0)
   double ema_decay = 0.0;  // layouts with an EMA slot: its decay (0: copy the params)
+  // 8-bit state (layouts.h's Int8Block): bit k set when state k is never negative and
+  // uses the unsigned code table (quant8.h), clear for the signed one
+  std::uint32_t unsigned_states = 0;
 };
 
 // The EMA slot's new value after the param was stored as `p`: the stored param when

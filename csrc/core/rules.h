@@ -9,12 +9,21 @@
 #include "adafactor.h"
 #include "adagrad.h"
 #include "adam.h"
+#include "adamax.h"
+#include "asgd.h"
 #include "ema.h"
 #include "muon.h"
+#include "nadam.h"
+#include "radam.h"
 #include "rmsprop.h"
+#include "rprop.h"
 #include "sgd.h"
 #include "sparse_adam.h"
 #include "stream.h"
+#include "lion.h"
+#include "lamb.h"
+#include "lars.h"
+#include "schedulefree.h"
 
 namespace fo {
 
@@ -30,9 +39,7 @@ constexpr int hyper_size() {
 // bandwidth probes, the EMA rule itself, nor a pass whose param slot is not a param
 // (no instantiations for them; neither do the row-sparse drivers take them).
 template <class Rule>
-struct TakesEma : std::true_type {};
-template <int N>
-struct TakesEma<Stream<N>> : std::false_type {};
+struct TakesEma : std::bool_constant<!IsStreamProbe<Rule>::value> {};
 template <>
 struct TakesEma<Ema> : std::false_type {};
 template <>
@@ -58,6 +65,20 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "sparse_adam") return f(SparseAdam{}), true;
   if (name == "muon_momentum") return f(MuonMomentum{}), true;
   if (name == "muon_update") return f(MuonUpdate{}), true;
+  if (name == "nadam") return f(Nadam{}), true;
+  if (name == "radam") return f(Radam{}), true;
+  if (name == "adamax") return f(Adamax{}), true;
+  if (name == "asgd") return f(Asgd{}), true;
+  if (name == "rprop") return f(Rprop{}), true;
+  if (name == "lion") return f(Lion{}), true;
+  if (name == "lamb") return f(Lamb{}), true;
+  if (name == "lars") return f(Lars<false>{}), true;
+  if (name == "lars_momentum") return f(Lars<true>{}), true;
+  if (name == "adamw_schedulefree") return f(AdamwScheduleFree{}), true;
+  // the limits of the two-pass rules: stream<states>_reduce<slots the first pass reads>
+  if (name == "stream0_reduce2") return f(StreamReduce<0, false>{}), true;
+  if (name == "stream1_reduce2") return f(StreamReduce<1, false>{}), true;
+  if (name == "stream2_reduce4") return f(StreamReduce<2, true>{}), true;
   return false;
 }
 

@@ -35,6 +35,7 @@ EMA_BIT = 4  # bit of a layout's extra code: the EMA slot (csrc/core/layouts.h, 
 # say bfloat16 through DLPack or torch).
 F32, F64, F16 = (np.dtype(t).num for t in (np.float32, np.float64, np.float16))
 SUPPORTED = "float32, float64, float16, bfloat16"
+QUANT_BLOCK = _cpu.QUANT_BLOCK  # elements per block scale of 8-bit state
 
 
 def kernel_dtypes():
@@ -166,7 +167,7 @@ def _check_list(op, name, seq, n):
 
 
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None, ema=None):
+            extra=None, ema=None, scales=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -179,7 +180,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     on (None: the current stream of params[0]'s producer); GPU producers order their
     pending work before it. `ema` is None or (list, name): the EMA slot, written, of the
     params' dtypes and shapes, after the extra list; the layouts' extra code then has
-    `EMA_BIT` set.
+    `EMA_BIT` set. `scales`, for 8-bit states, holds one list of float32
+    block-scale arrays per state list (ceil(size / QUANT_BLOCK) elements each; the states
+    are then uint8 codes): they are checked with the rest, and their pointers follow
+    the other slots of the tables. 8-bit states take no EMA slot.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -199,10 +203,23 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         seqs.append(extra[0])
         names.append(extra[1])
         extra_kind = extra[2]
+    if ema is not None and scales is not None:
+        raise ValueError(f"{op}: no EMA of the params with 8-bit state (absmax)")
     if ema is not None:
         _check_list(op, ema[1], ema[0], n)
         seqs.append(ema[0])
         names.append(ema[1])
+    nscales = 0
+    if scales is not None:
+        if not isinstance(scales, (list, tuple)) or len(scales) != len(states):
+            raise ValueError(f"{op}: absmax must hold one list of scale arrays per state list "
+                             f"({len(states)}), got "
+                             f"{len(scales) if isinstance(scales, (list, tuple)) else scales!r}")
+        for name, seq in zip(state_names, scales):
+            _check_list(op, f"absmax of {name}", seq, n)
+            seqs.append(seq)
+            names.append(f"absmax of {name}")
+        nscales = len(scales)
     if n == 0:
         return Prepared(CPU, [], [], keep, op=op, names=names, stream=stream, params=params)
     R, strided = _describe_lists(op, seqs, names, n, keep, stream, params)
@@ -214,10 +231,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         _copy_strided(op, sub, [names[k] for k in read], rows, device, keep, stream, params)
         R[list(read)] = rows
     kind = extra_kind | (EMA_BIT if ema is not None else 0)
-    tables = _cpu.Tables(R, len(states), kind, read_only, _bf16_num())
+    tables = _cpu.Tables(R, len(states), kind, read_only, _bf16_num(), False, nscales)
     issue = tables.issue
     if issue is not None:
-        raise _error(op, names, seqs, R, issue, extra_kind=kind)
+        raise _error(op, names, seqs, R, issue, extra_kind=kind, nscales=nscales)
     groups, layouts = [], []
     for code, scode, ptrs, sizes in tables.groups():
         groups.append((code, ptrs, sizes))
@@ -251,16 +268,18 @@ def _device_name(code):
 
 # What a failed check found (csrc/tables.h's What).
 (_PARAM_DTYPE, _STATE16_DTYPE, _DTYPE_MISMATCH, _EXTRA_NOT_16, _SHAPE, _DEVICE,
- _NOT_CONTIGUOUS, _READ_ONLY, _OVERLAP) = range(1, 10)
+ _NOT_CONTIGUOUS, _READ_ONLY, _OVERLAP, _INT8_PARAM, _CODE_DTYPE, _SCALE_DTYPE,
+ _SCALE_SIZE) = range(1, 14)
 
 
-def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
+def _error(op, names, seqs, R, issue, rows=None, extra_kind=0, nscales=0):
     """The exception for an issue of `_cpu.Tables`: the one place where a bad row
     becomes a message. `R` holds the rows of every list (or `rows` those of some);
-    `extra_kind` is the layouts' extra code (with `EMA_BIT`: the last list is the EMA)."""
+    `extra_kind` is the layouts' extra code (with `EMA_BIT`: the list after the extra
+    list is the EMA); `nscales`: the last lists are 8-bit states' block scales."""
     what, k, i, k2, j = issue
-    ema_list = len(names) - 1 if extra_kind & EMA_BIT else -1
-    extra_list = len(names) - 1 - (ema_list >= 0) if extra_kind & 3 else -1
+    ema_list = len(names) - 1 - nscales if extra_kind & EMA_BIT else -1
+    extra_list = len(names) - 1 - nscales - (ema_list >= 0) if extra_kind & 3 else -1
 
     def row(list_, index):
         return (rows[list_] if rows is not None and list_ in rows else R[list_])[index]
@@ -304,6 +323,20 @@ def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
     if what == _OVERLAP:
         return ValueError(f"{op}: {names[k]}[{i}] and {names[k2]}[{j}] share memory; arrays a "
                           "step writes must not overlap each other or the gradients")
+    if what == _INT8_PARAM:
+        return TypeError(f"{op}: params[{i}] has dtype {dtype(0, i)}; 8-bit state is for "
+                         "float32, float16 and bfloat16 params")
+    if what == _CODE_DTYPE:
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; 8-bit state (absmax "
+                         "given) is stored as uint8 codes")
+    if what == _SCALE_DTYPE:
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; block scales are "
+                         "float32")
+    if what == _SCALE_SIZE:
+        size, need = int(row(k, i)[SIZE]), int(row(0, i)[SIZE])
+        return ValueError(f"{op}: {names[k]}[{i}] has {size} elements; params[{i}] has {need}, "
+                          f"which need {-(-need // QUANT_BLOCK)} (one scale per block of "
+                          f"{QUANT_BLOCK})")
     return AssertionError(f"{op}: unknown issue {issue}")
 
 

@@ -11,6 +11,7 @@ so a bad input leaves params, state and step counters as they were.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from contextlib import contextmanager
 from operator import itemgetter
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _ema, _engine, _precision
+from . import _arrays, _ema, _engine, _precision, _quant
 from ._precision import Precision
 from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
@@ -93,6 +94,9 @@ class Optimizer:
         if not isinstance(self.precision, Precision):
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
+        if ema_decay is not None and self.precision.int8:
+            raise ValueError("ema_decay does not go with 8-bit state (Precision('int8')): the "
+                             "8-bit kernels have no EMA slot")
         self._lock = threading.Lock()
         self._kept = {}  # group index -> the group's plan, kept between steps
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
@@ -197,7 +201,9 @@ class Optimizer:
         buffer the policy asks for, and the scalars."""
         spec = self.spec
         arr = _arrays.like("step", f"params[{idx}]", param)
-        dtype = self.precision.state_dtype_for(arr.dtype)
+        size = _quant.size_of(arr)
+        dtype = self.precision.state_dtype_for(arr.dtype, size)
+        quantized = self.precision.quantizes(arr.dtype, size)
         state = {}
         for name in spec.active(spec.to_op(group)):
             if spec.shaped_states:
@@ -207,8 +213,16 @@ class Optimizer:
                 buf = state[name] = _zeros(arr, shape, dtype)
             else:
                 buf = state[name] = _arrays.zeros_like(arr, dtype)
+            if spec.state(name).like_param:
+                _copy_into(buf, arr)
+                continue
             value = spec.init_value(name, group)
-            if value:
+            if quantized:  # uint8 codes and a scale per block
+                scales = state[_quant.absmax_name(name)] = _quant.scales_like(arr, size)
+                code, scale = _quant.constant(value, spec.state(name).positive)
+                buf[...] = code
+                scales[...] = scale
+            elif value:
                 buf[...] = value
         extra = self.precision.extra_name(arr.dtype)
         if extra == "master_param":
@@ -293,19 +307,26 @@ class Optimizer:
                                                   "max_grad_norm": max_grad_norm,
                                                   "skip_nonfinite": skip_nonfinite})
         scalar_key = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
+        for group in self.param_groups:
+            spec.check_step(group)
         plans, created, updates = [], {}, []
         offset = 0
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             n = len(params)
             gslice = grads[offset:offset + n]
+            kw = spec.to_op(group)
+            # per-group bookkeeping: every group, every step, gradients or not
+            extra, after = spec.advance_group(kw, group)
+            if after:
+                kw.update(extra)
+                updates.append(([group], after))
             if group.get("frozen"):  # a frozen group is skipped as if it had no gradients
                 offset += n
                 continue
             frozen = group.get("frozen_params")
             if frozen:
                 gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
-            kw = spec.to_op(group)
             precision = self._precision_options(group)
             states = list(map(known.get, range(offset, offset + n)))
             # (`None in gslice` would compare arrays elementwise: test the types instead)
@@ -313,6 +334,8 @@ class Optimizer:
                 keys = set(map(scalar_key, states))
                 if self.precision.has_extra and len({_dtype(p) for p in params}) > 1:
                     keys.add(None)  # 16-bit params with master/Kahan buffers and others
+                if self.precision.int8 and len(set(map(_quantized, states))) > 1:
+                    keys.add(None)  # params with 8-bit state and others
                 if len(keys) == 1:  # the common case: one bucket for the whole group
                     plans.append(self._bucket_plan(kw, precision, params, gslice, states,
                                                    keys.pop(), False, updates, gi))
@@ -327,12 +350,12 @@ class Optimizer:
                 if state is None:
                     state = created[offset + j] = self._new_state(offset + j, p, group)
                 key = (scalar_key(state), (offset + j) in created,
-                       self.precision.extra_name(_dtype(p)))
+                       self.precision.extra_name(_dtype(p)), _quantized(state))
                 bucket = buckets.setdefault(key, ([], [], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
                 bucket[2].append(state)
-            for (scalars, fresh, _), (ps, gs, ss) in buckets.items():
+            for (scalars, fresh, _, _), (ps, gs, ss) in buckets.items():
                 plans.append(self._bucket_plan(kw, precision, ps, gs, ss, scalars, fresh,
                                                updates))
             offset += n
@@ -447,20 +470,24 @@ class Optimizer:
             lists = [[s.get(name) for s in states] for name in names]
         else:
             lists = [list(map(itemgetter(name), states)) for name in names]
+        kept_lists = lists
+        if names and states and _quantized(states[0]):
+            absmax = [list(map(itemgetter(_quant.absmax_name(name)), states)) for name in names]
+            precision = dict(precision, absmax=absmax)
+            kept_lists = lists + absmax
         before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
         extra, after = spec.advance(kw, before)
         if extra:
             kw = {**kw, **extra}
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: fresh}
-        kept_lists = lists
         if params:
             name = self.precision.extra_name(_dtype(params[0]))
             if name is not None:
                 precision = dict(precision)
                 key = "master_params" if name == "master_param" else "kahan_buffers"
                 precision[key] = [s[name] for s in states]
-                kept_lists = lists + [precision[key]]
+                kept_lists = kept_lists + [precision[key]]
         if self._ema_step_decay is not None:
             precision = dict(precision, ema=list(map(self._ema_of, states, params)),
                              ema_decay=self._ema_step_decay)
@@ -532,16 +559,21 @@ class Optimizer:
     def _load_param_state(self, idx, group, saved):
         spec = self.spec
         param = _arrays.like("load_state_dict", f"params[{idx}]", self._param(idx))
+        size = _quant.size_of(param)
+        quantized = self.precision.quantizes(param.dtype, size)
         state = {}
         names = list(spec.active(spec.to_op(group)))
+        scale_names = [_quant.absmax_name(n) for n in names] if quantized else []
         extra = self.precision.extra_name(param.dtype)
         if extra is not None:
             names.append(extra)
         if saved.get("ema") is not None:
             names.append("ema")
-        for name in names:
+        for name in names + scale_names:
             expect = tuple(param.shape)
-            if spec.shaped_states and name in {st.name for st in spec.states}:
+            if name in scale_names:
+                expect = (_quant.blocks(size),)
+            elif spec.shaped_states and name in {st.name for st in spec.states}:
                 expect = spec.state_shape(name, expect)
                 if expect is None:
                     continue
@@ -552,13 +584,16 @@ class Optimizer:
             if shape != expect:
                 raise ValueError(f"loaded {name} of param {idx} has shape {shape}, expected "
                                  f"{expect} for a param of shape {tuple(param.shape)}")
-            want = np.dtype(np.float32) if name == "master_param" else \
+            want = np.dtype(np.float32) if name == "master_param" or name in scale_names else \
                 param.dtype if name in ("kahan_comp", "ema") else \
-                self.precision.state_dtype_for(param.dtype)
+                self.precision.state_dtype_for(param.dtype, size)
             if dtype != want:
                 raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
                                  f"{want} for a param of dtype {param.dtype}")
-            out = state[name] = _zeros(param, expect, want)
+            if name in scale_names:
+                out = state[name] = _quant.scales_like(param, size)
+            else:
+                out = state[name] = _zeros(param, expect, want)
             out[...] = value
         for name in spec.scalars:
             value = saved.get(name)
@@ -595,6 +630,106 @@ def _zeros_of(like, shape):
 
 def _no_scalars(state):
     return ()
+
+
+def _quantized(state):
+    """Whether a param's state is 8-bit (its buffers have block scales)."""
+    return any(k.endswith("_absmax") for k in state)
+
+
+class Modes:
+    """``train()`` and ``eval()`` of the algorithms whose params move between two
+    sequences (a spec with a `mode_state`: schedule-free methods keep y in the params
+    for training and the average x for evaluation). Each moves every param that has
+    state by ``p <- lerp(p, state, w)`` with the weight the spec gives (torch.lerp's
+    formula; with master weights the master copy moves and the param is its rounded
+    value; with Kahan buffers the param plus its compensation moves)."""
+
+    def train(self) -> None:
+        """Put the params in train mode (the sequence the steps update)."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Put the params in eval mode (the sequence to evaluate and save)."""
+        self._switch(False)
+
+    def _switch(self, train):
+        with self._lock:
+            self._settle()
+            spec, index = self.spec, 0
+            for group in self.param_groups:
+                weight = spec.mode_weight(group, train)
+                if weight is not None:
+                    for j, p in enumerate(group["params"]):
+                        st = self._state.get(index + j)
+                        if st and spec.mode_state in st:
+                            _lerp_param(p, st[spec.mode_state], weight, st)
+                    group.update(spec.set_mode(group, train))
+                index += len(group["params"])
+
+
+def _torch_of(x):
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
+def _copy_into(buf, src):
+    """buf[...] = src for any pair of the accepted array kinds (torch tensors detached)."""
+    if _torch_of(src) is not None:
+        src = src.detach()
+        if _torch_of(buf) is None:
+            src = src.cpu().numpy() if src.dtype != _torch_of(src).bfloat16 else src
+    elif _torch_of(buf) is not None:
+        src = _torch_of(buf).as_tensor(src, device=buf.device)
+    buf[...] = src
+
+
+def _float32(x):
+    torch = _torch_of(x)
+    return x.detach().float() if torch is not None else x.astype(np.float32)
+
+
+def _lerp(a, b, w):
+    """torch.lerp(a, b, w): a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w)."""
+    return a + w * (b - a) if abs(w) < 0.5 else b - (b - a) * (1.0 - w)
+
+
+def _lerp_param(param, end, weight, state):
+    """One param of `Modes._switch`, in float32 for 16-bit params, in its own dtype
+    otherwise."""
+    master, comp = state.get("master_param"), state.get("kahan_comp")
+    if master is None and comp is None and _dtype(param).itemsize != 2:
+        start = param.detach() if _torch_of(param) is not None else param
+        _copy_into(param, _lerp(start, _like(end, start), weight))
+        return
+    if master is not None:
+        moved = _lerp(_float32(master), _float32(_like(end, master)), weight)
+        _copy_into(master, moved)
+        _copy_into(param, _cast(moved, param))
+        return
+    start = _float32(param) + (_float32(comp) if comp is not None else 0.0)
+    moved = _lerp(start, _float32(_like(end, start)), weight)
+    rounded = _cast(moved, param)
+    _copy_into(param, rounded)
+    if comp is not None:
+        _copy_into(comp, _cast(moved - _float32(rounded), comp))
+
+
+def _like(x, other):
+    """x as the array kind of `other` (a torch tensor or not)."""
+    torch = _torch_of(other)
+    if torch is not None and _torch_of(x) is None:
+        return torch.as_tensor(x, device=other.device)
+    if torch is None and _torch_of(x) is not None:
+        return x.detach().cpu().numpy()
+    return x
+
+
+def _cast(x, like):
+    """x converted to the dtype of `like` (round to nearest even)."""
+    if _torch_of(like) is not None:
+        return _like(x, like).to(like.dtype)
+    return x.astype(like.dtype)
 
 
 def _dtype(param):

@@ -30,7 +30,7 @@ def _states(spec):
     lines = []
     for name in spec.scalars:
         lines.append(f"- ``{name}``: " + ("the step count." if name == "step" else
-                                          "a per-param scalar."))
+                                          spec.scalar_docs.get(name, "a per-param scalar.")))
     lines += [f"- ``{s.name}``: {s.doc}" for s in spec.states]
     return "\n".join(lines) if lines else "None."
 
@@ -39,7 +39,26 @@ EMA_DOC = ("Keep an exponential moving average of every param, ``state['ema']``,
            "the same pass as each step as torch.optim.swa_utils.AveragedModel with "
            "get_ema_multi_avg_fn(ema_decay) moves it (the first step copies the params); "
            "``swap_ema()`` and ``with opt.averaged():`` put the averages into the params for "
-           "evaluation. A value in [0, 1]; None keeps no averages.")
+           "evaluation. A value in [0, 1]; None keeps no averages (not with 8-bit state).")
+
+
+def _group_notes(spec):
+    """What the docstrings say about per-group bookkeeping and train/eval modes."""
+    from ._spec import Spec
+
+    lines = []
+    if type(spec).advance_group is not Spec.advance_group and spec.group_extras:
+        names = ", ".join(f"``{k}``" for k in spec.group_extras)
+        lines += ["", textwrap.fill(
+            f"Each param group also keeps {names}: the per-group bookkeeping that every "
+            "step advances (it travels in the state dict's param groups).", 88)]
+    if spec.mode_state is not None:
+        lines += ["", textwrap.fill(
+            "``train()`` puts the params in train mode and ``eval()`` in eval mode, moving "
+            f"them between the two sequences with the ``{spec.mode_state}`` state; call "
+            "``train()`` before stepping (a step in eval mode raises RuntimeError) and "
+            "``eval()`` before evaluating or saving.", 88)]
+    return lines
 
 
 def class_signature(spec, torch=False):
@@ -57,6 +76,8 @@ def class_signature(spec, torch=False):
         params.append(_P(o.name, kind, default=default, annotation=o.annotation))
     if torch:
         params.append(_P("flat", _P.KEYWORD_ONLY, default=False, annotation="bool"))
+        params.append(_P("optim_bits", _P.KEYWORD_ONLY, default=32, annotation="int"))
+        params.append(_P("min_8bit_size", _P.KEYWORD_ONLY, default=4096, annotation="int"))
     else:
         params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
                          annotation="Precision | None"))
@@ -87,20 +108,33 @@ def class_doc(spec, torch=False):
                             "work; the params stay the same objects, their .data views of the "
                             "buffer. zero_grad then zeroes the gradient buffer and keeps the "
                             "views (see the docs: fusedopt.torch, flat buffers).", False))
+        lines.append(_entry("optim_bits", "int",
+                            "32, or 8 to keep the state of float32 and 16-bit params in 8 "
+                            "bits (bitsandbytes' option): uint8 codes under the state's "
+                            "names and float32 scales, one per block of 256 elements, under "
+                            "``<name>_absmax``.", 32))
+        lines.append(_entry("min_8bit_size", "int",
+                            "With ``optim_bits=8``, params with fewer elements keep float32 "
+                            "state.", 4096))
     else:
         lines.append(_entry("precision", "Precision or None",
-                            "The mixed-precision policy (`fusedopt.Precision`): state dtype, "
-                            "master weights or Kahan buffers, stochastic rounding.", None))
+                            "The mixed-precision policy (`fusedopt.Precision`): state dtype "
+                            "(float32, bfloat16 or 8-bit), master weights or Kahan buffers, "
+                            "stochastic rounding.", None))
     lines.append(_entry("ema_decay", "float or None", EMA_DOC, None))
     lines += ["", "Notes", "-----",
               "State per param, under torch.optim's names:", "", _states(spec),
               "- ``ema``: the param's exponential moving average (with ``ema_decay``).", "",
               "``learning_rate=`` is accepted as an alias of ``lr``."]
+    lines += _group_notes(spec)
     if torch:
-        lines += ["", f"A drop-in for ``torch.optim.{spec.title}``: the same arguments, "
+        lines += ["", f"A drop-in for {_origin(spec)}: the same arguments, "
                   "defaults, validation, param groups and state dicts (which load into "
-                  "torch.optim and back); the step runs fusedopt's fused kernels."]
+                  "it and back); the step runs fusedopt's fused kernels."]
     lines += ["", "Examples", "--------"]
+    train = [">>> opt.train()"] if spec.mode_state is not None else []
+    evaluate = [">>> opt.eval()  # the params now hold the average"] \
+        if spec.mode_state is not None else []
     if torch and spec.gradient == "rows":
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
                   ">>> emb = torch.nn.Embedding(10, 4, sparse=True)",
@@ -110,9 +144,9 @@ def class_doc(spec, torch=False):
     elif torch:
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
                   f">>> model = {spec.example_model}",
-                  f">>> opt = {spec.title}(model.parameters(), {spec.example})",
+                  f">>> opt = {spec.title}(model.parameters(), {spec.example})", *train,
                   ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
-                  ">>> opt.zero_grad()"]
+                  ">>> opt.zero_grad()", *evaluate]
     elif spec.gradient == "rows":
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
                   ">>> table = np.zeros((10, 4), np.float32)",
@@ -123,9 +157,9 @@ def class_doc(spec, torch=False):
         a, b = spec.example_shapes
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
                   f">>> params = [np.ones({a}, np.float32), np.zeros({b}, np.float32)]",
-                  f">>> opt = fo.{spec.title}(params, {spec.example})",
+                  f">>> opt = fo.{spec.title}(params, {spec.example})", *train,
                   f">>> grads = [np.full({a}, 0.5, np.float32), np.ones({b}, np.float32)]",
-                  ">>> opt.step(grads)  # the params change in place"]
+                  ">>> opt.step(grads)  # the params change in place", *evaluate]
     return "\n".join(lines) + "\n"
 
 
@@ -186,3 +220,14 @@ def op_doc(spec):
               "(ValueError or TypeError) and changes nothing. The state lists are, in "
               "torch.optim's names:", "", _states(spec)]
     return "\n".join(lines) + "\n"
+
+
+def _origin(spec):
+    """The class a fusedopt.torch class stands in for."""
+    if spec.defined_by is not None:
+        return spec.defined_by
+    import torch
+
+    if hasattr(torch.optim, spec.title):
+        return f"``torch.optim.{spec.title}``"
+    return f"a ``torch.optim.Optimizer`` running {spec.title}"

@@ -58,13 +58,16 @@ class Option:
 class State:
     """One state buffer: torch's state name, the functional op's argument (a list),
     whether its values are never negative (sums and averages of squares), whether the
-    op's argument may be left out (only some options use the buffer)."""
+    op's argument may be left out (only some options use the buffer), and whether a
+    fresh buffer is a copy of its param (schedule-free's ``z``) rather than filled with
+    the spec's `init_value`."""
 
     name: str
     arg: str
     doc: str
     positive: bool = False
     optional: bool = False
+    like_param: bool = False
 
 
 def torch_flag(name, kw_only=True):
@@ -175,8 +178,16 @@ class Spec:
     op_keywords: ClassVar[tuple] = ()
     #: every state buffer any option uses, in the kernel's slot order
     states: ClassVar[tuple] = ()
+    #: the state buffers that may be kept in 8 bits (blockwise codes with a float32 scale
+    #: per block: `fusedopt.Precision`'s "int8", fusedopt.torch's ``optim_bits=8``). The
+    #: drivers take any elementwise rule with 8-bit state (they decode a block of each
+    #: state, run the rule and encode it back); a spec lists the states it was checked
+    #: with, and options that use another state refuse 8-bit state (`check_quantized`)
+    quantizable: ClassVar[tuple] = ()
     #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
     scalars: ClassVar[tuple] = ("step",)
+    #: what each scalar other than `step` holds, for the docstrings: {name: text}
+    scalar_docs: ClassVar[dict] = {}
     #: extra entries of every param group that are not constructor arguments
     group_extras: ClassVar[dict] = {}
     #: state created at construction (torch's Adagrad), not at a param's first step
@@ -196,6 +207,9 @@ class Spec:
     #: the example's param shapes (NumPy classes) and model (fusedopt.torch)
     example_shapes: ClassVar[tuple] = ((4, 2), (2,))
     example_model: ClassVar[str] = "torch.nn.Linear(4, 2)"
+    #: the class fusedopt.torch's class stands in for, where torch.optim has none (its
+    #: docstring's words), e.g. "the schedulefree package's ``AdamWScheduleFree``"
+    defined_by: ClassVar[str | None] = None
     #: how gradients come: "dense" (an array like the param) or "rows" (row-sparse: a
     #: pair (row indices, rows of values) or a torch sparse tensor, see `fusedopt._rows`;
     #: the functional op then takes ``rows`` and ``values`` lists instead of ``grads``,
@@ -211,6 +225,10 @@ class Spec:
     #: iterations between two elementwise passes, Adafactor's reductions): `make_plan`
     #: builds it, and everything else (state, classes, state dicts) stays generic
     composite: ClassVar[bool] = False
+    #: the state buffer that `train()` and `eval()` move the params towards and away
+    #: from (schedule-free methods keep the average x in the params for evaluation and
+    #: the interpolation y for training); None: the classes have no such methods
+    mode_state: ClassVar[str | None] = None
 
     # --- derived names -------------------------------------------------------------------------
 
@@ -305,10 +323,53 @@ class Spec:
         """The value a fresh state buffer is filled with."""
         return 0.0
 
+    def advance_group(self, kw, group):
+        """(op keywords this step adds, group entries after the step) from a param
+        group before the step: per-group bookkeeping kept in the group itself (entries
+        that `group_extras` starts), advanced once per step of every group whether or
+        not its params have gradients, as the schedulefree package keeps its ``k``,
+        ``weight_sum`` and ``lr_max``. The front-ends apply the new entries once the
+        whole step has been validated. Default: none."""
+        return {}, {}
+
+    def check_step(self, group):
+        """Raise when a group cannot step as it is (a schedule-free group in eval
+        mode); nothing has been validated or changed yet."""
+
+    def mode_weight(self, group, train):
+        """The lerp weight that moves a group's params from its current mode to train
+        mode (``train`` True) or eval mode: ``p <- p + w (state - p)`` (torch.lerp)
+        with the `mode_state` buffer; None when the group is in that mode already.
+        The front-ends then set the group's mode with `set_mode`."""
+        return None
+
+    def set_mode(self, group, train):
+        """The group entries that record the mode (see `mode_weight`)."""
+        return {}
+
+    def reductions(self, kw):
+        """How many per-tensor sums the kernel for these op keywords computes in a first
+        pass before its update (0: an elementwise rule; csrc/core/two_pass.h)."""
+        kernel = self.kernel(kw)
+        known = self.__dict__.setdefault("_reductions", {})
+        count = known.get(kernel)
+        if count is None:
+            count = known[kernel] = _cpu.num_reductions(kernel)
+        return count
+
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars
         before the step. By default the scalars are the step count: the op receives the
-        count after this step if it takes `step`."""
+        count after this step if it takes `step`.
+
+        `scalars` holds each value as its front-end stores it: a Python float (the NumPy
+        classes, the batched optimizers, the case table) or a NumPy scalar of the dtype
+        it is stored in (`fusedopt.torch`, which keeps torch.optim's dtypes: float32
+        unless the default dtype is float64, and after a load the dtype torch's
+        load_state_dict gives). Where torch computes a new scalar in its stored dtype
+        (NAdam's ``mu_product *= mu``), compute it in ``type(value)``, so that runs and
+        state dicts agree with torch's bit for bit; the front-end stores what this
+        returns in its own dtype."""
         if not self.scalars:
             return {}, {}
         step = scalars["step"] + 1.0
@@ -322,6 +383,18 @@ class Spec:
         if takes is None:
             takes = self._takes_step = any(o.name == "step" for o in self.op_keywords)
         return takes
+
+    def check_quantized(self, kw, op):
+        """ValueError when these op keywords cannot keep their state in 8 bits (blockwise
+        codes, `fusedopt.Precision`): they use a state that is not in `quantizable`. A
+        spec also refuses the options whose math breaks under the rounding of the states
+        (centered RMSprop: v - mean(g)^2 of separately rounded states can turn
+        negative)."""
+        for name in self.active(kw):
+            if name not in self.quantizable:
+                raise ValueError(f"{op}: 8-bit state is not supported for {self.title}'s "
+                                 f"{name!r}" + ("" if self.quantizable else
+                                                " (it has no 8-bit state)"))
 
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
