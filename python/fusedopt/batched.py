@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _cpu
 from . import functional as F
-from .optimizer import check, check_number
+from .optimizer import check, check_number, serialized
 from .transfer import prox_l1_
 
 __all__ = ["BatchedSGD", "BatchedAdam", "BatchedAdamW", "stack", "grid", "sample", "uniform",
@@ -103,7 +104,17 @@ class _Batched:
             self.param_groups.append(group)
         self.state = {}
         self._views = {}
+        self._step_lock = threading.Lock()
         self._check_kernels()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_step_lock", None)  # a lock is not state: copies get their own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._step_lock = threading.Lock()
 
     def _per_member_values(self, name, value):
         k = self.members
@@ -157,6 +168,7 @@ class _Batched:
             self._views[key] = (arrays, out)
         return out
 
+    @serialized
     def step(self, grads):
         """One update of every member of every param with a gradient (stacked like the
         params); a None gradient skips its param for all members."""

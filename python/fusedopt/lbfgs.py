@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _cpu
 from . import functional as F
-from .optimizer import Optimizer, check, check_number
+from .optimizer import Optimizer, check, check_number, serialized
 
 __all__ = ["LBFGS"]
 
@@ -290,6 +290,7 @@ class LBFGS(Optimizer):
     def _params(self):
         return self.param_groups[0]["params"]
 
+    @serialized
     def step(self, closure):
         """Up to `max_iter` L-BFGS iterations; returns the closure's first loss."""
         group = self.param_groups[0]

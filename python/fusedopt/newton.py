@@ -40,7 +40,7 @@ import numpy as np
 
 from . import functional as F
 from .lbfgs import ListKernels, _abs_max, _copy, _neg, _restore, _scale, take_grads
-from .optimizer import Optimizer, check, check_number
+from .optimizer import Optimizer, check, check_number, serialized
 
 __all__ = ["Newton"]
 
@@ -102,6 +102,7 @@ class Newton(Optimizer):
             curvature = curvature.reshape(n, n)
         return float(loss), loss, take_grads("Newton", params, grads), curvature
 
+    @serialized
     def step(self, closure):
         group = self.param_groups[0]
         params = group["params"]

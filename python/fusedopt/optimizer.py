@@ -9,7 +9,9 @@ leaves params, state and step counters as they were.
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
+import threading
 from operator import itemgetter
 
 import numpy as np
@@ -25,6 +27,18 @@ _STEP = itemgetter("step")
 def _is_array(x):
     return hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") or \
         hasattr(x, "__dlpack__")
+
+
+def serialized(step):
+    """`step` under the optimizer's `_step_lock`: one step at a time per optimizer, so
+    steps called from several threads run one after the other, each whole."""
+
+    @functools.wraps(step)
+    def locked(self, *args, **kwargs):
+        with self._step_lock:
+            return step(self, *args, **kwargs)
+
+    return locked
 
 
 def _settled(name):
@@ -83,6 +97,7 @@ class Optimizer:
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
+        self._step_lock = threading.Lock()
         self.defaults = dict(defaults)
         self.param_groups = []
         self.state = {}
@@ -122,6 +137,15 @@ class Optimizer:
             for state in counted:
                 state["step"] += 1.0
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_step_lock", None)  # a lock is not state: copies get their own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._step_lock = threading.Lock()
+
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
@@ -151,6 +175,7 @@ class Optimizer:
 
     # --- stepping -------------------------------------------------------------------------
 
+    @serialized
     def step(self, grads, *, loss_scale=None, max_grad_norm=None, skip_nonfinite=False):
         """One update of every param whose gradient is not None. `grads` is aligned with
         the params of all groups, in group order. A group with `"frozen": True`, and the
@@ -163,7 +188,8 @@ class Optimizer:
         gradients hold inf or NaN changes nothing (no state created, no step counted).
         With either check the step returns a StepInfo(skipped, grad_norm); on a GPU a
         DeviceStepInfo: the kernels skip there, and the step counts (and any state the
-        skipped step created) are settled when the host next needs them."""
+        skipped step created) are settled when the host next needs them. Steps of one
+        optimizer called from several threads run one at a time."""
         self._settle()
         known = self._state
         total = sum(len(g["params"]) for g in self.param_groups)

@@ -27,6 +27,7 @@ load into torch.optim unchanged) but change nothing here: every step is fused.
 
 from __future__ import annotations
 
+import threading
 from itertools import repeat
 from operator import attrgetter, is_
 
@@ -36,6 +37,7 @@ from torch.optim import Optimizer
 
 from . import _arrays
 from . import functional as F
+from .optimizer import serialized
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"]
 
@@ -81,6 +83,7 @@ class _Fused(Optimizer):
 
     def __init__(self, params, defaults):
         self._fo_caches = {}
+        self._step_lock = threading.Lock()  # not in torch's __getstate__: never pickled
         super().__init__(params, defaults)
 
     # --- per algorithm ------------------------------------------------------------------
@@ -101,6 +104,7 @@ class _Fused(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._fo_caches = {}
+        self._step_lock = threading.Lock()
         for group in self.param_groups:
             for key, value in self._group_defaults().items():
                 group.setdefault(key, value)
@@ -108,8 +112,10 @@ class _Fused(Optimizer):
     def _group_defaults(self):
         return {"foreach": None, "maximize": False, "differentiable": False}
 
+    @serialized
     def step(self, closure=None):
-        """One update of every param whose `grad` is not None; returns the closure's loss."""
+        """One update of every param whose `grad` is not None; returns the closure's loss.
+        Steps of one optimizer called from several threads run one at a time."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
