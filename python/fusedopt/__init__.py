@@ -11,6 +11,7 @@ references they are tested against.
 from . import _cpu, amp, functional, reference
 from . import batched, schedules, transfer
 from ._precision import DeviceStepInfo, Precision, StepInfo
+from .checkpoint import load, save
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "LBFGS", "Newton",
            "DeviceStepInfo", "Optimizer", "Precision", "StepInfo", "amp", "batched",
-           "functional", "reference", "schedules", "transfer", "set_num_threads", "get_num_threads", "cuda_available"]
+           "functional", "reference", "schedules", "transfer", "set_num_threads", "get_num_threads",
+           "cuda_available", "save", "load"]
 
 
 def set_num_threads(n: int) -> None:
