@@ -381,7 +381,8 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     for k in range(L) if read_only else [1]:
         for i in np.flatnonzero((flags[k] & F_CONTIG) == 0):
             i = int(i)
-            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device)
+            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device,
+                                            consumer)
             keep.append(copy)
             R[k][i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
                 _foreign.describe(op, f"{names[k]}[{i}]", copy, consumer)[0][:DEVICE]
