@@ -13,8 +13,8 @@ structure of ``state_dict()``: dicts (with their key types), lists, tuples, numb
 strings, booleans and None, each array stored as an entry of its own. Arrays of dtypes
 that ``.npy`` cannot describe without pickling (ml_dtypes' bfloat16, float8 ...) are
 stored as their raw bits with the dtype's name and viewed back on load; arrays in GPU
-memory are saved through host memory, and `load` hands NumPy arrays to the optimizer's
-``load_state_dict``, which copies them into the params' memory.
+memory (CuPy) are saved through host memory and loaded back into CuPy arrays on the
+params' device.
 
 `save` writes to a temporary file in the target's directory, flushes it to disk and
 renames it over the target (`os.replace`): a crash or an error mid-save leaves either
@@ -134,6 +134,7 @@ def load(optimizer: Any, path: str | os.PathLike) -> None:
         raise ValueError(f"{where} is damaged: its state dict cannot be rebuilt ({e})") from None
     if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)):
         raise ValueError(f"{where} is damaged: no state dict in it")
+    state_dict["state"] = _on_params_device(state_dict["state"], optimizer)
     try:
         optimizer.load_state_dict(state_dict)
     except ValueError as e:
@@ -172,6 +173,35 @@ def _precision_of(optimizer):
 def _steps_taken(optimizer):
     steps = getattr(optimizer, "steps_taken", None)
     return None if steps is None else int(steps)
+
+
+def _first_param(optimizer):
+    groups = getattr(optimizer, "param_groups", None) or []
+    for group in groups:
+        for p in group.get("params", []) if isinstance(group, dict) else []:
+            if hasattr(p, "shape"):
+                return p
+    params = getattr(optimizer, "params", None)  # the batched optimizers
+    return params[0] if params else None
+
+
+def _on_params_device(state, optimizer):
+    """The loaded state with its arrays in CuPy, on the params' device, when the
+    optimizer's params are CuPy arrays; as loaded otherwise."""
+    param = _first_param(optimizer)
+    if param is None or not type(param).__module__.startswith("cupy"):
+        return state
+    import cupy
+
+    def move(v):
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return cupy.asarray(v) if isinstance(v, np.ndarray) else v
+
+    with param.device:
+        return move(state)
 
 
 def _is_device_array(v):
