@@ -455,8 +455,9 @@ PYBIND11_MODULE(_cuda, m) {
         "inv_scale; skip is 1.0 when skip_nonfinite and some gradient is inf or NaN; coef =\n"
         "inv_scale * min(1, max_norm / (norm + 1e-6)) when max_norm > 0, else inv_scale.");
   py::class_<DeviceScalars>(m, "DeviceScalars",
-                            "float64 values in device memory, zeroed on `stream`, with a pinned\n"
-                            "host mirror; from a pool that reuses them once their kernels are done.")
+                            "float64 values in device memory, zeroed on `stream`, with a\n"
+                            "pinned host mirror; from a pool that reuses them once their\n"
+                            "kernels are done.")
       .def(py::init<int, int, std::uintptr_t>(), py::arg("size"), py::arg("device"),
            py::arg("stream") = std::uintptr_t(0))
       .def_property_readonly("ptr", &DeviceScalars::ptr)

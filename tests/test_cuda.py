@@ -1006,6 +1006,9 @@ def test_dropping_a_checked_steps_outcome_does_not_wait(cp):
     data = _host_slots(rng, SIZES, 2, np.float32)
     dev = _place(cp, data)
     stream = cp.cuda.get_current_stream()
+    # one checked step first: the pool's first pinned slab (cudaMallocHost may wait for
+    # the device) is made here, outside the timed part
+    F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(1), max_grad_norm=1.0)
     cp.cuda.Device().synchronize()
     _spin(cp, stream, 500_000_000)
     t0 = time.perf_counter()

@@ -8,7 +8,9 @@
 // of a buffer records an event on the stream it was enqueued on, and a buffer goes
 // back into use only once all its events have completed: its last readers and
 // writers, the copy to its host mirror included, are done. New buffers are
-// allocated on the caller's stream (cudaMallocAsync); buffers are never freed.
+// allocated on the caller's stream (cudaMallocAsync), their host mirrors carved from
+// pinned slabs of kSlabSlots (one cudaMallocHost per slab: pinning memory can wait
+// for the device); buffers are never freed.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +28,7 @@
 namespace fo::cuda {
 
 constexpr int kScalarsMax = 64;  // float64 values per buffer
+constexpr int kSlabSlots = 64;   // host mirrors per pinned allocation
 
 struct ScalarSlot {
   struct Use {
@@ -137,24 +140,44 @@ class ScalarPool {
     use->bound = true;
   }
 
+  // A host mirror from the current slab, a new slab when it is used up.
+  double* host_mirror() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (mirrors_.empty()) {
+      double* slab = nullptr;
+      check_cuda(cudaMallocHost(reinterpret_cast<void**>(&slab),
+                                sizeof(double) * kScalarsMax * kSlabSlots),
+                 "DeviceScalars: cudaMallocHost");
+      for (int k = kSlabSlots - 1; k >= 0; --k) mirrors_.push_back(slab + k * kScalarsMax);
+    }
+    double* host = mirrors_.back();
+    mirrors_.pop_back();
+    return host;
+  }
+
   ScalarSlot* create(int device, cudaStream_t stream) {
     auto slot = std::make_unique<ScalarSlot>();
     slot->device = device;
     const std::size_t bytes = sizeof(double) * kScalarsMax;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&slot->dev), bytes, stream),
-               "DeviceScalars: cudaMallocAsync");
-    cudaError_t err = cudaMallocHost(reinterpret_cast<void**>(&slot->host), bytes);
-    if (err == cudaSuccess)
-      err = cudaEventCreateWithFlags(&slot->fetched, cudaEventDisableTiming);
-    if (err != cudaSuccess) {
-      if (slot->host != nullptr) cudaFreeHost(slot->host);
-      cudaFreeAsync(slot->dev, stream);  // the stream is the caller's, alive now
-      check_cuda(err, "DeviceScalars: pinned host buffer");
+    check_cuda(cudaEventCreateWithFlags(&slot->fetched, cudaEventDisableTiming),
+               "DeviceScalars: cudaEventCreate");
+    try {
+      slot->host = host_mirror();
+      check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&slot->dev), bytes, stream),
+                 "DeviceScalars: cudaMallocAsync");
+    } catch (...) {
+      if (slot->host != nullptr) {
+        std::lock_guard<std::mutex> lock(mu_);
+        mirrors_.push_back(slot->host);
+      }
+      cudaEventDestroy(slot->fetched);
+      throw;
     }
     return slot.release();
   }
 
   std::mutex mu_;
+  std::vector<double*> mirrors_;  // pinned host mirrors not yet given to a buffer
   std::vector<ScalarSlot*> free_;
   std::unordered_map<std::uintptr_t, ScalarSlot*> live_;  // by device address
 };
