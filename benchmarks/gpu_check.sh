@@ -8,11 +8,11 @@
 #
 # Needs: an NVIDIA GPU with a driver of the 580 series or newer (fusedopt._cuda links
 # the CUDA 13 runtime statically), nvcc 13 and cmake on PATH, and a Python with numpy,
-# pybind11, pytest and ml_dtypes (ninja is used when found). The array libraries the
+# pybind11 and pytest (ninja is used when found). The array libraries the
 # GPU tests use: CuPy (most tests and the benchmark) and/or PyTorch with CUDA (the
 # torch tests and `bench_gpu.py --mixed`). Nothing is downloaded: a machine without
 # internet access can be given a directory of wheels (--wheelhouse, e.g. made with
-# `pip download cupy-cuda13x ml_dtypes pytest pybind11 -d wheels` elsewhere), from
+# `pip download cupy-cuda13x pytest pybind11 -d wheels` elsewhere), from
 # which missing packages are installed with `pip install --no-index`. What is still
 # missing then is listed in the report, and the tests that need it are skipped with
 # that reason.
@@ -127,14 +127,14 @@ for name in sys.argv[1:]:
 PY
 }
 # import name -> wheel name
-declare -A wheel=([numpy]=numpy [pybind11]=pybind11 [pytest]=pytest [ml_dtypes]=ml_dtypes)
-need=$(pymissing numpy pybind11 pytest ml_dtypes)
+declare -A wheel=([numpy]=numpy [pybind11]=pybind11 [pytest]=pytest)
+need=$(pymissing numpy pybind11 pytest)
 if [ -n "$need" ] && [ -n "$wheelhouse" ] && [ "$dry_run" = 0 ]; then
   for m in $need; do
     "$python" -m pip install -q --no-index --find-links "$wheelhouse" "${wheel[$m]}" 2>&1 |
       tail -2 | block
   done
-  need=$(pymissing numpy pybind11 pytest ml_dtypes)
+  need=$(pymissing numpy pybind11 pytest)
 fi
 for m in $need; do missing+=("Python package ${wheel[$m]}"); done
 
