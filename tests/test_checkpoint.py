@@ -461,3 +461,15 @@ def test_cupy_optimizer_resumes_bit_for_bit(policy, tmp_path):
                 assert_same_bits(cp.asnumpy(resumed.state[i][name]), cp.asnumpy(v), name)
             else:
                 assert resumed.state[i][name] == v
+
+
+def test_a_load_that_fails_half_way_is_undone(rng, tmp_path):
+    """A load_state_dict that raises after changing something (Newton takes the new
+    param_groups before it finds that a state is not a dict) is rolled back."""
+    opt = fusedopt.Newton(random_arrays([(3,)], np.float64, rng), lr=0.5)
+    fusedopt.save(opt, tmp_path / "n")
+    rewrite(tmp_path / "n", lambda m, e: m["state_dict"]["dict"].__setitem__(
+        0, ["state", {"dict": [[0, 5]]}]))  # state {0: 5}
+    other = fusedopt.Newton(random_arrays([(3,)], np.float64, rng), lr=0.25)
+    refused(other, tmp_path / "n", "does not fit this optimizer: TypeError")
+    assert other.param_groups[0]["lr"] == 0.25

@@ -135,12 +135,13 @@ def load(optimizer: Any, path: str | os.PathLike) -> None:
     if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)):
         raise ValueError(f"{where} is damaged: no state dict in it")
     state_dict["state"] = _on_params_device(state_dict["state"], optimizer)
-    try:
+    before = optimizer.state_dict()  # fusedopt's loads change nothing when they fail; this
+    try:                             # puts back what one that fails half-way did change
         optimizer.load_state_dict(state_dict)
-    except ValueError as e:
-        raise ValueError(f"{where} does not fit this optimizer: {e}") from None
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{where} does not fit this optimizer: {type(e).__name__}: {e}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        optimizer.load_state_dict(before)
+        what = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{where} does not fit this optimizer: {what}") from None
     if steps is not None:
         optimizer.steps_taken = steps
 
