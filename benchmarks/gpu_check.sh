@@ -12,22 +12,23 @@
 # GPU tests use: CuPy (most tests and the benchmark) and/or PyTorch with CUDA (the
 # torch tests and `bench_gpu.py --mixed`). Nothing is downloaded: a machine without
 # internet access can be given a directory of wheels (--wheelhouse, e.g. made with
-# `pip download cupy-cuda13x pytest pybind11 -d wheels` elsewhere), from
-# which missing packages are installed with `pip install --no-index`. What is still
-# missing then is listed in the report, and the tests that need it are skipped with
-# that reason.
+# `pip download cupy-cuda13x pytest pybind11 -d wheels` elsewhere), from which missing
+# packages are installed with `pip install --no-index`. Without CuPy and without torch
+# with CUDA the check stops before building; with one of them, the tests that need the
+# other are skipped, with that reason in the report.
 #
 # The build goes to --build-dir (default build/gpu-check) with the Python package
-# staged next to it, never over a development build. A build directory carried over
-# from another machine is reused (cmake rebuilds only what changed); the default
-# CUDA architectures come from the GPU (nvidia-smi's compute capability), or
-# --arch. Every phase has a time limit, so the whole check stays under ten minutes:
+# staged next to it, never over a development build. A build directory made at the
+# same paths is reused (cmake rebuilds only what changed), one made at other paths
+# is configured anew; the CUDA architectures come from the GPU (nvidia-smi's compute
+# capability), or --arch. Every phase has a time limit, so the whole check stays under
+# ten minutes:
 # build 300 s, tests 180 s, benchmark 100 s (--build-timeout, --test-timeout,
 # --bench-timeout).
 #
 # Exit status: 0 when the build, the tests and the benchmark passed; 1 when one of
-# them failed (the report says which); 2 when a prerequisite is missing (no GPU, no
-# nvcc, ...), found before anything is built.
+# them failed, or the built module finds no usable GPU (the report says why); 2 when
+# a prerequisite is missing (no GPU, no nvcc, ...), found before anything is built.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -53,7 +54,7 @@ while [ $# -gt 0 ]; do
     --test-timeout) test_timeout=$2; shift 2 ;;
     --bench-timeout) bench_timeout=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -150,9 +151,15 @@ fi
 say "- CuPy: ${cupy_line:-not installed (tests that need it are skipped, the benchmark does not run)}"
 torch_line=$("$python" -c "
 import torch
-print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available' if torch.cuda.is_available() else 'not available')
+print('torch', torch.__version__, 'built for CUDA', torch.version.cuda,
+      '(a GPU is usable)' if torch.cuda.is_available() else '(no usable GPU)')
 " 2>/dev/null)
+torch_cuda=0
+[[ "$torch_line" == *"(a GPU is usable)" ]] && torch_cuda=1
 say "- PyTorch: ${torch_line:-not installed (the torch GPU tests are skipped)}"
+if [ -z "$cupy_line" ] && [ $torch_cuda = 0 ]; then
+  missing+=("a GPU array library for the tests: CuPy (cupy-cuda13x), or PyTorch with CUDA")
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   say ""
@@ -187,8 +194,9 @@ t0=$(date +%s)
 generator=()
 have ninja && generator=(-G Ninja)
 pybind11_dir=$("$python" -c "import pybind11; print(pybind11.get_cmake_dir())")
-if [ -f "$build/CMakeCache.txt" ] && ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$root\$" "$build/CMakeCache.txt"; then
-  rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"  # carried from another checkout path
+if [ -f "$build/CMakeCache.txt" ] && ! { grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$root" "$build/CMakeCache.txt" &&
+    grep -qx "CMAKE_CACHEFILE_DIR:INTERNAL=$build" "$build/CMakeCache.txt"; }; then
+  rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"  # made at another path: configure anew
 fi
 ( timeout "$build_timeout" cmake -S . -B "$build" "${generator[@]}" -DFUSEDOPT_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$stage/fusedopt" \
@@ -217,6 +225,10 @@ print(f"CUDA runtime (static): {_cuda.cuda_runtime_version}, driver supports: {_
 print(f"devices: {_cuda.device_count()}; cuda_available: {fusedopt.cuda_available()}; "
       f"reason: {fusedopt.cuda_unavailable_reason()}")
 PY
+reason=$("$python" -c "import fusedopt; print(fusedopt.cuda_unavailable_reason() or '')" 2>&1)
+if [ -n "$reason" ]; then
+  finish 1 "the module was built but finds no usable GPU: $reason"
+fi
 
 # --- tests --------------------------------------------------------------------------------
 section "Tests"
@@ -256,7 +268,7 @@ if [ -n "$cupy_line" ]; then
   bench_status=$?
   block <"$log_dir/bench.log"
   left=$(( deadline - $(date +%s) ))
-  if [ $bench_status = 0 ] && [ $left -gt 10 ] && [[ "$torch_line" == *" available" ]]; then
+  if [ $bench_status = 0 ] && [ $left -gt 10 ] && [ $torch_cuda = 1 ]; then
     timeout "$left" "$python" benchmarks/bench_gpu.py --mixed --elements 67108864 --repeats 5 \
       >"$log_dir/bench_mixed.log" 2>&1
     mixed_status=$?
