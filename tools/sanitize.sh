@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --isa) isas="$2"; shift 2 ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "sanitize.sh: unknown argument $1 (pytest arguments go after --)" >&2; exit 2 ;;
   esac
 done
