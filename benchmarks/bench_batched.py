@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import fusedopt as fo  # noqa: E402
 from fusedopt import batched  # noqa: E402
-from _measure import median_time  # noqa: E402
+from fusedopt.bench._measure import median_time  # noqa: E402
 
 # Parameter shapes of small models.
 MODELS = {

@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
 
 import fusedopt as fo
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _workloads import gpt2_small_shapes as gpt2_shapes  # noqa: E402
+from fusedopt.bench._workloads import gpt2_small_shapes as gpt2_shapes
 
 # algorithm -> (number of state buffers, functional op, torch class, kwargs)
 ALGOS = {

@@ -21,7 +21,7 @@ import numpy as np
 
 import fusedopt as fo
 from fusedopt import _arrays, _cpu
-from _measure import median_time
+from fusedopt.bench._measure import median_time
 
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 

@@ -1,11 +1,61 @@
-# The optional CUDA module, fusedopt._cuda. Included from CMakeLists.txt unless
-# FUSEDOPT_CUDA is OFF. AUTO builds it when a CUDA compiler is found and skips it
-# quietly otherwise; ON makes a missing compiler a configure error, so that a
-# build that must ship the module (CI, GPU wheels) cannot silently lose it.
+# The optional CUDA module, fusedopt._cuda: whether to build it, and its targets.
+#
+# FUSEDOPT_CUDA=AUTO (the default) builds it when a CUDA compiler and an NVIDIA GPU
+# are both found: compiling the kernels takes longer than the rest of the package,
+# and without a GPU the module could not run. ON builds it whenever a compiler is
+# found, GPU or not, and makes a missing compiler a configure error, so that a
+# build that must ship the module (CI, GPU wheels built on machines without a GPU)
+# cannot silently lose it. OFF never builds it.
+#
+# Sets FO_CUDA_BUILT (TRUE or FALSE) and FO_CUDA_WHY, the reason, for the summary
+# line of CMakeLists.txt.
 
+# The GPU generations the kernels are compiled for, in one place: A100 machine
+# code, and H100 machine code plus compute_90 PTX that newer GPUs JIT-compile at
+# load time. Not "native": it fails on a build machine without a GPU (CI). Not
+# sm_70: CUDA 13 dropped Volta. -DCMAKE_CUDA_ARCHITECTURES=... or the CUDAARCHS
+# environment variable replaces this list.
+set(FO_CUDA_ARCHITECTURES "80-real;90")
+
+set(FO_CUDA_BUILT FALSE)
 set(_fo_cuda_modes AUTO ON OFF)
 if(NOT FUSEDOPT_CUDA IN_LIST _fo_cuda_modes)
   message(FATAL_ERROR "FUSEDOPT_CUDA must be AUTO, ON or OFF, got '${FUSEDOPT_CUDA}'")
+endif()
+if(FUSEDOPT_CUDA STREQUAL "OFF")
+  set(FO_CUDA_WHY "FUSEDOPT_CUDA=OFF")
+  return()
+endif()
+
+# The cheap signs of an NVIDIA GPU: its device node (Linux, and containers given a
+# GPU), the driver's list of GPUs, or nvidia-smi's (WSL and other setups).
+function(fo_find_gpu out)
+  set(found "")
+  file(GLOB driver_gpus LIST_DIRECTORIES true "/proc/driver/nvidia/gpus/*")
+  if(EXISTS "/dev/nvidia0")
+    set(found "/dev/nvidia0")
+  elseif(driver_gpus)
+    set(found "/proc/driver/nvidia/gpus")
+  else()
+    find_program(smi nvidia-smi NO_CACHE)
+    if(smi)
+      execute_process(COMMAND "${smi}" -L RESULT_VARIABLE rc OUTPUT_VARIABLE listed
+                      ERROR_QUIET TIMEOUT 30)
+      if(rc EQUAL 0 AND listed MATCHES "GPU [0-9]+:")
+        set(found "nvidia-smi -L")
+      endif()
+    endif()
+  endif()
+  set(${out} "${found}" PARENT_SCOPE)
+endfunction()
+
+if(FUSEDOPT_CUDA STREQUAL "AUTO")
+  fo_find_gpu(_fo_gpu)
+  if(NOT _fo_gpu)
+    string(CONCAT FO_CUDA_WHY "FUSEDOPT_CUDA=AUTO and no NVIDIA GPU found; "
+           "FUSEDOPT_CUDA=ON builds _cuda without one")
+    return()
+  endif()
 endif()
 
 include(CheckLanguage)
@@ -15,18 +65,15 @@ if(NOT CMAKE_CUDA_COMPILER)
     message(FATAL_ERROR "FUSEDOPT_CUDA=ON but no CUDA compiler was found; "
                         "put nvcc on PATH or set CMAKE_CUDA_COMPILER")
   endif()
-  message(STATUS "fusedopt: no CUDA compiler found, building without fusedopt._cuda")
+  string(CONCAT FO_CUDA_WHY "FUSEDOPT_CUDA=AUTO: a GPU (${_fo_gpu}) but no CUDA compiler; "
+         "put nvcc on PATH or set CMAKE_CUDA_COMPILER")
   return()
 endif()
 
 option(FUSEDOPT_PTXAS_VERBOSE "Print ptxas register and spill counts for the CUDA kernels" OFF)
 
-# Default targets: A100 machine code, and H100 machine code plus compute_90 PTX
-# that newer GPUs JIT-compile at load time. Not "native": it fails on a build
-# machine without a GPU, which is the usual case (CI). Not sm_70: CUDA 13 dropped
-# Volta. A user's -DCMAKE_CUDA_ARCHITECTURES=... or CUDAARCHS wins.
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
-  set(CMAKE_CUDA_ARCHITECTURES "80-real;90")
+  set(CMAKE_CUDA_ARCHITECTURES "${FO_CUDA_ARCHITECTURES}")
 endif()
 
 # The static runtime makes the module depend only on the driver (libcuda.so),
@@ -37,8 +84,14 @@ set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
 set(CMAKE_CUDA_STANDARD 17)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 enable_language(CUDA)
-message(STATUS "fusedopt: building fusedopt._cuda with ${CMAKE_CUDA_COMPILER} "
-               "(${CMAKE_CUDA_COMPILER_VERSION}) for ${CMAKE_CUDA_ARCHITECTURES}")
+set(FO_CUDA_BUILT TRUE)
+if(FUSEDOPT_CUDA STREQUAL "ON")
+  set(FO_CUDA_WHY "FUSEDOPT_CUDA=ON")
+else()
+  set(FO_CUDA_WHY "FUSEDOPT_CUDA=AUTO: a GPU (${_fo_gpu}) and a CUDA compiler found")
+endif()
+string(APPEND FO_CUDA_WHY "; nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures "
+       "${CMAKE_CUDA_ARCHITECTURES}")
 
 # The update kernels are compiled in several objects from one source, one per
 # group of layouts (fo::cuda::is_built and kernels.h list what each holds), so

@@ -14,6 +14,7 @@
 #include "core/layouts.h"
 #include "core/rules.h"
 #include "cpu/kernels.h"
+#include "tables.h"
 
 namespace py = pybind11;
 
@@ -33,25 +34,55 @@ Launch g_launch = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 
+// The instruction sets this build compiled the kernels for (all three unless a
+// development build narrowed FUSEDOPT_ISAS).
+#if defined(FO_HAVE_ISA_AVX512)
+constexpr bool kBuilt512 = true;
+#else
+constexpr bool kBuilt512 = false;
+#endif
+#if defined(FO_HAVE_ISA_AVX2)
+constexpr bool kBuilt2 = true;
+#else
+constexpr bool kBuilt2 = false;
+#endif
+#if defined(FO_HAVE_ISA_BASE)
+constexpr bool kBuiltBase = true;
+#else
+constexpr bool kBuiltBase = false;
+#endif
+
 void select_isa(const std::string& want) {
   __builtin_cpu_init();
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+  const bool has2 = kBuilt2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
-  const bool has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  const bool has512 = kBuilt512 && __builtin_cpu_supports("avx2") &&
+                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
   std::string isa = want;
   if (isa.empty() || isa == "auto") isa = has512 ? "avx512" : has2 ? "avx2" : "base";
-  if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2))
-    throw std::invalid_argument("this CPU does not support " + isa);
+  if ((isa == "avx512" && !has512) || (isa == "avx2" && !has2) || (isa == "base" && !kBuiltBase))
+    throw std::invalid_argument("this CPU or build does not support " + isa);
   namespace c = fo::cpu;
-  if (isa == "avx512")
+  if (isa == "avx512") {
+#if defined(FO_HAVE_ISA_AVX512)
     g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
     g_vector_bits = c::isa_avx512::vector_bits;
-  else if (isa == "avx2")
-    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq, g_vector_bits = c::isa_avx2::vector_bits;
-  else if (isa == "base")
-    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq, g_vector_bits = c::isa_base::vector_bits;
-  else throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
+#endif
+  } else if (isa == "avx2") {
+#if defined(FO_HAVE_ISA_AVX2)
+    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
+    g_vector_bits = c::isa_avx2::vector_bits;
+#endif
+  } else if (isa == "base") {
+#if defined(FO_HAVE_ISA_BASE)
+    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
+    g_vector_bits = c::isa_base::vector_bits;
+#endif
+  } else {
+    throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
+  }
   g_isa = isa;
 }
 
@@ -129,21 +160,17 @@ std::uint64_t shape_hash(const py::ssize_t* dims, int nd) {
 // Flags of `describe`.
 enum : std::int64_t { kIsNdarray = 1, kCContig = 2, kWriteable = 4, kNative = 8, kAligned = 16 };
 
-// One row per object: [address, element count, itemsize, NumPy type number,
-// flags, shape hash, ndim]. Objects that are not NumPy arrays get flags 0 and
-// are described by the Python layer instead.
-py::array_t<std::int64_t> describe(py::sequence seq) {
+// Fills `stride` columns per object (describe's seven, and zeros beyond).
+void describe_into(py::sequence seq, std::int64_t* out, int stride) {
   const py::ssize_t n = py::len(seq);
-  py::array_t<std::int64_t> out({n, py::ssize_t(7)});
-  auto r = out.mutable_unchecked<2>();
   auto& api = py::detail::npy_api::get();
   for (py::ssize_t i = 0; i < n; ++i) {
+    std::int64_t* r = out + i * stride;
+    for (int c = 0; c < stride; ++c) r[c] = 0;
     py::object o = seq[i];
-    for (int c = 0; c < 7; ++c) r(i, c) = 0;
     if (!api.PyArray_Check_(o.ptr())) continue;
     auto* a = py::detail::array_proxy(o.ptr());
-    const auto arr = py::reinterpret_borrow<py::array>(o);
-    const py::dtype dt = arr.dtype();
+    const auto* d = py::detail::array_descriptor_proxy(a->descr);
     std::int64_t size = 1;
     for (int k = 0; k < a->nd; ++k) size *= a->dimensions[k];
     const int f = a->flags;
@@ -151,131 +178,94 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
     if (f & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) flags |= kCContig;
     if (f & py::detail::npy_api::NPY_ARRAY_WRITEABLE_) flags |= kWriteable;
     if (f & py::detail::npy_api::NPY_ARRAY_ALIGNED_) flags |= kAligned;
-    if (dt.byteorder() != '>') flags |= kNative;  // '<', '=' and '|' are native on x86
-    r(i, 0) = std::int64_t(reinterpret_cast<std::uintptr_t>(a->data));
-    r(i, 1) = size;
-    r(i, 2) = arr.itemsize();
-    r(i, 3) = dt.num();
-    r(i, 4) = flags;
-    r(i, 5) = std::int64_t(shape_hash(a->dimensions, a->nd));
-    r(i, 6) = a->nd;
+    if (d->byteorder != '>') flags |= kNative;  // '<', '=' and '|' are native on x86
+    r[0] = std::int64_t(reinterpret_cast<std::uintptr_t>(a->data));
+    r[1] = size;
+    r[2] = py::reinterpret_borrow<py::array>(o).itemsize();
+    r[3] = d->type_num;
+    r[4] = flags;
+    r[5] = std::int64_t(shape_hash(a->dimensions, a->nd));
+    r[6] = a->nd;
   }
+}
+
+// One row per object: [address, element count, itemsize, NumPy type number,
+// flags, shape hash, ndim]. Objects that are not NumPy arrays get flags 0 and
+// are described by the Python layer instead.
+py::array_t<std::int64_t> describe(py::sequence seq) {
+  const py::ssize_t n = py::len(seq);
+  py::array_t<std::int64_t> out({n, py::ssize_t(7)});
+  describe_into(seq, out.mutable_data(), 7);
   return out;
 }
 
-
-// The common case of `_arrays.prepare` in one pass over the objects: every array a
-// NumPy array and every check passing. `lists` holds params, grads, the `nstates`
-// state lists and, with `extra_kind` != 0, the master-weight or Kahan list, all of
-// the same length. Returns the kernels' groups as (param code, state code, pointer
-// table, sizes) in ascending (param, state) order, or None when the call needs the
-// Python layer: a foreign array, a strided gradient to copy, or an error to diagnose.
-py::object prepare_numpy(py::sequence lists, int nstates, int extra_kind, bool read_only,
-                         int bf16_num) {
-  auto& api = py::detail::npy_api::get();
-  constexpr int kF32 = 11, kF64 = 12, kF16 = 23;  // NumPy's type numbers
-  auto code_of = [&](int t) {
-    return t == kF32 ? 0 : t == kF64 ? 1 : t == kF16 ? 2 : t == bf16_num ? 3 : -1;
-  };
+// Rows of several lists at once, as one (lists x n x 8) array: `describe`'s columns
+// and a device column of 0 (host memory), for the lists of one call. Returns the rows,
+// the number of objects that are not NumPy arrays (left for the Python layer) and the
+// number of NumPy arrays that are not C-contiguous.
+py::tuple describe_lists(py::sequence lists, py::ssize_t n) {
   const py::ssize_t L = py::len(lists);
-  std::vector<py::object> fast;  // the lists as tuples or lists, owned
+  py::array_t<std::int64_t> out({L, n, py::ssize_t(8)});
+  std::int64_t* r = out.mutable_data();
   for (py::ssize_t k = 0; k < L; ++k) {
-    PyObject* f = PySequence_Fast(py::object(lists[k]).ptr(), "prepare: not a sequence");
-    if (f == nullptr) throw py::error_already_set();
-    fast.push_back(py::reinterpret_steal<py::object>(f));
+    py::sequence seq = lists[k];
+    if (py::len(seq) != n) throw std::invalid_argument("describe_lists: lists of unequal length");
+    describe_into(seq, r + k * n * 8, 8);
   }
-  const py::ssize_t n = PySequence_Fast_GET_SIZE(fast[0].ptr());
-  for (const auto& f : fast)
-    if (PySequence_Fast_GET_SIZE(f.ptr()) != n) return py::none();
-  const int ext = extra_kind != 0 ? int(L) - 1 : -1;
-  std::vector<std::uint64_t> ptr(static_cast<std::size_t>(L * n));
-  std::vector<std::int64_t> size(static_cast<std::size_t>(n));
-  std::vector<int> key(static_cast<std::size_t>(n));
-  constexpr int kWritten = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
-                           py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  for (py::ssize_t i = 0; i < n; ++i) {
-    py::detail::PyArray_Proxy* a[64];
-    if (L > 64) return py::none();
-    for (py::ssize_t k = 0; k < L; ++k) {
-      PyObject* o = PySequence_Fast_GET_ITEM(fast[std::size_t(k)].ptr(), i);
-      if (!api.PyArray_Check_(o)) return py::none();
-      a[k] = py::detail::array_proxy(o);
-      if (py::detail::array_descriptor_proxy(a[k]->descr)->byteorder == '>') return py::none();
-      const int need = k == 1 || read_only ? py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ : kWritten;
-      if ((a[k]->flags & need) != need) return py::none();
-      if (k > 0) {
-        if (a[k]->nd != a[0]->nd) return py::none();
-        for (int d = 0; d < a[0]->nd; ++d)
-          if (a[k]->dimensions[d] != a[0]->dimensions[d]) return py::none();
-      }
-      ptr[std::size_t(k * n + i)] = std::uint64_t(reinterpret_cast<std::uintptr_t>(a[k]->data));
-    }
-    auto type = [&](py::ssize_t k) { return py::detail::array_descriptor_proxy(a[k]->descr)->type_num; };
-    const int t0 = type(0), code = code_of(t0);
-    if (code < 0 || type(1) != t0) return py::none();
-    int scode = code < 2 ? code : 0;  // no states: float32 for 16-bit params
-    if (nstates > 0) {
-      const int ts = type(2);
-      if (code < 2 ? ts != t0 : (ts != kF32 && ts != bf16_num)) return py::none();
-      for (int k = 3; k < 2 + nstates; ++k)
-        if (type(k) != ts) return py::none();
-      scode = code_of(ts);
-    }
-    if (ext >= 0 && (code < 2 || type(ext) != (extra_kind == 1 ? kF32 : t0))) return py::none();
-    std::int64_t count = 1;
-    for (int d = 0; d < a[0]->nd; ++d) count *= a[0]->dimensions[d];
-    size[std::size_t(i)] = count;
-    key[std::size_t(i)] = code * 4 + scode;
+  std::int64_t foreign = 0, strided = 0;
+  for (py::ssize_t j = 0; j < L * n; ++j) {
+    const std::int64_t flags = r[j * 8 + 4];
+    foreign += flags == 0;
+    strided += flags != 0 && !(flags & kCContig);
   }
-  if (!read_only) {
-    // no two written arrays may overlap, nor a gradient a written array
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> w;  // [start, end) of written
-    w.reserve(std::size_t((L - 1) * n));
-    auto bytes = [&](py::ssize_t k, py::ssize_t i) {
-      const int c = key[std::size_t(i)];
-      const int code = k == 1 || k == 0 ? c / 4 : k == ext ? (extra_kind == 1 ? 0 : c / 4) : c % 4;
-      return std::uint64_t(size[std::size_t(i)]) * (code == 1 ? 8u : code == 0 ? 4u : 2u);
-    };
-    for (py::ssize_t k = 0; k < L; ++k) {
-      if (k == 1) continue;
-      for (py::ssize_t i = 0; i < n; ++i) {
-        if (size[std::size_t(i)] == 0) continue;
-        const std::uint64_t s = ptr[std::size_t(k * n + i)];
-        w.emplace_back(s, s + bytes(k, i));
-      }
-    }
-    std::sort(w.begin(), w.end());
-    for (std::size_t j = 1; j < w.size(); ++j)
-      if (w[j].first < w[j - 1].second) return py::none();
-    for (py::ssize_t i = 0; i < n && !w.empty(); ++i) {
-      if (size[std::size_t(i)] == 0) continue;
-      const std::uint64_t s = ptr[std::size_t(n + i)], e = s + bytes(1, i);
-      // the written array with the largest start below the gradient's end
-      auto it = std::lower_bound(w.begin(), w.end(), std::make_pair(e, std::uint64_t(0)));
-      if (it != w.begin() && std::prev(it)->second > s) return py::none();
-    }
-  }
-  std::vector<int> keys(key);
-  std::sort(keys.begin(), keys.end());
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-  py::list groups;
-  for (const int k : keys) {
-    std::vector<py::ssize_t> sel;
-    for (py::ssize_t i = 0; i < n; ++i)
-      if (key[std::size_t(i)] == k) sel.push_back(i);
-    const py::ssize_t m = py::ssize_t(sel.size());
-    py::array_t<std::uint64_t> table(L * m);
-    py::array_t<std::int64_t> sizes(m);
-    std::uint64_t* tp = table.mutable_data();
-    std::int64_t* sp = sizes.mutable_data();
-    for (py::ssize_t j = 0; j < m; ++j) {
-      sp[j] = size[std::size_t(sel[std::size_t(j)])];
-      for (py::ssize_t s = 0; s < L; ++s) tp[s * m + j] = ptr[std::size_t(s * n + sel[std::size_t(j)])];
-    }
-    groups.append(py::make_tuple(k / 4, k % 4, table, sizes));
-  }
-  return std::move(groups);
+  return py::make_tuple(out, foreign, strided);
 }
+
+// The Tables of a call, for Python: its issue as a tuple, its groups as arrays that
+// view the tables' own memory (so `set_grads` updates what a kept plan runs on).
+class PyTables {
+ public:
+  PyTables(py::array_t<std::int64_t, py::array::c_style> rows, int nstates, int extra,
+           bool read_only, std::int64_t bf16_numpy)
+      : t_(rows.data(), int(rows.shape(0)), rows.shape(1),
+           fo::tables::Layout{nstates, extra, read_only},
+           fo::tables::Dtypes{11, 12, 23, bf16_numpy, -2}) {
+    if (rows.ndim() != 3 || rows.shape(2) != 8)
+      throw std::invalid_argument("Tables: rows must be lists x n x 8");
+  }
+
+  static py::object issue_of(const fo::tables::Issue& i) {
+    if (i.what == fo::tables::What::None) return py::none();
+    return py::make_tuple(int(i.what), i.list, i.index, i.list2, i.index2);
+  }
+
+  py::object issue() const { return issue_of(t_.issue()); }
+
+  py::list groups(py::object self) {
+    py::list out;
+    for (auto& g : t_.groups()) {
+      py::array_t<std::uint64_t> ptrs({py::ssize_t(g.ptrs.size())}, {sizeof(std::uint64_t)},
+                                      g.ptrs.data(), self);
+      py::array_t<std::int64_t> sizes({py::ssize_t(g.sizes.size())}, {sizeof(std::int64_t)},
+                                      g.sizes.data(), self);
+      out.append(py::make_tuple(g.param, g.state, ptrs, sizes));
+    }
+    return out;
+  }
+
+  py::object set_grads(py::array_t<std::int64_t, py::array::c_style> rows) {
+    if (rows.size() != t_.size() * 8) throw std::invalid_argument("set_grads: expected n x 8 rows");
+    return issue_of(t_.set_grads(rows.data()));
+  }
+
+  py::object set_grad_ptrs(py::array_t<std::uint64_t, py::array::c_style> ptrs) {
+    if (ptrs.size() != t_.size()) throw std::invalid_argument("set_grad_ptrs: expected n addresses");
+    return issue_of(t_.set_grad_ptrs(ptrs.data()));
+  }
+
+ private:
+  fo::tables::Tables t_;
+};
 
 }  // namespace
 
@@ -298,10 +288,25 @@ PYBIND11_MODULE(_cpu, m) {
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum of squares over tensors (pointer table: 1 x n), in double.");
-  m.def("prepare_numpy", &prepare_numpy, py::arg("lists"), py::arg("nstates"),
-        py::arg("extra_kind"), py::arg("read_only"), py::arg("bf16_num"),
-        "Validate NumPy-only step lists and build the pointer tables in one pass; None when\n"
-        "the general path is needed (foreign arrays, strided gradients, any error).");
+  m.def("describe_lists", &describe_lists, py::arg("lists"), py::arg("n"),
+        "(rows, foreign, strided): the rows of several lists of n objects, (lists, n, 8), the\n"
+        "device column 0; how many objects are not NumPy arrays; how many NumPy arrays are\n"
+        "not C-contiguous.");
+  py::class_<PyTables>(m, "Tables",
+                       "The checked rows of a call and its pointer tables (csrc/tables.h).")
+      .def(py::init<py::array_t<std::int64_t, py::array::c_style>, int, int, bool,
+                    std::int64_t>(),
+           py::arg("rows"), py::arg("nstates"), py::arg("extra"), py::arg("read_only"),
+           py::arg("bf16_num"))
+      .def_property_readonly("issue", &PyTables::issue,
+                             "None, or (what, list, index, list2, index2) of the first failed "
+                             "check")
+      .def("groups", [](py::object self) { return self.cast<PyTables&>().groups(self); },
+           "[(param code, state code, pointer table, sizes)], viewing the tables' memory")
+      .def("set_grads", &PyTables::set_grads, py::arg("rows"),
+           "Exchange the gradients (their n x 8 rows); None, or the issue (nothing changed)")
+      .def("set_grad_ptrs", &PyTables::set_grad_ptrs, py::arg("ptrs"),
+           "Exchange the gradients' addresses only; None, or the overlap issue");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
   m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {
@@ -315,6 +320,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_isa", &select_isa, py::arg("isa"),
         "Select the instruction set of the kernels: 'auto', 'avx512', 'avx2' or 'base'.");
   m.def("get_isa", [] { return g_isa; });
+  m.def("built_isas", [] {
+    py::list out;
+    if (kBuiltBase) out.append("base");
+    if (kBuilt2) out.append("avx2");
+    if (kBuilt512) out.append("avx512");
+    return out;
+  }, "The instruction sets this build compiled the kernels for.");
   m.def("vector_bits", [] { return g_vector_bits(); },
         "The vector width the selected instruction set's kernels were compiled for.");
   m.def("num_states", &num_states, py::arg("kernel"));
@@ -324,6 +336,16 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step_key", &fo::step_key, py::arg("seed"), py::arg("step"),
         "The random stream (`key`) of step `step` for a seed, as the CUDA kernels derive it\n"
         "from a step count kept on the device.");
+  m.def("hyper_fields", [](const std::string& kernel) {
+    std::pair<std::vector<std::string>, std::vector<std::string>> names;
+    const bool known = fo::with_rule(kernel, [&](auto rule) {
+      names = fo::hyper_field_names<typename decltype(rule)::Hyper>();
+    });
+    if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return py::make_tuple(py::tuple(py::cast(names.first)), py::tuple(py::cast(names.second)));
+  }, py::arg("kernel"),
+        "(fields the host fills, fields the rule fills per step) of a kernel's Hyper, by\n"
+        "name, in memory order: the hyperparameter array holds them in this order.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
     fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });

@@ -429,6 +429,25 @@ py::dict launch_limits(const std::string& kernel, int extra) {
   return d;
 }
 
+// How many launches a step of `kernel` over tensors of these sizes makes (host-side
+// packing only: no GPU needed): 1 for a single tensor, a flat buffer.
+std::int64_t count_launches(const std::string& kernel, py::array_t<std::int64_t, 0> sizes,
+                            int extra) {
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  const int nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  const std::int64_t* sz = sizes.data();
+  const std::int64_t n = sizes.size();
+  switch (nslots) {
+    case 2: return fo::cuda::count_launches<2>(sz, n);
+    case 3: return fo::cuda::count_launches<3>(sz, n);
+    case 4: return fo::cuda::count_launches<4>(sz, n);
+    case 5: return fo::cuda::count_launches<5>(sz, n);
+    case 6: return fo::cuda::count_launches<6>(sz, n);
+  }
+  throw std::invalid_argument(kernel + ": no launcher for " + std::to_string(nslots) + " slots");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -500,6 +519,9 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("kernel"), py::arg("dtype"), py::arg("state_dtype") = -1, py::arg("extra") = 0,
       "Whether this build has a kernel for `kernel` in the storage layout.");
+  m.def("count_launches", &count_launches, py::arg("kernel"), py::arg("sizes"),
+        py::arg("extra") = 0,
+        "Launches a step over tensors of these sizes makes (host-side packing, no GPU).");
   m.def("launch_limits", &launch_limits, py::arg("kernel"), py::arg("extra") = 0,
         "Chunk size, threads per block, blocks and tensors per launch for `kernel`\n"
         "(\"grad_stats\": the gradient pass of a checked step).");

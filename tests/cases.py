@@ -2,9 +2,11 @@
 
 An `Algorithm` ties together the in-place functional op, the float64 reference,
 the optimizer class, the state buffers (torch's names, in the order the op
-takes them) and the class defaults. A `Case` is an algorithm with one setting
+takes them) and the class defaults; all of it but the reference derives from the
+algorithm's spec (`fusedopt.algorithms`). A `Case` is an algorithm with one setting
 of its options; `CASES` holds a grid that turns every option on at least once,
-alone and combined with others.
+alone and combined with others: an algorithm's rows there are what a new algorithm
+adds to the tests.
 
 Options are written with the class constructor's names (``betas``, not
 ``beta1``); `Case.op_kwargs(t)` translates them into the functional op's
@@ -21,13 +23,13 @@ import numpy as np
 import fusedopt
 from fusedopt import functional as F
 from fusedopt import reference as R
-
-# State buffers whose values are never negative (sums and averages of squares).
-NONNEGATIVE_STATES = {"sum", "square_avg", "acc_delta", "exp_avg_sq", "max_exp_avg_sq"}
+from fusedopt.algorithms import SPECS
 
 
 @dataclass(frozen=True)
 class Algorithm:
+    """One algorithm of the table, as the tests use it (derived from its spec)."""
+
     name: str
     cls: type
     op: Callable
@@ -42,96 +44,78 @@ class Algorithm:
     active: Callable
     #: (options, t) -> keyword arguments of the functional op
     kwargs: Callable
+    spec: object = None
 
     def arg_name(self, state_name):
         return dict((s, a) for a, s in self.slots)[state_name]
 
 
-def _sgd_kwargs(o, t):
-    return dict(lr=o["lr"], momentum=o["momentum"], dampening=o["dampening"],
-                weight_decay=o["weight_decay"], nesterov=o["nesterov"], maximize=o["maximize"],
-                first_step=(t == 1))
+def op_kwargs(spec, options, t):
+    """The functional op's keywords of step t (1 on the first step) for constructor
+    options: the spec's translation, its scalars advanced t times from a fresh state."""
+    options = {**spec.group_extras, **options}
+    kw = spec.to_op(options)
+    scalars = spec.init_scalars(options)
+    extra = {}
+    for _ in range(t):
+        extra, scalars = spec.advance(kw, scalars)
+    kw.update(extra)
+    if spec.fresh_keyword is not None:
+        kw[spec.fresh_keyword] = t == 1
+    return kw
 
 
-def _adagrad_kwargs(o, t):
-    return dict(step=t, lr=o["lr"], lr_decay=o["lr_decay"], weight_decay=o["weight_decay"],
-                eps=o["eps"], maximize=o["maximize"])
+def _algorithm(spec):
+    return Algorithm(
+        spec.name, getattr(fusedopt, spec.title), getattr(F, spec.op_name),
+        getattr(R, spec.name), slots=tuple((s.arg, s.name) for s in spec.states),
+        defaults=spec.defaults(), has_step="step" in spec.scalars,
+        active=lambda o: spec.active(spec.to_op({**spec.group_extras, **o})),
+        kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec)
 
 
-def _rmsprop_kwargs(o, t):
-    return dict(lr=o["lr"], alpha=o["alpha"], eps=o["eps"], weight_decay=o["weight_decay"],
-                momentum=o["momentum"], centered=o["centered"], maximize=o["maximize"])
+ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
+
+# State buffers whose values are never negative (sums and averages of squares).
+NONNEGATIVE_STATES = {s.name for spec in SPECS.values() for s in spec.states if s.positive}
 
 
-def _adadelta_kwargs(o, t):
-    return dict(lr=o["lr"], rho=o["rho"], eps=o["eps"], weight_decay=o["weight_decay"],
-                maximize=o["maximize"])
-
-
-def _adam_kwargs(o, t):
-    beta1, beta2 = o["betas"]
-    return dict(step=t, lr=o["lr"], beta1=beta1, beta2=beta2, eps=o["eps"],
-                weight_decay=o["weight_decay"], amsgrad=o["amsgrad"], maximize=o["maximize"])
-
-
-SGD = Algorithm(
-    "sgd", fusedopt.SGD, F.sgd_, R.sgd,
-    slots=(("momentum_buffers", "momentum_buffer"),),
-    defaults=dict(lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
-                  maximize=False),
-    has_step=False,
-    active=lambda o: ("momentum_buffer",) if o["momentum"] != 0 else (),
-    kwargs=_sgd_kwargs)
-
-ADAGRAD = Algorithm(
-    "adagrad", fusedopt.Adagrad, F.adagrad_, R.adagrad,
-    slots=(("state_sums", "sum"),),
-    defaults=dict(lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                  eps=1e-10, maximize=False),
-    has_step=True,
-    active=lambda o: ("sum",),
-    kwargs=_adagrad_kwargs)
-
-RMSPROP = Algorithm(
-    "rmsprop", fusedopt.RMSprop, F.rmsprop_, R.rmsprop,
-    slots=(("square_avgs", "square_avg"), ("momentum_buffers", "momentum_buffer"),
-           ("grad_avgs", "grad_avg")),
-    defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                  maximize=False),
-    has_step=True,
-    active=lambda o: ("square_avg",) + (("momentum_buffer",) if o["momentum"] > 0 else ())
-    + (("grad_avg",) if o["centered"] else ()),
-    kwargs=_rmsprop_kwargs)
-
-ADADELTA = Algorithm(
-    "adadelta", fusedopt.Adadelta, F.adadelta_, R.adadelta,
-    slots=(("square_avgs", "square_avg"), ("acc_deltas", "acc_delta")),
-    defaults=dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, maximize=False),
-    has_step=True,
-    active=lambda o: ("square_avg", "acc_delta"),
-    kwargs=_adadelta_kwargs)
-
-_ADAM_SLOTS = (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"),
-               ("max_exp_avg_sqs", "max_exp_avg_sq"))
-
-
-def _adam_active(o):
-    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if o["amsgrad"] else ())
-
-
-ADAM = Algorithm(
-    "adam", fusedopt.Adam, F.adam_, R.adam, slots=_ADAM_SLOTS,
-    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
-                  maximize=False),
-    has_step=True, active=_adam_active, kwargs=_adam_kwargs)
-
-ADAMW = Algorithm(
-    "adamw", fusedopt.AdamW, F.adamw_, R.adamw, slots=_ADAM_SLOTS,
-    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                  maximize=False),
-    has_step=True, active=_adam_active, kwargs=_adam_kwargs)
-
-ALGORITHMS = {a.name: a for a in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW)}
+#: (class name, constructor options) that torch.optim refuses with a ValueError; the
+#: NumPy classes refuse them too, and fusedopt.torch with torch's very message.
+INVALID = [
+    ("SGD", dict(lr=-0.1)),
+    ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1e-4)),
+    ("SGD", dict(nesterov=True)),
+    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
+    ("Adagrad", dict(lr=-0.1)),
+    ("Adagrad", dict(lr_decay=-0.1)),
+    ("Adagrad", dict(weight_decay=-0.1)),
+    ("Adagrad", dict(initial_accumulator_value=-0.1)),
+    ("Adagrad", dict(eps=-1e-10)),
+    ("RMSprop", dict(lr=-0.1)),
+    ("RMSprop", dict(eps=-1e-8)),
+    ("RMSprop", dict(momentum=-0.1)),
+    ("RMSprop", dict(weight_decay=-0.1)),
+    ("RMSprop", dict(alpha=-0.1)),
+    ("Adadelta", dict(lr=-0.1)),
+    ("Adadelta", dict(rho=-0.1)),
+    ("Adadelta", dict(rho=1.1)),
+    ("Adadelta", dict(eps=-1e-6)),
+    ("Adadelta", dict(weight_decay=-0.1)),
+    ("Adam", dict(lr=-0.1)),
+    ("Adam", dict(eps=-1e-8)),
+    ("Adam", dict(betas=(1.0, 0.999))),
+    ("Adam", dict(betas=(-0.1, 0.999))),
+    ("Adam", dict(betas=(0.9, 1.0))),
+    ("Adam", dict(betas=(0.9, -0.5))),
+    ("Adam", dict(weight_decay=-0.1)),
+    ("AdamW", dict(lr=-0.1)),
+    ("AdamW", dict(eps=-1e-8)),
+    ("AdamW", dict(betas=(1.0, 0.999))),
+    ("AdamW", dict(betas=(0.9, 1.0))),
+    ("AdamW", dict(weight_decay=-0.1)),
+]
 
 
 @dataclass(frozen=True)
@@ -173,10 +157,9 @@ class Case:
         return self.algo.cls(params, **{**self.options, **changes})
 
     def initial_state(self, param, name):
-        """A buffer as the class creates it: zeros, or Adagrad's initial value."""
+        """A buffer as the class creates it: zeros, or the spec's initial value."""
         out = np.zeros_like(param)
-        if name == "sum":
-            out[...] = self.options["initial_accumulator_value"]
+        out[...] = self.algo.spec.init_value(name, self.options)
         return out
 
     def _state_args(self, states):
@@ -239,15 +222,15 @@ CASES = [
     case("adamw", lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True, maximize=True),
 ]
 
-#: one case per algorithm that uses every state list of its op
-FULL_CASES = [
-    case("sgd", lr=0.05, momentum=0.9),
-    case("adagrad", lr=0.1, initial_accumulator_value=0.1),
-    case("rmsprop", momentum=0.9, centered=True),
-    case("adadelta"),
-    case("adam", lr=0.01, amsgrad=True),
-    case("adamw", lr=0.01, amsgrad=True),
-]
+
+def _fullest(name):
+    """The first case of an algorithm that uses the most state lists of its op."""
+    mine = [c for c in CASES if c.algo.name == name]
+    return max(mine, key=lambda c: len(c.state_names))
+
+
+#: one case per algorithm that uses every state list of its op (as far as CASES does)
+FULL_CASES = [_fullest(name) for name in ALGORITHMS]
 
 
 def random_states(case_, params, rng):

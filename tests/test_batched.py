@@ -112,6 +112,7 @@ def test_one_fused_call_per_step(rng, monkeypatch):
         opt.step([rng.standard_normal(p.shape) for p in opt.params])
     n = members * len(SHAPES)
     assert calls == [("adam", n, n * fo._cpu.hyper_size("adam"))] * 3
+    assert fo._cpu.hyper_size("adam") == sum(map(len, fo.algorithms.hyper_fields("adam")))
 
 
 def test_one_call_per_member_where_kernels_take_one_row(rng, monkeypatch):
@@ -228,11 +229,12 @@ def test_load_state_dict_refuses_mismatches(rng):
 
 
 @pytest.mark.parametrize("make,exc,match", [
-    (lambda p: BatchedSGD(p, lr=[0.1, -0.1, 0.1]), ValueError, r"learning rate \(member 1\)"),
+    (lambda p: BatchedSGD(p, lr=[0.1, -0.1, 0.1]), ValueError,
+     r"learning rate: -0.1 \(member 1\)"),
     (lambda p: BatchedSGD(p, lr=[0.1, 0.1]), ValueError, "2 values for 3 members"),
     (lambda p: BatchedSGD(p, nesterov=True), ValueError, "Nesterov"),
     (lambda p: BatchedAdam(p, betas=[(0.9, 0.99), (1.0, 0.99), (0.9, 0.9)]), ValueError,
-     "beta parameter at index 0 \\(member 1\\)"),
+     "beta parameter at index 0: 1.0 \\(member 1\\)"),
     (lambda p: BatchedAdam(p, amsgrad=[True, False, True]), ValueError, "one value"),
     (lambda p: BatchedAdam(p, momentum=0.9), TypeError, "unknown"),
     (lambda p: BatchedSGD(p[:1] + [np.zeros((2, 3))]), ValueError, "stacks 2 members"),

@@ -20,6 +20,8 @@ import os
 import numpy as np
 import pytest
 
+from fusedopt.algorithms import pack
+
 SIZES = (0, 1, 7, 4097, 278011)
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
 DTYPE_CODE = {np.float32: 0, np.float64: 1}
@@ -33,34 +35,54 @@ def _cuda_built():
         return False
 
 
-def _adam(amsgrad=False, decoupled=False, maximize=False, lr=1e-2, b1=0.9, b2=0.999, wd=0.05):
-    # step_size and inv_bc2_sqrt (the 7th and 8th fields) are filled from the step count
+def _hyper(kernel, **fields):
+    """hyper(t) of a kernel: its Hyper packed by field name (a field given as a function
+    of t is evaluated per step); the fields a rule fills from the step count (at_step)
+    are left 0."""
     def hyper(t):
-        return [lr, b1, b2, 1e-8, 0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0,
-                0.0, 0.0, float(maximize)]
-    return ("adam_amsgrad" if amsgrad else "adam", 3 if amsgrad else 2, hyper)
+        return list(pack(kernel, {k: v(t) if callable(v) else v for k, v in fields.items()}))
+    return hyper
 
 
-# (kernel, state count, hyper(t)): each Hyper struct of csrc/core, field by field;
-# the fields a rule fills from the step count (at_step) are passed as 0.
+def _sgd(kernel, lr=0.1, momentum=0.0, dampening=0.0, wd=0.0, nesterov=False, maximize=False):
+    return (kernel, 1 if kernel == "sgd_momentum" else 0,
+            _hyper(kernel, lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd,
+                   nesterov=nesterov, maximize=maximize, first_step=lambda t: t == 1))
+
+
+def _rmsprop(kernel, states, alpha=0.99, wd=0.01, momentum=0.0, maximize=False):
+    return (kernel, states, _hyper(kernel, lr=0.01, alpha=alpha, eps=1e-8, weight_decay=wd,
+                                   momentum=momentum, maximize=maximize))
+
+
+def _adam(amsgrad=False, decoupled=False, maximize=False, lr=1e-2, b1=0.9, b2=0.999, wd=0.05):
+    kernel = "adam_amsgrad" if amsgrad else "adam"
+    return (kernel, 3 if amsgrad else 2,
+            _hyper(kernel, lr=lr, beta1=b1, beta2=b2, eps=1e-8, l2=0.0 if decoupled else wd,
+                   shrink=1.0 - lr * wd if decoupled else 1.0, maximize=maximize))
+
+
+# (kernel, state count, hyper(t)): each kernel's Hyper, by field name.
 CASES = {
-    "sgd": ("sgd", 0, lambda t: [0.1, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]),
-    "sgd_maximize": ("sgd", 0, lambda t: [0.1, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-    "sgd_momentum": ("sgd_momentum", 1, lambda t: [0.1, 0.9, 0.1, 0.01, 0.0, 0.0, float(t == 1)]),
-    "sgd_nesterov": ("sgd_momentum", 1, lambda t: [0.1, 0.9, 0.0, 0.0, 1.0, 0.0, float(t == 1)]),
-    "adagrad": ("adagrad", 1, lambda t: [0.1, 0.01, 1e-10, 0.01, 0.0, 0.0]),
-    "rmsprop": ("rmsprop", 1, lambda t: [0.01, 0.99, 1e-8, 0.01, 0.0, 0.0]),
-    "rmsprop_momentum": ("rmsprop_momentum", 2, lambda t: [0.01, 0.99, 1e-8, 0.0, 0.9, 0.0]),
-    "rmsprop_centered": ("rmsprop_centered", 2, lambda t: [0.01, 0.9, 1e-8, 0.01, 0.0, 1.0]),
-    "rmsprop_centered_momentum": ("rmsprop_centered_momentum", 3,
-                                  lambda t: [0.01, 0.9, 1e-8, 0.01, 0.9, 0.0]),
-    "adadelta": ("adadelta", 2, lambda t: [1.0, 0.9, 1e-6, 0.01, 0.0]),
+    "sgd": _sgd("sgd", wd=0.01),
+    "sgd_maximize": _sgd("sgd", maximize=True),
+    "sgd_momentum": _sgd("sgd_momentum", momentum=0.9, dampening=0.1, wd=0.01),
+    "sgd_nesterov": _sgd("sgd_momentum", momentum=0.9, nesterov=True),
+    "adagrad": ("adagrad", 1, _hyper("adagrad", lr=0.1, lr_decay=0.01, eps=1e-10,
+                                     weight_decay=0.01, maximize=False)),
+    "rmsprop": _rmsprop("rmsprop", 1),
+    "rmsprop_momentum": _rmsprop("rmsprop_momentum", 2, wd=0.0, momentum=0.9),
+    "rmsprop_centered": _rmsprop("rmsprop_centered", 2, alpha=0.9, maximize=True),
+    "rmsprop_centered_momentum": _rmsprop("rmsprop_centered_momentum", 3, alpha=0.9,
+                                          momentum=0.9),
+    "adadelta": ("adadelta", 2, _hyper("adadelta", lr=1.0, rho=0.9, eps=1e-6,
+                                       weight_decay=0.01, maximize=False)),
     "adam": _adam(),
     "adamw": _adam(decoupled=True),
     "adam_maximize": _adam(maximize=True),
     "adam_amsgrad": _adam(amsgrad=True),
     "adamw_amsgrad": _adam(amsgrad=True, decoupled=True),
-    **{f"stream{k}": (f"stream{k}", k, lambda t: [0.5]) for k in range(4)},
+    **{f"stream{k}": (f"stream{k}", k, _hyper(f"stream{k}", scale=0.5)) for k in range(4)},
 }
 
 # Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
@@ -78,7 +100,8 @@ STORAGE = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.uint16, BFLOAT1
 
 # --- The module, with or without a GPU ---------------------------------------
 
-NOT_BUILT = "fusedopt._cuda was not built (no CUDA compiler at build time)"
+NOT_BUILT = ("fusedopt._cuda was not built (it is built where nvcc and a GPU are found, "
+             "or with FUSEDOPT_CUDA=ON)")
 
 
 @pytest.fixture(scope="module")
@@ -1243,3 +1266,51 @@ def test_functional_checked_step_on_torch_tensors_and_stream():
         for j, (a, b) in enumerate(zip(d, h)):
             np.testing.assert_allclose(a.cpu().numpy(), b, rtol=1e-6, atol=1e-7,
                                        err_msg=f"slot {k}, tensor {j}")
+
+
+# --- flat buffers: one launch -------------------------------------------------------------
+
+
+def test_a_single_tensor_is_one_launch(cuda_mod):
+    """Host-side packing (no GPU needed): a flat buffer of any size is one launch without
+    a block map; the same elements as many tensors take one launch per batch."""
+    lim = cuda_mod.launch_limits("adam")
+    big = lim["chunk"] * lim["max_blocks"] * 3 + 5  # three batches' worth as one tensor
+    assert cuda_mod.count_launches("adam", np.array([big], np.int64)) == 1
+    assert cuda_mod.count_launches("adam", np.array([0, big, 0], np.int64)) == 1
+    split = np.full(4, big // 4, np.int64)
+    assert cuda_mod.count_launches("adam", split) >= 2
+    many = np.full(lim["max_tensors"] + 1, 3, np.int64)
+    assert cuda_mod.count_launches("adam", many) == 2
+
+
+def test_single_tensor_launch_matches_cpu_beyond_one_batch(cp, rng):
+    """The contiguous kernel's chunks cover a tensor larger than one batch's blocks."""
+    from fusedopt import _cuda
+
+    lim = _cuda.launch_limits("sgd_momentum")
+    sizes = [lim["chunk"] * lim["max_blocks"] + 7]
+    host, dev = _run_both(cp, rng, CASES["sgd_momentum"], np.float32, sizes)
+    _assert_same(cp, dev, host, np.float32, bitwise=True)
+
+
+def test_torch_flat_optimizer_on_cuda_matches_default():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+
+    runs = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).cuda()
+        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat)
+        x = torch.randn(64, 16, device="cuda")
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

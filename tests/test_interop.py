@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from fusedopt import _dlpack
+from fusedopt import _dlpack, _engine
 from fusedopt import functional as F
 
 torch = pytest.importorskip("torch")
@@ -203,7 +203,10 @@ def test_noncontiguous_torch_grad_is_read_through_a_copy():
 def test_dlpack_holder_lives_until_the_kernel_ran():
     a = np.ones(4)
     base = sys.getrefcount(a)
-    plan = F.sgd_([DLPackOnly(a)], [np.ones(4)], lr=1.0, _defer=True)
+    spec = fusedopt.algorithms.SPECS["sgd"]
+    kw = dict(lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+              maximize=False, first_step=False)
+    plan = _engine.plan(spec, kw, [DLPackOnly(a)], [np.ones(4)], [])
     gc.collect()
     assert sys.getrefcount(a) > base  # the exported tensor still holds the array
     plan.run()

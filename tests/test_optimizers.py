@@ -7,54 +7,37 @@ import numpy as np
 import pytest
 
 import fusedopt
-from cases import ALGORITHMS, CASES, FULL_CASES, assert_same_bits, case, data_ptr, random_arrays
+from cases import (ALGORITHMS, CASES, FULL_CASES, INVALID, assert_same_bits, case, data_ptr,
+                   random_arrays)
 
 SHAPES = [(10,), (4, 3), (), (0,), (2000,)]
 
 
+# torch.optim's execution flags, which only fusedopt.torch takes
+TORCH_FLAGS = {"foreach", "fused", "capturable", "differentiable"}
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_defaults_are_torchs(name):
+def test_defaults_are_the_specs(name):
     algo = ALGORITHMS[name]
     opt = algo.cls([np.zeros(3)])
     group = opt.param_groups[0]
-    assert {k: v for k, v in group.items() if k != "params"} == algo.defaults
-    assert opt.defaults == algo.defaults
+    expected = algo.spec.group_defaults()
+    assert {k: v for k, v in group.items() if k != "params"} == expected
+    assert opt.defaults == expected
 
 
-INVALID = [
-    ("SGD", dict(lr=-0.1)),
-    ("SGD", dict(momentum=-0.5)),
-    ("SGD", dict(weight_decay=-1e-4)),
-    ("SGD", dict(nesterov=True)),
-    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
-    ("Adagrad", dict(lr=-0.1)),
-    ("Adagrad", dict(lr_decay=-0.1)),
-    ("Adagrad", dict(weight_decay=-0.1)),
-    ("Adagrad", dict(initial_accumulator_value=-0.1)),
-    ("Adagrad", dict(eps=-1e-10)),
-    ("RMSprop", dict(lr=-0.1)),
-    ("RMSprop", dict(eps=-1e-8)),
-    ("RMSprop", dict(momentum=-0.1)),
-    ("RMSprop", dict(weight_decay=-0.1)),
-    ("RMSprop", dict(alpha=-0.1)),
-    ("Adadelta", dict(lr=-0.1)),
-    ("Adadelta", dict(rho=-0.1)),
-    ("Adadelta", dict(rho=1.1)),
-    ("Adadelta", dict(eps=-1e-6)),
-    ("Adadelta", dict(weight_decay=-0.1)),
-    ("Adam", dict(lr=-0.1)),
-    ("Adam", dict(eps=-1e-8)),
-    ("Adam", dict(betas=(1.0, 0.999))),
-    ("Adam", dict(betas=(-0.1, 0.999))),
-    ("Adam", dict(betas=(0.9, 1.0))),
-    ("Adam", dict(betas=(0.9, -0.5))),
-    ("Adam", dict(weight_decay=-0.1)),
-    ("AdamW", dict(lr=-0.1)),
-    ("AdamW", dict(eps=-1e-8)),
-    ("AdamW", dict(betas=(1.0, 0.999))),
-    ("AdamW", dict(betas=(0.9, 1.0))),
-    ("AdamW", dict(weight_decay=-0.1)),
-]
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_defaults_are_torchs(name):
+    """The spec's defaults against torch.optim's own (where torch has the algorithm)."""
+    torch = pytest.importorskip("torch")
+    algo = ALGORITHMS[name]
+    cls = getattr(torch.optim, algo.cls.__name__, None)
+    if cls is None:
+        pytest.skip(f"torch.optim has no {algo.cls.__name__}")
+    theirs = cls([torch.zeros(3, requires_grad=True)]).defaults
+    theirs = {k: v for k, v in theirs.items() if k not in TORCH_FLAGS}
+    assert algo.spec.group_defaults() == theirs
 
 
 @pytest.mark.parametrize("cls,kwargs", INVALID,

@@ -105,13 +105,14 @@ def test_adam_decay_mode_flag(op, decoupled, dtype, rng):
         args = [[s.astype(np.float64) for s in states[n]] for n in c.state_names]
         expected = c.algo.ref([p.astype(np.float64) for p in params],
                               [g.astype(np.float64) for g in grads], *args,
-                              **c.op_kwargs(t), **kwargs)
+                              **{**c.op_kwargs(t), **kwargs})
         # the flag really changes the reference: L2 decay and decoupled decay differ
         other = c.algo.ref([p.astype(np.float64) for p in params],
                            [g.astype(np.float64) for g in grads], *args,
-                           **c.op_kwargs(t), decoupled_weight_decay=not decoupled)
+                           **{**c.op_kwargs(t), "decoupled_weight_decay": not decoupled})
         assert not np.allclose(expected[0][1], other[0][1], rtol=1e-6, atol=0)
-        c.algo.op(params, grads, *[states[n] for n in c.state_names], **c.op_kwargs(t), **kwargs)
+        c.algo.op(params, grads, *[states[n] for n in c.state_names],
+                  **{**c.op_kwargs(t), **kwargs})
         for i, p in enumerate(params):
             assert_close(p, expected[0][i], dtype, f"params[{i}] step {t}")
         for k, name in enumerate(c.state_names):

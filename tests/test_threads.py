@@ -214,7 +214,8 @@ def test_torch_optimizer_stepped_from_two_threads_serializes(name, kwargs):
 
 
 def test_the_lock_is_not_state():
-    """Copies and pickles of an optimizer work and get a lock of their own."""
+    """Copies and pickles of an optimizer work and get a lock of their own (the classes
+    of fusedopt, fusedopt.batched and fusedopt.torch)."""
     import copy
     import pickle
 
@@ -222,9 +223,20 @@ def test_the_lock_is_not_state():
     opt = fusedopt.Adam(params)
     opt.step([np.ones(3, np.float32)])
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone._step_lock is not opt._step_lock
+        assert isinstance(clone._lock, type(opt._lock)) and clone._lock is not opt._lock
         clone.step([np.ones(3, np.float32)])
         assert clone.steps_taken == 2 and opt.steps_taken == 1
-    assert "_step_lock" not in opt.state_dict() and "_step_lock" not in opt.state_dict()["state"]
+    assert "_lock" not in repr(opt.state_dict())
     b = batched.BatchedSGD(batched.stack(params, 2), lr=0.1)
-    assert copy.deepcopy(b)._step_lock is not b._step_lock
+    clone = copy.deepcopy(b)
+    assert isinstance(clone._lock, type(b._lock)) and clone._lock is not b._lock
+    lbfgs = fusedopt.LBFGS([np.ones(3)])
+    assert copy.deepcopy(lbfgs)._lock is not lbfgs._lock
+    torch = pytest.importorskip("torch")
+    import fusedopt.torch as fot
+
+    w = torch.nn.Parameter(torch.ones(3))
+    topt = fot.Adam([w])
+    tclone = copy.deepcopy(topt)
+    assert isinstance(tclone._fo_lock, type(topt._fo_lock))
+    assert tclone._fo_lock is not topt._fo_lock

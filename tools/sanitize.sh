@@ -49,8 +49,9 @@ built=$(date +%s)
 # the package as it is in the tree, with the sanitized module and no other build
 stage="$build/python"
 rm -rf "$stage"
-mkdir -p "$stage/fusedopt"
-cp python/fusedopt/*.py "$stage/fusedopt/"
+mkdir -p "$stage"
+cp -R python/fusedopt "$stage/"  # subpackages (algorithms, bench) and data files too
+find "$stage/fusedopt" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 cp "$build"/lib/_cpu*.so "$stage/fusedopt/"
 
 libasan=$("$cxx" -print-file-name=libasan.so)

@@ -5,7 +5,7 @@
 namespace fo {
 
 struct AdadeltaHyper {
-  double lr, rho, eps, weight_decay, maximize;
+  FO_FIELDS(lr, rho, eps, weight_decay, maximize);
 };
 
 struct Adadelta : NoStepScalars {

@@ -6,8 +6,8 @@
 namespace fo {
 
 struct AdagradHyper {
-  double lr, lr_decay, eps, weight_decay, maximize;
-  double clr;  // per step
+  FO_FIELDS(lr, lr_decay, eps, weight_decay, maximize);
+  FO_STEP_FIELDS(clr);
 };
 
 struct Adagrad {

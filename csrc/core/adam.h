@@ -7,11 +7,11 @@
 
 namespace fo {
 
+// l2: weight_decay for Adam, 0 for AdamW; shrink: 1 - lr * weight_decay for AdamW,
+// exactly 1 for Adam.
 struct AdamHyper {
-  double lr, beta1, beta2, eps;
-  double l2;      // weight_decay for Adam, 0 for AdamW
-  double shrink;  // 1 - lr * weight_decay for AdamW, exactly 1 for Adam
-  double step_size, inv_bc2_sqrt, maximize;
+  FO_FIELDS(lr, beta1, beta2, eps, l2, shrink, maximize);
+  FO_STEP_FIELDS(step_size, inv_bc2_sqrt);
 };
 
 template <bool Amsgrad>

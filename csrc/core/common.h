@@ -14,6 +14,8 @@
 
 #include <cmath>
 
+#include "hyper.h"
+
 #if defined(__CUDACC__)
 #define FO_HD __host__ __device__ __forceinline__
 #else

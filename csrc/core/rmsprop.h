@@ -6,7 +6,7 @@
 namespace fo {
 
 struct RmspropHyper {
-  double lr, alpha, eps, weight_decay, momentum, maximize;
+  FO_FIELDS(lr, alpha, eps, weight_decay, momentum, maximize);
 };
 
 template <bool Momentum, bool Centered>

@@ -16,6 +16,8 @@ namespace fo {
 // Number of doubles in a rule's Hyper; every Hyper is a plain struct of doubles.
 template <class Rule>
 constexpr int hyper_size() {
+  static_assert(fields_cover<typename Rule::Hyper>(),
+                "a Hyper must be declared with FO_FIELDS / FO_STEP_FIELDS only");
   return int(sizeof(typename Rule::Hyper) / sizeof(double));
 }
 

@@ -4,10 +4,9 @@
 
 namespace fo {
 
+// first_step: 1 when the momentum buffer is created by this step.
 struct SgdHyper {
-  double lr, momentum, dampening, weight_decay;
-  double nesterov, maximize;
-  double first_step;  // 1 when the momentum buffer is created by this step
+  FO_FIELDS(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step);
 };
 
 template <bool Momentum>

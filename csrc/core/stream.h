@@ -8,7 +8,7 @@
 namespace fo {
 
 struct StreamHyper {
-  double scale;
+  FO_FIELDS(scale);
 };
 
 template <int NStates>

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "runtime.cuh"
 
@@ -71,6 +72,39 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
   for (int k = 0; k < NPtr; ++k) ptr[k] = batch.ptr[k][t];
   op(settings, ptr, j, begin, end, batch.first_block + blockIdx.x);
+}
+
+// One contiguous tensor (a flat buffer): its pointers and size travel alone, and every
+// block of ONE launch runs the chunk of its own index, with no block map.
+template <int NPtr>
+struct Flat {
+  void* ptr[NPtr];
+  std::int64_t size;
+  std::int64_t index;  // position of the tensor in the caller's table
+};
+
+template <int NPtr, class Op>
+__global__ void __launch_bounds__(kBlockThreads)
+    contiguous_kernel(const __grid_constant__ Flat<NPtr> flat, const Op op) {
+  const auto settings = op.begin_block(flat.index);
+  if (!settings) return;
+  const std::int64_t begin = std::int64_t(blockIdx.x) * kChunk;
+  const std::int64_t end = flat.size - begin < kChunk ? flat.size : begin + kChunk;
+  void* ptr[NPtr];
+#pragma unroll
+  for (int k = 0; k < NPtr; ++k) ptr[k] = flat.ptr[k];
+  op(settings, ptr, flat.index, begin, end, std::int64_t(blockIdx.x));
+}
+
+// The one tensor of a table with a single non-empty tensor, or -1.
+inline std::int64_t single_tensor(const std::int64_t* sizes, std::int64_t n) {
+  std::int64_t found = -1;
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (sizes[j] <= 0) continue;
+    if (found >= 0) return -1;
+    found = j;
+  }
+  return found;
 }
 
 // Number of blocks (chunks) a call over these sizes runs, in all launches together.
@@ -137,11 +171,34 @@ inline void check_table(const std::string& name, const std::int64_t* sizes, std:
       throw std::invalid_argument(name + ": tensor " + std::to_string(j) + " is too large");
 }
 
-// Runs `op` over every element of every tensor of the table, on `stream`.
+// Number of kernel launches a call over these sizes makes (host-only, for tests):
+// one for a single tensor, else one per Batch.
+template <int NPtr>
+std::int64_t count_launches(const std::int64_t* sizes, std::int64_t n) {
+  if (single_tensor(sizes, n) >= 0) return 1;
+  std::vector<std::uint64_t> ptrs(std::size_t(NPtr) * std::size_t(n), 0);
+  std::int64_t count = 0;
+  for_each_batch<NPtr>(ptrs.data(), sizes, n, [&](const Batch<NPtr>&, int) { ++count; });
+  return count;
+}
+
+// Runs `op` over every element of every tensor of the table, on `stream`: a single
+// tensor (a flat buffer) in one launch without a block map, many tensors in Batches.
 template <int NPtr, class Op>
 void multi_tensor_apply(const std::string& name, cudaStream_t stream, const std::uint64_t* ptrs,
                         const std::int64_t* sizes, std::int64_t n, const Op& op) {
   check_table(name, sizes, n);
+  const std::int64_t one = single_tensor(sizes, n);
+  if (one >= 0) {
+    Flat<NPtr> flat{};
+    for (int k = 0; k < NPtr; ++k)
+      flat.ptr[k] = reinterpret_cast<void*>(std::uintptr_t(ptrs[k * n + one]));
+    flat.size = sizes[one];
+    flat.index = one;
+    const std::int64_t blocks = (flat.size + kChunk - 1) / kChunk;
+    launch(name, contiguous_kernel<NPtr, Op>, unsigned(blocks), kBlockThreads, stream, flat, op);
+    return;
+  }
   for_each_batch<NPtr>(ptrs, sizes, n, [&](const Batch<NPtr>& batch, int nblocks) {
     launch(name, multi_tensor_kernel<NPtr, Op>, unsigned(nblocks), kBlockThreads, stream, batch, op);
   });

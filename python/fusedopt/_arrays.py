@@ -2,11 +2,12 @@
 
 Each accepted array becomes one row of integers (address, element count,
 itemsize, NumPy type number, flags, shape hash, ndim, device). NumPy arrays are
-described in C++ (`_cpu.describe`) at about a tenth of a microsecond each;
-anything else (arrays with `__array_interface__` or `__cuda_array_interface__`,
-DLPack producers) goes through `describe_foreign`. All checks then run as
-vectorized NumPy over those rows, before any kernel writes anything: an error
-leaves every array as it was.
+described in C++ (`_cpu.describe_lists`) at about a tenth of a microsecond each;
+anything else (PyTorch tensors, arrays with `__array_interface__` or
+`__cuda_array_interface__`, DLPack producers) goes through `_foreign`. Every check
+then runs in C++ over those rows (`_cpu.Tables`, csrc/tables.h), before any kernel
+writes anything: an error leaves every array as it was, and `_error` turns the
+failed check into its message.
 """
 
 from __future__ import annotations
@@ -50,99 +51,110 @@ def _bf16_num():
 
 
 class Prepared:
-    """A validated call: one pointer table per storage layout present, ready for a backend."""
+    """A validated call: one pointer table per storage layout present, ready for a backend.
 
-    __slots__ = ("device", "groups", "layouts", "keep")
+    The tables are a `_cpu.Tables`: a caller that keeps a Prepared between steps (the
+    optimizer classes) exchanges only the gradients (`with_grads`), which checks the new
+    gradients against the kept params and states."""
 
-    def __init__(self, device, groups, layouts, keep):
+    __slots__ = ("device", "groups", "layouts", "keep", "tables", "op", "names", "stream",
+                 "params", "rows", "grad_keep")
+
+    def __init__(self, device, groups, layouts, keep, tables=None, op="", names=(),
+                 stream=None, params=None, rows=None):
         self.device = device  # CPU or 1 + CUDA ordinal
         self.groups = groups  # list of (param dtype code, ptrs uint64, sizes int64)
         self.layouts = layouts  # aligned with groups: dict(state_dtype=code, extra=code)
         self.keep = keep  # objects that must outlive the kernel (copies, DLPack holders)
+        self.tables, self.op, self.names = tables, op, names
+        self.stream, self.params, self.rows = stream, params, rows
+        self.grad_keep = []  # what the current gradients need kept alive
+
+    def with_grads(self, grads, trusted=False):
+        """The same call with other gradients (a list aligned with the params): checked
+        against the kept rows, then swapped into the tables in place. `trusted`: the
+        gradients are torch tensors whose dtype, shape and device torch checked against
+        their params when they were assigned (`Tensor.grad`'s setter), and the caller
+        checked that the params are the ones described; only their addresses and
+        contiguity are read. Returns self; raises, changing nothing, on a bad one."""
+        n = 0 if self.params is None else len(self.params)
+        if len(grads) != n:
+            raise ValueError(f"{self.op}: got {len(grads)} grads for {n} params")
+        if n == 0:
+            return self
+        if trusted:
+            T = sys.modules["torch"].Tensor
+            if all(map(T.is_contiguous, grads)):
+                issue = self.tables.set_grad_ptrs(np.fromiter(map(T.data_ptr, grads),
+                                                              np.uint64, n))
+                if issue is not None:
+                    raise _error(self.op, self.names, [self.params, grads], self.rows, issue)
+                self.grad_keep = []
+                return self
+        keep = []
+        rows, strided = _describe_lists(self.op, [grads], self.names[1:2], n, keep,
+                                        self.stream, self.params)
+        if strided:
+            _copy_strided(self.op, [grads], self.names[1:2], rows, self.device, keep,
+                          self.stream, self.params)
+        issue = self.tables.set_grads(rows[0])
+        if issue is not None:
+            raise _error(self.op, self.names, [self.params, grads], self.rows, issue,
+                         {1: rows[0]})
+        self.grad_keep = keep
+        return self
 
 
-def _describe_list(op, name, seq, keep, consumer=None):
-    """Rows for one list, NumPy arrays in C++, the rest through `_foreign`."""
+def _describe_lists(op, seqs, names, n, keep, stream=None, params=None):
+    """((L, n, NCOLS) rows of the lists, whether some array is not C-contiguous): NumPy
+    arrays in C++, the rest through `_foreign` (one path for every array kind)."""
+    R, foreign, strided = _cpu.describe_lists(seqs, n)
+    if foreign:
+        consumer = _foreign.Consumer(params if params is not None else seqs[0], stream)
+        for k in np.flatnonzero((R[:, :, FLAGS] == 0).any(axis=1)):
+            k = int(k)
+            other = np.flatnonzero(R[k][:, FLAGS] == 0)
+            _foreign.describe_into(op, names[k], seqs[k], other, R[k], keep, consumer)
+        strided = not (R[:, :, FLAGS] & F_CONTIG).all()
+    return R, bool(strided)
+
+
+def describe_list(op, name, seq, stream=None, params=None):
+    """(rows, keep): the (n, NCOLS) description rows of one list of arrays of any kind,
+    and the objects that must outlive their use (DLPack holders)."""
     if not isinstance(seq, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got {type(seq).__name__}")
-    rows = np.zeros((len(seq), NCOLS), dtype=np.int64)
-    if len(seq):
-        rows[:, :DEVICE] = _cpu.describe(seq)
-        other = np.flatnonzero(rows[:, FLAGS] == 0)
-        if other.size:
-            _foreign.describe_into(op, name, seq, other, rows, keep, consumer)
-    return rows
+        raise TypeError(f"{op}: {name} must be a list or tuple of arrays, got "
+                        f"{type(seq).__name__}")
+    keep = []
+    rows, _ = _describe_lists(op, [seq], [name], len(seq), keep, stream, params)
+    return rows[0], keep
 
 
-def _shape_of(obj):
-    shape = getattr(obj, "shape", None)
-    return tuple(shape) if shape is not None else "?"
+def describe_params(params, stream=None):
+    """The rows of a list of params for a kept plan's check (`_engine.Kept`), or None
+    when one cannot be described."""
+    try:
+        return _describe_lists("step", [params], ["params"], len(params), [], stream,
+                               params)[0][0]
+    except (TypeError, ValueError):
+        return None
 
 
-def _dtype_name(typenum):
-    if typenum < 0:
-        return _foreign.dtype_name(typenum)
-    for t in np.sctypeDict.values():
-        try:
-            if np.dtype(t).num == typenum:
-                return np.dtype(t).name
-        except TypeError:
-            continue
-    return f"type number {typenum}"
-
-
-def _dtype_of(seqs, R, k, i):
-    """The dtype of seqs[k][i] for a message: the object's own, else the row's."""
-    dtype = getattr(seqs[k][i], "dtype", None)
-    return dtype if dtype is not None else _dtype_name(int(R[k][i, TYPENUM]))
-
-
-def _device_name(code):
-    return "cpu" if code == CPU else f"cuda:{code - 1}"
-
-
-def _check_writable(op, name, seq, rows):
-    bad = np.flatnonzero((rows[:, FLAGS] & F_CONTIG) == 0)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{op}: {name}[{i}] is not C-contiguous; it is updated in place, "
-                         "so an update of a copy would be lost")
-    bad = np.flatnonzero((rows[:, FLAGS] & F_WRITEABLE) == 0)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(_foreign.readonly_message(op, f"{name}[{i}]", seq[i]))
-
-
-def _check_overlap(op, names, R, writable_mask):
-    """No two written arrays may share memory, nor a gradient with a written array.
-    R holds the rows of every list, R[k, i] for element i of list k."""
-    L, n = R.shape[:2]
-    rows = R.reshape(L * n, NCOLS)
-    start = rows[:, PTR].astype(np.uint64)
-    end = start + (rows[:, SIZE] * rows[:, ITEMSIZE]).astype(np.uint64)
-    live = rows[:, SIZE] > 0
-    written = np.repeat(writable_mask, n)
-    w = np.flatnonzero(live & written)
-    order = w[np.argsort(start[w])]
-    ws, we = start[order], end[order]
-
-    def fail(a, b):
-        raise ValueError(f"{op}: {names[a // n]}[{a % n}] and {names[b // n]}[{b % n}] "
-                         "share memory; arrays a step writes must not overlap each other or "
-                         "the gradients")
-
-    if (ws[1:] < we[:-1]).any():
-        hit = int(np.flatnonzero(ws[1:] < we[:-1])[0])
-        fail(order[hit], order[hit + 1])
-    g = np.flatnonzero(live & ~written)
-    if g.size and order.size:
-        # the written array with the largest start below each gradient's end; written
-        # arrays are disjoint and sorted, so it is the only one that can overlap
-        k = np.searchsorted(ws, end[g], side="left") - 1
-        bad = (k >= 0) & (we[np.maximum(k, 0)] > start[g])
-        if bad.any():
-            hit = int(np.flatnonzero(bad)[0])
-            fail(order[k[hit]], g[hit])
+def _copy_strided(op, seqs, names, R, device, keep, stream, params):
+    """Arrays that are only read (gradients; every list of a reduction) and not
+    C-contiguous are read through a contiguous copy, described in their place. On a GPU
+    the copy is made on the kernels' stream (`contiguous_copy`)."""
+    consumer = _foreign.Consumer(params, stream)
+    for k in range(len(seqs)):
+        bad = np.flatnonzero((R[k][:, FLAGS] & F_CONTIG) == 0)
+        for i in bad:
+            i = int(i)
+            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device,
+                                            consumer)
+            keep.append(copy)
+            R[k][i] = _describe_lists(op, [[copy]], names[k:k + 1], 1, keep, stream,
+                                      params)[0][0, 0] if device == CPU else \
+                _foreign.describe(op, f"{names[k]}[{i}]", copy, consumer)[0]
 
 
 def memory_extent(obj):
@@ -213,79 +225,8 @@ def _check_list(op, name, seq, n):
         raise ValueError(f"{op}: got {len(seq)} {name} for {n} params")
 
 
-def _diagnose(op, names, seqs, R, codes, extra_kind, read_only):
-    """Find and raise the first problem of a call whose combined check failed. The
-    order is the documented one: dtypes, shapes, devices, then writeability."""
-    params, prow = seqs[0], R[0]
-    nstates = len(seqs) - 2 - (extra_kind != 0)
-    bad = np.flatnonzero((codes < 0) | ((prow[:, FLAGS] & F_NATIVE) == 0))
-    if bad.size:
-        i = int(bad[0])
-        raise TypeError(f"{op}: params[{i}] has dtype {_dtype_of(seqs, R, 0, i)}; supported: {SUPPORTED} "
-                        "in native byte order (no silent cast)")
-    for k in range(1, len(seqs)):
-        expect, rule = prow[:, TYPENUM], "params[{i}] has {p}"
-        if 2 <= k < 2 + nstates:
-            # states: the param's dtype, or float32/bfloat16 (one for all) for 16-bit params
-            sixteen = codes >= 2
-            expect = np.where(sixteen, R[2][:, TYPENUM], prow[:, TYPENUM])
-            bf16 = [t for t, c in kernel_dtypes().items() if c == 3]
-            ok16 = np.isin(R[2][:, TYPENUM], [F32, *bf16])
-            if k == 2 and not ok16[sixteen].all():
-                i = int(np.flatnonzero(sixteen & ~ok16)[0])
-                raise TypeError(f"{op}: {names[2]}[{i}] has dtype "
-                                f"{_dtype_of(seqs, R, 2, i)}; the state of a 16-bit "
-                                "param is float32 or bfloat16")
-            rule = "params[{i}] has {p}" if k == 2 else f"{names[2]}[{{i}}] has {{s}}"
-        elif k == len(seqs) - 1 and extra_kind == 1:
-            expect, rule = np.full_like(expect, F32), "master weights are float32"
-        bad = np.flatnonzero((R[k][:, TYPENUM] != expect) | ((R[k][:, FLAGS] & F_NATIVE) == 0))
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {names[k]}[{i}] has dtype {_dtype_of(seqs, R, k, i)}, "
-                            + rule.format(i=i, p=_dtype_of(seqs, R, 0, i),
-                                          s=_dtype_of(seqs, R, 2, i) if nstates else "?"))
-    if extra_kind:
-        bad = np.flatnonzero(codes < 2)
-        if bad.size:
-            raise TypeError(f"{op}: {names[-1]} are for float16 and bfloat16 params; "
-                            f"params[{int(bad[0])}] has {_dtype_of(seqs, R, 0, int(bad[0]))}")
-    for k in range(1, len(seqs)):
-        bad = np.flatnonzero((R[k][:, SHAPE] != prow[:, SHAPE]) | (R[k][:, SIZE] != prow[:, SIZE]))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{op}: {names[k]}[{i}] has shape {_shape_of(seqs[k][i])}, "
-                             f"params[{i}] has {_shape_of(params[i])}")
-    device = int(prow[0, DEVICE])
-    for k in range(len(seqs)):
-        bad = np.flatnonzero(R[k][:, DEVICE] != device)
-        if bad.size:
-            i = int(bad[0])
-            raise TypeError(f"{op}: {names[k]}[{i}] is on {_device_name(int(R[k][i, DEVICE]))}, "
-                            f"params[0] is on {_device_name(device)}; all arrays of a step "
-                            "must be on one device")
-    if not read_only:
-        for k in [0] + list(range(2, len(seqs))):
-            _check_writable(op, names[k], seqs[k], R[k])
-    raise AssertionError(f"{op}: inconsistent validation")  # the combined check had a reason
-
-
-def describe_list(op, name, seq, stream=None, params=None):
-    """The description rows of one list of arrays, for a caller that keeps them between
-    steps (`prepare(..., rows=...)`); `keep` objects are returned with them."""
-    keep = []
-    rows = np.zeros((len(seq), NCOLS), dtype=np.int64)
-    if len(seq):
-        rows[:, :DEVICE] = _cpu.describe(seq)
-        other = np.flatnonzero(rows[:, FLAGS] == 0)
-        if other.size:
-            consumer = _foreign.Consumer(params if params is not None else seq, stream)
-            _foreign.describe_into(op, name, seq, other, rows, keep, consumer)
-    return rows, keep
-
-
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None, rows=None):
+            extra=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -293,13 +234,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     messages. `extra` is None or (list, name, kind): float32 master weights (kind 1) or
     Kahan compensation buffers of the param's dtype (kind 2), for 16-bit params. With
     `read_only`, nothing is written (a reduction): writeability and overlap are not
-    required. Gradients that are not C-contiguous are copied once (they are only read);
-    everything else is used in place or refused. `stream` is the CUDA stream the
-    kernels will run on (None: the current stream of params[0]'s producer); GPU
-    producers order their pending work before it. `rows`, aligned with the lists
-    (params, grads, states, extra), may hold the description rows of lists that the
-    caller knows unchanged since it described them (`describe_list`); only the other
-    lists are described, and every check still runs on all rows.
+    required. Arrays only read that are not C-contiguous are copied once; everything
+    else is used in place or refused. `stream` is the CUDA stream the kernels will run
+    on (None: the current stream of params[0]'s producer); GPU producers order their
+    pending work before it.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -320,92 +258,166 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         names.append(extra[1])
         extra_kind = extra[2]
     if n == 0:
-        return Prepared(CPU, [], [], keep)
-    if rows is None:
-        # NumPy arrays that pass every check: described, checked and laid out in C++
-        fast = _cpu.prepare_numpy(seqs, len(states), extra_kind, read_only, _bf16_num())
-        if fast is not None:
-            return Prepared(CPU, [(code, ptrs, sizes) for code, _, ptrs, sizes in fast],
-                            [{"state_dtype": s, "extra": extra_kind} for _, s, _, _ in fast],
-                            keep)
-
-    # every array of the call described at once: R[k] holds the rows of list k
-    L = len(seqs)
-    R = np.zeros((L, n, NCOLS), dtype=np.int64)
-    fresh = [k for k in range(L) if rows is None or rows[k] is None]
-    if len(fresh) == L:
-        R.reshape(L * n, NCOLS)[:, :DEVICE] = _cpu.describe([x for seq in seqs for x in seq])
-    else:
-        for k in range(L):
-            if k in fresh:
-                R[k][:, :DEVICE] = _cpu.describe(seqs[k])
-            else:
-                R[k] = rows[k]
-    flat = R.reshape(L * n, NCOLS)
-    if not flat[:, FLAGS].all():
-        consumer = _foreign.Consumer(params, stream)
-        for k in np.flatnonzero((R[:, :, FLAGS] == 0).any(axis=1)):
-            other = np.flatnonzero(R[k][:, FLAGS] == 0)
-            _foreign.describe_into(op, names[k], seqs[k], other, R[k], keep, consumer)
-    else:
-        consumer = None
-
-    # one combined check; the slow, precise search for the culprit runs only on failure
-    typ, flags, prow = R[:, :, TYPENUM], R[:, :, FLAGS], R[0]
-    known = kernel_dtypes()
-    codes = np.full(n, -1)
-    for typenum, code in known.items():
-        codes[typ[0] == typenum] = code
-    nstates = len(states)
-    ok = (codes >= 0).all() and (flags & F_NATIVE).all() and (typ[1] == typ[0]).all()
-    if ok and nstates:
-        stype = typ[2]
-        plain = codes < 2
-        ok = (typ[2:2 + nstates] == stype).all() and (stype[plain] == typ[0][plain]).all()
-        if ok and not plain.all():
-            bf16 = [t for t, c in known.items() if c == 3]
-            ok = np.isin(stype[~plain], [F32, *bf16]).all()
-    if ok and extra_kind:
-        ok = (codes >= 2).all() and (typ[-1] == (F32 if extra_kind == 1 else typ[0])).all()
-    ok = ok and (R[1:, :, SHAPE] == R[0, :, SHAPE]).all() and \
-        (R[1:, :, SIZE] == R[0, :, SIZE]).all() and (R[:, :, DEVICE] == R[0, 0, DEVICE]).all()
-    if ok and not read_only:
-        written = np.delete(flags, 1, axis=0)
-        ok = ((written & (F_CONTIG | F_WRITEABLE)) == (F_CONTIG | F_WRITEABLE)).all()
-    if not ok:
-        _diagnose(op, names, seqs, R, codes, extra_kind, read_only)
-    device = int(prow[0, DEVICE])
-
-    # arrays only read (the gradients; every list of a reduction) that are not
-    # contiguous are read through a contiguous copy
-    for k in range(L) if read_only else [1]:
-        for i in np.flatnonzero((flags[k] & F_CONTIG) == 0):
-            i = int(i)
-            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device,
-                                            consumer)
-            keep.append(copy)
-            R[k][i, :DEVICE] = _cpu.describe([copy])[0] if device == CPU else \
-                _foreign.describe(op, f"{names[k]}[{i}]", copy, consumer)[0][:DEVICE]
-    if not read_only:
-        writable = np.ones(L, dtype=bool)
-        writable[1] = False
-        _check_overlap(op, names, R, writable)
-
-    # one pointer table per (param dtype, state dtype)
-    table = R[:, :, PTR].astype(np.uint64)
-    scodes = np.where(codes < 2, codes, 0)  # no states: float32 for 16-bit params
-    if nstates:
-        for typenum, code in known.items():
-            scodes[typ[2] == typenum] = code
-    key = codes * 4 + scodes
+        return Prepared(CPU, [], [], keep, op=op, names=names, stream=stream, params=params)
+    R, strided = _describe_lists(op, seqs, names, n, keep, stream, params)
+    device = int(R[0, 0, DEVICE])
+    read = range(len(seqs)) if read_only else [1]
+    if strided and not (R[list(read), :, FLAGS] & F_CONTIG).all():
+        sub = [seqs[k] for k in read]
+        rows = R[list(read)]
+        _copy_strided(op, sub, [names[k] for k in read], rows, device, keep, stream, params)
+        R[list(read)] = rows
+    tables = _cpu.Tables(R, len(states), extra_kind, read_only, _bf16_num())
+    issue = tables.issue
+    if issue is not None:
+        raise _error(op, names, seqs, R, issue, extra_kind=extra_kind)
     groups, layouts = [], []
-    for k in np.unique(key):
-        sel = key == k
-        if sel.all():
-            ptrs, sizes = table, prow[:, SIZE]
+    for code, scode, ptrs, sizes in tables.groups():
+        groups.append((code, ptrs, sizes))
+        layouts.append({"state_dtype": scode, "extra": extra_kind})
+    return Prepared(device, groups, layouts, keep, tables, op, names, stream, params, R)
+
+
+# --- the messages ---------------------------------------------------------------------------
+
+
+def _shape_of(obj):
+    shape = getattr(obj, "shape", None)
+    return tuple(shape) if shape is not None else "?"
+
+
+def _dtype_name(typenum):
+    if typenum < 0:
+        return _foreign.dtype_name(typenum)
+    for t in np.sctypeDict.values():
+        try:
+            if np.dtype(t).num == typenum:
+                return np.dtype(t).name
+        except TypeError:
+            continue
+    return f"type number {typenum}"
+
+
+def _device_name(code):
+    return "cpu" if code == CPU else f"cuda:{code - 1}"
+
+
+# What a failed check found (csrc/tables.h's What).
+(_PARAM_DTYPE, _STATE16_DTYPE, _DTYPE_MISMATCH, _EXTRA_NOT_16, _SHAPE, _DEVICE,
+ _NOT_CONTIGUOUS, _READ_ONLY, _OVERLAP) = range(1, 10)
+
+
+def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
+    """The exception for an issue of `_cpu.Tables`: the one place where a bad row
+    becomes a message. `R` holds the rows of every list (or `rows` those of some)."""
+    what, k, i, k2, j = issue
+
+    def row(list_, index):
+        return (rows[list_] if rows is not None and list_ in rows else R[list_])[index]
+
+    def obj(list_, index):
+        return seqs[list_][index] if list_ < len(seqs) else None
+
+    def dtype(list_, index):
+        found = getattr(obj(list_, index), "dtype", None)
+        return found if found is not None else _dtype_name(int(row(list_, index)[TYPENUM]))
+
+    if what == _PARAM_DTYPE:
+        return TypeError(f"{op}: params[{i}] has dtype {dtype(0, i)}; supported: {SUPPORTED} "
+                         "in native byte order (no silent cast)")
+    if what == _STATE16_DTYPE:
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; the state of a "
+                         "16-bit param is float32 or bfloat16")
+    if what == _DTYPE_MISMATCH:
+        extra_list = len(names) - 1 if extra_kind else -1
+        if k == extra_list and extra_kind == 1:
+            rule = "master weights are float32"
+        elif 2 < k != extra_list:  # a state after the first: as the first
+            rule = f"{names[2]}[{i}] has {dtype(2, i)}"
         else:
-            ptrs, sizes = table[:, sel], prow[sel, SIZE]
-        groups.append((int(k // 4), np.ascontiguousarray(ptrs).ravel(),
-                       np.ascontiguousarray(sizes)))
-        layouts.append({"state_dtype": int(k % 4), "extra": extra_kind})
-    return Prepared(device, groups, layouts, keep)
+            rule = f"params[{i}] has {dtype(0, i)}"
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}, " + rule)
+    if what == _EXTRA_NOT_16:
+        return TypeError(f"{op}: {names[k]} are for float16 and bfloat16 params; "
+                         f"params[{i}] has {dtype(0, i)}")
+    if what == _SHAPE:
+        return ValueError(f"{op}: {names[k]}[{i}] has shape {_shape_of(obj(k, i))}, "
+                          f"params[{i}] has {_shape_of(obj(0, i))}")
+    if what == _DEVICE:
+        return TypeError(f"{op}: {names[k]}[{i}] is on {_device_name(int(row(k, i)[DEVICE]))}, "
+                         f"params[0] is on {_device_name(int(row(0, 0)[DEVICE]))}; all arrays "
+                         "of a step must be on one device")
+    if what == _NOT_CONTIGUOUS:
+        return ValueError(f"{op}: {names[k]}[{i}] is not C-contiguous; it is updated in place, "
+                          "so an update of a copy would be lost")
+    if what == _READ_ONLY:
+        return ValueError(_foreign.readonly_message(op, f"{names[k]}[{i}]", obj(k, i)))
+    if what == _OVERLAP:
+        return ValueError(f"{op}: {names[k]}[{i}] and {names[k2]}[{j}] share memory; arrays a "
+                          "step writes must not overlap each other or the gradients")
+    return AssertionError(f"{op}: unknown issue {issue}")
+
+
+# --- arrays like a param (the optimizer classes' state) -----------------------------------------
+
+
+def like(op, name, obj):
+    """An array object with `shape` and `dtype` for `obj`: `obj` itself when it is a NumPy
+    or CuPy array or a PyTorch tensor, else a view of its memory through the interface it
+    offers (a NumPy view of host memory, a CuPy view of device memory). A read-only
+    producer that refuses the export gets the read-only ValueError; an object that is
+    no array, the TypeError of `describe`."""
+    if isinstance(obj, np.ndarray) or _is_known_kind(obj):
+        return obj
+    if _foreign._is_jax(obj):
+        raise ValueError(_foreign.readonly_message(op, name, obj))
+    if hasattr(obj, "__array_interface__"):
+        return np.asarray(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asarray(obj)
+    if hasattr(obj, "__dlpack__"):
+        row, holder = _foreign.describe(op, name, obj)
+        if holder is not None:
+            holder.release()
+        try:
+            if row[DEVICE] == CPU:
+                return np.from_dlpack(obj)
+            import cupy
+
+            return cupy.from_dlpack(obj)
+        except BufferError as e:
+            raise ValueError(_foreign.readonly_message(op, name, obj) + f" ({e})") from None
+    _foreign.describe(op, name, obj)  # raises the TypeError for what is not an array
+    raise TypeError(f"{op}: {name} is not an array")
+
+
+def _is_known_kind(obj):
+    module = type(obj).__module__
+    return module.startswith("cupy") or module.startswith("torch")
+
+
+def zeros_like(obj, dtype=None):
+    """Zeros with the shape and device of an array from `like`, of `dtype` (a NumPy dtype;
+    default: the array's): a torch tensor for a torch tensor, a CuPy array on the GPU, a
+    NumPy array otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        tdtype = obj.dtype if dtype is None else _torch_dtype(torch, dtype)
+        if obj.is_cpu and tdtype != torch.bfloat16:
+            # host memory: NumPy state, as for any host array (a bfloat16 tensor keeps
+            # torch's bfloat16, which needs no ml_dtypes)
+            return np.zeros(tuple(obj.shape), dtype=_numpy_dtype(tdtype))
+        return torch.zeros(tuple(obj.shape), dtype=tdtype, device=obj.device)
+    return np.zeros_like(obj, dtype=dtype)  # CuPy arrays answer with CuPy (__array_function__)
+
+
+def _torch_dtype(torch, dtype):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, np.dtype(dtype).name)
+
+
+def _numpy_dtype(tdtype):
+    return np.dtype(str(tdtype).rpartition(".")[2])

@@ -3,20 +3,20 @@ and DLPack.
 
 `describe` returns the same row `_cpu.describe` gives a NumPy array, plus the
 device column, and an object to keep alive until the kernel has run (or None).
-`describe_into` fills the rows of many objects at once; lists of PyTorch tensors
-take a vectorized path that reads each tensor's attributes directly (no DLPack
-capsule per tensor and step).
+`describe_into` fills the rows of many objects at once; PyTorch tensors are read
+from their attributes directly (no DLPack capsule per tensor and step).
 
 Objects are tried in this order: PyTorch tensors, `__cuda_array_interface__`,
 `__array_interface__`, then DLPack (`__dlpack__` / `__dlpack_device__`). JAX
-arrays are described but never writeable: JAX buffers are immutable.
+arrays are described but never writeable: JAX buffers are immutable. A DTensor
+(torch.distributed.tensor, e.g. an FSDP2 parameter) is described by its local
+shard: a step updates each rank's shard where it lives.
 """
 
 from __future__ import annotations
 
 import sys
 from itertools import repeat
-from operator import attrgetter
 
 import numpy as np
 
@@ -160,7 +160,9 @@ def describe(op, name, obj, consumer=None):
     """(row, holder) for `obj`, or TypeError when it is not an array we can read."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        return _torch_row(op, name, obj, torch, consumer), None
+        rows = np.zeros((1, 8), dtype=np.int64)
+        _torch_rows(op, name, [local_shard(obj, torch, op, name)], [0], rows, torch, consumer)
+        return rows[0], None
     jax = _is_jax(obj)
     cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
@@ -191,18 +193,14 @@ def describe(op, name, obj, consumer=None):
 def describe_into(op, name, seq, index, rows, keep, consumer=None):
     """Fill `rows[index]` for the objects `seq[index]`; holders go to `keep`."""
     torch = sys.modules.get("torch")
-    if torch is not None and len(index) == len(seq) and \
-            all(map(isinstance, seq, repeat(torch.Tensor))):
-        try:
-            rows[:] = _torch_rows(seq, torch)
-        except Exception:  # noqa: BLE001 - the per-tensor path below says what is wrong
-            pass
-        else:
-            if consumer is not None and rows[:, 7].any():
-                for device in np.unique(rows[:, 7]):
-                    if device > 0:
-                        consumer.after_torch(torch, int(device) - 1)
-            return
+    if torch is not None:
+        seq = local_shards(seq, torch, op, name)
+        tensors = [int(i) for i in index if isinstance(seq[int(i)], torch.Tensor)]
+        if tensors:
+            _torch_rows(op, name, seq, tensors, rows, torch, consumer)
+            if len(tensors) == len(index):
+                return
+            index = [int(i) for i in index if not isinstance(seq[int(i)], torch.Tensor)]
     for i in index:
         i = int(i)
         rows[i], holder = describe(op, f"{name}[{i}]", seq[i], consumer)
@@ -222,14 +220,15 @@ def contiguous_copy(op, name, obj, device, consumer=None):
     could be handed out and overwritten before the kernels ran."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
+        obj = local_shard(obj, torch, op, name).detach()
         if device == 0:
-            return obj.detach().contiguous().numpy()
+            return obj.contiguous().numpy()
         if consumer is None:
-            return obj.detach().contiguous()
+            return obj.contiguous()
         ordinal = device - 1
         with torch.cuda.stream(torch.cuda.ExternalStream(consumer.stream(ordinal),
                                                          device=ordinal)):
-            return obj.detach().contiguous()
+            return obj.contiguous()
     if device == 0:
         return np.ascontiguousarray(obj)
     import cupy  # only reached for CUDA arrays
@@ -330,24 +329,54 @@ def _from_dlpack(op, name, obj, consumer):
 
 # --- PyTorch --------------------------------------------------------------------------------
 
-_T_SHAPE = attrgetter("shape")
-_T_DTYPE = attrgetter("dtype")
-_T_IS_CPU = attrgetter("is_cpu")
+def _dtensor_class():
+    """torch's DTensor class once torch.distributed.tensor has been imported, else None
+    (then no tensor can be a DTensor, and nothing is checked)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
 
-# torch.dtype -> index into _DTYPES (itemsize, type number); torch.Size -> index into
-# _SHAPES (element count, shape hash, ndim). Both grow as new ones are seen.
+
+def _local(op, name, t):
+    """The local shard of DTensor `t`; ValueError for a pending reduction, whose local
+    tensor is only this rank's part of a sum."""
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{op}: {name} is a DTensor with placements {tuple(t.placements)}: "
+                         "its local tensor holds a partial sum over ranks; redistribute it "
+                         "to the param's placements (x.redistribute(placements=...)) first")
+    return t.to_local()  # under no_grad: the shard tensor itself, not a copy
+
+
+def local_shard(t, torch, op="step", name="array"):
+    """The local shard of a DTensor (its own memory, not a copy), else `t`."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():
+        return _local(op, name, t)
+
+
+def local_shards(seq, torch, op="step", name="arrays"):
+    """`seq`, with every DTensor replaced by its local shard."""
+    DTensor = _dtensor_class()
+    if DTensor is None or not any(map(isinstance, seq, repeat(DTensor))):
+        return seq
+    with torch.no_grad():
+        return [_local(op, f"{name}[{i}]", t) if isinstance(t, DTensor) else t
+                for i, t in enumerate(seq)]
+
+
+
+# torch.dtype -> index into _DTYPE_ROWS (itemsize, type number); torch.Size -> index
+# into _SHAPE_ROWS (element count, shape hash, ndim). Both grow as new ones are seen.
 _DTYPE_INDEX = {}
-_DTYPES = np.zeros((0, 2), dtype=np.int64)
+_DTYPE_ROWS = []
 _SHAPE_INDEX = {}
-_SHAPES = np.zeros((0, 3), dtype=np.int64)
-_DTYPE_ROWS = []  # the same tables as tuples, for short lists
 _SHAPE_ROWS = []
 _MAX_SHAPES = 1 << 16
 _TORCH_FLAGS = _F_NDARRAY | _F_WRITEABLE | _F_NATIVE  # torch tensors: native, writeable
 
 
 def _torch_dtype_index(dtype):
-    global _DTYPES
     index = _DTYPE_INDEX.get(dtype)
     if index is None:
         name = str(dtype).rpartition(".")[2]
@@ -358,73 +387,43 @@ def _torch_dtype_index(dtype):
                 typenum = np.dtype(name).num
             except TypeError:
                 typenum = _marker(name)
-        index = _DTYPE_INDEX[dtype] = len(_DTYPES)
-        _DTYPES = np.vstack([_DTYPES, [[dtype.itemsize, typenum]]])
+        index = _DTYPE_INDEX[dtype] = len(_DTYPE_ROWS)
         _DTYPE_ROWS.append((int(dtype.itemsize), int(typenum)))
     return index
 
 
 def _shape_index(shape):
-    global _SHAPES
     index = _SHAPE_INDEX.get(shape)
     if index is None:
         if len(_SHAPE_INDEX) >= _MAX_SHAPES:
             _SHAPE_INDEX.clear()
-            _SHAPES = _SHAPES[:0]
             _SHAPE_ROWS.clear()
         dims = list(shape)
         size = int(np.prod(dims, dtype=np.int64)) if dims else 1
         row = (size, int(_cpu.shape_hash(dims)), len(dims))
-        index = _SHAPE_INDEX[shape] = len(_SHAPES)
-        _SHAPES = np.vstack([_SHAPES, [row]])
+        index = _SHAPE_INDEX[shape] = len(_SHAPE_ROWS)
         _SHAPE_ROWS.append(row)
     return index
 
 
-def _torch_rows(seq, torch):
-    """Rows of a list of strided CPU or CUDA tensors. Raises on anything unusual; the
-    caller then describes one by one."""
-    n = len(seq)
-    if n <= _SMALL:
-        return _torch_rows_small(seq)
-    T = torch.Tensor
-    rows = np.empty((n, 8), dtype=np.int64)
-    rows[:, 0] = np.fromiter(map(T.data_ptr, seq), np.int64, n)
-    try:
-        d = np.fromiter(map(_DTYPE_INDEX.__getitem__, map(_T_DTYPE, seq)), np.intp, n)
-    except KeyError:
-        d = np.array([_torch_dtype_index(t.dtype) for t in seq], dtype=np.intp)
-    rows[:, 2:4] = _DTYPES[d]
-    # shapes are looked up as they come: holding thousands of torch.Size tuples at once
-    # would wake the garbage collector
-    try:
-        s = np.fromiter(map(_SHAPE_INDEX.__getitem__, map(_T_SHAPE, seq)), np.intp, n)
-    except KeyError:
-        for t in seq:
-            _shape_index(t.shape)
-        s = np.fromiter(map(_SHAPE_INDEX.__getitem__, map(_T_SHAPE, seq)), np.intp, n)
-    rows[:, 1] = _SHAPES[s, 0]
-    rows[:, 5:7] = _SHAPES[s, 1:]
-    contig = np.fromiter(map(T.is_contiguous, seq), np.bool_, n)
-    rows[:, 4] = np.where(contig, _TORCH_FLAGS | _F_CONTIG, _TORCH_FLAGS)
-    cpu = np.fromiter(map(_T_IS_CPU, seq), np.bool_, n)
-    rows[:, 7] = 0
-    if not cpu.all():
-        for i in np.flatnonzero(~cpu):
-            t = seq[int(i)]
-            if not t.is_cuda or t.layout is not torch.strided:
-                raise TypeError
-            rows[i, 7] = 1 + t.get_device()
-    return rows
-
-
-# Up to this many tensors a plain loop is quicker than the column-wise passes above.
-_SMALL = 48
-
-
-def _torch_rows_small(seq):
-    out = []
-    for t in seq:
+def _torch_rows(op, name, seq, index, rows, torch, consumer):
+    """Rows of the tensors `seq[index]`, read from their attributes (no DLPack capsule
+    per tensor and step); the kernel's stream is ordered after torch's current stream on
+    every CUDA device among them."""
+    devices = set()
+    for i in index:
+        t = seq[i]
+        if t.layout is not torch.strided:
+            raise TypeError(f"{op}: {name}[{i}] is a {t.layout} tensor; only dense (strided) "
+                            "tensors are supported")
+        if t.is_cpu:
+            device = 0
+        elif t.is_cuda:
+            device = 1 + t.get_device()
+            devices.add(device)
+        else:
+            raise TypeError(f"{op}: {name}[{i}] is on {t.device}; fusedopt updates tensors on "
+                            "the CPU and on CUDA devices")
         shape = t.shape
         s = _SHAPE_INDEX.get(shape)
         if s is None:
@@ -432,35 +431,11 @@ def _torch_rows_small(seq):
         d = _DTYPE_INDEX.get(t.dtype)
         if d is None:
             d = _torch_dtype_index(t.dtype)
-        if t.is_cpu:
-            device = 0
-        elif t.is_cuda:
-            device = 1 + t.get_device()
-        else:
-            raise TypeError
         size, hash_, ndim = _SHAPE_ROWS[s]
         itemsize, typenum = _DTYPE_ROWS[d]
-        out.append((t.data_ptr(), size, itemsize, typenum,
-                    _TORCH_FLAGS | _F_CONTIG if t.is_contiguous() else _TORCH_FLAGS,
-                    hash_, ndim, device))
-    return np.array(out, dtype=np.int64)
-
-
-def _torch_row(op, name, t, torch, consumer):
-    if t.layout is not torch.strided:
-        raise TypeError(f"{op}: {name} is a {t.layout} tensor; only dense (strided) tensors "
-                        "are supported")
-    if t.is_cuda:
-        device = 1 + t.get_device()
-        if consumer is not None:
+        rows[i] = (t.data_ptr(), size, itemsize, typenum,
+                   _TORCH_FLAGS | _F_CONTIG if t.is_contiguous() else _TORCH_FLAGS,
+                   hash_, ndim, device)
+    if consumer is not None:
+        for device in devices:
             consumer.after_torch(torch, device - 1)
-    elif t.is_cpu:
-        device = 0
-    else:
-        raise TypeError(f"{op}: {name} is on {t.device}; fusedopt updates tensors on the CPU "
-                        "and on CUDA devices")
-    itemsize, typenum = _DTYPES[_torch_dtype_index(t.dtype)]
-    shape = tuple(t.shape)
-    flags = _TORCH_FLAGS | (_F_CONTIG if t.is_contiguous() else 0)
-    return np.array([t.data_ptr(), t.numel(), itemsize, typenum, flags,
-                     _cpu.shape_hash(list(shape)), len(shape), device], dtype=np.int64)

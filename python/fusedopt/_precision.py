@@ -13,37 +13,88 @@ there: a checked step makes no host round trip (DeviceStepInfo).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-OPTIONS = ("master_params", "kahan_buffers", "stochastic_rounding", "seed", "loss_scale",
-           "max_grad_norm", "skip_nonfinite", "l1")
+#: The mixed-precision and gradient-check keywords every functional op takes:
+#: (name, default, annotation, description).
+KEYWORDS = (
+    ("master_params", None, "list | None",
+     "float32 master weights of 16-bit params, updated with them in the same pass."),
+    ("kahan_buffers", None, "list | None",
+     "Compensation buffers (the params' dtype) that carry what rounding 16-bit params lost."),
+    ("stochastic_rounding", False, "bool",
+     "Write 16-bit params back with stochastic rounding."),
+    ("seed", 0, "int", "The random stream of stochastic rounding (mixed with the step)."),
+    ("loss_scale", None, "float | None", "The gradients are divided by it."),
+    ("max_grad_norm", None, "float | None",
+     "Clip the gradients to this global L2 norm (over all params of the call)."),
+    ("skip_nonfinite", False, "bool",
+     "A step whose gradients hold inf or NaN changes nothing."),
+    ("l1", 0.0, "float",
+     "L1 regularization: the proximal step ``p = sign(p) max(|p| - lr l1, 0)`` after the "
+     "update."),
+)
+OPTIONS = tuple(k[0] for k in KEYWORDS)
 
 _MASK = (1 << 64) - 1
 
 
 class StepInfo(NamedTuple):
-    """What a step with gradient checks found: `skipped` when a gradient was inf or NaN
-    (and skipping was asked for), `grad_norm` the L2 norm of the unscaled gradients."""
+    """What a step with gradient checks found, on the CPU.
+
+    A step returns one when it was given ``loss_scale``, ``max_grad_norm`` or
+    ``skip_nonfinite``; on the GPU it returns a `DeviceStepInfo` instead.
+
+    Attributes
+    ----------
+    skipped : bool
+        True when a gradient was inf or NaN and ``skip_nonfinite`` was asked for: the
+        step changed nothing.
+    grad_norm : float
+        The global L2 norm of the unscaled gradients (before clipping); inf or NaN
+        when a gradient is.
+
+    Examples
+    --------
+    >>> import numpy as np, fusedopt as fo
+    >>> p = np.zeros(2, np.float32)
+    >>> fo.SGD([p], lr=0.1).step([np.array([3.0, 4.0], np.float32)], max_grad_norm=1.0)
+    StepInfo(skipped=False, grad_norm=5.0)
+    """
 
     skipped: bool
     grad_norm: float
 
 
 class DeviceStepInfo:
-    """What a checked step on the GPU found, kept on the device: `stats` holds float64
-    {skip, coef, norm} in device memory (it has `__cuda_array_interface__`), which the
-    step's kernels read there. Reading `skipped` or `grad_norm` copies those three
-    numbers to the host: it waits for the gradient pass of this step (an event after
-    it), not for the update or anything enqueued later. Unpacks like a StepInfo."""
+    """What a checked step on the GPU found, kept on the device.
+
+    A checked step on CUDA arrays returns this at once, without waiting for the
+    device. Reading `skipped` or `grad_norm` copies three numbers to the host: it
+    waits for the gradient pass of this step (an event after it), not for the update
+    or anything enqueued later. It unpacks and compares like a `StepInfo`.
+
+    Parameters
+    ----------
+    stats : object
+        float64 {skip, coef, norm} in device memory (it has
+        ``__cuda_array_interface__``), which the step's update kernels read there.
+    stream : int
+        The CUDA stream of the step.
+
+    Notes
+    -----
+    The steps create it; there is no need to build one.
+    """
 
     __slots__ = ("stats", "stream", "_values")
 
-    def __init__(self, stats, stream):
+    def __init__(self, stats: Any, stream: int) -> None:
         self.stats, self.stream, self._values = stats, stream, None
 
-    def fetch(self):
+    def fetch(self) -> None:
         """Enqueue the copy of the numbers to the host (right after the gradient pass)."""
         self.stats.fetch(self.stream)
 
@@ -53,11 +104,14 @@ class DeviceStepInfo:
         return self._values
 
     @property
-    def skipped(self):
+    def skipped(self) -> bool:
+        """Whether the step found an inf or NaN gradient and changed nothing (waits for
+        the gradient pass)."""
         return self._host()[0] != 0.0
 
     @property
-    def grad_norm(self):
+    def grad_norm(self) -> float:
+        """The global L2 norm of the unscaled gradients (waits for the gradient pass)."""
         return self._host()[2]
 
     def __iter__(self):
@@ -113,21 +167,54 @@ class Options:
         return None
 
 
-class Precision:
-    """The mixed-precision policy of an optimizer (`fo.Adam(..., precision=...)`).
+#: the options of a step without any (shared: an Options is never changed)
+PLAIN = None
 
-    - state_dtype: dtype of the state buffers of 16-bit params: float32 (default) or
-      bfloat16 (needs ml_dtypes). float32 and float64 params keep state in their dtype.
-    - master_weights: keep a float32 master copy of each 16-bit param (state
-      "master_param"); the kernel updates it and writes the rounded param in one pass.
-    - kahan: instead, a compensation buffer of the param's dtype (state "kahan_comp")
-      carries what rounding to 16 bits lost into the next step.
-    - stochastic_rounding, seed: write 16-bit params back with stochastic rounding; a
-      given seed and step count give the same bits on every run, thread count and device.
+
+class Precision:
+    """The mixed-precision policy of an optimizer (``fo.Adam(..., precision=...)``).
+
+    16-bit params (float16, bfloat16) run their math in float32; these options say
+    where the state lives and how the result is written back. float32 and float64
+    params are not affected.
+
+    Parameters
+    ----------
+    state_dtype : dtype, optional
+        The dtype of the state buffers of 16-bit params: float32 (the default, None)
+        or bfloat16 (needs ml_dtypes).
+    master_weights : bool, default False
+        Keep a float32 master copy of each 16-bit param (state ``"master_param"``);
+        the kernel updates it and writes the rounded param in the same pass.
+    kahan : bool, default False
+        Instead, a compensation buffer of the param's dtype (state ``"kahan_comp"``)
+        carries what rounding to 16 bits lost into the next step.
+    stochastic_rounding : bool, default False
+        Write 16-bit params back with stochastic rounding instead of round to
+        nearest even.
+    seed : int, default 0
+        The seed of the rounding: a given seed and step count give the same bits on
+        every run, thread count and device.
+
+    Raises
+    ------
+    ValueError
+        If both `master_weights` and `kahan` are asked, or `state_dtype` is neither
+        float32 nor bfloat16.
+
+    Examples
+    --------
+    >>> import ml_dtypes, numpy as np, fusedopt as fo
+    >>> params = [np.zeros(4, ml_dtypes.bfloat16)]
+    >>> opt = fo.AdamW(params, lr=1e-3, precision=fo.Precision(master_weights=True))
+    >>> opt.step([np.ones(4, ml_dtypes.bfloat16)])
+    >>> sorted(opt.state[0])
+    ['exp_avg', 'exp_avg_sq', 'master_param', 'step']
     """
 
-    def __init__(self, *, state_dtype=None, master_weights=False, kahan=False,
-                 stochastic_rounding=False, seed=0):
+    def __init__(self, *, state_dtype: Any = None, master_weights: bool = False,
+                 kahan: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0) -> None:
         if master_weights and kahan:
             raise ValueError("master_weights and kahan are alternatives; choose one")
         self.state_dtype = None if state_dtype is None else np.dtype(state_dtype)
@@ -143,28 +230,37 @@ class Precision:
                 f"seed={self.seed})")
 
     @staticmethod
-    def is_16bit(dtype):
+    def is_16bit(dtype: Any) -> bool:
+        """Whether `dtype` (a NumPy, ml_dtypes or torch dtype) is a 16-bit float."""
         return np.dtype(dtype).itemsize == 2 if _is_numpy_dtype(dtype) else \
             getattr(dtype, "itemsize", 4) == 2
 
-    def state_dtype_for(self, param_dtype):
+    def state_dtype_for(self, param_dtype: Any) -> Any:
+        """The dtype of the state buffers of a param of `param_dtype`."""
         if not self.is_16bit(param_dtype):
             return param_dtype
         return self.state_dtype if self.state_dtype is not None else np.dtype(np.float32)
 
     @property
-    def has_extra(self):
+    def has_extra(self) -> bool:
+        """Whether 16-bit params get an extra buffer (master weights or Kahan)."""
         return self.master_weights or self.kahan
 
-    def extra_name(self, param_dtype):
+    def extra_name(self, param_dtype: Any) -> str | None:
+        """The state name of the extra buffer of a param of `param_dtype`, or None."""
         if not self.is_16bit(param_dtype):
             return None
         return "master_param" if self.master_weights else "kahan_comp" if self.kahan else None
 
-    def step_options(self, steps_taken):
+    def step_options(self, steps_taken: int) -> dict:
+        """The rounding keywords of the functional ops for the step after
+        `steps_taken` steps."""
         if not self.stochastic_rounding:
             return {}
         return {"stochastic_rounding": True, "seed": rounding_key(self.seed, steps_taken)}
+
+
+PLAIN = Options("step", {})
 
 
 def _is_numpy_dtype(dtype):

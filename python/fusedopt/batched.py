@@ -1,6 +1,6 @@
 """K optimizer settings stepped in one fused call: hyperparameter search and ensembles.
 
-Each parameter is stored as K stacked copies, an array of shape (K, *shape): member k
+Each parameter is stored as K stacked copies, an array of shape ``(K, *shape)``: member k
 owns the slices `param[k]`. A batched optimizer updates every member of every parameter
 in ONE kernel call, each member with its own hyperparameters (the CPU kernels take a
 table of one hyperparameter row per tensor), instead of K optimizer calls:
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _cpu
-from . import functional as F
-from .optimizer import check, check_number, serialized
+from . import _engine
+from .algorithms import SPECS, pack
+from .algorithms._spec import check_number
 from .transfer import prox_l1_
 
-__all__ = ["BatchedSGD", "BatchedAdam", "BatchedAdamW", "stack", "grid", "sample", "uniform",
+__all__ = ["stack", "grid", "sample", "uniform",
            "loguniform", "choice", "search", "grid_search", "random_search", "bayesian_search",
            "SearchResult"]
 
@@ -57,11 +57,12 @@ def _slices(a, members):
 
 
 class _Batched:
-    """Shared machinery: members, per-member groups, the hyperparameter table, state."""
+    """Shared machinery over an algorithm's spec: members, per-member groups, the
+    hyperparameter table, state."""
 
+    spec = None
     op = "batched"
     defaults: dict = {}
-    per_member: tuple = ()  # hyperparameters that may differ between members
 
     def __init__(self, params, **hyper):
         if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
@@ -104,55 +105,69 @@ class _Batched:
             self.param_groups.append(group)
         self.state = {}
         self._views = {}
-        self._step_lock = threading.Lock()
-        self._check_kernels()
+        self._lock = threading.Lock()
+        if self.spec.eager_state:
+            kernel, names, _ = self._kernel()
+            self.state.update(self._new_state(names))
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_step_lock", None)  # a lock is not state: copies get their own
+        state.pop("_lock", None)  # a lock is not state: copies get their own
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._step_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def _per_member_values(self, name, value):
         k = self.members
-        if name == "betas":
+        default = self.defaults_of_spec().get(name)
+        if isinstance(default, tuple):  # betas: one pair, or K pairs
             if len(value) == k and all(isinstance(v, (tuple, list, np.ndarray)) for v in value):
                 return [tuple(float(x) for x in v) for v in value]
             return [tuple(value)] * k
-        if name in self.per_member and isinstance(value, (list, tuple, np.ndarray)):
+        if isinstance(value, (list, tuple, np.ndarray)):
+            if name in self.spec.batch_shared:
+                raise ValueError(f"{self.op}: {name} is one value for all members")
             if len(value) != k:
                 raise ValueError(f"{self.op}: {name} has {len(value)} values for {k} members")
             return [v.item() if hasattr(v, "item") else v for v in value]
-        if isinstance(value, (list, tuple, np.ndarray)):
-            raise ValueError(f"{self.op}: {name} is one value for all members")
         return [value] * k
+
+    @classmethod
+    def defaults_of_spec(cls):
+        return cls.spec.group_defaults()
 
     def __repr__(self):
         return f"{type(self).__name__}({self.members} members, {len(self.params)} params)"
 
-    # --- subclass interface ---------------------------------------------------------------
-
     def _validate_group(self, group, k):
-        raise NotImplementedError
+        try:
+            self.spec.validate(group)
+            check_number("l1 value", group["l1"], 0.0)
+        except ValueError as e:
+            raise ValueError(f"{e} (member {k})") from None
+        for name in self.spec.batch_shared:
+            if group[name] != self.defaults[name]:
+                raise ValueError(f"{self.op}: {name} is shared by all members")
 
     def _kernel(self):
-        """(kernel name, state names) of the next step."""
-        raise NotImplementedError
+        """(kernel, state names, op keywords per member) of the next step."""
+        kws = [self.spec.to_op(g) for g in self.param_groups]
+        kernel, names, kws = self.spec.batch_kernel(kws, set(self.state))
+        return kernel, names, kws
 
-    def _row(self, group, step, fresh):
-        """The kernel's hyperparameter row of one member."""
-        raise NotImplementedError
-
-    def _check_kernels(self):
-        kernel, _ = self._kernel()
-        want = _cpu.hyper_size(kernel)
-        row = self._row(self.param_groups[0], 1, True)
-        if len(row) != want:  # the rule's Hyper struct changed: fill the rows anew
-            raise AssertionError(f"{self.op}: {kernel} takes {want} hyperparameters, the "
-                                 f"batched optimizer fills {len(row)}")
+    def _new_state(self, names):
+        out = {}
+        for name in names:
+            bufs = [np.zeros_like(p) for p in self.params]
+            for k, group in enumerate(self.param_groups):
+                value = self.spec.init_value(name, group)
+                if value:
+                    for b in bufs:
+                        b[k] = value
+            out[name] = bufs
+        return out
 
     # --- stepping ---------------------------------------------------------------------------
 
@@ -168,10 +183,14 @@ class _Batched:
             self._views[key] = (arrays, out)
         return out
 
-    @serialized
     def step(self, grads):
         """One update of every member of every param with a gradient (stacked like the
-        params); a None gradient skips its param for all members."""
+        params); a None gradient skips its param for all members. One optimizer stepped
+        from several threads at once runs the steps one after the other (a lock)."""
+        with self._lock:
+            return self._step(grads)
+
+    def _step(self, grads):
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"{self.op}: grads must be a list of stacked arrays, got "
                             f"{type(grads).__name__}")
@@ -185,24 +204,53 @@ class _Batched:
                                  f"{tuple(self.params[j].shape)}")
         if not active:
             return
-        kernel, names = self._kernel()
-        created = {name: [np.zeros_like(p) for p in self.params]
-                   for name in names if name not in self.state}
+        spec = self.spec
+        kernel, names, kws = self._kernel()
+        created = self._new_state([n for n in names if n not in self.state])
         fresh = bool(created)
         states = {**{n: self.state[n] for n in names if n in self.state}, **created}
+        before = self._scalars()
+        rows, after = [], []
+        for k, kw in enumerate(kws):
+            extra, new = spec.advance(kw, before[k])
+            kw = {**kw, **extra}
+            if spec.fresh_keyword is not None:
+                kw[spec.fresh_keyword] = fresh
+            rows.append(pack(kernel, spec.hyper(kw)))
+            after.append(new)
         step = int(self.state.get("step", 0)) + 1
         flat_p = self._member_major(("params", active), self.params, active)
         flat_g = self._member_major(None, grads, active)
         flat_s = [self._member_major((name, active) if name not in created else None,
                                      states[name], active) for name in names]
-        rows = [self._row(group, step, fresh) for group in self.param_groups]
-        plans = self._plans(kernel, names, flat_p, flat_g, flat_s, rows, len(active), step)
+        kw = {**kws[0], "step": step}  # the shared step count (the rules' at_step)
+        plans = self._plans(kernel, kw, names, flat_p, flat_g, flat_s, rows, len(active))
         # every member validated: create the state, run, then count the step
         self.state.update(created)
         for plan in plans:
             plan.run()
-        self.state["step"] = step
+        self._set_scalars(after)
         self._proximal(active)
+
+    def _scalars(self):
+        """The scalars of each member before this step."""
+        spec = self.spec
+        out = []
+        for k, group in enumerate(self.param_groups):
+            scalars = spec.init_scalars(group)
+            for name in spec.scalars:
+                if name == "step":
+                    scalars[name] = float(self.state.get("step", 0))
+                elif name in self.state:
+                    scalars[name] = float(self.state[name][k])
+            out.append(scalars)
+        return out
+
+    def _set_scalars(self, after):
+        for name in self.spec.scalars:
+            if name != "step":
+                self.state[name] = [float(a[name]) for a in after]
+        self.state["step"] = int(self.state.get("step", 0)) + 1
 
     @staticmethod
     def _one_call(array):
@@ -210,16 +258,16 @@ class _Batched:
         CPU kernels do; the CUDA kernels take one row per call)."""
         return type(array) is np.ndarray
 
-    def _plans(self, kernel, names, flat_p, flat_g, flat_s, rows, m, step):
+    def _plans(self, kernel, kw, names, flat_p, flat_g, flat_s, rows, m):
+        spec, shared = self.spec, dict(op=self.op, kernel=kernel, names=names)
         if self._one_call(flat_p[0]):  # one call, one row per tensor
             table = np.repeat(np.asarray(rows, dtype=np.float64), m, axis=0).ravel()
-            return [F._run(self.op, kernel, flat_p, flat_g, flat_s, names, table, None, True,
-                           step)]
+            return [_engine.plan(spec, kw, flat_p, flat_g, flat_s, hyper=table, **shared)]
         plans = []  # one call per member, each validated before any runs
         for k, row in enumerate(rows):
             sl = slice(k * m, (k + 1) * m)
-            plans.append(F._run(self.op, kernel, flat_p[sl], flat_g[sl], [s[sl] for s in flat_s],
-                                names, np.asarray(row, dtype=np.float64), None, True, step))
+            plans.append(_engine.plan(spec, kw, flat_p[sl], flat_g[sl],
+                                      [s[sl] for s in flat_s], hyper=row, **shared))
         return plans
 
     def _proximal(self, active):
@@ -233,7 +281,8 @@ class _Batched:
     # --- state dicts ------------------------------------------------------------------------
 
     def state_dict(self):
-        state = {k: ([a.copy() for a in v] if isinstance(v, list) else v)
+        state = {k: ([a.copy() for a in v] if isinstance(v, list) and v and
+                     hasattr(v[0], "copy") else (list(v) if isinstance(v, list) else v))
                  for k, v in self.state.items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": state, "param_groups": groups}
@@ -256,6 +305,11 @@ class _Batched:
             if name == "step":
                 new_state[name] = int(value)
                 continue
+            if name in self.spec.scalars:
+                if len(value) != self.members:
+                    raise ValueError(f"loaded {name} must hold {self.members} values")
+                new_state[name] = [float(v) for v in value]
+                continue
             if not isinstance(value, (list, tuple)) or len(value) != len(self.params):
                 raise ValueError(f"loaded {name} must be a list of {len(self.params)} arrays")
             copies = []
@@ -276,82 +330,25 @@ class _Batched:
         self._views.clear()
 
 
-def _check_common(group, k):
-    where = f" (member {k})"
-    check_number("learning rate" + where, group["lr"], 0.0)
-    check_number("weight_decay value" + where, group["weight_decay"], 0.0)
-    check_number("l1 value" + where, group["l1"], 0.0)
+def _make(spec):
+    """The batched optimizer of a spec: `Batched<Title>`."""
+    name = f"Batched{spec.title}"
+    doc = (f"{spec.title} for K members ({spec.summary[:-1] if spec.summary.endswith('.') else spec.summary}),"
+           " each member with its own hyperparameters, stepped in one fused call.\n\n"
+           "A hyperparameter is one value for all members or a sequence of K values "
+           "(`betas`-like pairs: one pair, or K pairs)"
+           + (f"; {', '.join(spec.batch_shared)} is shared by all members" if spec.batch_shared
+              else "")
+           + ". `l1` adds a proximal L1 step (per member).\n\n"
+           f"See `fusedopt.{spec.title}` for the algorithm.\n")
+    defaults = {**spec.group_defaults(), "l1": 0.0}
+    return type(name, (_Batched,), {"spec": spec, "op": name, "defaults": defaults,
+                                     "__doc__": doc, "__module__": __name__})
 
 
-class BatchedSGD(_Batched):
-    """SGD for K members (torch.optim.SGD's math per member). Members with momentum 0
-    take plain SGD steps inside the same momentum kernel call."""
-
-    op = "BatchedSGD"
-    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False, l1=0.0)
-    per_member = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "l1")
-
-    def _validate_group(self, g, k):
-        _check_common(g, k)
-        check_number(f"momentum value (member {k})", g["momentum"], 0.0)
-        check_number(f"dampening value (member {k})", g["dampening"])
-        check(not g["nesterov"] or (g["momentum"] > 0 and g["dampening"] == 0),
-              f"Nesterov momentum requires a momentum and zero dampening (member {k})")
-
-    def _kernel(self):
-        if any(g["momentum"] != 0 for g in self.param_groups) or "momentum_buffer" in self.state:
-            return "sgd_momentum", ["momentum_buffer"]
-        return "sgd", []
-
-    def _row(self, g, step, fresh):
-        mom = g["momentum"] != 0
-        return [g["lr"], g["momentum"], g["dampening"] if mom else 0.0, g["weight_decay"],
-                float(bool(g["nesterov"]) and mom), float(bool(g["maximize"])), float(fresh)]
-
-
-class BatchedAdam(_Batched):
-    """Adam for K members (torch.optim.Adam's math per member). `decoupled_weight_decay`
-    (per member) makes a member AdamW; `amsgrad` is shared by all members."""
-
-    op = "BatchedAdam"
-    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                    maximize=False, decoupled_weight_decay=False, l1=0.0)
-    per_member = ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay",
-                  "l1")
-
-    def _validate_group(self, g, k):
-        _check_common(g, k)
-        check_number(f"epsilon value (member {k})", g["eps"], 0.0)
-        betas = g["betas"]
-        check(len(betas) == 2, f"Invalid betas: {betas!r} (member {k})")
-        check_number(f"beta parameter at index 0 (member {k})", betas[0], 0.0, 1.0,
-                     high_open=True)
-        check_number(f"beta parameter at index 1 (member {k})", betas[1], 0.0, 1.0,
-                     high_open=True)
-        check(g["amsgrad"] == self.defaults["amsgrad"], "amsgrad is shared by all members")
-
-    def _kernel(self):
-        if self.defaults["amsgrad"]:
-            return "adam_amsgrad", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-        return "adam", ["exp_avg", "exp_avg_sq"]
-
-    def _row(self, g, step, fresh):
-        beta1, beta2 = g["betas"]
-        lr, wd = g["lr"], g["weight_decay"]
-        l2, shrink = (0.0, 1.0 - lr * wd) if g["decoupled_weight_decay"] else (wd, 1.0)
-        # step_size and inv_bc2_sqrt (0 here) are filled from the step count by the rule
-        return [lr, beta1, beta2, g["eps"], l2, shrink, 0.0, 0.0, float(bool(g["maximize"]))]
-
-
-class BatchedAdamW(BatchedAdam):
-    """AdamW for K members: BatchedAdam with decoupled weight decay, default 1e-2."""
-
-    op = "BatchedAdamW"
-    defaults = dict(BatchedAdam.defaults, weight_decay=1e-2, decoupled_weight_decay=True)
-
-
-OPTIMIZERS = {"sgd": BatchedSGD, "adam": BatchedAdam, "adamw": BatchedAdamW}
+OPTIMIZERS = {spec.name: _make(spec) for spec in SPECS.values()}
+globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
+__all__ += [cls.__name__ for cls in OPTIMIZERS.values()]
 
 
 # --- search spaces ----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ import numpy as np
 
 from . import _cpu
 from . import functional as F
-from .optimizer import Optimizer, check, check_number, serialized
+from .algorithms import pack
+from .optimizer import Optimizer, check, check_number
 
 __all__ = ["LBFGS"]
 
@@ -69,7 +70,8 @@ class ListKernels:
         for code in np.unique(codes):
             sel = None if (codes == code).all() else np.flatnonzero(codes == code)
             self.groups.append((int(code), sel, sizes if sel is None else sizes[sel]))
-        self.hyper = np.zeros(_cpu.hyper_size("sgd"), dtype=np.float64)
+        self.hyper = dict(lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                          nesterov=False, maximize=False, first_step=False)
 
     def _tables(self, xs, ys):
         px, py = _cpu.describe(xs)[:, 0], _cpu.describe(ys)[:, 0]
@@ -85,8 +87,7 @@ class ListKernels:
     def axpy_(self, ys, xs, alpha):
         if not self.fast:
             return F.axpy_(ys, xs, alpha)
-        hyper = self.hyper.copy()
-        hyper[0] = -alpha  # SgdHyper.lr; momentum, decay and flags stay 0
+        hyper = pack("sgd", dict(self.hyper, lr=-alpha))  # y + alpha * x, exactly
         for code, table, sizes in self._tables(ys, xs):
             _cpu.step("sgd", code, table, sizes, hyper)
         return None
@@ -290,9 +291,14 @@ class LBFGS(Optimizer):
     def _params(self):
         return self.param_groups[0]["params"]
 
-    @serialized
     def step(self, closure):
-        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss."""
+        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss. One
+        optimizer stepped from several threads at once runs the steps one after the
+        other (a lock)."""
+        with self._lock:
+            return self._iterate(closure)
+
+    def _iterate(self, closure):
         group = self.param_groups[0]
         params = self._params
         lr, max_iter, max_eval = float(group["lr"]), group["max_iter"], group["max_eval"]

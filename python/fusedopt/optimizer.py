@@ -1,44 +1,33 @@
 """The optimizer base class: parameter groups, state, state dicts (torch.optim's layout).
 
-A subclass says which state buffers a group needs, how to create them, and which
-functional op runs a group. `step` validates every group before it runs any, and
-creates new state only once the whole step has been validated, so a bad input
-leaves params, state and step counters as they were.
+An optimizer class is a spec of `fusedopt.algorithms` over this base: the spec says
+which state buffers a group needs, how to create them, and how a group's
+hyperparameters become the functional op's keywords; the base runs every step through
+the same entry as the functional ops (`_engine.plan`). `step` validates every group
+before it runs any, and creates new state only once the whole step has been validated,
+so a bad input leaves params, state and step counters as they were.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import numbers
 import threading
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
-from . import _arrays, _precision, functional
+from . import _arrays, _engine, _precision
 from ._precision import Precision
+from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
 _required = object()
 _NoneType = type(None)
-_STEP = itemgetter("step")
 
 
 def _is_array(x):
     return hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") or \
         hasattr(x, "__dlpack__")
-
-
-def serialized(step):
-    """`step` under the optimizer's `_step_lock`: one step at a time per optimizer, so
-    steps called from several threads run one after the other, each whole."""
-
-    @functools.wraps(step)
-    def locked(self, *args, **kwargs):
-        with self._step_lock:
-            return step(self, *args, **kwargs)
-
-    return locked
 
 
 def _settled(name):
@@ -58,46 +47,41 @@ def _settled(name):
 
 
 class Optimizer:
+    """Base class of fusedopt's optimizers (`fusedopt.Adam`, ...), over an algorithm spec.
+
+    Parameters
+    ----------
+    params : list of arrays or list of dict
+        The arrays to update in place, or param groups (dicts with ``params`` and any
+        hyperparameter).
+    defaults : dict
+        Every hyperparameter's default, for groups that do not set it.
+    precision : Precision, optional
+        The mixed-precision policy.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        The groups, torch.optim's way: each holds ``params`` and every hyperparameter.
+    state : dict
+        Per-param state, keyed by the param's index over all groups (torch's state-dict
+        keys), with torch.optim's names.
+    """
+
+    #: the algorithm (set by every concrete class)
+    spec: Any = None
     #: a checked GPU step whose outcome the host has not read yet: (DeviceStepInfo,
-    #: indices of the state it created, the states whose step it counts)
+    #: indices of the state it created, [(states, scalars after the step)])
     _pending = None
-
-    #: state buffers (besides `step`) of a group, in the order the functional op takes them
-    def _state_names(self, group):
-        raise NotImplementedError
-
-    #: whether the state holds a `step` counter (every algorithm but SGD)
-    has_step = True
-
-    def _new_state(self, param, group):
-        """Fresh state of one param: zeros, like torch (in the precision policy's dtype),
-        plus the master copy or compensation buffer the policy asks for."""
-        dtype = self.precision.state_dtype_for(param.dtype)
-        state = {name: _zeros_like(param, dtype) for name in self._state_names(group)}
-        extra = self.precision.extra_name(param.dtype)
-        if extra == "master_param":
-            state[extra] = _zeros_like(param, np.float32)
-            state[extra][...] = param
-        elif extra == "kahan_comp":
-            state[extra] = _zeros_like(param)
-        if self.has_step:
-            state["step"] = 0.0
-        return state
-
-    def _plan(self, group, params, grads, states, step, fresh, precision):
-        """The functional op's deferred plan for one bucket of a group."""
-        raise NotImplementedError
-
-    def _validate_group(self, group):
-        """ValueError for invalid hyperparameters, by torch.optim's rules."""
 
     def __init__(self, params, defaults, precision=None):
         self.precision = precision if precision is not None else Precision()
         if not isinstance(self.precision, Precision):
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
+        self._lock = threading.Lock()
+        self._kept = {}  # group index -> the group's plan, kept between steps
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
-        self._step_lock = threading.Lock()
         self.defaults = dict(defaults)
         self.param_groups = []
         self.state = {}
@@ -111,6 +95,23 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+        if self.spec is not None and self.spec.eager_state:  # torch creates (Adagrad's) state at construction
+            index = 0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._state[index] = self._new_state(index, p, group)
+                    index += 1
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state.pop("_kept", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._kept = {}
 
     # --- a checked step on the GPU leaves its outcome on the device ------------------------
     # The update kernels read the skip flag there; the host learns it only when it needs
@@ -124,27 +125,19 @@ class Optimizer:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        info, created, counted = pending
+        info, created, updates = pending
         if info.skipped:  # the kernels changed nothing: neither does the bookkeeping
             for idx in created:
                 del self._state[idx]
             return
-        self._count(counted)
+        self._count(updates)
 
-    def _count(self, counted):
+    def _count(self, updates):
         self._steps_taken += 1
-        if self.has_step:
-            for state in counted:
-                state["step"] += 1.0
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_step_lock", None)  # a lock is not state: copies get their own
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._step_lock = threading.Lock()
+        for states, scalars in updates:
+            if scalars:
+                for state in states:
+                    state.update(scalars)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -153,7 +146,9 @@ class Optimizer:
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
         return "\n".join(lines + [")"])
 
-    def add_param_group(self, group):
+    def add_param_group(self, group: dict) -> None:
+        """Add a param group (a dict with ``params`` and any hyperparameters; the others
+        take the defaults)."""
         if not isinstance(group, dict):
             raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
         params = group["params"]
@@ -168,6 +163,7 @@ class Optimizer:
                                  f"optimization parameter {key}")
             group.setdefault(key, value)
         self._validate_group(group)
+        self._kept = {}
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
             raise ValueError("some parameters appear in more than one parameter group")
@@ -181,33 +177,91 @@ class Optimizer:
                              "arrays a step writes must not overlap")
         self.param_groups.append(group)
 
-    # --- stepping -------------------------------------------------------------------------
+    def _validate_group(self, group):
+        """ValueError for invalid hyperparameters (the spec's rules, torch.optim's)."""
+        self.spec.validate(group)
 
-    @serialized
+    # --- state -------------------------------------------------------------------------------
+
+    def _new_state(self, idx, param, group):
+        """Fresh state of one param: the buffers its group's options use, filled as torch
+        fills them (in the precision policy's dtype), the master copy or compensation
+        buffer the policy asks for, and the scalars."""
+        spec = self.spec
+        arr = _arrays.like("step", f"params[{idx}]", param)
+        dtype = self.precision.state_dtype_for(arr.dtype)
+        state = {}
+        for name in spec.active(spec.to_op(group)):
+            buf = state[name] = _arrays.zeros_like(arr, dtype)
+            value = spec.init_value(name, group)
+            if value:
+                buf[...] = value
+        extra = self.precision.extra_name(arr.dtype)
+        if extra == "master_param":
+            state[extra] = _arrays.zeros_like(arr, np.float32)
+            state[extra][...] = arr
+        elif extra == "kahan_comp":
+            state[extra] = _arrays.zeros_like(arr)
+        state.update(spec.init_scalars(group))
+        return state
+
+    # --- stepping ------------------------------------------------------------------------------
+
     def step(self, grads, *, loss_scale=None, max_grad_norm=None, skip_nonfinite=False):
-        """One update of every param whose gradient is not None. `grads` is aligned with
-        the params of all groups, in group order. A group with `"frozen": True`, and the
-        params whose in-group indices are in its `"frozen_params"`, are skipped likewise
-        (no copy, no state, no step counted). A group's `"l1"` (default 0) adds L1
-        regularization as a proximal step of lr * l1 after the update, in the same pass.
+        """One update of every param whose gradient is not None.
 
-        Gradients are divided by `loss_scale`; with `max_grad_norm` they are clipped to
-        that global L2 norm (over all groups); with `skip_nonfinite` a step whose
-        gradients hold inf or NaN changes nothing (no state created, no step counted).
-        With either check the step returns a StepInfo(skipped, grad_norm); on a GPU a
-        DeviceStepInfo: the kernels skip there, and the step counts (and any state the
-        skipped step created) are settled when the host next needs them. Steps of one
-        optimizer called from several threads run one at a time."""
+        Parameters
+        ----------
+        grads : list of arrays or None
+            Aligned with the params of all groups, in group order. A None gradient
+            skips its param (no state, no step counted). A group with ``"frozen":
+            True``, and the params whose in-group indices are in its
+            ``"frozen_params"``, are skipped likewise. A group's ``"l1"`` (default 0)
+            adds L1 regularization as a proximal step of lr * l1 after the update, in
+            the same pass.
+        loss_scale : float, optional
+            The gradients are divided by it.
+        max_grad_norm : float, optional
+            Clip the gradients to this global L2 norm (over all groups).
+        skip_nonfinite : bool, default False
+            A step whose gradients hold inf or NaN changes nothing (no state created,
+            no step counted).
+
+        Returns
+        -------
+        StepInfo or DeviceStepInfo or None
+            With a gradient check, what it found (on a GPU a DeviceStepInfo: the
+            kernels skip there, and the step counts, and any state a skipped step
+            created, are settled when the host next needs them).
+
+        Notes
+        -----
+        One optimizer stepped from several threads at once runs the steps one after
+        the other (a lock); independent optimizers step in parallel (the kernels
+        release the GIL).
+        """
+        with self._lock:
+            return self._step(grads, loss_scale, max_grad_norm, skip_nonfinite)
+
+    def _step(self, grads, loss_scale, max_grad_norm, skip_nonfinite):
         self._settle()
+        spec = self.spec
         known = self._state
         total = sum(len(g["params"]) for g in self.param_groups)
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
         if len(grads) != total:
             raise ValueError(f"step: got {len(grads)} grads for {total} params")
-        plans, created, counted = [], {}, []
+        if loss_scale is None and max_grad_norm is None and not skip_nonfinite:
+            options = _precision.PLAIN
+        else:
+            options = _precision.Options("step", {"loss_scale": loss_scale,
+                                                  "max_grad_norm": max_grad_norm,
+                                                  "skip_nonfinite": skip_nonfinite})
+        scalar_key = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
+        plans, created, updates = [], {}, []
         offset = 0
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = group["params"]
             n = len(params)
             gslice = grads[offset:offset + n]
@@ -217,16 +271,17 @@ class Optimizer:
             frozen = group.get("frozen_params")
             if frozen:
                 gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
+            kw = spec.to_op(group)
+            precision = self._precision_options(group)
             states = list(map(known.get, range(offset, offset + n)))
             # (`None in gslice` would compare arrays elementwise: test the types instead)
             if _NoneType not in set(map(type, gslice)) and None not in states:
-                steps = set(map(_STEP, states)) if self.has_step else {0.0}
-                if self.precision.has_extra and len({p.dtype for p in params}) > 1:
-                    steps.add(None)  # 16-bit params with master/Kahan buffers and others
-                if len(steps) == 1:  # the common case: one bucket for the whole group
-                    plans.append(self._bucket_plan(group, params, gslice, states, steps.pop(),
-                                                   False))
-                    counted += states
+                keys = set(map(scalar_key, states))
+                if self.precision.has_extra and len({_dtype(p) for p in params}) > 1:
+                    keys.add(None)  # 16-bit params with master/Kahan buffers and others
+                if len(keys) == 1:  # the common case: one bucket for the whole group
+                    plans.append(self._bucket_plan(kw, precision, params, gslice, states,
+                                                   keys.pop(), False, updates, gi))
                     offset += n
                     continue
             buckets = {}
@@ -234,21 +289,18 @@ class Optimizer:
                 if g is None:
                     continue
                 if state is None:
-                    state = created[offset + j] = self._new_state(p, group)
-                key = (state.get("step", 0.0), (offset + j) in created,
-                       self.precision.extra_name(p.dtype))
+                    state = created[offset + j] = self._new_state(offset + j, p, group)
+                key = (scalar_key(state), (offset + j) in created,
+                       self.precision.extra_name(_dtype(p)))
                 bucket = buckets.setdefault(key, ([], [], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
                 bucket[2].append(state)
-            for (step, fresh, _), (ps, gs, ss) in buckets.items():
-                plans.append(self._bucket_plan(group, ps, gs, ss, step, fresh))
-                counted += ss
+            for (scalars, fresh, _), (ps, gs, ss) in buckets.items():
+                plans.append(self._bucket_plan(kw, precision, ps, gs, ss, scalars, fresh,
+                                               updates))
             offset += n
         # everything validated: check the gradients, create the new state, run, count
-        options = _precision.Options("step", {"loss_scale": loss_scale,
-                                              "max_grad_norm": max_grad_norm,
-                                              "skip_nonfinite": skip_nonfinite})
         info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
         if options.checks_grads:
             devices = {plan.prep.device for plan in plans if plan.prep.groups}
@@ -256,7 +308,7 @@ class Optimizer:
                 raise TypeError("step: gradient checks need every param on one device, got "
                                 f"{sorted(_arrays._device_name(d) for d in devices)}")
             if devices and devices != {_arrays.CPU}:
-                return self._checked_on_device(plans, options, created, counted)
+                return self._checked_on_device(plans, options, created, updates)
             skip, coef, norm = _precision.grad_multiplier(
                 *_precision.total_sumsq(plans), options)
             info = _precision.StepInfo(skip, norm)
@@ -265,34 +317,66 @@ class Optimizer:
         known.update(created)
         for plan in plans:
             plan.run(coef)
-        self._count(counted)
+        self._count(updates)
         return info
 
-    def _checked_on_device(self, plans, options, created, counted):
+    def _checked_on_device(self, plans, options, created, updates):
         """The kernels skip or scale on the device; the counts follow once the host reads
         the flag (`_settle`)."""
-        info = functional.device_checks(plans, options)
+        info = _engine.device_checks(plans, options)
         self._state.update(created)
         for plan in plans:
             plan.run(1.0, info.stats.ptr)  # coef on the device includes 1 / loss_scale
-        self._pending = (info, list(created), counted)
+        self._pending = (info, list(created), updates)
         return info
 
-    def _bucket_plan(self, group, params, grads, states, step, fresh):
-        lists = [list(map(itemgetter(name), states)) for name in self._state_names(group)]
-        precision = self.precision.step_options(self.steps_taken)
+    def _precision_options(self, group):
+        """The precision keywords of a group's step (without the per-bucket buffers)."""
+        precision = self.precision.step_options(self._steps_taken)
         if group.get("l1"):
             precision["l1"] = group["l1"]
-        extra = self.precision.extra_name(params[0].dtype) if params else None
-        if extra == "master_param":
-            precision["master_params"] = [s[extra] for s in states]
-        elif extra == "kahan_comp":
-            precision["kahan_buffers"] = [s[extra] for s in states]
-        return self._plan(group, params, grads, lists, int(step) + 1, fresh, precision)
+        return precision
+
+    def _bucket_plan(self, kw, precision, params, grads, states, scalars, fresh, updates,
+                     group_index=None):
+        """The plan of one bucket (params with the same scalars); a whole group's is kept
+        for the next step (`_engine.Kept`), which then checks only the gradients."""
+        spec = self.spec
+        names = spec.active(kw)
+        lists = [list(map(itemgetter(name), states)) for name in names]
+        before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
+        extra, after = spec.advance(kw, before)
+        if extra:
+            kw = {**kw, **extra}
+        if spec.fresh_keyword is not None:
+            kw = {**kw, spec.fresh_keyword: fresh}
+        kept_lists = lists
+        if params:
+            name = self.precision.extra_name(_dtype(params[0]))
+            if name is not None:
+                precision = dict(precision)
+                key = "master_params" if name == "master_param" else "kahan_buffers"
+                precision[key] = [s[name] for s in states]
+                kept_lists = lists + [precision[key]]
+        updates.append((states, after))
+        options = _precision.Options("step", precision) if precision else _precision.PLAIN
+        if group_index is not None:
+            kept = self._kept.get(group_index)
+            if kept is not None:
+                plan = kept.reuse(spec, kw, params, grads, kept_lists, options)
+                if plan is not None:
+                    return plan
+        plan = _engine.plan(spec, kw, params, grads, lists, options=options)
+        if group_index is not None:
+            self._kept[group_index] = _engine.Kept(plan, params, kept_lists)
+        return plan
 
     # --- state dicts ----------------------------------------------------------------------
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
+        """The state and the param groups in torch.optim's layout: ``{"state": {index:
+        {name: value}}, "param_groups": [{hyperparameters, "params": [indices]}]}``, with
+        copies of the state arrays."""
         groups, start = [], 0
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -303,7 +387,7 @@ class Optimizer:
                  for i, s in self.state.items()}
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         """Restore state and hyperparameters; on any mismatch raise ValueError and keep
         the current state."""
         groups = state_dict["param_groups"]
@@ -330,6 +414,7 @@ class Optimizer:
             new_state[idx] = self._load_param_state(idx, group, saved)
         self.param_groups[:] = new_groups
         self.state = new_state
+        self._kept = {}
 
     def _param(self, idx):
         for group in self.param_groups:
@@ -339,9 +424,10 @@ class Optimizer:
         raise IndexError(idx)
 
     def _load_param_state(self, idx, group, saved):
-        param = self._param(idx)
+        spec = self.spec
+        param = _arrays.like("load_state_dict", f"params[{idx}]", self._param(idx))
         state = {}
-        names = list(self._state_names(group))
+        names = list(spec.active(spec.to_op(group)))
         extra = self.precision.extra_name(param.dtype)
         if extra is not None:
             names.append(extra)
@@ -359,39 +445,23 @@ class Optimizer:
             if dtype != want:
                 raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
                                  f"{want} for a param of dtype {param.dtype}")
-            state[name] = _copy_like(value, param, want)
-        if self.has_step:
-            step = saved.get("step")
-            if step is None:
-                raise ValueError(f"loaded state of param {idx} has no 'step'")
-            step = float(step.item() if hasattr(step, "item") else step)
-            if not (step >= 0 and float(step).is_integer()):
-                raise ValueError(f"loaded step of param {idx} is {step}, not a count")
-            state["step"] = step
+            out = state[name] = _arrays.zeros_like(param, want)
+            out[...] = value
+        for name in spec.scalars:
+            value = saved.get(name)
+            if value is None:
+                raise ValueError(f"loaded state of param {idx} has no {name!r}")
+            value = float(value.item() if hasattr(value, "item") else value)
+            if name == "step" and not (value >= 0 and value.is_integer()):
+                raise ValueError(f"loaded step of param {idx} is {value}, not a count")
+            state[name] = value
         return state
 
 
-def _zeros_like(param, dtype=None):
-    # CuPy arrays answer with a CuPy array (__array_function__)
-    return np.zeros_like(param, dtype=dtype)
+def _no_scalars(state):
+    return ()
 
 
-def _copy_like(value, param, dtype=None):
-    """A contiguous copy of `value` in the param's array type and device."""
-    out = _zeros_like(param, dtype)
-    out[...] = value
-    return out
-
-
-def check(cond, message):
-    if not cond:
-        raise ValueError(message)
-
-
-def check_number(name, value, low=None, high=None, *, high_open=False):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} is not a number")
-    if low is not None and not value >= low:
-        raise ValueError(f"Invalid {name}: {value}")
-    if high is not None and not (value < high if high_open else value <= high):
-        raise ValueError(f"Invalid {name}: {value}")
+def _dtype(param):
+    dtype = getattr(param, "dtype", None)
+    return dtype if dtype is not None else _arrays.like("step", "a param", param).dtype

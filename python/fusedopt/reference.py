@@ -17,9 +17,19 @@ without momentum, say) comes back as an unchanged copy.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+
+_Arrays = Sequence[ArrayLike]
+_Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 def _f64(arrays, name, count=None):
@@ -45,13 +55,56 @@ def _result(params, *states):
     return (params,) + tuple(s for s in states if s is not None)
 
 
-def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
-        weight_decay=0.0, nesterov=False, maximize=False, first_step=False):
-    """SGD with optional momentum, dampening and Nesterov momentum.
+def sgd(params: _Arrays, grads: _Arrays, momentum_buffers: Optional[_Arrays] = None, *,
+        lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+        nesterov: bool = False, maximize: bool = False, first_step: bool = False) -> _Result:
+    """One step of SGD, with optional momentum, dampening and Nesterov momentum.
 
-    With momentum, ``first_step=True`` means the buffers are created by this
-    step: b = g, whatever they held before.
-    Returns ``(params, momentum_buffers)``, or ``(params,)`` without buffers.
+    With :math:`g` the gradient (negated if `maximize`):
+    :math:`g \\mathrel{+}= \\lambda p`; with momentum :math:`\\mu`,
+    :math:`b = g` on the first step, else :math:`b = \\mu b + (1 - \\tau) g`, and
+    :math:`g = g + \\mu b` (Nesterov) or :math:`g = b`; then :math:`p \\mathrel{-}= \\eta g`.
+
+    Parameters
+    ----------
+    params, grads : sequence of array_like
+        Parameters and their gradients, aligned.
+    momentum_buffers : sequence of array_like, optional
+        The momentum buffers; needed when `momentum` != 0.
+    lr : float
+        The learning rate :math:`\\eta`.
+    momentum : float, default 0.0
+        :math:`\\mu`.
+    dampening : float, default 0.0
+        :math:`\\tau`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    nesterov : bool, default False
+        Nesterov momentum.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    first_step : bool, default False
+        With momentum: the buffers are created by this step (:math:`b = g`, whatever
+        they held before), as torch.optim's first step.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, momentum_buffers)``, or ``(params,)`` without buffers: new float64
+        arrays.
+
+    Raises
+    ------
+    ValueError
+        If the lists differ in length, or momentum is asked without buffers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> (p,), = reference.sgd([np.array([1.0, 2.0])], [np.array([0.5, -1.0])], lr=0.1)
+    >>> p
+    array([0.95, 2.1 ])
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -73,11 +126,36 @@ def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0
     return _result(ps, bs)
 
 
-def adagrad(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0.0,
-            eps=1e-10, maximize=False):
-    """Adagrad; ``step`` is t after its increment (1 on the first step).
+def adagrad(params: _Arrays, grads: _Arrays, state_sums: _Arrays, *, step: int, lr: float,
+            lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+            maximize: bool = False) -> _Result:
+    """One step of Adagrad.
 
-    Returns ``(params, state_sums)``.
+    :math:`g \\mathrel{+}= \\lambda p`;
+    :math:`\\tilde\\eta = \\eta / (1 + (t - 1)\\,\\delta)`; :math:`s \\mathrel{+}= g^2`;
+    :math:`p \\mathrel{-}= \\tilde\\eta\\, g / (\\sqrt{s} + \\epsilon)`.
+
+    Parameters
+    ----------
+    params, grads, state_sums : sequence of array_like
+        Parameters, gradients and the sums of squared gradients, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    lr_decay : float, default 0.0
+        :math:`\\delta`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    eps : float, default 1e-10
+        :math:`\\epsilon`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, state_sums)``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -93,11 +171,45 @@ def adagrad(params, grads, state_sums, *, step, lr, lr_decay=0.0, weight_decay=0
     return _result(ps, ss)
 
 
-def rmsprop(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr,
-            alpha, eps, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
-    """RMSprop with optional momentum and centering.
+def rmsprop(params: _Arrays, grads: _Arrays, square_avgs: _Arrays,
+            momentum_buffers: Optional[_Arrays] = None, grad_avgs: Optional[_Arrays] = None,
+            *, lr: float, alpha: float, eps: float, weight_decay: float = 0.0,
+            momentum: float = 0.0, centered: bool = False, maximize: bool = False) -> _Result:
+    """One step of RMSprop, with optional momentum and centering.
 
-    Returns ``(params, square_avgs[, momentum_buffers][, grad_avgs])``.
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`v = \\alpha v + (1 - \\alpha) g^2`;
+    centered: :math:`\\bar g = \\alpha \\bar g + (1 - \\alpha) g`,
+    :math:`d = \\sqrt{v - \\bar g^2} + \\epsilon`, else :math:`d = \\sqrt{v} + \\epsilon`;
+    with momentum :math:`b = \\mu b + g / d`, :math:`p \\mathrel{-}= \\eta b`, else
+    :math:`p \\mathrel{-}= \\eta g / d`.
+
+    Parameters
+    ----------
+    params, grads, square_avgs : sequence of array_like
+        Parameters, gradients and the averages of squared gradients, aligned.
+    momentum_buffers : sequence of array_like, optional
+        Needed when `momentum` > 0.
+    grad_avgs : sequence of array_like, optional
+        The averages of the gradients; needed when `centered`.
+    lr : float
+        :math:`\\eta`.
+    alpha : float
+        The smoothing constant :math:`\\alpha`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    momentum : float, default 0.0
+        :math:`\\mu`.
+    centered : bool, default False
+        Normalize by the estimated variance instead of the second moment.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, square_avgs[, momentum_buffers][, grad_avgs])``, new float64 arrays.
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -129,9 +241,36 @@ def rmsprop(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *
     return _result(ps, vs, bs, gas)
 
 
-def adadelta(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_decay=0.0,
-             maximize=False):
-    """Adadelta. Returns ``(params, square_avgs, acc_deltas)``."""
+def adadelta(params: _Arrays, grads: _Arrays, square_avgs: _Arrays, acc_deltas: _Arrays, *,
+             lr: float, rho: float, eps: float, weight_decay: float = 0.0,
+             maximize: bool = False) -> _Result:
+    """One step of Adadelta.
+
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`v = \\rho v + (1 - \\rho) g^2`;
+    :math:`\\Delta = \\sqrt{u + \\epsilon} / \\sqrt{v + \\epsilon}\\; g`;
+    :math:`u = \\rho u + (1 - \\rho) \\Delta^2`; :math:`p \\mathrel{-}= \\eta \\Delta`.
+
+    Parameters
+    ----------
+    params, grads, square_avgs, acc_deltas : sequence of array_like
+        Parameters, gradients, the averages of squared gradients (:math:`v`) and of
+        squared updates (:math:`u`), aligned.
+    lr : float
+        :math:`\\eta`.
+    rho : float
+        :math:`\\rho`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, square_avgs, acc_deltas)``, new float64 arrays.
+    """
     n = len(params)
     ps = _f64(params, "params")
     gs = _f64(grads, "grads", n)
@@ -148,13 +287,57 @@ def adadelta(params, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_dec
     return _result(ps, vs, us)
 
 
-def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1,
-         beta2, eps, weight_decay=0.0, amsgrad=False, maximize=False,
-         decoupled_weight_decay=False):
-    """Adam (L2 weight decay) or, with ``decoupled_weight_decay``, AdamW.
+def adam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays,
+         max_exp_avg_sqs: Optional[_Arrays] = None, *, step: int, lr: float, beta1: float,
+         beta2: float, eps: float, weight_decay: float = 0.0, amsgrad: bool = False,
+         maximize: bool = False, decoupled_weight_decay: bool = False) -> _Result:
+    """One step of Adam (L2 weight decay) or, with `decoupled_weight_decay`, AdamW.
 
-    ``step`` is t after its increment (1 on the first step).
-    Returns ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``.
+    :math:`g \\mathrel{+}= \\lambda p` (Adam) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (AdamW); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`; amsgrad:
+    :math:`\\hat v = \\max(\\hat v, v)`, else :math:`\\hat v = v`;
+    :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\,
+    \\frac{m}{\\sqrt{\\hat v} / \\sqrt{1 - \\beta_2^t} + \\epsilon}`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    max_exp_avg_sqs : sequence of array_like, optional
+        The running maxima of the second moment; needed when `amsgrad`.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly (AdamW) instead of adding :math:`\\lambda p` to the
+        gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``, new float64 arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> z = [np.zeros(2)]
+    >>> p, m, v = reference.adam([np.ones(2)], [np.array([1.0, -1.0])], z, z, step=1,
+    ...                          lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    >>> np.round(p[0], 6)          # the first step moves each element by lr
+    array([0.9, 1.1])
     """
     n = len(params)
     ps = _f64(params, "params")
@@ -186,10 +369,29 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr
     return _result(ps, ms, vs, vmaxs)
 
 
-def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr, beta1,
-          beta2, eps, weight_decay=1e-2, amsgrad=False, maximize=False,
-          decoupled_weight_decay=True):
-    """AdamW: :func:`adam` with decoupled weight decay (default 1e-2, as torch.optim.AdamW)."""
+def adamw(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays,
+          max_exp_avg_sqs: Optional[_Arrays] = None, *, step: int, lr: float, beta1: float,
+          beta2: float, eps: float, weight_decay: float = 1e-2, amsgrad: bool = False,
+          maximize: bool = False, decoupled_weight_decay: bool = True) -> _Result:
+    """One step of AdamW: `adam` with decoupled weight decay (default 1e-2, as
+    torch.optim.AdamW).
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+        As for `adam`.
+    step, lr, beta1, beta2, eps, amsgrad, maximize
+        As for `adam`.
+    weight_decay : float, default 1e-2
+        :math:`\\lambda`, applied as :math:`p \\mathrel{*}= 1 - \\eta\\lambda`.
+    decoupled_weight_decay : bool, default True
+        False gives `adam`'s L2 decay.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs])``, new float64 arrays.
+    """
     return adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,

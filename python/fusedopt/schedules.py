@@ -3,7 +3,7 @@
 A schedule sets `group["lr"]` on `optimizer.param_groups`, as torch.optim.lr_scheduler
 does, so it drives any optimizer that reads its learning rate from there: the classic
 family, `LBFGS`, `Newton`, and the batched optimizers of `fusedopt.batched` (one group
-per member: each member follows the schedule from its own base rate).
+per member: each member follows the schedule from its own base rate)::
 
     opt = fo.SGD(params, lr=0.1, momentum=0.9)
     sched = fo.schedules.WarmupCosineLR(opt, warmup_steps=100, total_steps=1000)
@@ -22,29 +22,90 @@ they do not compound when two of them drive the same optimizer; use one at a tim
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence, Union
 
 __all__ = ["LRScheduler", "StepLR", "ExponentialLR", "CosineAnnealingLR", "WarmupCosineLR",
            "OneCycleLR", "ReduceLROnPlateau"]
 
 
+_Number = Union[float, Sequence[float]]  # one value, or one per param group
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 class _LastLR:
     """What every schedule keeps: the last rates it set, and a state dict of itself."""
 
-    def get_last_lr(self):
-        """The rates set by the last `step` (or the constructor), one per group."""
+    def get_last_lr(self) -> list[float]:
+        """Return the rates set by the last `step` (or by the constructor).
+
+        Returns
+        -------
+        list of float
+            One rate per param group, in the optimizer's order.
+        """
         return list(self._last_lr)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """Return the schedule's state, everything but the optimizer.
+
+        Returns
+        -------
+        dict
+            The attributes of the schedule (step count, base rates, options); pass it
+            to `load_state_dict` of a schedule built on the same optimizer to resume.
+        """
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state returned by `state_dict`.
+
+        Parameters
+        ----------
+        state_dict : dict
+            A state returned by `state_dict` of a schedule of the same class.
+        """
         self.__dict__.update(state_dict)
 
 
 class LRScheduler(_LastLR):
-    """Base class: subclasses define `lr_at(base_lr, t)` for step t >= 0."""
+    """Base class of the schedules that compute the rate of step t in closed form.
 
-    def __init__(self, optimizer, last_epoch=-1):
+    A subclass defines ``lr_at(base_lr, t)``. The constructor records each group's
+    base rate (``group["initial_lr"]``, set from ``group["lr"]`` unless resuming) and
+    applies the rate of step 0; each `step` applies the next one.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        Any optimizer with torch-style ``param_groups`` (a list of dicts with ``"lr"``):
+        the fusedopt optimizers, ``fusedopt.torch``'s, the batched ones.
+    last_epoch : int, default -1
+        The index of the last step taken: -1 starts a new schedule; a value >= 0
+        resumes one, and then every group must hold ``"initial_lr"``.
+
+    Attributes
+    ----------
+    base_lrs : list of float
+        The base rate of each group.
+    last_epoch : int
+        The index of the step whose rate is applied (0 after construction).
+
+    Raises
+    ------
+    KeyError
+        If resuming (``last_epoch >= 0``) and a group has no ``"initial_lr"``.
+
+    Examples
+    --------
+    >>> class Halving(LRScheduler):
+    ...     def lr_at(self, base_lr, t):
+    ...         return base_lr / 2 ** t
+    """
+
+    def __init__(self, optimizer: Any, last_epoch: int = -1) -> None:
         self.optimizer = optimizer
         groups = optimizer.param_groups
         if last_epoch == -1:
@@ -59,14 +120,28 @@ class LRScheduler(_LastLR):
         self.last_epoch = last_epoch
         self.step()
 
-    def lr_at(self, base_lr, t):
+    def lr_at(self, base_lr: float, t: int) -> float:
+        """Return the rate of step `t` for a group whose base rate is `base_lr`.
+
+        Parameters
+        ----------
+        base_lr : float
+            The group's base rate (``group["initial_lr"]``).
+        t : int
+            The step index, 0 for the rate the constructor applies.
+
+        Returns
+        -------
+        float
+            The learning rate.
+        """
         raise NotImplementedError
 
     def _group_lrs(self, t):
         return [self.lr_at(base, t) for base in self.base_lrs]
 
-    def step(self):
-        """Advance one step and set every group's rate."""
+    def step(self) -> None:
+        """Advance one step and set every group's ``"lr"`` to its rate for that step."""
         self.last_epoch += 1
         lrs = self._group_lrs(self.last_epoch)
         for group, lr in zip(self.optimizer.param_groups, lrs):
@@ -80,25 +155,69 @@ def _check_positive_int(name, value):
 
 
 class StepLR(LRScheduler):
-    """lr = base * gamma ** (t // step_size)."""
+    """Decay the rate by `gamma` every `step_size` steps (torch's StepLR).
 
-    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
+    .. math:: \\eta_t = \\eta_0 \\, \\gamma^{\\lfloor t / s \\rfloor}
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    step_size : int
+        The period `s` of the decay, in steps; a positive integer.
+    gamma : float, default 0.1
+        The factor applied every `step_size` steps.
+    last_epoch : int, default -1
+        The last step taken; -1 starts a new schedule (see `LRScheduler`).
+
+    Raises
+    ------
+    ValueError
+        If `step_size` is not a positive integer.
+
+    Examples
+    --------
+    >>> import numpy as np, fusedopt as fo
+    >>> opt = fo.SGD([np.zeros(3, np.float32)], lr=0.1)
+    >>> sched = fo.schedules.StepLR(opt, step_size=2, gamma=0.5)
+    >>> lrs = []
+    >>> for _ in range(4):
+    ...     lrs.append(opt.param_groups[0]["lr"])    # opt.step(grads) here
+    ...     sched.step()
+    >>> lrs
+    [0.1, 0.1, 0.05, 0.05]
+    """
+
+    def __init__(self, optimizer: Any, step_size: int, gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
         _check_positive_int("step_size", step_size)
         self.step_size, self.gamma = step_size, gamma
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, base_lr, t):
+    def lr_at(self, base_lr: float, t: int) -> float:
         return base_lr * self.gamma ** (t // self.step_size)
 
 
 class ExponentialLR(LRScheduler):
-    """lr = base * gamma ** t."""
+    """Decay the rate by `gamma` every step (torch's ExponentialLR).
 
-    def __init__(self, optimizer, gamma, last_epoch=-1):
+    .. math:: \\eta_t = \\eta_0 \\, \\gamma^t
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    gamma : float
+        The factor applied every step.
+    last_epoch : int, default -1
+        The last step taken; -1 starts a new schedule (see `LRScheduler`).
+    """
+
+    def __init__(self, optimizer: Any, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, base_lr, t):
+    def lr_at(self, base_lr: float, t: int) -> float:
         return base_lr * self.gamma ** t
 
 
@@ -108,17 +227,39 @@ def _cosine(start, end, frac):
 
 
 class CosineAnnealingLR(LRScheduler):
-    """lr = eta_min + (base - eta_min) (1 + cos(pi t / T_max)) / 2 (SGDR without restarts).
+    """Anneal the rate along half a cosine (SGDR without restarts; torch's
+    CosineAnnealingLR).
 
-    As torch's, the curve goes on past T_max: it rises again towards base over the next
-    T_max steps."""
+    .. math:: \\eta_t = \\eta_{min} + (\\eta_0 - \\eta_{min})
+              \\frac{1 + \\cos(\\pi t / T_{max})}{2}
 
-    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
+    As torch's, the curve goes on past `T_max`: it rises again towards the base rate
+    over the next `T_max` steps.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    T_max : int
+        The number of steps from the base rate down to `eta_min`; a positive integer.
+    eta_min : float, default 0.0
+        The lowest rate.
+    last_epoch : int, default -1
+        The last step taken; -1 starts a new schedule (see `LRScheduler`).
+
+    Raises
+    ------
+    ValueError
+        If `T_max` is not a positive integer.
+    """
+
+    def __init__(self, optimizer: Any, T_max: int, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
         _check_positive_int("T_max", T_max)
         self.T_max, self.eta_min = T_max, eta_min
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, base_lr, t):
+    def lr_at(self, base_lr: float, t: int) -> float:
         return _cosine(base_lr, self.eta_min, t / self.T_max)
 
 
@@ -126,14 +267,46 @@ class WarmupCosineLR(LRScheduler):
     """Linear warmup, then cosine annealing.
 
     Over the first `warmup_steps` steps the rate grows linearly from
-    `start_factor * base` to `base`; then it follows a cosine from `base` down to
+    ``start_factor * base`` to ``base``; then it follows a cosine from ``base`` down to
     `eta_min`, reached at `total_steps`, and stays there. Up to `total_steps` these
-    are the values of torch's SequentialLR([LinearLR(start_factor, total_iters=
-    warmup_steps), CosineAnnealingLR(T_max=total_steps - warmup_steps, eta_min)],
-    milestones=[warmup_steps])."""
+    are the values of torch's ``SequentialLR([LinearLR(start_factor,
+    total_iters=warmup_steps), CosineAnnealingLR(T_max=total_steps - warmup_steps,
+    eta_min)], milestones=[warmup_steps])``.
 
-    def __init__(self, optimizer, warmup_steps, total_steps, start_factor=0.01, eta_min=0.0,
-                 last_epoch=-1):
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    warmup_steps : int
+        Steps of linear warmup, >= 0.
+    total_steps : int
+        The step at which the rate reaches `eta_min`; more than `warmup_steps`.
+    start_factor : float, default 0.01
+        The first rate as a fraction of the base rate, in [0, 1].
+    eta_min : float, default 0.0
+        The final rate.
+    last_epoch : int, default -1
+        The last step taken; -1 starts a new schedule (see `LRScheduler`).
+
+    Raises
+    ------
+    ValueError
+        If `warmup_steps` is negative, `total_steps` is not more than it, or
+        `start_factor` is outside [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np, fusedopt as fo
+    >>> opt = fo.AdamW([np.zeros(3, np.float32)], lr=1e-3)
+    >>> sched = fo.schedules.WarmupCosineLR(opt, warmup_steps=100, total_steps=1000)
+    >>> for _ in range(1000):
+    ...     # opt.step(grads)
+    ...     sched.step()
+    """
+
+    def __init__(self, optimizer: Any, warmup_steps: int, total_steps: int,
+                 start_factor: float = 0.01, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         _check_positive_int("total_steps", total_steps)
@@ -146,7 +319,7 @@ class WarmupCosineLR(LRScheduler):
         self.start_factor, self.eta_min = start_factor, eta_min
         super().__init__(optimizer, last_epoch)
 
-    def lr_at(self, base_lr, t):
+    def lr_at(self, base_lr: float, t: int) -> float:
         w = self.warmup_steps
         if t < w:
             return base_lr * (self.start_factor + (1.0 - self.start_factor) * t / w)
@@ -158,17 +331,53 @@ class OneCycleLR(LRScheduler):
     """The 1cycle policy (Smith & Topin, 2017), with torch.optim.lr_scheduler.OneCycleLR's
     arguments and values.
 
-    The rate rises from max_lr / div_factor to max_lr over the first pct_start of
-    `total_steps`, then falls to initial_lr / final_div_factor (with `three_phase`,
-    it first falls back to the initial rate symmetrically, then to the minimum). With
-    `cycle_momentum`, the momentum (group["momentum"], or beta1 of group["betas"])
-    moves the opposite way between max_momentum and base_momentum. Stepping past
-    `total_steps` raises ValueError, as in torch."""
+    The rate rises from ``max_lr / div_factor`` to `max_lr` over the first `pct_start`
+    of `total_steps`, then falls to ``initial_lr / final_div_factor`` (with
+    `three_phase`, it first falls back to the initial rate symmetrically, then to the
+    minimum). With `cycle_momentum`, the momentum (``group["momentum"]``, or beta1 of
+    ``group["betas"]``) moves the opposite way between `max_momentum` and
+    `base_momentum`.
 
-    def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
-                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
-                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False,
-                 last_epoch=-1):
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    max_lr : float or sequence of float
+        The peak rate, one value or one per group.
+    total_steps : int, optional
+        The length of the cycle; if None, ``epochs * steps_per_epoch``.
+    epochs, steps_per_epoch : int, optional
+        The alternative to `total_steps`.
+    pct_start : float, default 0.3
+        The fraction of the cycle spent rising.
+    anneal_strategy : {"cos", "linear"}, default "cos"
+        The shape of each phase.
+    cycle_momentum : bool, default True
+        Move the momentum (or beta1) against the rate.
+    base_momentum, max_momentum : float or sequence of float, default 0.85, 0.95
+        The momentum's range, one value or one per group.
+    div_factor : float, default 25.0
+        ``initial_lr = max_lr / div_factor``.
+    final_div_factor : float, default 1e4
+        ``min_lr = initial_lr / final_div_factor``.
+    three_phase : bool, default False
+        Fall back to the initial rate before the final descent.
+    last_epoch : int, default -1
+        The last step taken; -1 starts a new schedule (see `LRScheduler`).
+
+    Raises
+    ------
+    ValueError
+        On invalid arguments, as torch; and when stepped past `total_steps`.
+    """
+
+    def __init__(self, optimizer: Any, max_lr: _Number, total_steps: int | None = None,
+                 epochs: int | None = None, steps_per_epoch: int | None = None,
+                 pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum: _Number = 0.85,
+                 max_momentum: _Number = 0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False,
+                 last_epoch: int = -1) -> None:
         if total_steps is None:
             if epochs is None or steps_per_epoch is None:
                 raise ValueError("You must define either total_steps OR (epochs AND "
@@ -265,12 +474,55 @@ def _per_group(name, value, groups):
 
 
 class ReduceLROnPlateau(_LastLR):
-    """Multiply the rates by `factor` when a metric has stopped improving for more than
-    `patience` steps (torch's arguments and rules: relative or absolute threshold,
-    cooldown, per-group min_lr, and no change smaller than eps)."""
+    """Multiply the rates by `factor` when a metric has stopped improving (torch's
+    ReduceLROnPlateau).
 
-    def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
-                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
+    Each `step` records one value of the metric. After more than `patience` steps
+    without improvement, every group's rate is multiplied by `factor` (not below its
+    `min_lr`, and not changed by less than `eps`), then `cooldown` steps pass before
+    bad steps count again.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        An optimizer with ``param_groups``.
+    mode : {"min", "max"}, default "min"
+        Whether the metric should fall (a loss) or rise (an accuracy).
+    factor : float, default 0.1
+        The factor applied to the rates, < 1.
+    patience : int, default 10
+        Steps without improvement tolerated before the rates drop.
+    threshold : float, default 1e-4
+        The least change that counts as an improvement.
+    threshold_mode : {"rel", "abs"}, default "rel"
+        Relative (``best * (1 - threshold)`` in min mode) or absolute
+        (``best - threshold``) improvement.
+    cooldown : int, default 0
+        Steps to wait after a drop before counting bad steps again.
+    min_lr : float or sequence of float, default 0.0
+        The lowest rate, one value or one per group.
+    eps : float, default 1e-8
+        A change of a rate smaller than this is not made.
+
+    Raises
+    ------
+    ValueError
+        If `factor` >= 1 or a mode is unknown.
+
+    Examples
+    --------
+    >>> import numpy as np, fusedopt as fo
+    >>> opt = fo.SGD([np.zeros(3, np.float32)], lr=0.1)
+    >>> sched = fo.schedules.ReduceLROnPlateau(opt, patience=2)
+    >>> for loss in [1.0, 0.9, 0.9, 0.9, 0.9]:
+    ...     sched.step(loss)
+    >>> sched.get_last_lr()
+    [0.010000000000000002]
+    """
+
+    def __init__(self, optimizer: Any, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: _Number = 0.0, eps: float = 1e-8) -> None:
         if factor >= 1.0:
             raise ValueError("Factor should be < 1.0.")
         if mode not in ("min", "max"):
@@ -297,8 +549,14 @@ class ReduceLROnPlateau(_LastLR):
             else self.best + self.threshold
         return value > bar
 
-    def step(self, metric):
-        """Record one value of the monitored metric; lower the rates if it has stalled."""
+    def step(self, metric: float) -> None:
+        """Record one value of the monitored metric; lower the rates if it has stalled.
+
+        Parameters
+        ----------
+        metric : float
+            The metric's value this step (a float, or anything ``float()`` takes).
+        """
         value = float(metric)
         self.last_epoch += 1
         if self._improves(value):

@@ -1,23 +1,25 @@
-"""Drop-in replacements for torch.optim's SGD, Adagrad, RMSprop, Adadelta, Adam and AdamW.
+"""Drop-in replacements for torch.optim's optimizers, one per algorithm of the table.
 
     from fusedopt.torch import Adam        # instead of: from torch.optim import Adam
     opt = Adam(model.parameters(), lr=1e-3)
     loss.backward(); opt.step(); opt.zero_grad()
 
 Each class is a `torch.optim.Optimizer`: same constructor arguments, defaults and
-validation, param groups, `zero_grad`, `state_dict` / `load_state_dict` (state
-dicts cross over with torch.optim's both ways, state cast to the param's dtype and
-device on load by torch's rule), and the LR schedulers of `torch.optim.lr_scheduler`.
-`step` reads `p.grad` and runs fusedopt's fused kernels on the tensors' memory: one
-call per group (per device and dtype) for all its tensors.
+validation, param groups, `zero_grad`, `state_dict` / `load_state_dict` (state dicts
+cross over with torch.optim's both ways, state cast to the param's dtype and device on
+load by torch's rule), and the LR schedulers of `torch.optim.lr_scheduler`. `step`
+reads `p.grad` and runs fusedopt's fused kernels on the tensors' memory: one call per
+group (per device and dtype) for all its tensors, through the same entry as the
+functional ops (`_engine.plan`).
 
-State is kept under torch's names (`step`, `exp_avg`, ...). The `step` counts of a
-param group live in one float tensor, and each param's `state["step"]` is a 0-d
-view of it, so one vectorized add counts a step for every tensor. The lists of
-state tensors are cached per param group and rebuilt when the group's params, the
-state options, the optimizer's state dict or the set of states change; replacing
-a single tensor inside `opt.state[p]` by assignment is not seen until the next
-`load_state_dict`.
+State is kept under torch's names (`step`, `exp_avg`, ...). The per-param scalars
+(`step`, and any other an algorithm keeps) of a param group live in one float tensor
+per name, and each param's `state["step"]` is a 0-d view of it, so one vectorized
+assignment counts a step for every tensor. The lists of state tensors are cached per
+param group and rebuilt when the group's params, the state options, the optimizer's
+state dict, the set of states or a param's state dict (replaced whole, as
+ZeroRedundancyOptimizer.load_state_dict does) change; replacing a single tensor inside
+`opt.state[p]` by assignment is not seen until the next `load_state_dict`.
 
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
 load into torch.optim unchanged) but change nothing here: every step is fused.
@@ -35,11 +37,12 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from . import _arrays
-from . import functional as F
-from .optimizer import serialized
+from . import _engine, _flat, _foreign, _precision
+from .algorithms import SPECS
+from .algorithms._doc import class_doc, class_signature
+from .optimizers import bind_options
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"]
+__all__ = []
 
 _GRAD = attrgetter("grad")
 
@@ -49,108 +52,175 @@ def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _value(x):
+def _plain(value):
     """A hyperparameter as a Python number (torch.optim takes 1-element tensors too)."""
-    return x.item() if isinstance(x, torch.Tensor) else x
-
-
-def _check_unsupported(capturable, differentiable, name):
-    if capturable:
-        raise ValueError(f"fusedopt.torch.{name} does not support capturable=True")
-    if differentiable:
-        raise ValueError(f"fusedopt.torch.{name} does not support differentiable=True")
-
-
-def _check_lr(lr):
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(map(_plain, value))
+    return value
 
 
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
-    param has no state yet), and its step counts."""
+    param has no state yet), its per-param scalars, and the params' state dicts they
+    came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "steps", "counts", "fresh", "rows")
+                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts")
 
 
 class _Fused(Optimizer):
-    """What the six classes share: state bookkeeping and the step loop."""
+    """What every class shares: state bookkeeping and the step loop, over a spec."""
 
-    has_step = True  # whether the state holds a `step` count (every algorithm but SGD)
+    spec = None
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, flat=False):
         self._fo_caches = {}
-        self._step_lock = threading.Lock()  # not in torch's __getstate__: never pickled
+        self._fo_lock = threading.Lock()
+        self._fo_flat = bool(flat)
+        self._fo_buckets = {}  # group's index -> its flat buckets (flat=True)
+        self._fo_where = {}  # id(param) -> (bucket, position) (flat=True)
         super().__init__(params, defaults)
-
-    # --- per algorithm ------------------------------------------------------------------
-
-    def _state_names(self, group):
-        """Names of the state tensors of a group, in the order `_plan` takes them."""
-        raise NotImplementedError
-
-    def _init_state(self, name, param, group):
-        return torch.zeros_like(param, memory_format=torch.preserve_format)
-
-    def _plan(self, group, params, grads, states, step, first, rows=None):
-        """The functional op's deferred call for one bucket of a group."""
-        raise NotImplementedError
+        if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
+            for group in self.param_groups:
+                cache = self._cache(group)
+                self._add_state(group, cache, range(len(group["params"])))
 
     # --- torch.optim.Optimizer ----------------------------------------------------------
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where"):
+            state.pop(name, None)
+        return state
+
     def __setstate__(self, state):
+        copied = not hasattr(self, "_fo_lock")  # a copy (deepcopy, pickle), not a load
         super().__setstate__(state)
         self._fo_caches = {}
-        self._step_lock = threading.Lock()
+        if copied:
+            self._fo_lock = threading.Lock()
+            # a copy steps its params one by one: the flat buffers, which the copied
+            # params no longer live in, stay with the original
+            self._fo_flat, self._fo_buckets, self._fo_where = False, {}, {}
         for group in self.param_groups:
-            for key, value in self._group_defaults().items():
+            for key, value in self.spec.group_defaults(torch=True).items():
                 group.setdefault(key, value)
 
-    def _group_defaults(self):
-        return {"foreach": None, "maximize": False, "differentiable": False}
+    def add_param_group(self, param_group):
+        """Add a param group (torch.optim's rules); with ``flat=True`` its params move
+        into flat buffers of their own."""
+        super().add_param_group(param_group)
+        if self._fo_flat:
+            group = self.param_groups[-1]
+            DTensor = _foreign._dtensor_class()
+            if DTensor is not None and any(isinstance(p, DTensor) for p in group["params"]):
+                raise ValueError(f"{type(self).__name__}(flat=True): DTensor params are "
+                                 "sharded by their engine (FSDP2); step them with flat=False")
+            everything = [p for g in self.param_groups for p in g["params"]]
+            _flat.check_disjoint(everything, type(self).__name__)
+            made = self._fo_buckets[len(self.param_groups) - 1] = _flat.buckets(group["params"])
+            for bucket in made:
+                for position, p in enumerate(bucket.params):
+                    self._fo_where[id(p)] = (bucket, position)
 
-    @serialized
+    def zero_grad(self, set_to_none=True):
+        """Reset the gradients (torch.optim's `zero_grad`). With ``flat=True`` the
+        gradient buffers are zeroed in one pass each and every trainable param's `.grad`
+        stays (or becomes again) its view of the buffer, a zero tensor rather than None
+        whatever `set_to_none` says, so that the next backward accumulates into the
+        buffer; params that do not require gradients get None."""
+        if not self._fo_flat:
+            return super().zero_grad(set_to_none)
+        for gi, group in enumerate(self.param_groups):
+            for bucket in self._fo_buckets.get(gi, ()):
+                bucket.zero_grad(set_to_none)
+            flat = {id(p) for b in self._fo_buckets.get(gi, ()) for p in b.params}
+            for p in group["params"]:
+                if id(p) not in flat and p.grad is not None:
+                    p.grad = None if set_to_none else p.grad.zero_()
+        return None
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's `load_state_dict`; with ``flat=True`` the loaded state is copied
+        into the flat state buffers, and `state` holds their views again."""
+        super().load_state_dict(state_dict)
+        if not self._fo_flat:
+            return
+        names = {s.name for s in self.spec.states}
+        with torch.no_grad():
+            for p, st in self.state.items():
+                where = self._fo_where.get(id(p))
+                if where is None:
+                    continue
+                bucket, position = where
+                for name, value in list(st.items()):
+                    if name in names and isinstance(value, torch.Tensor) and \
+                            value.shape == p.shape:
+                        view = bucket.state_view(name, position, 0.0)
+                        view.copy_(value)
+                        st[name] = view
+
     def step(self, closure=None):
         """One update of every param whose `grad` is not None; returns the closure's loss.
-        Steps of one optimizer called from several threads run one at a time."""
+
+        Steps of one optimizer from several threads run one after the other."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans, counted = [], []
-        for group in self.param_groups:
-            self._plan_group(group, plans, counted)
-        # every group validated: run, then count the step and install first buffers
-        for plan in plans:
-            plan.run()
-        for cache, sel, params in counted:
-            if cache.steps is not None:
-                if sel is None:
-                    cache.counts += 1
-                else:
-                    cache.counts[sel] += 1
-            if cache.fresh is not None:
-                self._install_fresh(cache, sel)
-            torch.autograd.graph.increment_version(params)
+        with self._fo_lock:
+            plans, counted = [], []
+            for gi, group in enumerate(self.param_groups):
+                self._plan_group(gi, group, plans, counted)
+            # every group validated: run, then count the step and install first buffers
+            for plan in plans:
+                plan.run()
+            for cache, sel, params, after in counted:
+                for index, new in after:
+                    for name, value in new.items():
+                        cache.values[name][index] = value
+                if cache.fresh is not None and cache.fresh.any():
+                    self._install_fresh(cache, sel)
+                    cache.steady, cache.flat = self._is_steady(cache), None
+                torch.autograd.graph.increment_version(params)
         return loss
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, group, plans, counted):
+    def _plan_group(self, gi, group, plans, counted):
         params = group["params"]
         if not params:
             return
-        cache = self._cache(group)
+        spec = self.spec
+        kw = spec.to_op(group)
+        cache = self._cache(group, spec.active(kw))
         grads = list(map(_GRAD, params))
+        counted_params = params
+        if _foreign._dtensor_class() is not None:
+            # DTensors (FSDP2) are stepped on their local shards, so that a kept plan is
+            # checked against the shards' addresses
+            params = _foreign.local_shards(params, torch, "step", "params")
+            grads = _foreign.local_shards(grads, torch, "step", "grads")
         if any(map(is_, grads, repeat(None))):
             sel = [i for i, g in enumerate(grads) if g is not None]
             if not sel:
                 return
         else:
             sel = None
+        after = []
+        if sel is None and cache.steady and self._fo_flat and \
+                self._plan_flat(gi, cache, kw, grads, plans, after):
+            counted.append((cache, sel, counted_params, after))
+            return
+        if sel is None and cache.steady:
+            # the common case: every param has its state and the same scalars
+            scalars = {name: float(v[0]) for name, v in cache.values.items()}
+            plans.append(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
+                                    after, slice(None)))
+            counted.append((cache, sel, counted_params, after))
+            return
         if sel is None:
             if not cache.has.all():
                 self._add_state(group, cache, range(len(params)))
@@ -159,57 +229,140 @@ class _Fused(Optimizer):
             if not cache.has[sel].all():
                 self._add_state(group, cache, sel)
             params = [params[i] for i in sel]
+            counted_params = [counted_params[i] for i in sel]
             grads = [grads[i] for i in sel]
             lists = [[lst[i] for i in sel] for lst in cache.lists]
-        counts = None
-        if cache.steps is not None:
-            counts = cache.counts if sel is None else cache.counts[sel]
+        values = {name: (v if sel is None else v[sel]) for name, v in cache.values.items()}
         first = None
         if cache.fresh is not None:
             first = cache.fresh if sel is None else cache.fresh[sel]
-        if (counts is None or counts.min() == counts.max()) and \
+        index = slice(None) if sel is None else np.asarray(sel)
+        if all(v.min() == v.max() for v in values.values()) and \
                 (first is None or first.all() or not first.any()):
-            step = int(counts[0]) + 1 if counts is not None else 0
-            rows = self._kept_rows(cache, params) if sel is None else None
-            plans.append(self._plan(group, params, grads, lists, step,
-                                    first is not None and bool(first[0]), rows))
+            scalars = {name: float(v[0]) for name, v in values.items()}
+            plans.append(self._plan(kw, params, grads, lists, scalars,
+                                    first is not None and bool(first[0]),
+                                    cache if sel is None else None, after, index))
         else:  # params at different step counts, or new momentum buffers among old ones
-            keys = np.zeros(len(params)) if counts is None else counts
+            table = np.stack([values[n] for n in spec.scalars], axis=1) if spec.scalars else \
+                np.zeros((len(params), 0))
             fresh = np.zeros(len(params), dtype=bool) if first is None else first
-            for value in np.unique(keys):
-                for is_first in (False, True):
-                    pick = np.flatnonzero((keys == value) & (fresh == is_first))
-                    if pick.size:
-                        plans.append(self._plan(
-                            group, [params[i] for i in pick], [grads[i] for i in pick],
-                            [[lst[i] for i in pick] for lst in lists], int(value) + 1,
-                            is_first))
-        counted.append((cache, sel, params))
+            keys = {}
+            for i, (row, f) in enumerate(zip(map(tuple, table), fresh)):
+                keys.setdefault((row, bool(f)), []).append(i)
+            for (row, is_first), pick in keys.items():
+                pick = np.asarray(pick)
+                where = pick if sel is None else np.asarray(sel)[pick]
+                plans.append(self._plan(
+                    kw, [params[i] for i in pick], [grads[i] for i in pick],
+                    [[lst[i] for i in pick] for lst in lists],
+                    dict(zip(spec.scalars, row)), is_first, None, after, where))
+        cache.steady = None if sel is not None else self._is_steady(cache)
+        counted.append((cache, sel, counted_params, after))
 
-    def _kept_rows(self, cache, params):
-        """Description rows of the group's params and state lists, kept between steps:
-        the state tensors are the cache's own, and the params are checked by address
-        each step (one pass instead of five). Gradients are described every step."""
-        ptrs = np.fromiter(map(torch.Tensor.data_ptr, params), np.int64, len(params))
-        if cache.rows is None or not np.array_equal(cache.rows[0][:, 0], ptrs):
-            lists = [params] + [list(lst) for lst in cache.lists]
-            described = [_arrays.describe_list("step", "params", lst)[0] for lst in lists]
-            cache.rows = [described[0], None, *described[1:]]
-        return cache.rows
+    def _plan_flat(self, gi, cache, kw, grads, plans, after):
+        """The plans of a flat group: one per bucket, over its buffers. False (nothing
+        planned) when the per-tensor path must run: a param without a gradient, or state
+        that is not the buckets' (loaded and not yet copied in)."""
+        buckets = self._fo_buckets.get(gi)
+        if not buckets:
+            return False
+        if cache.flat is None:
+            cache.flat = all(self._fo_where[id(p)][0].owns_state(name, self._fo_where[id(p)][1],
+                                                                 lst[i])
+                             for i, p in enumerate(cache.params)
+                             for name, lst in zip(cache.names, cache.lists))
+        if not cache.flat:
+            return False
+        owner = type(self).__name__
+        for bucket in buckets:
+            bucket.check_params(owner)
+            if not bucket.gather_grads([grads[i] for i in bucket.indices]):
+                return False
+        spec = self.spec
+        scalars = {name: float(v[0]) for name, v in cache.values.items()}
+        extra, new = spec.advance(kw, scalars)
+        if extra:
+            kw = {**kw, **extra}
+        if spec.fresh_keyword is not None:
+            kw = {**kw, spec.fresh_keyword: False}
+        after.append((slice(None), new))
+        options = _precision.PLAIN
+        for bucket in buckets:
+            params, bgrads = [bucket.data], [bucket.grad]
+            lists = [[bucket.states[name]] for name in cache.names]
+            plan = None
+            if bucket.kept is not None:
+                plan = bucket.kept.reuse(spec, kw, params, bgrads, lists, options,
+                                         torch_params=True)
+            if plan is None:
+                plan = _engine.plan(spec, kw, params, bgrads, lists, options=options)
+                bucket.kept = _engine.Kept(plan, params, lists)
+            plans.append(plan)
+        return True
 
-    def _cache(self, group):
-        """The group's cache, rebuilt when it no longer matches the group or the state."""
+    @staticmethod
+    def _is_steady(cache):
+        """Whether every param of the group has its state, with the same scalars, and no
+        buffer awaits its first step: the next step is one plan, the kept one."""
+        return bool(cache.has.all()) and (cache.fresh is None or not cache.fresh.any()) and \
+            all(v.min() == v.max() for v in cache.values.values())
+
+    def _plan(self, kw, params, grads, lists, scalars, first, cache, after, index):
+        """The validated plan of one bucket (params with the same scalars). A whole
+        group's plan is kept in its cache for the next step (`_engine.Kept`): the params
+        are then checked by address and the gradients by address and contiguity (torch
+        checked their dtype, shape and device against the params when they were
+        assigned)."""
+        spec = self.spec
+        extra, new = spec.advance(kw, scalars)
+        if extra:
+            kw = {**kw, **extra}
+        if spec.fresh_keyword is not None:
+            kw = {**kw, spec.fresh_keyword: first}
+        after.append((index, new))
+        options = _precision.PLAIN
+        if cache is not None and cache.kept is not None:
+            plan = cache.kept.reuse(spec, kw, params, grads, lists, options, torch_params=True,
+                                    checked=True)
+            if plan is not None:
+                return plan
+        plan = _engine.plan(spec, kw, params, grads, lists, options=options)
+        if cache is not None:
+            cache.kept = _engine.Kept(plan, params, lists)
+        return plan
+
+    def _init_state(self, name, param, group):
+        value = self.spec.init_value(name, group)
+        where = self._fo_where.get(id(param))
+        if where is not None:  # flat=True: a view of the bucket's state buffer
+            view = where[0].state_view(name, where[1], _plain(value))
+            if value:
+                view.fill_(_plain(value))
+            else:
+                view.zero_()
+            return view
+        if value:
+            return torch.full_like(param, _plain(value), memory_format=torch.preserve_format)
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _cache(self, group, names=None):
+        """The group's cache, rebuilt when it no longer matches the group, its state
+        `names`, or the state."""
         cache = self._fo_caches.get(id(group))
         params = group["params"]
-        names = self._state_names(group)
+        if names is None:
+            names = self.spec.active(self.spec.to_op(group))
         if (cache is None or cache.group is not group or cache.state is not self.state or
                 cache.nstate != len(self.state) or cache.names != names or
                 len(cache.params) != len(params) or
-                not all(map(is_, cache.params, params))):
+                not all(map(is_, cache.params, params)) or
+                not all(map(is_, cache.dicts, map(self.state.get, params)))):
             cache = self._fo_caches[id(group)] = self._build(group, names)
         return cache
 
     def _build(self, group, names):
+        spec = self.spec
         params = list(group["params"])
         n = len(params)
         cache = _Cache()
@@ -217,30 +370,39 @@ class _Fused(Optimizer):
         cache.lists = [[None] * n for _ in names]
         cache.has = np.zeros(n, dtype=bool)
         cache.fresh = None
-        cache.rows = None
-        cache.steps = cache.counts = None
-        if self.has_step:
+        cache.kept = None
+        cache.scalars, cache.values = {}, {}
+        if spec.scalars:
             dtype = _scalar_dtype()
             for p in params:
                 st = self.state.get(p)
                 if st and isinstance(st.get("step"), torch.Tensor):
                     dtype = st["step"].dtype
                     break
-            cache.steps = torch.zeros(n, dtype=dtype)
-            cache.counts = cache.steps.numpy()  # the same memory, counted in place
+            for name in spec.scalars:
+                cache.scalars[name] = torch.zeros(n, dtype=dtype)
+                cache.values[name] = cache.scalars[name].numpy()  # the same memory
         for i, p in enumerate(params):
             st = self.state.get(p)
             if st:
                 self._adopt(group, cache, i, p, st)
+        if spec.fresh_keyword is not None and names:
+            cache.fresh = ~cache.has
+        cache.dicts = list(map(self.state.get, params))
         cache.nstate = len(self.state)
+        cache.steady = self._is_steady(cache)
+        cache.flat = None  # whether the state is the flat buckets' (flat=True), when known
         return cache
 
     def _adopt(self, group, cache, i, p, st):
         """Take an existing state into the cache, completing what the options now need."""
-        if cache.steps is not None:
-            step = st.get("step", 0.0)
-            cache.counts[i] = float(step)
-            st["step"] = cache.steps[i]
+        if self.spec.fresh_keyword is not None and cache.names and \
+                st.get(cache.names[0]) is None:
+            return  # no buffer yet: the param's next step is its first
+        initial = self.spec.init_scalars(group)
+        for name, tensor in cache.scalars.items():
+            cache.values[name][i] = float(st.get(name, initial[name]))
+            st[name] = tensor[i]
         for lst, name in zip(cache.lists, cache.names):
             t = st.get(name)
             if t is None:
@@ -250,246 +412,85 @@ class _Fused(Optimizer):
 
     def _add_state(self, group, cache, indices):
         """Fresh state for the params in `indices` that have none yet."""
+        cache.steady, cache.flat = False, None
         params = cache.params
+        if self.spec.fresh_keyword is not None:
+            # torch keeps no such buffer until a param's first step, and then sets it to
+            # the gradient; here it is made at once and enters the state after that step
+            if not cache.names:
+                cache.has[:] = True
+                return
+            for i in indices:
+                if not cache.has[i]:
+                    cache.lists[0][i] = self._init_state(cache.names[0], params[i], group)
+                    cache.has[i] = True
+                    cache.fresh[i] = True
+            return
+        initial = self.spec.init_scalars(group)
         for i in indices:
             if cache.has[i]:
                 continue
             p = params[i]
-            st = self.state[p]
-            if cache.steps is not None:
-                cache.counts[i] = 0.0
-                st["step"] = cache.steps[i]
+            st = cache.dicts[i] = self.state[p]
+            for name, tensor in cache.scalars.items():
+                cache.values[name][i] = initial[name]
+                st[name] = tensor[i]
             for lst, name in zip(cache.lists, cache.names):
                 lst[i] = st[name] = self._init_state(name, p, group)
             cache.has[i] = True
-            cache.rows = None
+            cache.kept = None
         cache.nstate = len(self.state)
-
-
-# --- the algorithms -----------------------------------------------------------------------
-
-
-class SGD(_Fused):
-    has_step = False
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
-        _check_lr(lr)
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        _check_unsupported(False, differentiable, "SGD")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
-                                  "weight_decay": weight_decay, "nesterov": nesterov,
-                                  "maximize": maximize, "foreach": foreach,
-                                  "differentiable": differentiable, "fused": fused})
-
-    def _group_defaults(self):
-        return {"nesterov": False, "maximize": False, "foreach": None,
-                "differentiable": False, "fused": False}
-
-    def _state_names(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-    # torch.optim keeps no momentum buffer until a param's first step, and then sets it to
-    # the gradient; here the buffer is made at once and enters the state after that step.
-
-    def _build(self, group, names):
-        cache = super()._build(group, names)
-        if names:
-            cache.fresh = ~cache.has
-        return cache
-
-    def _adopt(self, group, cache, i, p, st):
-        if cache.names and st.get("momentum_buffer") is None:
-            return  # no buffer yet: the param's next step is its first
-        super()._adopt(group, cache, i, p, st)
-
-    def _add_state(self, group, cache, indices):
-        if not cache.names:
-            cache.has[:] = True
-            return
-        for i in indices:
-            if not cache.has[i]:
-                cache.lists[0][i] = self._init_state("momentum_buffer", cache.params[i], group)
-                cache.has[i] = True
-                cache.fresh[i] = True
 
     def _install_fresh(self, cache, sel):
         index = np.arange(len(cache.params)) if sel is None else np.asarray(sel)
         for i in index[cache.fresh[index]]:
-            self.state[cache.params[i]]["momentum_buffer"] = cache.lists[0][i]
+            st = cache.dicts[i] = self.state[cache.params[i]]
+            st[cache.names[0]] = cache.lists[0][i]
             cache.fresh[i] = False
         cache.nstate = len(self.state)
 
-    def _plan(self, g, params, grads, states, step, first, rows=None):
-        return F.sgd_(params, grads, *states, lr=_value(g["lr"]), momentum=g["momentum"],
-                      dampening=g["dampening"], weight_decay=_value(g["weight_decay"]),
-                      nesterov=g["nesterov"], maximize=g["maximize"], first_step=first,
-                      _defer=True, _rows=rows)
+
+# --- the classes, from the table --------------------------------------------------------------
 
 
-class Adagrad(_Fused):
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
-        _check_lr(lr)
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        _check_unsupported(False, differentiable, "Adagrad")
-        super().__init__(params, {"lr": lr, "lr_decay": lr_decay, "eps": eps,
-                                  "weight_decay": weight_decay,
-                                  "initial_accumulator_value": initial_accumulator_value,
-                                  "foreach": foreach, "maximize": maximize,
-                                  "differentiable": differentiable, "fused": fused})
-        # torch.optim makes Adagrad's state at construction
-        for group in self.param_groups:
-            cache = self._cache(group)
-            self._add_state(group, cache, range(len(group["params"])))
-
-    def _group_defaults(self):
-        return {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
-
-    def _state_names(self, group):
-        return ("sum",)
-
-    def _init_state(self, name, param, group):
-        return torch.full_like(param, group["initial_accumulator_value"],
-                               memory_format=torch.preserve_format)
-
-    def _plan(self, g, params, grads, states, step, first, rows=None):
-        return F.adagrad_(params, grads, *states, step=step, lr=_value(g["lr"]),
-                          lr_decay=g["lr_decay"], weight_decay=g["weight_decay"], eps=g["eps"],
-                          maximize=g["maximize"], _defer=True, _rows=rows)
+def _check_torch_flags(cls, values):
+    if values.get("capturable"):
+        raise ValueError(f"fusedopt.torch.{cls.__name__} does not support capturable=True")
+    if values.get("differentiable"):
+        raise ValueError(f"fusedopt.torch.{cls.__name__} does not support "
+                         "differentiable=True")
 
 
-class RMSprop(_Fused):
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False):
-        _check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= alpha:
-            raise ValueError(f"Invalid alpha value: {alpha}")
-        _check_unsupported(capturable, differentiable, "RMSprop")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps,
-                                  "centered": centered, "weight_decay": weight_decay,
-                                  "capturable": capturable, "foreach": foreach,
-                                  "maximize": maximize, "differentiable": differentiable})
+def make_class(spec, base=_Fused):
+    """The torch.optim drop-in of a spec, over `base`."""
+    signature = class_signature(spec, torch=True)
 
-    def _group_defaults(self):
-        return {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
-                "differentiable": False, "capturable": False}
+    def __init__(self, params, *args, **kwargs):
+        values = bind_options(type(self), spec, signature, params, args, kwargs)
+        lr = values.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if "betas" in values:
+            values["betas"] = tuple(map(_plain, values["betas"]))
+        flat = values.pop("flat")
+        spec.validate(values)
+        _check_torch_flags(type(self), values)
+        _Fused.__init__(self, params, {**values, **spec.group_extras}, flat=flat)
 
-    def _state_names(self, group):
-        names = ("square_avg",)
-        if group["momentum"] > 0:
-            names += ("momentum_buffer",)
-        if group["centered"]:
-            names += ("grad_avg",)
-        return names
-
-    def _plan(self, g, params, grads, states, step, first, rows=None):
-        by_name = dict(zip(self._state_names(g), states))
-        return F.rmsprop_(params, grads, by_name["square_avg"], by_name.get("momentum_buffer"),
-                          by_name.get("grad_avg"), lr=_value(g["lr"]), alpha=g["alpha"],
-                          eps=g["eps"], weight_decay=g["weight_decay"], momentum=g["momentum"],
-                          centered=g["centered"], maximize=g["maximize"], _defer=True, _rows=rows)
+    __init__.__signature__ = signature
+    __init__.__doc__ = f"See `{spec.title}`."
+    attrs = {"spec": spec, "__init__": __init__, "__doc__": class_doc(spec, torch=True),
+             "__module__": __name__}
+    return type(spec.title, (base,), attrs)
 
 
-class Adadelta(_Fused):
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False):
-        _check_lr(lr)
-        if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"Invalid rho value: {rho}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _check_unsupported(capturable, differentiable, "Adadelta")
-        super().__init__(params, {"lr": lr, "rho": rho, "eps": eps,
-                                  "weight_decay": weight_decay, "maximize": maximize,
-                                  "capturable": capturable, "foreach": foreach,
-                                  "differentiable": differentiable})
-
-    def _group_defaults(self):
-        return {"foreach": None, "maximize": False, "differentiable": False,
-                "capturable": False}
-
-    def _state_names(self, group):
-        return ("square_avg", "acc_delta")
-
-    def _plan(self, g, params, grads, states, step, first, rows=None):
-        return F.adadelta_(params, grads, *states, lr=_value(g["lr"]), rho=g["rho"],
-                           eps=g["eps"], weight_decay=g["weight_decay"], maximize=g["maximize"],
-                           _defer=True, _rows=rows)
+def _make_all():
+    made = {}
+    for spec in SPECS.values():
+        made[spec.name] = make_class(spec, made[spec.base] if spec.base else _Fused)
+    return made
 
 
-class Adam(_Fused):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
-        _check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _check_unsupported(capturable, differentiable, type(self).__name__)
-        super().__init__(params, {"lr": lr, "betas": tuple(map(_value, betas)), "eps": eps,
-                                  "weight_decay": weight_decay, "amsgrad": amsgrad,
-                                  "maximize": maximize, "foreach": foreach,
-                                  "capturable": capturable, "differentiable": differentiable,
-                                  "fused": fused,
-                                  "decoupled_weight_decay": decoupled_weight_decay})
-
-    def _group_defaults(self):
-        return {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                "differentiable": False, "decoupled_weight_decay": False, "fused": None}
-
-    def _state_names(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else \
-            ("exp_avg", "exp_avg_sq")
-
-    def _plan(self, g, params, grads, states, step, first, rows=None):
-        beta1, beta2 = g["betas"]
-        return F.adam_(params, grads, *states, step=step, lr=_value(g["lr"]),
-                       beta1=_value(beta1), beta2=_value(beta2), eps=g["eps"],
-                       weight_decay=g["weight_decay"], amsgrad=g["amsgrad"],
-                       maximize=g["maximize"],
-                       decoupled_weight_decay=g["decoupled_weight_decay"],
-                       _op="adamw_" if g["decoupled_weight_decay"] else "adam_", _defer=True, _rows=rows)
-
-
-class AdamW(Adam):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+CLASSES = _make_all()
+globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__all__ += [cls.__name__ for cls in CLASSES.values()]

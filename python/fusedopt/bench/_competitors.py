@@ -67,6 +67,9 @@ class FusedFunctional(Impl):
 class NumpyByHand(Impl):
     key = "numpy"
 
+    def supports(self, algo, dtype):
+        return algo.has_numpy
+
     def build(self, algo, work):
         return ArrayRunner(algo, work, algo.numpy)
 
@@ -175,6 +178,23 @@ class FusedTorch(Impl):
         return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
 
 
+class FusedTorchFlat(FusedTorch):
+    """fusedopt.torch with flat=True: the params, gradients and states in flat buffers,
+    one kernel call over contiguous memory per step."""
+
+    key = "fusedopt-torch-flat"
+
+    def label(self, algo):
+        return f"fusedopt.torch.{algo.cls}(flat)"
+
+    def build(self, algo, work):
+        import fusedopt.torch as fot
+
+        params = _torch_tensors(work)
+        opt = getattr(fot, algo.cls)(params, **algo.kwargs, flat=True)
+        return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
+
+
 # --- DeepSpeed's CPU optimizers (when installed) -------------------------------------------
 
 class DeepSpeedCpu(Impl):
@@ -210,7 +230,7 @@ def _has(module):
 def cpu_implementations():
     impls = [FusedFunctional(), FusedClass(), NumpyByHand()]
     if _has("torch"):
-        impls += [FusedTorch(), TorchOptim("loop"), TorchOptim("foreach"),
+        impls += [FusedTorch(), FusedTorchFlat(), TorchOptim("loop"), TorchOptim("foreach"),
                   TorchOptim("fused")]
     if _has("deepspeed"):
         impls.append(DeepSpeedCpu())

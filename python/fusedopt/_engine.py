@@ -1,0 +1,259 @@
+"""The one way a step runs: a spec and its op keywords, the arrays, a validated plan, the
+kernels.
+
+`plan` is the shared internal entry of the functional ops and of every optimizer class:
+it takes an algorithm's spec (`fusedopt.algorithms`), the functional op's keywords and
+the lists of arrays, validates all of them through the arrays layer (`_arrays.prepare`)
+and returns a `Plan`, which runs the kernels. The classes validate every group of a
+step before running any plan, so that a bad input anywhere writes nothing; a
+functional op runs its one plan at once (`Plan.execute`). `functional_op` makes the
+functional op of a spec.
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys as _sys
+from operator import is_ as _is
+
+import numpy as np
+
+from . import _arrays, _backend, _foreign, _precision
+from .algorithms import REQUIRED, pack
+from .algorithms._doc import op_doc, op_signature
+
+
+class Plan:
+    """A validated step, not yet run."""
+
+    __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "grads", "step",
+                 "options", "step_ptr", "lr")
+
+    def __init__(self, op, kernel, prep, hyper, stream, params, grads, step, options, lr,
+                 step_ptr=0):
+        self.op, self.kernel, self.prep = op, kernel, prep
+        self.hyper, self.stream, self.params, self.grads = hyper, stream, params, grads
+        self.step, self.options, self.lr = step, options, lr
+        self.step_ptr = step_ptr  # device address of a float64 step count, or 0
+
+    def sumsq(self):
+        """Sum of squares of this step's raw gradients, in double (CPU)."""
+        return _precision.sumsq(self.prep.groups) if self.prep.groups else 0.0
+
+    def grads_finite(self):
+        """Whether every gradient element is finite (the rare check behind an infinite
+        sum of squares; CPU)."""
+        return all(bool(np.isfinite(np.asarray(g)).all()) for g in self.grads)
+
+    def backend(self):
+        return _backend.for_device(self.op, self.prep.device)
+
+    def cuda_stream(self):
+        """The stream this plan's kernels run on (GPU)."""
+        return self.backend().stream_of(self.stream, self.params, self.prep.device)
+
+    def run(self, grad_scale=None, scale_ptr=0):
+        """Run the kernels; `grad_scale` multiplies the gradients (default: 1 / loss_scale).
+        On the GPU, `scale_ptr` is the device {skip, coef, norm} of a checked step."""
+        if not self.prep.groups:
+            return
+        opts = self.options
+        if grad_scale is None:
+            grad_scale = 1.0 / opts.loss_scale if opts.loss_scale is not None else 1.0
+        mode = {"grad_scale": grad_scale, "step": self.step}
+        if opts.l1:
+            mode["l1"] = float(self.lr) * opts.l1  # the proximal step of lr * l1
+        if opts.stochastic_rounding:
+            mode["stochastic"] = True
+            # with the count on the device, the kernels derive the stream from the seed
+            mode["key"] = opts.seed & _precision._MASK if self.step_ptr else \
+                _precision.rounding_key(opts.seed, self.step)
+        backend = self.backend()
+        if self.prep.device != _arrays.CPU:
+            mode["stream"] = self.cuda_stream()
+            if scale_ptr:
+                mode["scale_ptr"] = scale_ptr
+            if self.step_ptr:
+                backend.module.advance_step(self.step_ptr, scale_ptr, mode["stream"])
+                mode["step_ptr"] = self.step_ptr
+        for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
+            backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, **mode, **layout)
+
+    def refresh(self, spec, kw, grads, options, trusted=False):
+        """This plan for another step of the same arrays: new op keywords (hyperparameters,
+        step) and new gradients, checked against the kept params and states. False when
+        the keywords now need another kernel (the caller plans anew)."""
+        kernel = spec.kernel(kw)
+        if kernel != self.kernel:
+            return False
+        self.prep.with_grads(grads, trusted)
+        self.hyper = pack(kernel, spec.hyper(kw))
+        self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
+        step = kw.get("step", 1)
+        self.step = float(step) if isinstance(step, numbers.Real) else 1.0
+        return True
+
+    def execute(self):
+        """Run with the gradient checks the options ask for; a StepInfo when there were any
+        (a DeviceStepInfo on the GPU: the checks stay on the device)."""
+        if not self.options.checks_grads:
+            self.run()
+            return None
+        if self.prep.device != _arrays.CPU:
+            info = device_checks([self], self.options)
+            self.run(1.0, info.stats.ptr)  # coef on the device includes 1 / loss_scale
+            return info
+        skip, coef, norm = _precision.grad_multiplier(*_precision.total_sumsq([self]),
+                                                      self.options)
+        if not skip:
+            self.run(coef)
+        return _precision.StepInfo(skip, norm)
+
+
+def device_checks(plans, options):
+    """Enqueue one pass over the gradients of every plan (GPU, one device) that writes
+    {skip, coef, norm} to device memory; the plans then run with scale_ptr set to it, so
+    neither the skip nor the clip coefficient travels through the host."""
+    live = [p for p in plans if p.prep.groups]
+    first = live[0] if live else plans[0]
+    backend = first.backend()
+    stream = first.cuda_stream() if live else 0
+    # zeroed on the step's stream, from a pool (no allocation that waits for the device)
+    stats = backend.module.DeviceScalars(3, first.prep.device - 1, stream)
+    tables = [(dtype, ptrs[sizes.size:2 * sizes.size], sizes)
+              for p in live for dtype, ptrs, sizes in p.prep.groups]
+    inv = 1.0 / options.loss_scale if options.loss_scale is not None else 1.0
+    max_norm = options.max_grad_norm if options.max_grad_norm is not None else -1.0
+    backend.module.grad_stats(tables, stream, stats.ptr, inv_scale=inv, max_norm=max_norm,
+                              skip_nonfinite=options.skip_nonfinite)
+    info = _precision.DeviceStepInfo(stats, stream)
+    info.fetch()  # the copy to the host waits for this pass only, not for the update
+    return info
+
+
+def plan(spec, kw, params, grads, states, *, options=None, stream=None,
+         hyper=None, op=None, kernel=None, names=None):
+    """The validated step of one algorithm over lists of arrays.
+
+    `kw` holds the functional op's keywords (all of them, defaults filled); `states`
+    the state lists of the buffers `spec.active(kw)` names, in that order; `options`
+    the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
+    row per tensor: the batched optimizers, which also give the `kernel` and the state
+    `names` their members share); `op` the name errors carry (default: the op's).
+    """
+    op = op or spec.op_name
+    if options is None:
+        options = _precision.Options(op, {})
+    if kernel is None:
+        kernel = spec.kernel(kw)
+    if hyper is None:
+        hyper = pack(kernel, spec.hyper(kw))
+    names = spec.arg_names(spec.active(kw) if names is None else names)
+    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra)
+    prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
+    step = kw.get("step", 1)
+    step_ptr = 0
+    if not isinstance(step, numbers.Real):
+        step_ptr = _device_count(op, step, prep)
+        prep.keep.append(step)
+        step = 1.0
+    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
+                kw.get("lr", 0.0), step_ptr)
+
+
+class Kept:
+    """A bucket's plan kept between steps by an optimizer class, with what it was made
+    for: the step after reuses it when the params are the same arrays (their
+    descriptions, or their addresses for torch parameters) and the state buffers the
+    same objects, so only the gradients are described and checked again."""
+
+    __slots__ = ("plan", "params", "lists", "rows", "ptrs")
+
+    def __init__(self, plan, params, lists):
+        self.plan, self.params, self.lists = plan, list(params), [list(x) for x in lists]
+        rows = plan.prep.rows
+        self.rows = None if rows is None else rows[0].copy()
+        self.ptrs = None if rows is None else self.rows[:, _arrays.PTR].tobytes()
+
+    def reuse(self, spec, kw, params, grads, lists, options, torch_params=False,
+              checked=False):
+        """The kept plan refreshed for this step, or None when it no longer fits.
+        `checked`: the caller knows the params and state lists are the same objects."""
+        plan = self.plan
+        if self.rows is None:
+            return None
+        if not checked and (len(params) != len(self.params) or
+                            not all(map(_is, params, self.params)) or
+                            len(lists) != len(self.lists) or
+                            not all(all(map(_is, a, b)) for a, b in zip(lists, self.lists))):
+            return None
+        n = len(params)
+        if torch_params:
+            T = _sys.modules["torch"].Tensor
+            if np.fromiter(map(T.data_ptr, params), np.int64, n).tobytes() != self.ptrs:
+                return None
+        else:
+            rows = _arrays.describe_params(params, plan.stream)
+            if rows is None or rows.tobytes() != self.rows.tobytes():
+                return None
+        if not plan.refresh(spec, kw, grads, options, trusted=torch_params):
+            return None
+        return plan
+
+
+def _device_count(op, step, prep):
+    """The device address of a step counter given as a float64 GPU array of one element."""
+    row, _ = _foreign.describe(op, "step", step)
+    if row[_arrays.DEVICE] == _arrays.CPU:
+        raise TypeError(f"{op}: step must be a number, or a float64 array of one element on "
+                        f"the arrays' GPU; got {type(step).__name__} in host memory")
+    if row[_arrays.TYPENUM] != _arrays.F64 or row[_arrays.SIZE] != 1:
+        raise TypeError(f"{op}: a step counter on the device must be a float64 array of one "
+                        f"element, got {getattr(step, 'dtype', '?')} with "
+                        f"{int(row[_arrays.SIZE])} elements")
+    if not row[_arrays.FLAGS] & _arrays.F_WRITEABLE:
+        raise ValueError(f"{op}: the step counter is read-only; the step adds 1 to it")
+    if prep.groups and row[_arrays.DEVICE] != prep.device:
+        raise TypeError(f"{op}: the step counter is on "
+                        f"{_arrays._device_name(int(row[_arrays.DEVICE]))}, the arrays on "
+                        f"{_arrays._device_name(prep.device)}")
+    return int(row[_arrays.PTR])
+
+
+# --- the functional ops ------------------------------------------------------------------------
+
+
+def functional_op(spec):
+    """The in-place functional op of a spec: ``<name>_(params, grads, *state lists, *,
+    <op keywords>, stream=None, <precision keywords>)``."""
+    op_name = spec.op_name
+    args = tuple(s.arg for s in spec.states)
+    keywords = tuple((o.name, o.default) for o in spec.op_keywords)
+    nargs = len(args)
+
+    def op(params, grads, *states, stream=None, **kwargs):
+        if len(states) > nargs:
+            raise TypeError(f"{op_name}() takes at most {2 + nargs} positional arguments "
+                            f"({2 + len(states)} given)")
+        lists = dict(zip(args, states))
+        for name in args[len(states):]:
+            if name in kwargs:
+                lists[name] = kwargs.pop(name)
+        kw = {}
+        for name, default in keywords:
+            value = kwargs.pop(name, default)
+            if value is REQUIRED:
+                raise TypeError(f"{op_name}() missing required keyword argument: {name!r}")
+            kw[name] = value
+        spec.check_op(kw)
+        options = _precision.Options(op_name, kwargs)  # the rest: precision keywords
+        names = spec.active(kw)
+        state_lists = [lists.get(spec.state(n).arg) for n in names]
+        return plan(spec, kw, params, grads, state_lists, options=options,
+                    stream=stream).execute()
+
+    op.__name__ = op.__qualname__ = op_name
+    op.__module__ = "fusedopt.functional"
+    op.__doc__ = op_doc(spec)
+    op.__signature__ = op_signature(spec)
+    return op

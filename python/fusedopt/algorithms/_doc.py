@@ -1,0 +1,153 @@
+"""Docstrings and signatures of the front-ends, generated from the specs (numpydoc)."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+from .._precision import KEYWORDS as PRECISION_KEYWORDS
+from ._spec import REQUIRED
+
+_P = inspect.Parameter
+
+
+def _default(value):
+    return "required" if value is REQUIRED else f"default {value!r}"
+
+
+def _entry(name, annotation, text, default=REQUIRED):
+    head = f"{name} : {annotation}"
+    if default is not REQUIRED:
+        head += f", {_default(default)}"
+    return head + "\n" + textwrap.indent(textwrap.fill(text, 80), "    ")
+
+
+def _math(spec):
+    return textwrap.dedent(spec.math).strip()
+
+
+def _states(spec):
+    lines = []
+    for name in spec.scalars:
+        lines.append(f"- ``{name}``: " + ("the step count." if name == "step" else
+                                          "a per-param scalar."))
+    lines += [f"- ``{s.name}``: {s.doc}" for s in spec.states]
+    return "\n".join(lines) if lines else "None."
+
+
+def class_signature(spec, torch=False):
+    """The constructor's signature: ``(self, params, <options>, *, precision)`` for the
+    NumPy classes, torch's exact one for `fusedopt.torch`."""
+    params = [_P("self", _P.POSITIONAL_OR_KEYWORD),
+              _P("params", _P.POSITIONAL_OR_KEYWORD, annotation="Iterable")]
+    kw_only = False
+    for o in spec.options:
+        if o.torch_only and not torch:
+            continue
+        kw_only = kw_only or o.kw_only
+        kind = _P.KEYWORD_ONLY if kw_only else _P.POSITIONAL_OR_KEYWORD
+        default = _P.empty if o.default is REQUIRED else o.default
+        params.append(_P(o.name, kind, default=default, annotation=o.annotation))
+    if torch:
+        params.append(_P("flat", _P.KEYWORD_ONLY, default=False, annotation="bool"))
+    else:
+        params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
+                         annotation="Precision | None"))
+    return inspect.Signature(params, return_annotation=None)
+
+
+def class_doc(spec, torch=False):
+    """The class docstring."""
+    lines = [spec.summary, "", _math(spec), "", "Parameters", "----------"]
+    if torch:
+        lines.append(_entry("params", "iterable of torch.Tensor or dict",
+                            "The parameters (or named parameters), or param groups: dicts "
+                            "with ``params`` and any of the options below."))
+    else:
+        lines.append(_entry("params", "list of arrays or list of dict",
+                            "The arrays updated in place (NumPy, CuPy, PyTorch tensors, or any "
+                            "DLPack or array-interface producer), or param groups: dicts with "
+                            "``params`` and any of the options below."))
+    for o in spec.options:
+        if o.torch_only and not torch:
+            continue
+        lines.append(_entry(o.name, o.annotation, o.doc, o.default))
+    if torch:
+        lines.append(_entry("flat", "bool", "Move each group's params (per device and dtype) "
+                            "into one contiguous buffer, their gradients and states into "
+                            "others, so that a step is one kernel call with no per-tensor "
+                            "work; the params stay the same objects, their .data views of the "
+                            "buffer. zero_grad then zeroes the gradient buffer and keeps the "
+                            "views (see the docs: fusedopt.torch, flat buffers).", False))
+    else:
+        lines.append(_entry("precision", "Precision or None",
+                            "The mixed-precision policy (`fusedopt.Precision`): state dtype, "
+                            "master weights or Kahan buffers, stochastic rounding.", None))
+    lines += ["", "Notes", "-----",
+              "State per param, under torch.optim's names:", "", _states(spec), "",
+              "``learning_rate=`` is accepted as an alias of ``lr``."]
+    if torch:
+        lines += ["", f"A drop-in for ``torch.optim.{spec.title}``: the same arguments, "
+                  "defaults, validation, param groups and state dicts (which load into "
+                  "torch.optim and back); the step runs fusedopt's fused kernels."]
+    lines += ["", "Examples", "--------"]
+    if torch:
+        lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
+                  ">>> model = torch.nn.Linear(4, 2)",
+                  f">>> opt = {spec.title}(model.parameters(), {spec.example})",
+                  ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
+                  ">>> opt.zero_grad()"]
+    else:
+        lines += [">>> import numpy as np", ">>> import fusedopt as fo",
+                  ">>> params = [np.ones((4, 2), np.float32), np.zeros(2, np.float32)]",
+                  f">>> opt = fo.{spec.title}(params, {spec.example})",
+                  ">>> grads = [np.full((4, 2), 0.5, np.float32), np.ones(2, np.float32)]",
+                  ">>> opt.step(grads)  # the params change in place"]
+    return "\n".join(lines) + "\n"
+
+
+def op_signature(spec):
+    """``(params, grads, <state lists>, *, <op keywords>, stream, <precision keywords>)``."""
+    params = [_P("params", _P.POSITIONAL_OR_KEYWORD, annotation="list"),
+              _P("grads", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    for s in spec.states:
+        default = None if s.optional else _P.empty
+        params.append(_P(s.arg, _P.POSITIONAL_OR_KEYWORD, default=default,
+                         annotation="list | None" if s.optional else "list"))
+    for o in spec.op_keywords:
+        default = _P.empty if o.default is REQUIRED else o.default
+        params.append(_P(o.name, _P.KEYWORD_ONLY, default=default, annotation=o.annotation))
+    params.append(_P("stream", _P.KEYWORD_ONLY, default=None, annotation="object | None"))
+    for name, default, annotation, _ in PRECISION_KEYWORDS:
+        params.append(_P(name, _P.KEYWORD_ONLY, default=default, annotation=annotation))
+    return inspect.Signature(params, return_annotation="StepInfo | DeviceStepInfo | None")
+
+
+def op_doc(spec):
+    """The functional op's docstring."""
+    lines = [f"In-place {spec.title} step over lists of arrays, one fused kernel call per "
+             "(device, dtype).", "", spec.summary, "", _math(spec), "",
+             "Parameters", "----------",
+             _entry("params", "list of arrays", "Updated in place."),
+             _entry("grads", "list of arrays", "Aligned with `params`; only read (gradients "
+                    "that are not C-contiguous are read through a copy).")]
+    for s in spec.states:
+        text = s.doc + " Updated in place."
+        lines.append(_entry(s.arg, "list of arrays" + (", optional" if s.optional else ""),
+                            text + (" Required when the options use it." if s.optional
+                                    else "")))
+    for o in spec.op_keywords:
+        lines.append(_entry(o.name, o.annotation, o.doc, o.default))
+    lines.append(_entry("stream", "CUDA stream or int or None",
+                        "GPU arrays: the stream the kernels run on (default: the current "
+                        "stream of the params' producer).", None))
+    for name, default, annotation, text in PRECISION_KEYWORDS:
+        lines.append(_entry(name, annotation, text, default))
+    lines += ["", "Returns", "-------", "StepInfo or DeviceStepInfo or None",
+              "    With `max_grad_norm` or `skip_nonfinite`, what the gradient check found "
+              "(a DeviceStepInfo on a GPU, read lazily); otherwise None.", "",
+              "Notes", "-----",
+              "Every array is validated before any is written: a bad input raises "
+              "(ValueError or TypeError) and changes nothing. The state lists are, in "
+              "torch.optim's names:", "", _states(spec)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,292 @@
+"""What an algorithm spec is: its options, state buffers, validation, and how a set of
+hyperparameters fills the kernel's Hyper by field name.
+
+A spec is a small subclass of `Spec` (one per algorithm, in the modules of this
+package). The optimizer classes, `fusedopt.torch`, the batched optimizers, the
+functional ops, the tests' case table and the benchmarks all derive from it; nothing
+else knows an algorithm's defaults, state names or Hyper layout.
+
+Two sets of names meet here. A *group* is a param group of the classes, in torch's
+names (``betas``, ``momentum``, ...). The *op keywords* are the functional op's
+(``beta1``, ``beta2``, ``step``, ...), which are also what `active`, `kernel` and
+`hyper` read; `to_op` turns a group into op keywords.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import _cpu
+
+
+class _Required:
+    """The default of an argument that must be given."""
+
+    def __repr__(self):
+        return "<required>"
+
+    def __reduce__(self):
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One constructor argument (or functional op keyword) of an algorithm.
+
+    ``kw_only`` marks the arguments after torch's ``*``; ``torch_only`` the flags that
+    only `fusedopt.torch` takes (``foreach``, ``fused``, ``capturable``,
+    ``differentiable``), which are kept in its param groups so that state dicts load
+    into torch.optim.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    annotation: str = "float"
+    kw_only: bool = False
+    torch_only: bool = False
+
+
+@dataclass(frozen=True)
+class State:
+    """One state buffer: torch's state name, the functional op's argument (a list),
+    whether its values are never negative (sums and averages of squares), whether the
+    op's argument may be left out (only some options use the buffer)."""
+
+    name: str
+    arg: str
+    doc: str
+    positive: bool = False
+    optional: bool = False
+
+
+def torch_flag(name, kw_only=True):
+    """One of torch.optim's execution flags, accepted and kept by fusedopt.torch."""
+    docs = {
+        "foreach": "Accepted for torch.optim compatibility and kept in the param groups; "
+                   "every step is fused.",
+        "fused": "Accepted for torch.optim compatibility and kept in the param groups; "
+                 "every step is fused.",
+        "capturable": "Must be False (CUDA graph capture is not supported).",
+        "differentiable": "Must be False (steps are not differentiable).",
+    }
+    default = None if name in ("foreach", "fused") else False
+    return Option(name, default, docs[name], "bool | None" if default is None else "bool",
+                  kw_only=kw_only, torch_only=True)
+
+
+# --- validation with torch.optim's messages --------------------------------------------------
+
+
+_PLAIN = (float, int, bool)
+
+
+def number(value):
+    """A hyperparameter as a Python number (torch.optim accepts 1-element tensors)."""
+    if type(value) in _PLAIN or isinstance(value, numbers.Real):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError):  # more than one element: left for the checks
+            return value
+    return value
+
+
+def check(cond, message):
+    """ValueError(message) unless `cond`."""
+    if not cond:
+        raise ValueError(message)
+
+
+def check_number(name, value, low=None, high=None, *, high_open=False):
+    """torch.optim's range checks: ``Invalid <name>: <value>``."""
+    value = number(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} is not a number")
+    if low is not None and not value >= low:
+        raise ValueError(f"Invalid {name}: {value}")
+    if high is not None and not (value < high if high_open else value <= high):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def check_betas(betas, count=2):
+    """Each beta in [0, 1), torch's messages."""
+    check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"beta parameter at index {i}", beta, 0.0, 1.0, high_open=True)
+
+
+# --- the Hyper, by field name ------------------------------------------------------------------
+
+_FIELDS: dict = {}
+
+
+def hyper_fields(kernel):
+    """(fields the host fills, fields the rule fills per step) of a kernel's Hyper."""
+    fields = _FIELDS.get(kernel)
+    if fields is None:
+        fields = _FIELDS[kernel] = _cpu.hyper_fields(kernel)
+    return fields
+
+
+def pack(kernel, values):
+    """The kernel's hyperparameter array from a dict of its host fields, by name.
+    Every host field must be given and no other; the per-step fields are left 0 for
+    the rule's at_step to fill."""
+    host, per_step = hyper_fields(kernel)
+    if len(values) != len(host) or not all(map(values.__contains__, host)):
+        missing = [f for f in host if f not in values]
+        unknown = [f for f in values if f not in host]
+        raise KeyError(f"{kernel}: the Hyper's fields are {list(host)}; missing {missing}, "
+                       f"unknown {unknown}")
+    out = np.zeros(len(host) + len(per_step), dtype=np.float64)
+    out[:len(host)] = [float(values[f]) for f in host]
+    return out
+
+
+# --- the spec ------------------------------------------------------------------------------------
+
+
+class Spec:
+    """An algorithm: everything the front-ends need to know about it, once.
+
+    Subclasses set the class attributes and override the methods whose defaults do not
+    fit. `name` is the functional op's name without its trailing underscore and the
+    reference's name (``fusedopt.reference.<name>``); `title` the class name.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: the update equations (reStructuredText), shown in every front-end's docstring
+    math: ClassVar[str] = ""
+    #: constructor arguments after `params`, in torch's order
+    options: ClassVar[tuple] = ()
+    #: the functional op's keywords after the state lists, in order
+    op_keywords: ClassVar[tuple] = ()
+    #: every state buffer any option uses, in the kernel's slot order
+    states: ClassVar[tuple] = ()
+    #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
+    scalars: ClassVar[tuple] = ("step",)
+    #: extra entries of every param group that are not constructor arguments
+    group_extras: ClassVar[dict] = {}
+    #: state created at construction (torch's Adagrad), not at a param's first step
+    eager_state: ClassVar[bool] = False
+    #: the op keyword that says "the state buffers were created by this step", if any
+    fresh_keyword: ClassVar[str | None] = None
+    #: the spec whose class this one's class subclasses (torch's AdamW(Adam))
+    base: ClassVar[str | None] = None
+    #: options the batched optimizers take as one value for all members (they change
+    #: the kernel or the state buffers)
+    batch_shared: ClassVar[tuple] = ()
+    #: the step benchmark's rows of this algorithm: {row name: constructor options}
+    #: (default: one row, named after the algorithm, with the default options)
+    bench: ClassVar[dict | None] = None
+    #: the options shown in the docstring's example
+    example: ClassVar[str] = "lr=1e-3"
+
+    # --- derived names -------------------------------------------------------------------------
+
+    @property
+    def op_name(self):
+        return self.name + "_"
+
+    def defaults(self, torch=False):
+        """Constructor defaults (with the torch-only flags with ``torch=True``)."""
+        return {o.name: o.default for o in self.options if torch or not o.torch_only}
+
+    def group_defaults(self, torch=False):
+        """What a param group holds by default: the constructor defaults and the group
+        extras."""
+        return {**self.defaults(torch), **self.group_extras}
+
+    def state(self, name):
+        for s in self.states:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def arg_names(self, names):
+        """The functional op's argument names of these state buffers."""
+        return [self.state(n).arg for n in names]
+
+    # --- per algorithm ---------------------------------------------------------------------------
+
+    def validate(self, group):
+        """ValueError for invalid hyperparameters, with torch.optim's messages."""
+
+    def to_op(self, group):
+        """A param group's hyperparameters as the functional op's keywords (without the
+        scalars, which `advance` gives): those of the group's entries that the op takes
+        under the same name."""
+        names = self.__dict__.get("_op_names")
+        if names is None:
+            names = self._op_names = tuple(o.name for o in self.op_keywords
+                                           if o.name not in self.scalars)
+        return {name: number(group[name]) for name in names if name in group}
+
+    def active(self, kw):
+        """Names of the state buffers these op keywords use, in slot order."""
+        return tuple(s.name for s in self.states)
+
+    def kernel(self, kw):
+        """The kernel that runs these op keywords."""
+        return self.name
+
+    def hyper(self, kw):
+        """The kernel's Hyper host fields, by name, from the op keywords."""
+        raise NotImplementedError
+
+    def batch_kernel(self, kws, existing):
+        """(kernel, state names, op keywords per member) for the members of a batched
+        optimizer, whose op keywords are `kws`; `existing` names the state buffers made
+        by earlier steps. By default every member must run the same kernel."""
+        kernels = {self.kernel(kw) for kw in kws}
+        if len(kernels) > 1:
+            raise ValueError(f"{self.title}: the members need different kernels "
+                             f"({sorted(kernels)}); options that change the state buffers "
+                             "must be one value for all members")
+        return kernels.pop(), self.active(kws[0]), kws
+
+    def init_scalars(self, group):
+        """The scalars of a fresh state."""
+        return {name: 0.0 for name in self.scalars}
+
+    def init_value(self, name, group):
+        """The value a fresh state buffer is filled with."""
+        return 0.0
+
+    def advance(self, kw, scalars):
+        """(op keywords this step adds, the scalars after it) from a param's scalars
+        before the step. By default the scalars are the step count: the op receives the
+        count after this step if it takes `step`."""
+        if not self.scalars:
+            return {}, {}
+        step = scalars["step"] + 1.0
+        extra = {"step": int(step)} if self.takes_step else {}
+        return extra, {"step": step}
+
+    @property
+    def takes_step(self):
+        """Whether the functional op takes the step count."""
+        return any(o.name == "step" for o in self.op_keywords)
+
+    def check_op(self, kw):
+        """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
+        the functional ops leave those to the caller, as torch's functional API)."""
+        step = kw.get("step")
+        if step is not None and isinstance(step, numbers.Real) and not step >= 1:
+            raise ValueError(f"{self.op_name}: step must be >= 1 (the count after this "
+                             f"update), got {step}")
+
+    def __repr__(self):
+        return f"<spec {self.name}>"

@@ -1,0 +1,294 @@
+"""fusedopt.torch with flat=True: the params, gradients and states of a group live in
+flat buffers, and a step is one kernel call per (device, dtype). Bit for bit the same
+training as the default mode, whatever the user does to the gradients in between."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+fot = pytest.importorskip("fusedopt.torch")
+
+from cases import CASES  # noqa: E402
+
+from fusedopt import _backend  # noqa: E402
+
+STEPS = 50
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import fusedopt
+
+    before = torch.get_num_threads(), fusedopt.get_num_threads()
+    torch.set_num_threads(1)
+    fusedopt.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    fusedopt.set_num_threads(before[1])
+
+
+def make_model(dtype=torch.float64, seed=3):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 2)).to(dtype)
+
+
+def make_data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(32, 6, generator=g, dtype=dtype), torch.randn(32, 2, generator=g,
+                                                                       dtype=dtype)
+
+
+def train(model, opt, steps, data, zero=None):
+    x, y = data
+    losses = []
+    for _ in range(steps):
+        (zero or opt.zero_grad)()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def same_bits(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a.view(-1).view(torch.int64 if a.element_size() == 8 else torch.int32)
+                       if a.element_size() in (4, 8) else a, b.view(-1).view(
+                           torch.int64 if b.element_size() == 8 else torch.int32)
+                       if b.element_size() in (4, 8) else b), what
+
+
+def assert_same_training(m1, o1, m2, o2, what):
+    for i, (a, b) in enumerate(zip(m1.parameters(), m2.parameters())):
+        same_bits(a.detach(), b.detach(), f"{what}: param {i}")
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert sorted(s1["state"]) == sorted(s2["state"])
+    for k in s1["state"]:
+        assert sorted(s1["state"][k]) == sorted(s2["state"][k]), what
+        for name, v in s1["state"][k].items():
+            if isinstance(v, torch.Tensor):
+                same_bits(v, s2["state"][k][name], f"{what}: {name} of param {k}")
+            else:
+                assert v == s2["state"][k][name]
+    assert s1["param_groups"] == s2["param_groups"]
+
+
+def torch_cases():
+    seen = []
+    for c in CASES:
+        name = c.algo.cls.__name__
+        if hasattr(fot, name):
+            seen.append(pytest.param(name, dict(c.overrides), id=str(c)))
+    return seen
+
+
+@pytest.mark.parametrize("name, opts", torch_cases())
+def test_flat_equals_default_bit_for_bit(name, opts):
+    opts = {**opts, "lr": min(opts.get("lr", 1e-3), 1e-2)}  # a steady 50-step run
+    data = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = getattr(fot, name)(m1.parameters(), **opts)
+    o2 = getattr(fot, name)(m2.parameters(), **opts, flat=True)
+    l1 = train(m1, o1, STEPS, data)
+    l2 = train(m2, o2, STEPS, data)
+    assert l1 == l2
+    assert_same_training(m1, o1, m2, o2, name)
+
+
+def count_calls(monkeypatch):
+    calls = []
+    real = _backend._cpu
+
+    class Counting:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def step(self, kernel, dtype, ptrs, sizes, hyper, **kw):
+            calls.append(len(sizes))
+            return real.step(kernel, dtype, ptrs, sizes, hyper, **kw)
+
+    monkeypatch.setattr(_backend, "_cpu", Counting())
+    return calls
+
+
+def test_a_flat_step_is_one_call_over_one_tensor(monkeypatch):
+    model = make_model()
+    opt = fot.Adam(model.parameters(), lr=1e-2, flat=True)
+    data = make_data()
+    train(model, opt, 2, data)  # the first step makes the state
+    calls = count_calls(monkeypatch)
+    train(model, opt, 3, data)
+    assert calls == [1, 1, 1]
+
+
+def test_params_and_grads_are_views_of_the_buffers():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    opt = fot.AdamW(params, flat=True)
+    assert all(a is b for a, b in zip(params, model.parameters()))  # the same objects
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b) and p.is_leaf and p.requires_grad
+    bucket = opt._fo_buckets[0][0]
+    base = bucket.data.data_ptr()
+    ends = base + bucket.data.numel() * bucket.data.element_size()
+    assert all(base <= p.data_ptr() < ends for p in params)
+    train(model, opt, 2, make_data())
+    gbase = bucket.grad.data_ptr()
+    assert all(p.grad.data_ptr() - gbase == p.data_ptr() - base for p in params)
+    opt.zero_grad()  # set_to_none=True, yet the views stay, zeroed
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    state = opt.state[params[0]]["exp_avg"]
+    assert bucket.states["exp_avg"].data_ptr() <= state.data_ptr()
+
+
+def test_tied_weights_stay_tied():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(10, 4, dtype=torch.float64)
+            self.out = torch.nn.Linear(4, 10, bias=True, dtype=torch.float64)
+            self.out.weight = self.emb.weight  # weight tying
+
+        def forward(self, i):
+            return self.out(self.emb(i))
+
+    idx = torch.tensor([1, 2, 3, 4])
+    runs = []
+    for flat in (False, True):
+        m = Tied()
+        opt = fot.Adam(m.parameters(), lr=0.01, flat=flat)
+        for _ in range(10):
+            opt.zero_grad()
+            m(idx).pow(2).mean().backward()
+            opt.step()
+        assert m.out.weight is m.emb.weight
+        runs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*runs):
+        same_bits(a, b, "tied")
+
+
+@pytest.mark.parametrize("how", ["assign", "none_then_fresh", "module_zero_grad", "skip_one"])
+def test_replaced_or_missing_gradients_are_used_correctly(how):
+    data = make_data()
+    runs = []
+    for flat in (False, True):
+        model = make_model()
+        opt = fot.Adam(model.parameters(), lr=0.01, flat=flat)
+        x, y = data
+        for t in range(12):
+            if how == "module_zero_grad":
+                model.zero_grad()  # sets None: backward makes fresh gradient tensors
+            else:
+                opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            if how == "assign" and t % 3 == 1:
+                w = model[0].weight
+                w.grad = w.grad.clone() * 0.5  # a new tensor in place of the view
+            if how == "none_then_fresh" and t % 4 == 2:
+                model[2].bias.grad = None  # this param skips the step
+            if how == "skip_one" and t >= 6:
+                model[0].bias.grad = None
+            opt.step()
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert_same_training(m1, o1, m2, o2, how)
+
+
+def test_params_without_grad_are_skipped_like_torch():
+    data = make_data()
+    runs = []
+    for flat in (False, True):
+        model = make_model()
+        opt = fot.Adam(model.parameters(), lr=0.01, flat=flat)
+        for t in range(10):
+            model[2].weight.requires_grad_(t % 2 == 0)
+            train(model, opt, 1, data)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert_same_training(m1, o1, m2, o2, "requires_grad toggled")
+
+
+def test_add_param_group_later():
+    data = make_data()
+    runs = []
+    for flat in (False, True):
+        model = make_model()
+        opt = fot.SGD(model[0].parameters(), lr=0.05, momentum=0.9, flat=flat)
+        train(model, opt, 5, data)
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.01})
+        train(model, opt, 10, data)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert_same_training(m1, o1, m2, o2, "added group")
+
+
+@pytest.mark.parametrize("name, opts", [("Adam", dict(lr=0.01, amsgrad=True)),
+                                        ("SGD", dict(lr=0.05, momentum=0.9)),
+                                        ("Adagrad", dict(lr=0.05))])
+def test_state_dict_into_torch_optim_and_back(name, opts):
+    data = make_data()
+    mf, mt = make_model(), make_model()
+    flat = getattr(fot, name)(mf.parameters(), **opts, flat=True)
+    ref = getattr(torch.optim, name)(mt.parameters(), **opts)
+    train(mf, flat, 10, data)
+    train(mt, ref, 10, data)
+    # flat -> torch.optim
+    m2 = make_model()
+    m2.load_state_dict(mf.state_dict())
+    t2 = getattr(torch.optim, name)(m2.parameters(), **opts)
+    t2.load_state_dict(copy.deepcopy(flat.state_dict()))
+    # torch.optim -> flat
+    m3 = make_model()
+    m3.load_state_dict(mt.state_dict())
+    f3 = getattr(fot, name)(m3.parameters(), **opts, flat=True)
+    f3.load_state_dict(copy.deepcopy(ref.state_dict()))
+    bucket = f3._fo_buckets[0][0]
+    for position, p in enumerate(m3.parameters()):  # the loaded state is flat again
+        for key, v in f3.state[p].items():
+            if key != "step":
+                assert bucket.owns_state(key, position, v), key
+    for model, opt in ((mf, flat), (mt, ref), (m2, t2), (m3, f3)):
+        train(model, opt, 10, data)
+    for a, b in zip(mf.parameters(), m2.parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-9)
+    for a, b in zip(mt.parameters(), m3.parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-9)
+
+
+def test_model_moved_after_construction_is_refused():
+    model = make_model(torch.float32)
+    opt = fot.Adam(model.parameters(), flat=True)
+    train(model, opt, 1, make_data(torch.float32))
+    model.to(torch.float64)
+    x, y = make_data(torch.float64)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no longer lives in the optimizer's flat buffer"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_params_sharing_memory_are_refused():
+    base = torch.zeros(10, dtype=torch.float64)
+    a = torch.nn.Parameter(base[:6])
+    b = torch.nn.Parameter(base[4:])
+    with pytest.raises(ValueError, match="share memory"):
+        fot.SGD([a, b], lr=0.1, flat=True)
+
+
+def test_deepcopy_steps_per_tensor():
+    model = make_model()
+    opt = fot.Adam(model.parameters(), lr=0.01, flat=True)
+    train(model, opt, 3, make_data())
+    clone = copy.deepcopy(opt)
+    assert not clone._fo_flat
+    assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
