@@ -164,6 +164,31 @@ def test_momentum_switched_on_later_starts_fresh_buffers(rng):
     _assert_members_equal(stacked, refs)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_rmsprop_members_with_and_without_momentum_match_separate_optimizers(rng, centered):
+    """Members without momentum run RMSprop's plain kernel, as a single optimizer does
+    (the momentum kernel with momentum 0 rounds lr * (g / d), the plain one
+    (lr * g) / d), also after a member's momentum is switched off."""
+    hyper = dict(lr=[0.05, 0.01, 0.2], momentum=[0.0, 0.9, 0.0], alpha=[0.5, 0.9, 0.99],
+                 centered=centered)
+
+    def single(ps, g):
+        return fo.RMSprop(ps, lr=g["lr"], momentum=g["momentum"], alpha=g["alpha"],
+                          centered=g["centered"], eps=g["eps"])
+
+    opt, stacked, singles, refs = _run_both(rng, lambda p: batched.BatchedRMSprop(p, **hyper),
+                                            single, 3, dtype=np.float32)
+    _assert_members_equal(stacked, singles)
+    opt.param_groups[1]["momentum"] = 0.0
+    refs[1].param_groups[0]["momentum"] = 0.0
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in stacked]
+        opt.step(grads)
+        for k, ref in enumerate(refs):
+            ref.step([g[k] for g in grads])
+    _assert_members_equal(stacked, singles)
+
+
 def test_per_member_l1_is_a_proximal_step(rng):
     init = _init(rng)
     stacked = batched.stack(init, 3)

@@ -210,21 +210,33 @@ class _Batched:
         fresh = bool(created)
         states = {**{n: self.state[n] for n in names if n in self.state}, **created}
         before = self._scalars()
+        kernels = kernel if isinstance(kernel, tuple) else (kernel,) * self.members
         rows, after = [], []
         for k, kw in enumerate(kws):
             extra, new = spec.advance(kw, before[k])
             kw = {**kw, **extra}
             if spec.fresh_keyword is not None:
                 kw[spec.fresh_keyword] = fresh
-            rows.append(pack(kernel, spec.hyper(kw)))
+            rows.append(pack(kernels[k], spec.hyper(kw)))
             after.append(new)
         step = int(self.state.get("step", 0)) + 1
         flat_p = self._member_major(("params", active), self.params, active)
         flat_g = self._member_major(None, grads, active)
         flat_s = [self._member_major((name, active) if name not in created else None,
                                      states[name], active) for name in names]
-        kw = {**kws[0], "step": step}  # the shared step count (the rules' at_step)
-        plans = self._plans(kernel, kw, names, flat_p, flat_g, flat_s, rows, len(active))
+        m = len(active)
+        plans = []
+        for kern in dict.fromkeys(kernels):  # one kernel, or the members of each
+            mine = [k for k in range(self.members) if kernels[k] == kern]
+            kw = {**kws[mine[0]], "step": step}  # the shared step count (at_step)
+            if len(mine) == self.members:
+                plans += self._plans(kern, kw, names, flat_p, flat_g, flat_s, rows, m)
+                continue
+            used = spec.active(kws[mine[0]])
+            pick = lambda arrays: [a for k in mine for a in arrays[k * m:(k + 1) * m]]  # noqa: E731
+            plans += self._plans(kern, kw, used, pick(flat_p), pick(flat_g),
+                                 [pick(flat_s[names.index(n)]) for n in used],
+                                 [rows[k] for k in mine], m)
         # every member validated: create the state, run, then count the step
         self.state.update(created)
         for plan in plans:

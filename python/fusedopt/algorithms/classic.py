@@ -202,13 +202,14 @@ class Rmsprop(Spec):
     batch_shared = ("centered",)
 
     def batch_kernel(self, kws, existing):
-        # members without momentum run in the momentum kernel exactly as without it
-        # (b = 0 b + g / d, p -= lr b)
-        if any(kw["momentum"] > 0 for kw in kws) or "momentum_buffer" in existing:
-            kws = [dict(kw, momentum=kw["momentum"]) for kw in kws]
-            probe = dict(kws[0], momentum=1.0)
-            return self.kernel(probe), self.active(probe), kws
-        return super().batch_kernel(kws, existing)
+        # Each member runs the kernel a single optimizer with its options runs. The
+        # momentum kernel cannot stand in for the plain one: it rounds lr * (g / d),
+        # the plain kernel (lr * g) / d, as torch.optim does.
+        kernels = tuple(self.kernel(kw) for kw in kws)
+        if len(set(kernels)) == 1:
+            return kernels[0], self.active(kws[0]), kws
+        probe = dict(kws[0], momentum=1.0)  # the state of the members with momentum
+        return kernels, self.active(probe), kws
 
     def hyper(self, kw):
         return dict(lr=kw["lr"], alpha=kw["alpha"], eps=kw["eps"],
