@@ -6,6 +6,7 @@ One optimizer stepped from two threads at once serializes its steps (a lock arou
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -175,6 +176,55 @@ def test_batched_optimizer_stepped_from_two_threads_serializes():
     assert opt.state["step"] == 2 * STEPS
     for i, (a, b) in enumerate(zip(params, serial_params)):
         assert_same_bits(a, b, f"params[{i}]")
+
+
+def _quadratic(rng, shapes, hessian):
+    """A closure maker for LBFGS and Newton: 0.5 * sum(a x^2) + b.x + 0.1 * sum(x^4)."""
+    a = [rng.uniform(0.5, 3.0, s) for s in shapes]
+    b = [rng.standard_normal(s) for s in shapes]
+
+    def closure_for(ps):
+        def closure():
+            time.sleep(1e-4)  # lets the other thread run, as a model's forward pass does
+            loss = sum(float(np.sum(0.5 * ai * p * p + bi * p + 0.1 * p ** 4))
+                       for ai, bi, p in zip(a, b, ps))
+            grads = [ai * p + bi + 0.4 * p ** 3 for ai, bi, p in zip(a, b, ps)]
+            if hessian:
+                diag = np.concatenate([(ai + 1.2 * p * p).ravel() for ai, p in zip(a, ps)])
+                return loss, grads, np.diag(diag)
+            return loss, grads
+        return closure
+    return closure_for
+
+
+@pytest.mark.parametrize("name", ["LBFGS", "Newton"])
+def test_second_order_optimizer_stepped_from_two_threads_serializes(name):
+    """LBFGS and Newton (closures, line searches, a history) stepped from two threads:
+    the steps of 2N serial calls, bit for bit, and their counters."""
+    rng = np.random.default_rng(11)
+    shapes = [(3000,), (40, 25)] if name == "LBFGS" else [(30,), (4, 5)]
+    values = random_arrays(shapes, np.float64, rng)
+    closure_for = _quadratic(rng, shapes, hessian=name == "Newton")
+    kwargs = dict(lr=0.5, max_iter=4, history_size=5, line_search_fn="strong_wolfe") \
+        if name == "LBFGS" else dict(lr=1.0, max_iter=3, damping=0.1)
+    cls = getattr(fusedopt, name)
+    serial_params = [v.copy() for v in values]
+    serial = cls(serial_params, **kwargs)
+    for _ in range(2 * STEPS):
+        serial.step(closure_for(serial_params))
+    params = [v.copy() for v in values]
+    opt = cls(params, **kwargs)
+    closure = closure_for(params)
+
+    def stepper():
+        for _ in range(STEPS):
+            opt.step(closure)
+
+    run_threads([stepper, stepper])
+    for i, (a, b) in enumerate(zip(params, serial_params)):
+        assert_same_bits(a, b, f"{name}: params[{i}]")
+    for key in ("n_iter", "func_evals"):
+        assert opt.state[0][key] == serial.state[0][key], key
 
 
 @pytest.mark.parametrize("name, kwargs", [("Adam", dict(lr=0.01, amsgrad=True)),
