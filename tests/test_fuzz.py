@@ -19,7 +19,12 @@ and hyperparameters) exactly as it was.
 
 Algorithms come from the case table, so a new row there is fuzzed too: its options get
 the domains below when their names are known here, booleans get both values, other
-options keep their defaults (add a domain to fuzz them).
+options keep their defaults (add a domain to fuzz them). The refused constructor
+options include the case table's rows (`cases.INVALID`). Every front-end generated from
+the algorithms' specs is fuzzed: the functional ops and the NumPy classes against the
+reference (a class's later steps run on its kept plan, the gradients swapped in), the
+batched optimizers and fusedopt.torch (default and flat=True) bit for bit against the
+NumPy classes.
 
 Sizes: the "ci" hypothesis profile (the default, see conftest.py) runs a few hundred
 examples, derandomized (the same ones on every run); FUSEDOPT_HYPOTHESIS_PROFILE=long
@@ -37,7 +42,14 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import fusedopt
-from cases import ALGORITHMS, Case
+from cases import ALGORITHMS, INVALID as INVALID_ROWS, NONNEGATIVE_STATES, Case
+from fusedopt import batched
+
+try:
+    import torch
+    import fusedopt.torch as fot
+except ImportError:  # the torch front-end's test skips
+    torch = fot = None
 
 F16 = np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -89,11 +101,15 @@ INVALID = {  # what torch.optim refuses, and so do the classes
 }
 
 
-def draw_options(data, algo, functional):
-    """Valid options for `algo`: domains by name, booleans both ways, else the default."""
+def draw_options(data, algo, functional, fixed=None):
+    """Valid options for `algo`: domains by name, booleans both ways, else the default;
+    the options in `fixed` take the values given there."""
+    fixed = fixed or {}
     options = {}
     for name, default in algo.defaults.items():
-        if name in VALID:
+        if name in fixed:
+            value = fixed[name]
+        elif name in VALID:
             value = data.draw(VALID[name], label=name)
             if name == "lr" and functional:
                 value = data.draw(st.sampled_from([value, -value]), label="lr sign")
@@ -130,16 +146,13 @@ def state_dtype_of(param_dtype, sixteen_state):
     return sixteen_state if param_dtype.itemsize == 2 else param_dtype
 
 
-# State buffers that hold sums or averages of squares, never negative.
-SQUARES = {"sum", "square_avg", "acc_delta", "exp_avg_sq", "max_exp_avg_sq"}
-
-
 def random_states(names, params64, rng):
-    """Valid state buffers: non-negative sums of squares; for centered RMSprop a
+    """Valid state buffers: non-negative sums of squares (the specs' positive states,
+    `cases.NONNEGATIVE_STATES`); for centered RMSprop a
     grad_avg with grad_avg^2 well below square_avg, as the algorithm keeps them."""
     states = {}
     for name in names:
-        states[name] = [rng.uniform(0.05, 1.0, p.shape) if name in SQUARES else
+        states[name] = [rng.uniform(0.05, 1.0, p.shape) if name in NONNEGATIVE_STATES else
                         0.5 * rng.standard_normal(p.shape) for p in params64]
     if "grad_avg" in states and "square_avg" in states:
         states["grad_avg"] = [np.sqrt(v) * rng.uniform(-0.7, 0.7, v.shape)
@@ -471,7 +484,11 @@ def test_optimizer_classes(data):
     options = draw_options(data, algo, functional=False)
     valid = Case(algo, dict(options))  # the arrays are drawn for valid options
     bad_option = None
-    if data.draw(st.integers(0, 4), label="bad option") == 0:
+    rows = [kw for name, kw in INVALID_ROWS if name == algo.cls.__name__]
+    if rows and data.draw(st.integers(0, 9), label="bad option from the table") == 0:
+        row = data.draw(st.sampled_from(rows), label="table row")
+        options, bad_option = {**algo.defaults, **row}, f"table row {row}"
+    elif data.draw(st.integers(0, 4), label="bad option") == 0:
         known = [k for k in options if k in INVALID]
         if "nesterov" in options:
             known.append("nesterov")
@@ -487,6 +504,12 @@ def test_optimizer_classes(data):
     case = Case(algo, options)
     d = Draw(data, valid, n_max=4)
     params = d.params
+    if len(params) >= 2 and len({p.dtype for p in params}) == 1 and \
+            data.draw(st.booleans(), label="views of one buffer"):
+        packed = fusedopt.flat_arrays([p.shape for p in params], params[0].dtype)
+        for view, p in zip(packed.views, params):
+            view[...] = p
+        params = d.params = list(packed.views)  # adjacent, never overlapping
     state16 = data.draw(st.sampled_from([None, BF16]), label="state dtype of 16-bit params")
     precision = fusedopt.Precision(state_dtype=state16)
     two_groups = len(params) >= 2 and data.draw(st.booleans(), label="two groups")
@@ -603,3 +626,177 @@ def test_optimizer_classes(data):
                          f"{c} step {step} param {k} {p.dtype} {p.shape}")
             if algo.has_step:
                 assert opt.state[k]["step"] == float(counts[k])
+
+
+# --- batched optimizers --------------------------------------------------------------------
+
+
+def assert_same_values(actual, expected, what):
+    """The same bits, except that a NaN equals any NaN: IEEE 754 leaves the sign and
+    payload of a NaN result unspecified, and the compiled kernels may give either sign
+    (e.g. plain SGD with maximize negates a NaN gradient in one loop of the kernel and
+    not in the other, and which loop takes an element depends on the array's address)."""
+    a, b = np.asarray(actual), np.asarray(expected)
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} vs " \
+        f"{b.dtype}{b.shape}"
+    both = np.isnan(a) & np.isnan(b)
+    if both.any():
+        a, b = np.where(both, 0, a), np.where(both, 0, b)
+    assert a.tobytes() == b.tobytes(), f"{what}: {actual!r} vs {expected!r}"
+
+
+def random_grad(data, rng, shape, dtype, what):
+    """A gradient of `shape`, with inf or NaN at times."""
+    g = np.asarray(rng.standard_normal(shape), dtype=dtype)
+    if g.size and data.draw(st.integers(0, 5), label=f"{what} special") == 0:
+        g.reshape(-1)[0] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return g
+
+
+@given(st.data())
+def test_batched_optimizers(data):
+    """Every algorithm's batched optimizer (`fusedopt.batched.OPTIMIZERS`, from the
+    specs): K members with hyperparameters of their own take, bit for bit, the steps of
+    K separate optimizers of the class; a None gradient leaves its param alone for
+    every member; bad gradients raise and change nothing."""
+    algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
+    cls = batched.OPTIMIZERS[algo.name]
+    k = data.draw(st.integers(1, 3), label="members")
+    first = draw_options(data, algo, functional=False)
+    # booleans, and what the spec makes one value for all members, are shared
+    shared = {n: v for n, v in first.items() if isinstance(v, bool) or
+              n in cls.spec.batch_shared}
+    members = [first] + [draw_options(data, algo, functional=False, fixed=shared)
+                         for _ in range(k - 1)]
+    kwargs = {n: (v if n in shared else [m[n] for m in members]) for n, v in first.items()}
+    dtype = data.draw(st.sampled_from([F32, F64]), label="dtype")
+    n = data.draw(st.integers(1, 3), label="params")
+    shapes = [data.draw(st.sampled_from(SHAPES), label="shape") for _ in range(n)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    stacked = [np.asarray(rng.standard_normal((k, *s)), dtype=dtype) for s in shapes]
+    note(f"{cls.__name__}({kwargs}), shapes {shapes}, {dtype}")
+    singles = [[np.array(p[m], copy=True) for p in stacked] for m in range(k)]
+    opt = cls(stacked, **kwargs)
+    refs = [algo.cls(ps, **members[m]) for m, ps in enumerate(singles)]
+    steps = data.draw(st.integers(1, 3), label="steps")
+    for t in range(steps):
+        grads = [random_grad(data, rng, p.shape, dtype, f"grads[{j}]")
+                 for j, p in enumerate(stacked)]
+        for j, g in enumerate(grads):
+            if g.ndim and data.draw(st.integers(0, 4), label="strided") == 0:
+                grads[j] = strided(g)
+        if t == steps - 1:  # the step count is the optimizer's: None only at the end
+            grads = [None if data.draw(st.integers(0, 3), label="no grad") == 0 else g
+                     for g in grads]
+        what = data.draw(st.sampled_from(["none"] * 6 + ["shape", "dtype", "count", "list"]),
+                         label="spoil")
+        live = [j for j, g in enumerate(grads) if g is not None]
+        if what != "none" and live:
+            bad = list(grads)
+            j = data.draw(st.sampled_from(live), label="spoiled index")
+            error = ValueError
+            if what == "shape":
+                bad[j] = np.zeros(grads[j].shape + (2,), dtype)
+            elif what == "dtype":
+                bad[j] = np.zeros(grads[j].shape, data.draw(
+                    st.sampled_from([t for t in ACCEPTED + REFUSED if t != dtype])))
+                error = TypeError
+            elif what == "count":
+                bad = bad[:-1]
+            else:
+                bad, error = {"grads": bad}, TypeError  # not a list
+            before_sd = state_dict_bytes(opt)
+            snap = snapshot(stacked)
+            with pytest.raises(error) as info:
+                opt.step(bad)
+            assert str(info.value)
+            assert_unchanged(snap, f"a refused step ({what})")
+            assert state_dict_bytes(opt) == before_sd
+        stepped = snapshot(stacked)
+        opt.step(grads)
+        for m, ref in enumerate(refs):
+            ref.step([None if g is None else np.array(g[m]) for g in grads])
+        for j, p in enumerate(stacked):
+            if grads[j] is None:
+                assert p.tobytes() == stepped[j][1], f"params[{j}] moved without a gradient"
+            for m in range(k):
+                assert_same_values(p[m], singles[m][j], f"step {t}: params[{j}] of member {m}")
+
+
+# --- fusedopt.torch ------------------------------------------------------------------------
+
+
+def _torch_grad(data, p, g, what):
+    """Set p.grad to the values of `g` in one of the ways a training loop does."""
+    how = data.draw(st.sampled_from(["new", "new", "in place", "strided"]), label=what)
+    value = torch.from_numpy(np.array(g, copy=True))
+    if how == "in place" and p.grad is not None:
+        p.grad.copy_(value)
+    elif how == "strided":
+        base = torch.zeros(tuple(g.shape) + (2,), dtype=value.dtype)
+        base[..., 0] = value
+        p.grad = base[..., 0]  # not contiguous where it has more than one element
+    else:
+        p.grad = value
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@given(st.data())
+def test_torch_classes(data):
+    """fusedopt.torch's class of every algorithm (from the specs), default and flat=True,
+    one or two groups, gradients replaced, zeroed, updated in place, not contiguous or
+    None between steps, inf and NaN among them: bit for bit the NumPy class's params,
+    states and step counts (which test_optimizer_classes checks against the reference);
+    the case table's refused options raise ValueError in both."""
+    algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
+    name = algo.cls.__name__
+    tcls = getattr(fot, name)
+    flat = data.draw(st.booleans(), label="flat")
+    rows = [kw for cls_name, kw in INVALID_ROWS if cls_name == name]
+    if rows and data.draw(st.integers(0, 9), label="bad option") == 0:
+        row = data.draw(st.sampled_from(rows), label="table row")
+        p = torch.nn.Parameter(torch.zeros(3))
+        with pytest.raises(ValueError):
+            tcls([p], **row, flat=flat)
+        with pytest.raises(ValueError):
+            algo.cls([np.zeros(3, np.float32)], **row)
+        return
+    options = draw_options(data, algo, functional=False)
+    n = data.draw(st.integers(1, 4), label="params")
+    shapes = [data.draw(st.sampled_from(SHAPES), label="shape") for _ in range(n)]
+    dtypes = [data.draw(st.sampled_from([F32, F64]), label="dtype") for _ in range(n)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    arrays = [np.asarray(rng.standard_normal(s), dtype=d) for s, d in zip(shapes, dtypes)]
+    two = n >= 2 and data.draw(st.booleans(), label="two groups")
+    lr2 = data.draw(VALID["lr"], label="lr of group 2") if two else None
+    note(f"{name}({options}, flat={flat}), shapes {shapes}, dtypes {dtypes}, lr2 {lr2}")
+
+    def groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:], "lr": lr2}] if two else ps
+
+    tparams = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in arrays]
+    nparams = [a.copy() for a in arrays]
+    topt = tcls(groups(tparams), **options, flat=flat)
+    nopt = algo.cls(groups(nparams), **options)
+    for t in range(data.draw(st.integers(1, 3), label="steps")):
+        if data.draw(st.booleans(), label="zero_grad"):
+            topt.zero_grad(set_to_none=data.draw(st.booleans(), label="set_to_none"))
+        grads = [None if data.draw(st.integers(0, 5), label="no grad") == 0 else
+                 random_grad(data, rng, s, d, "grad") for s, d in zip(shapes, dtypes)]
+        for j, (p, g) in enumerate(zip(tparams, grads)):
+            if g is None:
+                p.grad = None
+            else:
+                _torch_grad(data, p, g, f"grads[{j}]")
+        topt.step()
+        nopt.step(grads)
+        for j, (tp, np_) in enumerate(zip(tparams, nparams)):
+            assert_same_values(tp.detach().numpy(), np_, f"step {t}: params[{j}]")
+            mine, theirs = topt.state.get(tp, {}), nopt.state.get(j, {})
+            for key, v in theirs.items():
+                w = mine[key]
+                if isinstance(v, np.ndarray) and v.shape == np_.shape:
+                    assert_same_values(w.detach().numpy(), v, f"step {t}: {key} of params[{j}]")
+                else:
+                    assert float(w) == float(v), f"step {t}: {key} of params[{j}]"
+            assert set(mine) == set(theirs), f"step {t}: state of params[{j}]"
