@@ -182,7 +182,11 @@ def test_newton_resumes_bit_for_bit(rng, tmp_path):
     (batched.BatchedAdam, dict(lr=[0.1, 0.01, 0.05], betas=[(0.9, 0.99), (0.8, 0.9), (0.5, 0.6)],
                                amsgrad=True)),
     (batched.BatchedAdamW, dict(lr=[0.1, 0.01, 0.05], weight_decay=[0.0, 0.1, 0.2], l1=0.01)),
-])
+] + [  # every algorithm's batched optimizer, with the fullest options of the case table
+    (batched.OPTIMIZERS[c.algo.name], dict(c.options, lr=[c.options["lr"] * f
+                                                          for f in (1.0, 0.5, 0.25)]))
+    for c in FULL_CASES
+], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batched_resumes_bit_for_bit(cls, kwargs, dtype, rng, tmp_path):
     params = batched.stack(random_arrays([(4,), (2, 3), ()], dtype, rng), 3)
