@@ -456,3 +456,54 @@ def test_a_state_dict_replaced_whole_is_used(name):
             opt.state[p] = copy.deepcopy(source_opt.state[q])
         runs.append(train(model, opt, 5, data))
     np.testing.assert_allclose(runs[1], runs[0], rtol=RTOL, atol=ATOL)
+
+
+def test_step_hooks_and_profiler_range_as_torchs():
+    """Step pre- and post-hooks (the optimizer's and the global ones) run in torch's order,
+    a pre-hook may replace the arguments, and a profiler sees the step's range under
+    torch's name."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    def run(module):
+        events = []
+        model = make_model()
+        opt = module.AdamW(model.parameters(), lr=0.01)
+        x, y = make_data()
+
+        def closure():
+            events.append("closure")
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        def pre(o, args, kwargs):
+            events.append(("pre", type(o).__name__, len(args), sorted(kwargs)))
+            return (o,), {"closure": closure}  # the step runs with the closure given here
+
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: events.append("global pre")),
+            register_optimizer_step_post_hook(lambda o, a, k: events.append("global post")),
+            opt.register_step_pre_hook(pre),
+            opt.register_step_post_hook(
+                lambda o, a, k: events.append(("post", sorted(k)))),
+        ]
+        try:
+            losses = [float(opt.step()) for _ in range(3)]
+        finally:
+            for h in handles:
+                h.remove()
+        losses.append(float(opt.step(closure)))  # hooks removed: the plain path
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+        names = {e.key for e in prof.key_averages()}
+        assert f"Optimizer.step#{type(opt).__name__}.step" in names
+        return events, losses, [p.detach().clone() for p in model.parameters()]
+
+    theirs, ours = run(torch.optim), run(fot)
+    assert ours[0] == theirs[0]
+    assert ours[0].count("closure") == 5 and ours[0][0] == "global pre"
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=RTOL, atol=ATOL)
+    for a, b in zip(ours[2], theirs[2]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=RTOL, atol=ATOL)

@@ -23,6 +23,9 @@ from .algorithms import REQUIRED, pack
 from .algorithms._doc import op_doc, op_signature
 
 
+_NUMBER = (int, float)
+
+
 class Plan:
     """A validated step, not yet run."""
 
@@ -90,7 +93,8 @@ class Plan:
         self.hyper = pack(kernel, spec.hyper(kw))
         self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
         step = kw.get("step", 1)
-        self.step = float(step) if isinstance(step, numbers.Real) else 1.0
+        self.step = float(step) if type(step) in _NUMBER or isinstance(step, numbers.Real) \
+            else 1.0
         return True
 
     def execute(self):

@@ -21,6 +21,11 @@ state dict, the set of states or a param's state dict (replaced whole, as
 ZeroRedundancyOptimizer.load_state_dict does) change; replacing a single tensor inside
 `opt.state[p]` by assignment is not seen until the next `load_state_dict`.
 
+Step hooks (`register_step_pre_hook`, `register_step_post_hook` and the global ones)
+run as torch.optim runs them; the profiler's ``Optimizer.step#<Class>.step`` range is
+recorded while a profiler runs (torch enters it on every step, which costs more than
+the whole step of a small model).
+
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
 load into torch.optim unchanged) but change nothing here: every step is fused.
 `capturable` and `differentiable` are not supported. Complex params are refused
@@ -29,13 +34,15 @@ load into torch.optim unchanged) but change nothing here: every step is fused.
 
 from __future__ import annotations
 
+import functools
 import threading
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from . import _engine, _flat, _foreign, _precision
 from .algorithms import SPECS
@@ -61,13 +68,54 @@ def _plain(value):
     return value
 
 
+def _hooked_step(func):
+    """`step` wrapped as torch.optim wraps it (the step pre- and post-hooks, global and
+    per optimizer, with torch's rules; `_optimizer_step_code` for the profiler), with the
+    profiler's `record_function` range only while a profiler runs: entered always, it
+    costs more than a whole step of a small model."""
+    pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
+    post_hooks = _torch_optimizer._global_optimizer_post_hooks
+    profiling = torch._C._autograd._profiler_enabled
+
+    def hooked(self, args, kwargs):
+        for pre_hook in chain(pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in chain(self._optimizer_step_post_hooks.values(), post_hooks.values()):
+            post_hook(self, args, kwargs)
+        return out
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        if profiling():
+            with torch.autograd.profiler.record_function(
+                    f"Optimizer.step#{type(self).__name__}.step"):
+                return hooked(self, args, kwargs)
+        if pre_hooks or self._optimizer_step_pre_hooks or \
+                self._optimizer_step_post_hooks or post_hooks:
+            return hooked(self, args, kwargs)
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    return wrapper
+
+
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
     param has no state yet), its per-param scalars, and the params' state dicts they
     came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts")
+                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts", "dtensor")
 
 
 class _Fused(Optimizer):
@@ -81,6 +129,7 @@ class _Fused(Optimizer):
         self._fo_flat = bool(flat)
         self._fo_buckets = {}  # group's index -> its flat buckets (flat=True)
         self._fo_where = {}  # id(param) -> (bucket, position) (flat=True)
+        self._fo_seen = None  # (keys, values) of `state` when the last step ended
         super().__init__(params, defaults)
         if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
             for group in self.param_groups:
@@ -89,16 +138,24 @@ class _Fused(Optimizer):
 
     # --- torch.optim.Optimizer ----------------------------------------------------------
 
+    def _patch_step_function(self):
+        """torch.optim's wrapping of `step` (hooks, profiler), made light (`_hooked_step`)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        cls = type(self)
+        if not getattr(cls.step, "hooked", None):
+            cls.step = _hooked_step(cls.step)
+            cls.step.hooked = True
+
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where"):
+        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         copied = not hasattr(self, "_fo_lock")  # a copy (deepcopy, pickle), not a load
         super().__setstate__(state)
-        self._fo_caches = {}
+        self._fo_caches, self._fo_seen = {}, None
         if copied:
             self._fo_lock = threading.Lock()
             # a copy steps its params one by one: the flat buffers, which the copied
@@ -172,8 +229,9 @@ class _Fused(Optimizer):
                 loss = closure()
         with self._fo_lock:
             plans, counted = [], []
+            same = self._state_unchanged()
             for gi, group in enumerate(self.param_groups):
-                self._plan_group(gi, group, plans, counted)
+                self._plan_group(gi, group, plans, counted, same)
             # every group validated: run, then count the step and install first buffers
             for plan in plans:
                 plan.run()
@@ -185,20 +243,30 @@ class _Fused(Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
+            self._fo_seen = (list(self.state), list(self.state.values()))
         return loss
+
+    def _state_unchanged(self):
+        """Whether `state` maps the same params to the same dicts as when the last step
+        ended (identities, read in order: no hashing of tensors); then the caches that
+        step validated need not look their params' dicts up again."""
+        seen = self._fo_seen
+        state = self.state
+        return (seen is not None and len(seen[0]) == len(state) and
+                all(map(is_, state, seen[0])) and all(map(is_, state.values(), seen[1])))
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, gi, group, plans, counted):
+    def _plan_group(self, gi, group, plans, counted, same=False):
         params = group["params"]
         if not params:
             return
         spec = self.spec
         kw = spec.to_op(group)
-        cache = self._cache(group, spec.active(kw))
+        cache = self._cache(group, spec.active(kw), same)
         grads = list(map(_GRAD, params))
         counted_params = params
-        if _foreign._dtensor_class() is not None:
+        if cache.dtensor:
             # DTensors (FSDP2) are stepped on their local shards, so that a kept plan is
             # checked against the shards' addresses
             params = _foreign.local_shards(params, torch, "step", "params")
@@ -277,7 +345,8 @@ class _Fused(Optimizer):
         owner = type(self).__name__
         for bucket in buckets:
             bucket.check_params(owner)
-            if not bucket.gather_grads([grads[i] for i in bucket.indices]):
+            mine = grads if len(buckets) == 1 else [grads[i] for i in bucket.indices]
+            if not bucket.gather_grads(mine):
                 return False
         spec = self.spec
         scalars = {name: float(v[0]) for name, v in cache.values.items()}
@@ -346,9 +415,9 @@ class _Fused(Optimizer):
             return torch.full_like(param, _plain(value), memory_format=torch.preserve_format)
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _cache(self, group, names=None):
+    def _cache(self, group, names=None, same=False):
         """The group's cache, rebuilt when it no longer matches the group, its state
-        `names`, or the state."""
+        `names`, or the state (`same`: the state's dicts are known unchanged)."""
         cache = self._fo_caches.get(id(group))
         params = group["params"]
         if names is None:
@@ -357,7 +426,7 @@ class _Fused(Optimizer):
                 cache.nstate != len(self.state) or cache.names != names or
                 len(cache.params) != len(params) or
                 not all(map(is_, cache.params, params)) or
-                not all(map(is_, cache.dicts, map(self.state.get, params)))):
+                (not same and not all(map(is_, cache.dicts, map(self.state.get, params))))):
             cache = self._fo_caches[id(group)] = self._build(group, names)
         return cache
 
@@ -392,6 +461,9 @@ class _Fused(Optimizer):
         cache.nstate = len(self.state)
         cache.steady = self._is_steady(cache)
         cache.flat = None  # whether the state is the flat buckets' (flat=True), when known
+        DTensor = _foreign._dtensor_class()
+        # DTensor params (FSDP2) are stepped on their local shards; their grads are DTensors
+        cache.dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in params)
         return cache
 
     def _adopt(self, group, cache, i, p, st):

@@ -281,7 +281,10 @@ class Spec:
     @property
     def takes_step(self):
         """Whether the functional op takes the step count."""
-        return any(o.name == "step" for o in self.op_keywords)
+        takes = self.__dict__.get("_takes_step")
+        if takes is None:
+            takes = self._takes_step = any(o.name == "step" for o in self.op_keywords)
+        return takes
 
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:
