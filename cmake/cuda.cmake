@@ -96,9 +96,11 @@ string(APPEND FO_CUDA_WHY "; nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures 
 # The update kernels are compiled in several objects from one source, one per
 # group of layouts (fo::cuda::is_built and kernels.h list what each holds), so
 # that a parallel build splits the work: params float32, float64, and float16 or
-# bfloat16 params with float32 or bfloat16 states. Each name is
+# bfloat16 params with float32 or bfloat16 states; float32, float16 and bfloat16
+# params with 8-bit states (code 4). Each name is
 # <suffix>:<param dtype code>:<state dtype code>.
-set(FO_CUDA_VARIANTS f32:0:0 f64:1:1 f16_f32:2:0 f16_bf16:2:3 bf16_f32:3:0 bf16_bf16:3:3)
+set(FO_CUDA_VARIANTS f32:0:0 f64:1:1 f16_f32:2:0 f16_bf16:2:3 bf16_f32:3:0 bf16_bf16:3:3
+    f32_q8:0:4 f16_q8:2:4 bf16_q8:3:4)
 
 # --fmad=false: nvcc otherwise contracts a*b+c into one fused multiply-add, which
 # rounds once instead of twice. The CPU kernels are built with -ffp-contract=off

@@ -16,6 +16,9 @@
 #include "cpu/kernels.h"
 #include "tables.h"
 
+static_assert(fo::tables::kInt8Block == int(fo::DType::Int8Block),
+              "tables.h and layouts.h disagree on the code of 8-bit state");
+
 namespace py = pybind11;
 
 namespace {
@@ -24,6 +27,8 @@ using fo::cpu::Table;
 using Launch = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&, const double*,
                         std::int64_t, const fo::Mode&, int);
 using Dot = double (*)(fo::DType, const Table&, int);
+using Quantize = void (*)(bool, const float*, std::int64_t, fo::q8*, float*, int);
+using Dequantize = void (*)(bool, const fo::q8*, const float*, std::int64_t, float*, int);
 
 int g_num_threads = 0;  // 0: OpenMP's default
 
@@ -33,6 +38,8 @@ std::string g_isa;
 Launch g_launch = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
+Quantize g_quantize = nullptr;
+Dequantize g_dequantize = nullptr;
 
 // The instruction sets this build compiled the kernels for (all three unless a
 // development build narrowed FUSEDOPT_ISAS).
@@ -68,17 +75,20 @@ void select_isa(const std::string& want) {
   if (isa == "avx512") {
 #if defined(FO_HAVE_ISA_AVX512)
     g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
-    g_vector_bits = c::isa_avx512::vector_bits;
+    g_vector_bits = c::isa_avx512::vector_bits, g_quantize = c::isa_avx512::quantize,
+    g_dequantize = c::isa_avx512::dequantize;
 #endif
   } else if (isa == "avx2") {
 #if defined(FO_HAVE_ISA_AVX2)
     g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
-    g_vector_bits = c::isa_avx2::vector_bits;
+    g_vector_bits = c::isa_avx2::vector_bits, g_quantize = c::isa_avx2::quantize,
+    g_dequantize = c::isa_avx2::dequantize;
 #endif
   } else if (isa == "base") {
 #if defined(FO_HAVE_ISA_BASE)
     g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
-    g_vector_bits = c::isa_base::vector_bits;
+    g_vector_bits = c::isa_base::vector_bits, g_quantize = c::isa_base::quantize,
+    g_dequantize = c::isa_base::dequantize;
 #endif
   } else {
     throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
@@ -95,7 +105,8 @@ int num_states(const std::string& kernel) {
 
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper, int state_dtype,
-          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1) {
+          int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1,
+          std::uint32_t unsigned_states) {
   if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
       !(hyper.flags() & py::array::c_style))
     throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
@@ -103,14 +114,16 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   if (n == 0) return;
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  // 8-bit state: a scale array per state after the other slots
+  const bool int8 = state_dtype == int(fo::DType::Int8Block);
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0) + (int8 ? ns : 0);
   if (ptrs.size() != nslots * n)
     throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
                                 " entries, expected " + std::to_string(nslots) + " slots x " +
                                 std::to_string(n) + " tensors");
   Table t{ptrs.data(), sizes.data(), n};
   const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
-  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1, unsigned_states};
   const double* h = hyper.data();
   const std::int64_t nh = hyper.size();
   const int nt = num_threads();
@@ -147,6 +160,55 @@ double sumsq(int dtype, py::array_t<std::uint64_t, 0> ptrs, py::array_t<std::int
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   return g_sumsq(fo::DType(dtype), t, nt);
+}
+
+// Blockwise 8-bit codes and scales of a float32 array (quant8.h), with the kernels of the
+// selected instruction set: (uint8 codes of x's shape, float32 scales, one per block).
+py::tuple quantize_blockwise(py::array_t<float, py::array::c_style> x,
+                             bool is_signed) {
+  const std::int64_t n = x.size();
+  py::array_t<std::uint8_t> codes(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  py::array_t<float> scales(fo::quant_blocks(n));
+  const int nt = num_threads();
+  {
+    py::gil_scoped_release nogil;
+    g_quantize(is_signed, x.data(), n, reinterpret_cast<fo::q8*>(codes.mutable_data()),
+               scales.mutable_data(), nt);
+  }
+  return py::make_tuple(codes, scales);
+}
+
+// The float32 values of blockwise 8-bit codes and their scales.
+py::array_t<float> dequantize_blockwise(py::array_t<std::uint8_t, py::array::c_style> codes,
+                                        py::array_t<float, py::array::c_style> scales,
+                                        bool is_signed) {
+  const std::int64_t n = codes.size();
+  if (scales.size() != fo::quant_blocks(n))
+    throw std::invalid_argument("dequantize_blockwise: " + std::to_string(n) + " codes need " +
+                                std::to_string(fo::quant_blocks(n)) + " scales, got " +
+                                std::to_string(scales.size()));
+  py::array_t<float> out(std::vector<py::ssize_t>(codes.shape(), codes.shape() + codes.ndim()));
+  const int nt = num_threads();
+  {
+    py::gil_scoped_release nogil;
+    g_dequantize(is_signed, reinterpret_cast<const fo::q8*>(codes.data()), scales.data(), n,
+                 out.mutable_data(), nt);
+  }
+  return out;
+}
+
+// The tables of a code map (quant8.h), for tests and references.
+py::dict quant_tables(bool is_signed) {
+  const fo::QuantMap& q = is_signed ? fo::kQuantSigned : fo::kQuantUnsigned;
+  py::dict d;
+  d["code"] = py::array_t<float>(256, q.code);
+  d["thr"] = py::array_t<float>(16, q.thr);
+  d["mul"] = py::array_t<float>(16, q.mul);
+  d["sub"] = py::array_t<float>(16, q.sub);
+  d["cap"] = py::array_t<float>(16, q.cap);
+  d["first"] = py::array_t<std::int32_t>(32, q.first);
+  d["floor"] = fo::kQuantFloor;
+  return d;
 }
 
 // FNV-1a over the rank and the extents: equal shapes give equal hashes, so the
@@ -226,10 +288,10 @@ py::tuple describe_lists(py::sequence lists, py::ssize_t n) {
 class PyTables {
  public:
   PyTables(py::array_t<std::int64_t, py::array::c_style> rows, int nstates, int extra,
-           bool read_only, std::int64_t bf16_numpy)
+           bool read_only, std::int64_t bf16_numpy, int nscales)
       : t_(rows.data(), int(rows.shape(0)), rows.shape(1),
-           fo::tables::Layout{nstates, extra, read_only},
-           fo::tables::Dtypes{11, 12, 23, bf16_numpy, -2}) {
+           fo::tables::Layout{nstates, extra, read_only, nscales, fo::kQuantBlock},
+           fo::tables::Dtypes{11, 12, 23, bf16_numpy, -2, 2}) {
     if (rows.ndim() != 3 || rows.shape(2) != 8)
       throw std::invalid_argument("Tables: rows must be lists x n x 8");
   }
@@ -275,7 +337,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
         py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
-        py::arg("step") = 1.0, py::arg("l1") = 0.0,
+        py::arg("step") = 1.0, py::arg("l1") = 0.0, py::arg("unsigned_states") = 0u,
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
         "holds the rule's hyperparameters once, or once per tensor (n x size). `dtype` and\n"
         "`state_dtype` are storage codes (0 float32, 1 float64, 2 float16, 3 bfloat16; -1: as\n"
@@ -283,7 +345,17 @@ PYBIND11_MODULE(_cpu, m) {
         "Gradients are multiplied by `grad_scale`; `stochastic` rounds 16-bit params\n"
         "stochastically with the random stream `key`. `step` is the count t after this update,\n"
         "from which the rule fills its per-step scalars (bias corrections, decayed rates).\n"
-        "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.");
+        "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.\n"
+        "`state_dtype` 4: 8-bit states (uint8 codes), whose float32 scales (one per block of\n"
+        "256 elements of each tensor) follow the other slots of the table, one slot per\n"
+        "state; bit k of `unsigned_states` makes state k use the unsigned code table.");
+  m.def("quantize_blockwise", &quantize_blockwise, py::arg("x").noconvert(), py::arg("signed"),
+        "(uint8 codes, float32 scales) of x in blocks of 256: the kernels' encoding.");
+  m.def("dequantize_blockwise", &dequantize_blockwise, py::arg("codes").noconvert(), py::arg("scales").noconvert(),
+        py::arg("signed"), "float32 values of blockwise 8-bit codes: the kernels' decoding.");
+  m.def("quant_tables", &quant_tables, py::arg("signed"),
+        "The code table and the encoder's tables of the signed or unsigned code map.");
+  m.attr("QUANT_BLOCK") = fo::kQuantBlock;
   m.def("dot", &dot, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         "Sum over tensor pairs of their dot products (pointer table: 2 x n), in double.");
   m.def("sumsq", &sumsq, py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
@@ -295,9 +367,9 @@ PYBIND11_MODULE(_cpu, m) {
   py::class_<PyTables>(m, "Tables",
                        "The checked rows of a call and its pointer tables (csrc/tables.h).")
       .def(py::init<py::array_t<std::int64_t, py::array::c_style>, int, int, bool,
-                    std::int64_t>(),
+                    std::int64_t, int>(),
            py::arg("rows"), py::arg("nstates"), py::arg("extra"), py::arg("read_only"),
-           py::arg("bf16_num"))
+           py::arg("bf16_num"), py::arg("nscales") = 0)
       .def_property_readonly("issue", &PyTables::issue,
                              "None, or (what, list, index, list2, index2) of the first failed "
                              "check")

@@ -108,6 +108,7 @@ const char* dtype_name(int code) {
     case 1: return "float64";
     case 2: return "float16";
     case 3: return "bfloat16";
+    case 4: return "8-bit";
   }
   return "?";
 }
@@ -138,6 +139,14 @@ using StepEntry = void (*)(const fo::cuda::StepCall&);
 StepEntry step_entry(int param, int state) {
   namespace fc = fo::cuda;
   const bool f32_state = state == int(fo::DType::Float32);
+  if (state == int(fo::DType::Int8Block)) {
+    switch (fo::DType(param)) {
+      case fo::DType::Float32: return fc::variant_f32_q8::step;
+      case fo::DType::Float16: return fc::variant_f16_q8::step;
+      case fo::DType::BFloat16: return fc::variant_bf16_q8::step;
+      default: return nullptr;
+    }
+  }
   switch (fo::DType(param)) {
     case fo::DType::Float32: return fc::variant_f32::step;
     case fo::DType::Float64: return fc::variant_f64::step;
@@ -151,14 +160,16 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper,
           std::uintptr_t stream, int state_dtype, int extra, double grad_scale, bool stochastic,
           std::uint64_t key, double step_count, double l1, std::uint64_t scale_ptr,
-          std::uint64_t step_ptr) {
+          std::uint64_t step_ptr, std::uint32_t unsigned_states) {
   check_contiguous(kernel, ptrs, sizes, hyper);
   const int ns = num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   const std::int64_t nptrs = ptrs.size(), nhyper = hyper.size();
-  // Exactly the layout's slots: the kernels read every one of them.
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  // Exactly the layout's slots: the kernels read every one of them (8-bit states: a
+  // scale array per state after the others).
+  const bool int8 = state_dtype == int(fo::DType::Int8Block);
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0) + (int8 ? ns : 0);
   if (nptrs != nslots * n)
     throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
                                 std::to_string(n) + " pointers, got " + std::to_string(nptrs));
@@ -191,7 +202,8 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (first < 0) return;  // nothing to update: no CUDA call at all
 
   fo::cuda::StepCall call{kernel, name, dtype, state, extra, p, sz, n, hyper.data(), per_tensor,
-                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1},
+                          fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1,
+                                   unsigned_states},
                           reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
   const StepEntry entry = step_entry(dtype, state);
   py::gil_scoped_release nogil;
@@ -401,10 +413,11 @@ int pointer_device(std::uint64_t address) {
 
 // The launcher's limits for a kernel and its extra buffer: lets tests cross every
 // batching boundary.
-py::dict launch_limits(const std::string& kernel, int extra) {
+py::dict launch_limits(const std::string& kernel, int extra, int state_dtype) {
   const int ns = kernel == "grad_stats" ? 0 : num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
-  const int nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  const int nslots = 2 + ns + (extra != 0 ? 1 : 0) +
+                     (state_dtype == int(fo::DType::Int8Block) ? ns : 0);
   py::dict d;
   auto fill = [&](auto batch) {
     using B = decltype(batch);
@@ -424,6 +437,9 @@ py::dict launch_limits(const std::string& kernel, int extra) {
     case 4: fill(fo::cuda::Batch<4>{}); break;
     case 5: fill(fo::cuda::Batch<5>{}); break;
     case 6: fill(fo::cuda::Batch<6>{}); break;
+    case 7: fill(fo::cuda::Batch<7>{}); break;
+    case 8: fill(fo::cuda::Batch<8>{}); break;
+    case 9: fill(fo::cuda::Batch<9>{}); break;
     default: throw std::invalid_argument(kernel + ": no launcher for " + std::to_string(nslots) + " slots");
   }
   return d;
@@ -457,6 +473,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
         py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
         py::arg("l1") = 0.0, py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
+        py::arg("unsigned_states") = 0u,
         "Run `kernel` in place over the device tensors of a pointer table (slots x tensors),\n"
         "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).\n"
         "The arguments after `stream` are _cpu.step's, with the same results bit for bit.\n"
@@ -465,7 +482,8 @@ PYBIND11_MODULE(_cuda, m) {
         "coef. `step_ptr`: device address of a float64 step count t of this update; when\n"
         "given, the per-step scalars are computed on the device from it (instead of `step`\n"
         "on the host; the device's pow may differ from the host's in the last bit), and `key`\n"
-        "is the seed of the random stream step_key(key, t), as the host computes it.");
+        "is the seed of the random stream step_key(key, t), as the host computes it.\n"
+        "`state_dtype` 4 (8-bit states) and `unsigned_states`: as _cpu.step.");
   m.def("grad_stats", &grad_stats, py::arg("tables"), py::arg("stream"), py::arg("out_ptr"),
         py::arg("inv_scale") = 1.0, py::arg("max_norm") = -1.0, py::arg("skip_nonfinite") = true,
         "One pass over the gradients of pointer tables [(dtype, ptrs 1 x n, sizes), ...] on\n"
@@ -523,6 +541,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("extra") = 0,
         "Launches a step over tensors of these sizes makes (host-side packing, no GPU).");
   m.def("launch_limits", &launch_limits, py::arg("kernel"), py::arg("extra") = 0,
+        py::arg("state_dtype") = -1,
         "Chunk size, threads per block, blocks and tensors per launch for `kernel`\n"
         "(\"grad_stats\": the gradient pass of a checked step).");
 }

@@ -4,6 +4,9 @@
 // (address, element count, itemsize, type number, flags, shape hash, ndim, device);
 // `Tables` checks all rows together, in the documented order (dtypes, shapes,
 // devices, writeability, overlap), and lays out one pointer table per storage layout.
+// With 8-bit state (`Layout::nscales`), the state lists hold uint8 codes and the last
+// lists the float32 block scales of each state (one per block of `quant_block`
+// elements of the param): they are checked with the others, in the same pass.
 // A check that fails yields an `Issue` (what, which list, which array); the Python
 // layer turns it into the error message, in one place. A call's tables outlive it:
 // the optimizer classes keep them between steps and only exchange the gradients
@@ -23,7 +26,8 @@ enum Col : int { kPtr, kSize, kItemsize, kTypenum, kFlags, kShape, kNdim, kDevic
 enum : std::int64_t { kIsArray = 1, kCContig = 2, kWriteable = 4, kNative = 8, kAligned = 16 };
 
 // What a failed check found. `list`/`index` name the array (list 0: params, 1: grads,
-// 2..: states, last: the extra buffers); an overlap names a second array too.
+// 2..: states, then the extra buffers, then the block scales of 8-bit states); an
+// overlap names a second array too.
 enum class What : int {
   None = 0,
   ParamDtype,     // params[i] has no kernel dtype, or is not in native byte order
@@ -35,6 +39,10 @@ enum class What : int {
   NotContiguous,  // a written array is not C-contiguous
   ReadOnly,       // a written array is read-only
   Overlap,        // two written arrays overlap, or a gradient and a written array
+  Int8Param,      // 8-bit state for a param that is not float32, float16 or bfloat16
+  CodeDtype,      // an 8-bit state that is not uint8 codes
+  ScaleDtype,     // block scales that are not float32 (in native byte order)
+  ScaleSize,      // block scales whose count is not the param's number of blocks
 };
 
 struct Issue {
@@ -46,9 +54,9 @@ struct Issue {
 };
 
 // The dtype codes of the kernels (fo::DType): float32 0, float64 1, float16 2,
-// bfloat16 3; -1 for anything else.
+// bfloat16 3; -1 for anything else. `u8`: the type number of 8-bit codes.
 struct Dtypes {
-  std::int64_t f32, f64, f16, bf16_numpy, bf16_marker;
+  std::int64_t f32, f64, f16, bf16_numpy, bf16_marker, u8;
   int code(std::int64_t t) const {
     if (t == f32) return 0;
     if (t == f64) return 1;
@@ -62,7 +70,12 @@ struct Layout {
   int nstates = 0;
   int extra = 0;  // 0 none, 1 float32 master weights, 2 Kahan buffers
   bool read_only = false;
+  int nscales = 0;                // 8-bit state: one list of block scales per state
+  std::int64_t quant_block = 256;  // elements per scale
 };
+
+// The storage code of 8-bit states (fo::DType::Int8Block).
+constexpr int kInt8Block = 4;
 
 struct Group {
   int param = 0, state = 0;          // storage codes
@@ -75,14 +88,15 @@ class Tables {
  public:
   // rows: L lists x n arrays x kCols, list-major.
   Tables(const std::int64_t* rows, int lists, std::int64_t n, Layout layout, Dtypes dtypes)
-      : rows_(rows, rows + std::size_t(lists) * std::size_t(n) * kCols),
-        L_(lists), n_(n), layout_(layout), dtypes_(dtypes) {
+      : rows_(rows, rows + std::size_t(std::min(lists, 2)) * std::size_t(n) * kCols),
+        src_(rows), L_(lists), n_(n), layout_(layout), dtypes_(dtypes) {
     issue_ = check_dtypes();
     if (issue_.what == What::None) issue_ = check_shapes_devices(0, L_);
     if (issue_.what == What::None && !layout_.read_only) issue_ = check_writeable();
     if (issue_.what == What::None && !layout_.read_only) issue_ = index_written();
     if (issue_.what == What::None && !layout_.read_only) issue_ = check_grads_overlap();
     if (issue_.what == What::None) lay_out();
+    src_ = nullptr;  // the caller's rows: read by the checks above only
   }
 
   const Issue& issue() const { return issue_; }
@@ -114,13 +128,13 @@ class Tables {
   Issue set_grad_ptrs(const std::uint64_t* ptrs) {
     std::vector<std::int64_t> saved(static_cast<std::size_t>(n_));
     for (std::int64_t i = 0; i < n_; ++i) {
-      saved[std::size_t(i)] = row(1, i)[kPtr];
-      row(1, i)[kPtr] = std::int64_t(ptrs[i]);
+      saved[std::size_t(i)] = grad_row(i)[kPtr];
+      grad_row(i)[kPtr] = std::int64_t(ptrs[i]);
     }
     Issue found;
     if (!layout_.read_only) found = check_grads_overlap();
     if (found.what != What::None) {
-      for (std::int64_t i = 0; i < n_; ++i) row(1, i)[kPtr] = saved[std::size_t(i)];
+      for (std::int64_t i = 0; i < n_; ++i) grad_row(i)[kPtr] = saved[std::size_t(i)];
       return found;
     }
     patch_slot(1);
@@ -128,12 +142,20 @@ class Tables {
   }
 
  private:
-  std::int64_t* row(int k, std::int64_t i) { return rows_.data() + (k * n_ + i) * kCols; }
+  // The rows of params and gradients are kept (a kept call exchanges the gradients);
+  // those of the other lists are read from the caller's rows while the constructor
+  // runs, and not copied.
+  std::int64_t* grad_row(std::int64_t i) { return rows_.data() + (n_ + i) * kCols; }
   const std::int64_t* row(int k, std::int64_t i) const {
-    return rows_.data() + (k * n_ + i) * kCols;
+    return (k < 2 ? rows_.data() : src_) + (k * n_ + i) * kCols;
   }
   int state_list(int k) const { return k >= 2 && k < 2 + layout_.nstates; }
-  int extra_list() const { return layout_.extra ? L_ - 1 : -1; }
+  bool quantized() const { return layout_.nscales > 0; }
+  bool scale_list(int k) const { return quantized() && k >= L_ - layout_.nscales; }
+  int extra_list() const { return layout_.extra ? L_ - 1 - layout_.nscales : -1; }
+  std::int64_t blocks(std::int64_t n) const {
+    return (n + layout_.quant_block - 1) / layout_.quant_block;
+  }
   bool native(int k, std::int64_t i) const { return (row(k, i)[kFlags] & kNative) != 0; }
   int code(int k, std::int64_t i) const { return dtypes_.code(row(k, i)[kTypenum]); }
 
@@ -146,6 +168,16 @@ class Tables {
   }
 
   Issue check_list_dtype(int k) const {
+    if (quantized() && state_list(k)) {
+      for (std::int64_t i = 0; i < n_; ++i)
+        if (row(k, i)[kTypenum] != dtypes_.u8) return {What::CodeDtype, k, i};
+      return {};
+    }
+    if (scale_list(k)) {
+      for (std::int64_t i = 0; i < n_; ++i)
+        if (row(k, i)[kTypenum] != dtypes_.f32 || !native(k, i)) return {What::ScaleDtype, k, i};
+      return {};
+    }
     for (std::int64_t i = 0; i < n_; ++i) {
       if (state_list(k) && k == 2 && code(0, i) >= 2) {
         const int s = code(2, i);
@@ -160,21 +192,30 @@ class Tables {
   Issue check_dtypes() const {
     for (std::int64_t i = 0; i < n_; ++i)
       if (code(0, i) < 0 || !native(0, i)) return {What::ParamDtype, 0, i};
+    if (quantized())
+      for (std::int64_t i = 0; i < n_; ++i)
+        if (code(0, i) == 1) return {What::Int8Param, 0, i};
     for (int k = 1; k < L_; ++k) {
       const Issue found = check_list_dtype(k);
       if (found.what != What::None) return found;
     }
     if (layout_.extra)
       for (std::int64_t i = 0; i < n_; ++i)
-        if (code(0, i) < 2) return {What::ExtraNot16, L_ - 1, i};
+        if (code(0, i) < 2) return {What::ExtraNot16, extra_list(), i};
     return {};
   }
 
   Issue check_shapes_devices(int from, int to) const {
-    for (int k = std::max(from, 1); k < to; ++k)
+    for (int k = std::max(from, 1); k < to; ++k) {
+      if (scale_list(k)) {  // block scales have a shape of their own
+        for (std::int64_t i = 0; i < n_; ++i)
+          if (row(k, i)[kSize] != blocks(row(0, i)[kSize])) return {What::ScaleSize, k, i};
+        continue;
+      }
       for (std::int64_t i = 0; i < n_; ++i)
         if (row(k, i)[kShape] != row(0, i)[kShape] || row(k, i)[kSize] != row(0, i)[kSize])
           return {What::Shape, k, i};
+    }
     const std::int64_t device = row(0, 0)[kDevice];
     for (int k = from; k < to; ++k)
       for (std::int64_t i = 0; i < n_; ++i)
@@ -197,9 +238,15 @@ class Tables {
     return std::uint64_t(row(k, i)[kSize]) * std::uint64_t(row(k, i)[kItemsize]);
   }
 
-  // The written arrays' byte ranges, sorted; two that overlap are an issue.
+  // The written arrays' byte ranges, sorted; two that overlap are an issue. The arrays
+  // of one list usually come in address order (allocated one after the other): each
+  // list's ranges are sorted only when they are not, and the lists' runs are then
+  // merged, which costs far less than sorting all of them at once.
   Issue index_written() {
     written_.clear();
+    written_.reserve(std::size_t(L_ - 1) * std::size_t(n_));
+    const auto by_start = [](const Range& a, const Range& b) { return a.start < b.start; };
+    std::vector<std::size_t> runs{0};  // the boundaries of the lists' runs
     for (int k = 0; k < L_; ++k) {
       if (k == 1) continue;
       for (std::int64_t i = 0; i < n_; ++i) {
@@ -207,9 +254,22 @@ class Tables {
         const std::uint64_t start = std::uint64_t(row(k, i)[kPtr]);
         written_.push_back({start, start + bytes(k, i), k, i});
       }
+      const auto first = written_.begin() + std::ptrdiff_t(runs.back());
+      if (!std::is_sorted(first, written_.end(), by_start))
+        std::sort(first, written_.end(), by_start);
+      runs.push_back(written_.size());
     }
-    std::sort(written_.begin(), written_.end(),
-              [](const Range& a, const Range& b) { return a.start < b.start; });
+    while (runs.size() > 2) {  // merge neighbouring runs pairwise
+      std::vector<std::size_t> next{0};
+      std::size_t j = 0;
+      for (; j + 2 < runs.size(); j += 2) {
+        const auto at = [&](std::size_t r) { return written_.begin() + std::ptrdiff_t(runs[r]); };
+        std::inplace_merge(at(j), at(j + 1), at(j + 2), by_start);
+        next.push_back(runs[j + 2]);
+      }
+      if (j + 1 < runs.size()) next.push_back(runs.back());  // an odd run left over
+      runs.swap(next);
+    }
     for (std::size_t j = 1; j < written_.size(); ++j)
       if (written_[j].start < written_[j - 1].end)
         return {What::Overlap, written_[j - 1].list, written_[j - 1].index, written_[j].list,
@@ -237,8 +297,10 @@ class Tables {
     std::vector<int> key(static_cast<std::size_t>(n_));
     for (std::int64_t i = 0; i < n_; ++i) {
       const int p = code(0, i);
-      const int s = layout_.nstates > 0 ? code(2, i) : (p < 2 ? p : 0);
-      key[std::size_t(i)] = p * 4 + s;
+      const int s = quantized()           ? kInt8Block
+                    : layout_.nstates > 0 ? code(2, i)
+                                          : (p < 2 ? p : 0);
+      key[std::size_t(i)] = p * 8 + s;
     }
     std::vector<int> keys(key);
     std::sort(keys.begin(), keys.end());
@@ -246,8 +308,8 @@ class Tables {
     where_.assign(std::size_t(n_), {0, 0});
     for (const int k : keys) {
       Group g;
-      g.param = k / 4;
-      g.state = k % 4;
+      g.param = k / 8;
+      g.state = k % 8;
       for (std::int64_t i = 0; i < n_; ++i)
         if (key[std::size_t(i)] == k) {
           where_[std::size_t(i)] = {groups_.size(), g.tensors.size()};
@@ -278,7 +340,8 @@ class Tables {
     std::int64_t index;
   };
 
-  std::vector<std::int64_t> rows_;
+  std::vector<std::int64_t> rows_;  // params and gradients
+  const std::int64_t* src_;          // every list's rows, while the constructor runs
   int L_;
   std::int64_t n_;
   Layout layout_;

@@ -45,6 +45,8 @@ class Algorithm:
     #: (options, t) -> keyword arguments of the functional op
     kwargs: Callable
     spec: object = None
+    #: the per-param scalars the class keeps in its state (`step`, NAdam's mu_product...)
+    scalars: tuple = ()
 
     def arg_name(self, state_name):
         return dict((s, a) for a, s in self.slots)[state_name]
@@ -71,7 +73,7 @@ def _algorithm(spec):
         getattr(R, spec.name), slots=tuple((s.arg, s.name) for s in spec.states),
         defaults=spec.defaults(), has_step="step" in spec.scalars,
         active=lambda o: spec.active(spec.to_op({**spec.group_extras, **o})),
-        kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec)
+        kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec, scalars=tuple(spec.scalars))
 
 
 ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
@@ -115,6 +117,29 @@ INVALID = [
     ("AdamW", dict(betas=(1.0, 0.999))),
     ("AdamW", dict(betas=(0.9, 1.0))),
     ("AdamW", dict(weight_decay=-0.1)),
+    ("NAdam", dict(lr=-0.1)),
+    ("NAdam", dict(eps=-1e-8)),
+    ("NAdam", dict(betas=(1.0, 0.999))),
+    ("NAdam", dict(betas=(0.9, -0.1))),
+    ("NAdam", dict(weight_decay=-0.1)),
+    ("NAdam", dict(momentum_decay=-0.1)),
+    ("RAdam", dict(lr=-0.1)),
+    ("RAdam", dict(eps=-1e-8)),
+    ("RAdam", dict(betas=(1.0, 0.999))),
+    ("RAdam", dict(betas=(0.9, 1.0))),
+    ("RAdam", dict(weight_decay=-0.1)),
+    ("Adamax", dict(lr=-0.1)),
+    ("Adamax", dict(eps=-1e-8)),
+    ("Adamax", dict(betas=(1.0, 0.999))),
+    ("Adamax", dict(betas=(0.9, -0.1))),
+    ("Adamax", dict(weight_decay=-0.1)),
+    ("ASGD", dict(lr=-0.1)),
+    ("ASGD", dict(weight_decay=-0.1)),
+    ("Rprop", dict(lr=-0.1)),
+    ("Rprop", dict(etas=(0.0, 1.2))),
+    ("Rprop", dict(etas=(1.0, 1.2))),
+    ("Rprop", dict(etas=(0.5, 1.0))),
+    ("Rprop", dict(etas=(1.2, 0.5))),
 ]
 
 
@@ -220,6 +245,36 @@ CASES = [
     case("adamw", lr=0.01, weight_decay=0.0),
     case("adamw", lr=0.01, amsgrad=True),
     case("adamw", lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True, maximize=True),
+    case("nadam", lr=0.01),
+    case("nadam", lr=0.01, maximize=True),
+    case("nadam", lr=0.01, weight_decay=0.05),
+    case("nadam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("nadam", lr=0.01, momentum_decay=0.05),
+    case("nadam", lr=0.01, betas=(0.5, 0.9), eps=1e-6, momentum_decay=0.01, weight_decay=0.05,
+         decoupled_weight_decay=True, maximize=True),
+    case("radam", lr=0.01),
+    case("radam", lr=0.01, maximize=True),
+    case("radam", lr=0.01, weight_decay=0.05),
+    case("radam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("radam", lr=0.01, betas=(0.8, 0.9), eps=1e-6),
+    case("radam", lr=0.01, betas=(0.5, 0.8), eps=1e-6, weight_decay=0.05,
+         decoupled_weight_decay=True, maximize=True),
+    case("adamax", lr=0.01),
+    case("adamax", lr=0.01, maximize=True),
+    case("adamax", lr=0.01, weight_decay=0.05),
+    case("adamax", lr=0.01, betas=(0.8, 0.99), eps=1e-3),
+    case("adamax", lr=0.01, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.05, maximize=True),
+    case("asgd", lr=0.05),
+    case("asgd", lr=0.01, maximize=True),
+    case("asgd", lr=0.05, weight_decay=0.1),
+    case("asgd", lr=0.05, lambd=0.1, alpha=0.5),
+    case("asgd", lr=0.05, t0=2.0),
+    case("asgd", lr=0.01, lambd=0.01, alpha=0.9, t0=0.0, weight_decay=0.05, maximize=True),
+    case("rprop", lr=0.01),
+    case("rprop", lr=0.01, maximize=True),
+    case("rprop", lr=0.05, etas=(0.3, 1.5)),
+    case("rprop", lr=0.5, step_sizes=(0.01, 0.2)),
+    case("rprop", lr=0.02, etas=(0.4, 1.1), step_sizes=(0.005, 0.1), maximize=True),
 ]
 
 

@@ -53,6 +53,14 @@ CASES = [
     Case("adam-two-groups-two-dtypes", fo.Adam, {"lr": 1e-2}, dtypes=(np.float32, np.float64),
          packed=False, group_options=({"lr": 3e-2, "weight_decay": 0.1}, {})),
     Case("sgd-one-element", fo.SGD, {"lr": 0.1, "momentum": 0.5}, shapes=[(1,)]),
+    # algorithms whose per-param scalars go beyond the step count (NAdam's mu_product,
+    # ASGD's eta and mu: averaging from step 3), and the other rules of the table
+    Case("nadamw", fo.NAdam, {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    Case("asgd-averaging-f32", fo.ASGD, {"lr": 0.05, "t0": 2.0, "lambd": 0.01},
+         dtypes=(np.float32,), packed=False),
+    Case("radam", fo.RAdam, {"lr": 1e-2, "betas": (0.8, 0.9)}),
+    Case("adamax-maximize", fo.Adamax, {"lr": 1e-2, "maximize": True}, packed=False),
+    Case("rprop", fo.Rprop, {"lr": 1e-2, "etas": (0.4, 1.3)}),
 ]
 
 
@@ -105,7 +113,8 @@ def train(case, comm):
         if step == RESUME_AT:
             record["state_sizes"] = {
                 name: sum(int(s[name].size) for s in opt.optim.state.values())
-                for name in next(iter(opt.optim.state.values()), {}) if name != "step"}
+                for name in next(iter(opt.optim.state.values()), {})
+                if name not in case.cls.spec.scalars}
             record["shard_size"] = sum(int(p.size) for g in opt.optim.param_groups
                                        for p in g["params"])
             record["state_dict"] = opt.state_dict()
@@ -121,7 +130,7 @@ def train(case, comm):
         bad = pickle.loads(pickle.dumps(record["final_state_dict"]))
         first = next(iter(bad["state"].values()), None)
         for name, value in (first or {}).items():
-            if name != "step":
+            if isinstance(value, np.ndarray):  # a state array, not a per-param scalar
                 first[name] = np.zeros(value.size + 1, value.dtype)
                 break
         else:

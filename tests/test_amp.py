@@ -310,8 +310,9 @@ def test_functional_skip_nonfinite(dtype, extra, rng, snapshot):
 
 @pytest.mark.parametrize("case_", FULL_CASES, ids=str)
 def test_without_skip_nan_propagates_as_the_math_says(case_, rng):
-    """No check asked for: the step runs, elements with a NaN gradient turn NaN and the
-    others follow the reference (float64 params, so the comparison is tight)."""
+    """No check asked for: the step runs, elements with a NaN gradient turn NaN (the
+    param, or a state where the rule holds the param still: Rprop's previous gradient)
+    and the others follow the reference (float64 params, so the comparison is tight)."""
     params = [rng.standard_normal(n) for n in (8, 50)]
     states = {n: [np.asarray(case_.initial_state(p, n)) + 0.1 for p in params]
               for n in case_.state_names}
@@ -321,7 +322,10 @@ def test_without_skip_nan_propagates_as_the_math_says(case_, rng):
     assert case_.run_op(params, grads, states, 2) is None
     for a, b in zip(params, expect_p):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
-    assert np.isnan(params[1][[3, 40]]).all() and not np.isnan(params[0]).any()
+    reached = np.isnan(params[1][[3, 40]])
+    for bufs in states.values():
+        reached |= np.isnan(bufs[1][[3, 40]])
+    assert reached.all() and not np.isnan(params[0]).any()
     assert np.isfinite(np.delete(params[1], [3, 40])).all()
     for name, refs in expect_s.items():
         for a, b in zip(states[name], refs):
@@ -370,10 +374,13 @@ def test_clipping_matches_reference(case_, max_norm, loss_scale, rng):
     lrs = [case_.options["lr"], case_.options["lr"] / 3]
     opt = case_.algo.cls([{"params": params[:2]}, {"params": params[2:], "lr": lrs[1]}],
                          **case_.options)
+    # the case of each param's group (a fresh buffer may start at lr: Rprop's step sizes)
+    cases = [case(case_.algo.name, **{**case_.overrides, "lr": lrs[i >= 2]})
+             for i in range(len(params))]
     for t in range(1, 4):
         grads = [np.asarray(rng.standard_normal(p.shape)) for p in params]
         states = {n: [opt.state[i][n].copy() if i in opt.state else
-                      case_.initial_state(p, n) for i, p in enumerate(params)]
+                      cases[i].initial_state(p, n) for i, p in enumerate(params)]
                   for n in case_.state_names}
         scale = loss_scale or 1.0
         scaled = [np.asarray(g * scale) for g in grads]
@@ -433,8 +440,19 @@ def _torch_optimizer(torch, case_, tparams_groups):
 @pytest.mark.parametrize("case_", FULL_CASES, ids=str)
 def test_clipping_matches_torch(case_, loss_scale, rng):
     """torch.nn.utils.clip_grad_norm_ over all params, then the torch.optim step, in
-    float64, against one fused step with max_grad_norm (and the loss scale)."""
+    float64, against one fused step with max_grad_norm (and the loss scale). torch runs
+    with float64 as its default dtype, the dtype of its per-param scalars (NAdam's
+    mu_product, ...), which the classes keep in double."""
     torch = pytest.importorskip("torch")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _clip_and_step_like_torch(torch, case_, loss_scale, rng)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _clip_and_step_like_torch(torch, case_, loss_scale, rng):
     params = [rng.standard_normal(s) for s in [(9,), (4, 6), (30,)]]
     lr2 = case_.options["lr"] / 2
     tparams = [torch.tensor(p, requires_grad=True) for p in params]

@@ -85,6 +85,31 @@ CASES = {
     **{f"stream{k}": (f"stream{k}", k, _hyper(f"stream{k}", scale=0.5)) for k in range(4)},
 }
 
+
+def _table_case(c):
+    """(kernel, state count, hyper(t)) of a case of the case table (tests/cases.py): its
+    op keywords of step t through the spec, packed by field name."""
+    spec = c.algo.spec
+    kw = c.op_kwargs(1)
+    kernel = spec.kernel(kw)
+
+    def hyper(t):
+        kw_t = c.op_kwargs(t)
+        assert spec.kernel(kw_t) == kernel
+        return list(pack(kernel, spec.hyper(kw_t)))
+
+    return kernel, len(spec.active(kw)), hyper
+
+
+def _table_cases():
+    """Every case of the case table, named "table-<case id>": an algorithm's rows there
+    bring its kernels here."""
+    from cases import CASES as TABLE
+    return {f"table-{c.id}": _table_case(c) for c in TABLE}
+
+
+CASES.update(_table_cases())
+
 # Storage layouts (param dtype, state dtype, extra buffer: 0 none, 1 float32 master
 # weights, 2 Kahan compensation), as fusedopt._cpu.step takes them.
 LAYOUTS = {
@@ -526,6 +551,12 @@ def _assert_bits(cp, dev, host):
 LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "rmsprop_momentum",
                 "rmsprop_centered", "rmsprop_centered_momentum", "adadelta",
                 "adam", "adamw_amsgrad"]
+# and, for every other kernel, its first case in the case table
+_kernels = {CASES[name][0] for name in LAYOUT_CASES}
+for _name, (_kernel, _, _) in CASES.items():
+    if _name.startswith("table-") and _kernel not in _kernels:
+        _kernels.add(_kernel)
+        LAYOUT_CASES.append(_name)
 
 
 @pytest.mark.cuda
@@ -907,6 +938,31 @@ def test_a_checked_step_does_not_wait_for_the_device(cp):
 
 
 @pytest.mark.cuda
+def test_step_ptr_across_radams_rectification(cp):
+    """RAdam switches to its rectified step (rho_t > 5: from t = 6 with betas 0.8, 0.9)
+    by the step count; with the count on the device the switch is decided there, on
+    the same step as on the host (pow there may round differently in the last bit,
+    hence the tolerance)."""
+    from fusedopt import _cuda
+    kernel, nstates, hyper = CASES["table-radam-lr=0.01-betas=0.8,0.9-eps=1e-06"]
+    rng = np.random.default_rng(25)
+    data = _host_slots(rng, SIZES, nstates, np.float64)
+    host, dev = _place(np, data), _place(cp, data)
+    count = cp.zeros(1, cp.float64)
+    stream = cp.cuda.get_current_stream()
+    for t in range(1, 9):
+        for h, d in zip(host[1], dev[1]):
+            h[...] = rng.standard_normal(h.size)
+            d[...] = cp.asarray(h)
+        _cpu_step(kernel, np.float64, host, hyper(t), step=t)
+        _cuda.advance_step(count.data.ptr, 0, stream.ptr)
+        _gpu_step(cp, kernel, np.float64, dev, hyper(t), step=1e9, step_ptr=count.data.ptr)
+    stream.synchronize()
+    assert float(count[0]) == 8
+    _assert_same(cp, dev, host, np.float64)
+
+
+@pytest.mark.cuda
 def test_functional_step_counter_on_the_device(cp):
     """step=<float64 device array>: the op adds 1 to it unless the step is skipped and
     computes the per-step scalars from it on the device (pow there may differ from the
@@ -1266,6 +1322,123 @@ def test_functional_checked_step_on_torch_tensors_and_stream():
         for j, (a, b) in enumerate(zip(d, h)):
             np.testing.assert_allclose(a.cpu().numpy(), b, rtol=1e-6, atol=1e-7,
                                        err_msg=f"slot {k}, tensor {j}")
+
+
+# --- 8-bit state (uint8 codes with float32 block scales): bit for bit --------------------------
+
+INT8_BLOCK = 4  # the storage code of 8-bit states
+# (kernel case, bit mask of the states that use the unsigned code table)
+Q8_CASES = {"adam": 0b10, "adamw_amsgrad": 0b110, "sgd_momentum": 0, "adagrad": 0b1,
+            "rmsprop_momentum": 0b1, "adadelta": 0b11}
+Q8_LAYOUTS = {"float32": (FLOAT32, 0), "bfloat16": (BFLOAT16, 0), "float16": (FLOAT16, 0),
+              "bfloat16/master": (BFLOAT16, 1), "float16/kahan": (FLOAT16, 2)}
+
+
+def _q8_slots(rng, sizes, nstates, unsigned, param, extra):
+    """Host slots: params, grads, each state's codes, the extra buffer, each state's
+    scales (codes of random states, quantized by the CPU module)."""
+    from fusedopt import _cpu
+    values = [[rng.standard_normal(n) for n in sizes] for _ in range(2)]
+    slots = [[_encode(param, v) for v in slot] for slot in values]
+    codes, scales = [], []
+    for k in range(nstates):
+        positive = (unsigned >> k) & 1
+        pairs = [_cpu.quantize_blockwise(
+            (rng.uniform(0.05, 1.0, n) if positive else 0.5 * rng.standard_normal(n))
+            .astype(np.float32), not positive) for n in sizes]
+        codes.append([c for c, _ in pairs])
+        scales.append([s for _, s in pairs])
+    slots += codes
+    if extra == 1:
+        slots.append([v.astype(np.float32) for v in values[0]])
+    elif extra == 2:
+        slots.append([_encode(param, 1e-3 * rng.standard_normal(n)) for n in sizes])
+    return slots + scales
+
+
+def _run_q8(cp, rng, case, layout, sizes=SIZES, steps=3, **mode):
+    kernel, nstates, hyper = CASES[case]
+    param, extra = Q8_LAYOUTS[layout]
+    data = _q8_slots(rng, sizes, nstates, Q8_CASES[case], param, extra)
+    host, dev = _place(np, data), _place(cp, data)
+    for t in range(1, steps + 1):
+        _new_grads(rng, host, dev, param, cp)
+        kw = dict(state_dtype=INT8_BLOCK, extra=extra, step=t, unsigned_states=Q8_CASES[case],
+                  **mode)
+        _cpu_step(kernel, param, host, hyper(t), **kw)
+        _gpu_step(cp, kernel, param, dev, hyper(t), **kw)
+    cp.cuda.get_current_stream().synchronize()
+    return host, dev
+
+
+def test_8bit_layouts_have_kernels(cuda_mod):
+    for param, extra in Q8_LAYOUTS.values():
+        for case in Q8_CASES:
+            assert cuda_mod.has_kernel(CASES[case][0], param, INT8_BLOCK, extra)
+        assert not cuda_mod.has_kernel("sgd", param, INT8_BLOCK, extra)  # no state to store
+        assert not cuda_mod.has_kernel("stream2", param, INT8_BLOCK, extra)
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        cuda_mod.step("adam", 1, np.zeros(6, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)  # float64 params
+    with pytest.raises(ValueError, match="expected 6 x 1 pointers, got 4"):
+        cuda_mod.step("adam", 0, np.zeros(4, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK)
+    assert cuda_mod.launch_limits("adam_amsgrad", extra=1, state_dtype=INT8_BLOCK)[
+        "max_tensors"] >= 100
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(Q8_LAYOUTS))
+@pytest.mark.parametrize("case", list(Q8_CASES))
+def test_8bit_bitwise_equal_to_cpu(cp, case, layout):
+    """Params, codes and scales: the same bits as the CPU kernels (tensors of one
+    element, partial blocks, and several chunks)."""
+    host, dev = _run_q8(cp, np.random.default_rng(30), case, layout, grad_scale=0.5)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bfloat16", "float16", "bfloat16/master"])
+def test_8bit_stochastic_rounding_same_bits_as_cpu(cp, layout):
+    host, dev = _run_q8(cp, np.random.default_rng(31), "adam", layout, stochastic=True,
+                        key=12345)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_more_tensors_than_one_launch_holds(cp):
+    from fusedopt import _cuda
+    lim = _cuda.launch_limits("adam", state_dtype=INT8_BLOCK)
+    rng = np.random.default_rng(32)
+    sizes = [int(n) for n in rng.integers(0, 3000, 2 * lim["max_tensors"] + 5)]
+    sizes[7] = 2 * lim["chunk"] + 300
+    host, dev = _run_q8(cp, rng, "adam", "float32", sizes=sizes, steps=2)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+def test_8bit_torch_classes_on_the_gpu():
+    """fusedopt.torch.AdamW8bit on CUDA tensors: the same params and state as on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+    rng = np.random.default_rng(33)
+    start = [torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in [(300, 70), (5000,)]]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [p.to(device).requires_grad_() for p in start]
+        opt = fot.AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+        for t in range(3):
+            for j, p in enumerate(params):
+                p.grad = torch.tensor(np.random.default_rng(100 * t + j).standard_normal(p.shape),
+                                      dtype=torch.float32, device=device)
+            opt.step()
+        torch.cuda.synchronize()
+        runs[device] = [p.detach().cpu() for p in params] + \
+            [v.cpu() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    for a, b in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(a, b)
 
 
 # --- flat buffers: one launch -------------------------------------------------------------

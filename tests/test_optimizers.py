@@ -173,7 +173,7 @@ def test_state_is_created_like_torchs(c, rng):
         assert not opt.state
     opt.step(random_arrays(SHAPES, np.float32, rng))
     assert sorted(opt.state) == list(range(len(params)))
-    names = set(c.state_names) | ({"step"} if c.algo.has_step else set())
+    names = set(c.state_names) | set(c.algo.scalars)
     for i, p in enumerate(params):
         assert set(opt.state[i]) == names
         for name in c.state_names:

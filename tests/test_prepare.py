@@ -231,3 +231,136 @@ def test_class_step_after_a_param_is_replaced_uses_the_new_param():
     opt.step([np.ones(4), np.ones(3)])
     np.testing.assert_array_equal(replacement, 0.5)
     np.testing.assert_array_equal(p[0], 0.5)  # the old one took only the first step
+
+
+# --- 8-bit state: uint8 codes and float32 block scales ---------------------------------------
+
+
+BLOCK = _arrays.QUANT_BLOCK
+
+
+def prepare8(params, grads, codes, scales, extra=None):
+    names = [f"s{k}" for k in range(len(codes))]
+    return _arrays.prepare("op", params, grads, codes, names, extra=extra, scales=scales)
+
+
+def q8_lists(shapes, dtype, nstates=2):
+    p, g = arrays(shapes, dtype), arrays(shapes, dtype)
+    codes = [[np.full(s, 127, np.uint8) for s in shapes] for _ in range(nstates)]
+    scales = [[np.ones(-(-int(np.prod(s)) // BLOCK), np.float32) for s in shapes]
+              for _ in range(nstates)]
+    return p, g, codes, scales
+
+
+@pytest.mark.parametrize("extra", [None, "master"])
+def test_8bit_states_are_one_table_per_param_dtype_with_the_scales_last(extra):
+    """16-bit and float32 params with 8-bit state: state code 4 (Int8Block), the scale
+    slots after the states and the extra buffers."""
+    shapes = [(3, 5), (0,), (7,), (513,)]
+    dtypes = [np.float32, BF16, np.float16] if extra is None else [BF16, np.float16]
+    lists = [q8_lists(shapes, d) for d in dtypes]
+    p, g = sum((x[0] for x in lists), []), sum((x[1] for x in lists), [])
+    codes = [sum((x[2][k] for x in lists), []) for k in range(2)]
+    scales = [sum((x[3][k] for x in lists), []) for k in range(2)]
+    master = None
+    if extra:
+        master = ([x.astype(np.float32) for x in p], "m", 1)
+    prep = prepare8(p, g, codes, scales, master)
+    assert [code for code, _, _ in prep.groups] == \
+        sorted({np.float32: 0, np.float16: 2}.get(d, 3) for d in dtypes)
+    assert all(layout["state_dtype"] == 4 for layout in prep.layouts)
+    slots = [p, g, *codes, *([master[0]] if master else []), *scales]
+    for i, (code, ptrs, sizes) in enumerate(prep.groups):
+        picks = [j for j, x in enumerate(p) if
+                 {np.dtype(np.float32): 0, np.dtype(np.float16): 2}.get(x.dtype, 3) == code]
+        np.testing.assert_array_equal(ptrs, expected_tables(slots, picks))
+        np.testing.assert_array_equal(sizes, [p[j].size for j in picks])
+
+
+def bad_8bit_calls():
+    """(label, params, grads, codes, scales, error, message) that are refused."""
+    shapes = [(600,), (3, 2)]
+
+    def base(dtype=np.float32):
+        return q8_lists(shapes, dtype)
+
+    p, g, c, s = base(np.float64)
+    yield "float64 params", p, g, c, s, TypeError, \
+        r"params\[0\] has dtype float64; 8-bit state is for float32, float16 and bfloat16"
+    p, g, c, s = base()
+    c[1][1] = np.zeros((3, 2), np.float32)
+    yield "float codes", p, g, c, s, TypeError, \
+        r"s1\[1\] has dtype float32; 8-bit state \(absmax given\) is stored as uint8 codes"
+    p, g, c, s = base()
+    s[0][1] = np.ones(1)
+    yield "float64 scales", p, g, c, s, TypeError, \
+        r"absmax of s0\[1\] has dtype float64; block scales are float32"
+    p, g, c, s = base()
+    s[1][0] = np.ones(2, np.float32)
+    yield "too few scales", p, g, c, s, ValueError, \
+        r"absmax of s1\[0\] has 2 elements; params\[0\] has 600, which need 3 " \
+        r"\(one scale per block of 256\)"
+    p, g, c, s = base()
+    s[1][0] = np.ones(3, ">f4")
+    yield "scales byte order", p, g, c, s, TypeError, "block scales are float32"
+    p, g, c, s = base()
+    c[0][0] = c[0][0][:599]
+    yield "codes' shape", p, g, c, s, ValueError, r"s0\[0\] has shape \(599,\)"
+    p, g, c, s = base()
+    s[0][0].flags.writeable = False
+    yield "read-only scales", p, g, c, s, ValueError, r"absmax of s0\[0\] is read-only"
+    p, g, c, s = base()
+    s[0][0] = np.ones(6, np.float32)[::2]
+    yield "strided scales", p, g, c, s, ValueError, r"absmax of s0\[0\] is not C-contiguous"
+    p, g, c, s = base()
+    s[1] = s[0]
+    yield "scales shared by two states", p, g, c, s, ValueError, "share memory"
+    p, g, c, s = base()
+    buf = np.zeros(600 + 12, np.uint8)  # codes, then 3 scales: the last code's byte is shared
+    c[0][0], s[0][0] = buf[:600], buf[596:608].view(np.float32)
+    yield "codes and scales overlap by bytes", p, g, c, s, ValueError, \
+        r"s0\[0\] and absmax of s0\[0\] share memory"
+    p, g, c, s = base()
+    gbuf = np.zeros(600 * 4 + 200, np.uint8)  # the codes start in the gradient's last bytes
+    g[0], c[1][0] = gbuf[:2400].view(np.float32), gbuf[2000:2600]
+    yield "a gradient over codes", p, g, c, s, ValueError, r"s1\[0\] and grads\[0\] share memory"
+
+
+@pytest.mark.parametrize("case", list(bad_8bit_calls()), ids=lambda c: c[0])
+def test_8bit_refused_with_its_message(case):
+    _, p, g, c, s, error, match = case
+    with pytest.raises(error, match=match):
+        prepare8(p, g, c, s)
+
+
+def test_8bit_overlap_check_counts_bytes():
+    """Codes (1 byte each) directly followed by their scales (4 bytes each) in one buffer
+    do not overlap: the check sizes each array by its own item size."""
+    p, g, c, s = q8_lists([(600,)], np.float32)
+    buf = np.zeros(600 + 12, np.uint8)
+    c[0][0], s[0][0] = buf[:600], buf[600:612].view(np.float32)
+    prepare8(p, g, c, s)
+
+
+def test_8bit_scale_lists_must_match_the_states():
+    p, g, c, s = q8_lists([(4,)], np.float32)
+    with pytest.raises(ValueError, match="one list of scale arrays per state list"):
+        prepare8(p, g, c, s[:1])
+    with pytest.raises(ValueError, match=r"got 0 absmax of s1 for 1 params"):
+        prepare8(p, g, c, [s[0], []])
+
+
+def test_8bit_with_grads_checks_the_new_gradients():
+    p, g, c, s = q8_lists([(600,), (3, 2)], np.float32)
+    base = np.zeros(7, np.float32)
+    s[1][1] = base[:1]
+    prep = prepare8(p, g, c, s)
+    table = prep.groups[0][1]
+    new = [x + 1 for x in g]
+    prep.with_grads(new)
+    np.testing.assert_array_equal(table, expected_tables([p, new, *c, *s], range(2)))
+    prep.with_grads([new[0], base[1:].reshape(3, 2)])  # right after the scale: no overlap
+    before = table.copy()
+    with pytest.raises(ValueError, match=r"absmax of s1\[1\] and grads\[1\] share memory"):
+        prep.with_grads([new[0], base[:6].reshape(3, 2)])
+    np.testing.assert_array_equal(prep.groups[0][1], before)

@@ -70,7 +70,8 @@ def run_against_reference(c, dtype, rng, shapes=SHAPES, steps=STEPS, grad_fn=Non
         assert [data_ptr(a) for a in written] == ptrs
         for i, (p, before) in enumerate(zip(params, params_before)):
             assert p.dtype == dtype and p.shape == shapes[i]
-            if p.size and grad_fn is None:
+            # (a rule may hold an element still: Rprop where the gradient's sign flipped)
+            if p.size and grad_fn is None and not np.array_equal(exp_params[i], before):
                 assert not np.array_equal(p, before), f"params[{i}] not updated at step {t}"
         for i, (g, before) in enumerate(zip(grads, grads_before)):
             assert_same_bits(g, before, f"grads[{i}] was written at step {t}")
@@ -133,9 +134,11 @@ def _grads_with_nonfinite(shapes, dtype, rng):
 @pytest.mark.parametrize("c", CASES, ids=str)
 def test_nonfinite_gradients_propagate_as_the_math_says(c, rng):
     """NaN and Inf in a gradient give what the equations give (equal_nan compares NaNs)."""
-    params, _ = run_against_reference(c, np.float64, rng, shapes=[(7,), (70,)], steps=2,
-                                       grad_fn=_grads_with_nonfinite)
-    assert not np.isfinite(params[0][0])
+    params, states = run_against_reference(c, np.float64, rng, shapes=[(7,), (70,)],
+                                           steps=2, grad_fn=_grads_with_nonfinite)
+    # the NaN reached the param, or the state (Rprop, whose NaN gradient moves nothing)
+    assert not np.isfinite(params[0][0]) or \
+        any(not np.isfinite(bufs[0][0]) for bufs in states.values())
 
 
 def test_reference_does_not_modify_its_inputs(rng):

@@ -71,7 +71,7 @@ def test_layout_is_torchs(c, rng):
     for key, value in c.options.items():
         assert sd["param_groups"][0][key] == value, key
     assert sorted(sd["state"]) == [0, 1, 2, 3, 4]
-    expected_names = set(c.state_names) | ({"step"} if c.algo.has_step else set())
+    expected_names = set(c.state_names) | set(c.algo.scalars)
     for i, p in enumerate(params):
         s = sd["state"][i]
         assert set(s) == expected_names, i

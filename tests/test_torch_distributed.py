@@ -151,3 +151,9 @@ def test_a_partial_gradient_is_refused(results):
         assert run["message"] is not None and "partial sum over ranks" in run["message"]
         assert "grads[0]" in run["message"]
         assert run["unchanged"]
+
+
+def test_8bit_state_is_refused_for_dtensor_params(results):
+    for rank in range(RANKS):
+        message = _run(results, "dtensor-8bit", rank)["message"]
+        assert message is not None and "optim_bits=8" in message and "DTensor" in message

@@ -231,8 +231,14 @@ def test_add_param_group_later():
 
 @pytest.mark.parametrize("name, opts", [("Adam", dict(lr=0.01, amsgrad=True)),
                                         ("SGD", dict(lr=0.05, momentum=0.9)),
-                                        ("Adagrad", dict(lr=0.05))])
+                                        ("Adagrad", dict(lr=0.05)),
+                                        ("NAdam", dict(lr=0.01)),
+                                        ("ASGD", dict(lr=0.01, t0=5.0)),
+                                        ("Rprop", dict(lr=0.01))])
 def test_state_dict_into_torch_optim_and_back(name, opts):
+    """(NAdam's mu_product and ASGD's eta and mu are per-param scalars that torch's
+    load_state_dict turns into the param's dtype: the flat mode keeps them so, as the
+    default mode does, bit for bit.)"""
     data = make_data()
     mf, mt = make_model(), make_model()
     flat = getattr(fot, name)(mf.parameters(), **opts, flat=True)
@@ -252,10 +258,16 @@ def test_state_dict_into_torch_optim_and_back(name, opts):
     bucket = f3._fo_buckets[0][0]
     for position, p in enumerate(m3.parameters()):  # the loaded state is flat again
         for key, v in f3.state[p].items():
-            if key != "step":
+            if key not in f3.spec.scalars:
                 assert bucket.owns_state(key, position, v), key
-    for model, opt in ((mf, flat), (mt, ref), (m2, t2), (m3, f3)):
+    # the default mode, loaded alike: the twin of f3
+    m4 = make_model()
+    m4.load_state_dict(mt.state_dict())
+    d4 = getattr(fot, name)(m4.parameters(), **opts)
+    d4.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for model, opt in ((mf, flat), (mt, ref), (m2, t2), (m3, f3), (m4, d4)):
         train(model, opt, 10, data)
+    assert_same_training(m3, f3, m4, d4, "loaded from torch.optim")
     for a, b in zip(mf.parameters(), m2.parameters()):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-9)
     for a, b in zip(mt.parameters(), m3.parameters()):
@@ -292,3 +304,146 @@ def test_deepcopy_steps_per_tensor():
     clone = copy.deepcopy(opt)
     assert not clone._fo_flat
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+
+
+# --- 8-bit state (optim_bits=8) ----------------------------------------------------------------
+
+
+def make_model8(dtype=torch.float32, seed=3):
+    """Weights of 600 elements (3 blocks of 256, the last partial) and 40, biases of 20
+    and 2: with min_8bit_size=30 the weights keep 8-bit state, the biases float32."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Tanh(),
+                               torch.nn.Linear(20, 2)).to(dtype)
+
+
+def make_data8(dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(32, 30, generator=g, dtype=dtype), torch.randn(32, 2, generator=g,
+                                                                        dtype=dtype)
+
+
+def torch_8bit_cases():
+    """The cases of the table whose options keep 8-bit state (the specs' `quantizable`)."""
+    seen = []
+    for c in CASES:
+        name = c.algo.cls.__name__
+        cls = getattr(fot, name, None)
+        if cls is None:
+            continue
+        try:
+            cls.spec.check_quantized(cls.spec.to_op({**cls.spec.group_defaults(torch=True),
+                                                     **c.overrides}), name)
+        except ValueError:
+            continue
+        seen.append(pytest.param(name, dict(c.overrides), id=str(c)))
+    return seen
+
+
+EIGHT = dict(optim_bits=8, min_8bit_size=30)
+
+
+@pytest.mark.parametrize("name, opts", torch_8bit_cases())
+def test_flat_8bit_equals_default_bit_for_bit(name, opts):
+    """flat=True with 8-bit state: the weights in a bucket of their own, on block
+    boundaries; params, codes and scales the same bits as the per-tensor steps."""
+    opts = {**opts, "lr": min(opts.get("lr", 1e-3), 1e-2), **EIGHT}
+    data = make_data8()
+    m1, m2 = make_model8(), make_model8()
+    o1 = getattr(fot, name)(m1.parameters(), **opts)
+    o2 = getattr(fot, name)(m2.parameters(), **opts, flat=True)
+    l1 = train(m1, o1, 20, data)
+    l2 = train(m2, o2, 20, data)
+    assert l1 == l2
+    assert_same_training(m1, o1, m2, o2, name)
+    weight = o1.state[m1[0].weight]
+    assert any(k.endswith("_absmax") for k in weight) or not o1.spec.active(
+        o1.spec.to_op(o1.param_groups[0]))
+
+
+def test_flat_8bit_buckets_views_and_padding():
+    model = make_model8()
+    params = list(model.parameters())
+    opt = fot.AdamW(params, lr=1e-2, flat=True, **EIGHT)
+    q8, plain = opt._fo_buckets[0]
+    assert q8.quantized and [p.numel() for p in q8.params] == [600, 40]
+    assert not plain.quantized and [p.numel() for p in plain.params] == [20, 2]
+    assert q8.starts == [0, 768] and q8.data.numel() == 1024  # block boundaries
+    train(model, opt, 5, make_data8())
+    for position, p in enumerate(q8.params):
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert q8.owns_state(name, position, st[name], st[name + "_absmax"])
+    for p in plain.params:
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert "exp_avg_absmax" not in opt.state[p]
+    pad = torch.ones(1024, dtype=torch.bool)
+    pad[:600] = pad[768:808] = False
+    assert not q8.data[pad].any() and not q8.grad[pad].any()  # the padding stays zero
+    for name in ("exp_avg", "exp_avg_sq"):
+        zero = q8.states[name][pad]
+        assert (zero == zero[0]).all()
+        assert fusedopt_decoded_zero(zero[0], opt.spec.state(name).positive)
+
+
+def fusedopt_decoded_zero(code, positive):
+    from fusedopt import _cpu
+
+    return _cpu.quant_tables(not positive)["code"][int(code)] == 0.0
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_8bit_steady_steps_reuse_the_kept_plans(flat, monkeypatch):
+    """After the first step, a group with 8-bit and float32 state makes no new plan: two
+    kernel calls per step (8-bit and float32), over one tensor each with flat=True."""
+    from fusedopt import _engine
+
+    model = make_model8()
+    opt = fot.Adam(model.parameters(), lr=1e-2, flat=flat, **EIGHT)
+    data = make_data8()
+    train(model, opt, 2, data)
+    made = []
+    real = _engine.plan
+    monkeypatch.setattr(_engine, "plan", lambda *a, **k: made.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch)
+    train(model, opt, 3, data)
+    assert made == []
+    assert calls == ([1, 1] if flat else [2, 2]) * 3
+
+
+def test_8bit_state_dict_loads_into_flat_buffers():
+    """A default optimizer's 8-bit state dict, loaded into a flat one: the codes and
+    scales are copied into the buckets (views again), and training goes on bit for bit."""
+    data = make_data8()
+    m1 = make_model8()
+    o1 = fot.Adagrad(m1.parameters(), lr=0.05, **EIGHT)
+    train(m1, o1, 4, data)
+    m2 = make_model8()
+    m2.load_state_dict(m1.state_dict())
+    o2 = fot.Adagrad(m2.parameters(), lr=0.05, flat=True, **EIGHT)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+    q8, plain = o2._fo_buckets[0]
+    for position, p in enumerate(q8.params):
+        st = o2.state[p]
+        assert q8.owns_state("sum", position, st["sum"], st["sum_absmax"])
+    for position, p in enumerate(plain.params):
+        assert plain.owns_state("sum", position, o2.state[p]["sum"])
+    assert train(m1, o1, 4, data) == train(m2, o2, 4, data)
+    assert_same_training(m1, o1, m2, o2, "loaded")
+
+
+def test_8bit_16bit_params_flat_equals_default():
+    """bfloat16 params: 8-bit state for the weights, float32 state for the small biases
+    (bitsandbytes' 32-bit state), flat or not."""
+    data = make_data8(torch.bfloat16)
+    runs = []
+    for flat in (False, True):
+        model = make_model8(torch.bfloat16)
+        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat, **EIGHT)
+        train(model, opt, 5, data)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert_same_training(m1, o1, m2, o2, "bfloat16")
+    assert o1.state[m1[0].bias]["exp_avg"].dtype == torch.float32
+    assert o1.state[m1[0].weight]["exp_avg"].dtype == torch.uint8

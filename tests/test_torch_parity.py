@@ -1,7 +1,9 @@
 """The optimizer classes against torch.optim (single-tensor path) in float64.
 
 Same options, same data, 60 steps: parameters and every state buffer agree to
-rtol 1e-9. Both sides compute in double, so what differs is only the grouping
+rtol 1e-9. The classes keep their per-param scalars (`step`, NAdam's `mu_product`,
+ASGD's `eta` and `mu`) as Python floats, torch.optim in its default dtype, so torch
+runs here with float64 as its default dtype: double on both sides. Both sides compute in double, so what differs is only the grouping
 of operations (torch's lerp for a moving average, say); that rounding stays
 many orders of magnitude below the tolerance over 60 steps. atol 1e-12 covers
 values that cancel to near zero, whose error is a few ulps of the terms.
@@ -20,6 +22,14 @@ torch = pytest.importorskip("torch")
 SHAPES = [(5,), (3, 4), (), (0,), (129,)]
 STEPS = 60
 RTOL, ATOL = 1e-9, 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _float64_scalars():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def torch_optimizer(c, tparams, **changes):
@@ -112,7 +122,7 @@ def fusedopt_sd_to_torch(sd):
     state = {}
     for i, s in sd["state"].items():
         state[i] = {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray)
-                    else torch.tensor(float(v), dtype=torch.float32) for k, v in s.items()}
+                    else torch.tensor(float(v), dtype=torch.float64) for k, v in s.items()}
     return {"state": state, "param_groups": sd["param_groups"]}
 
 

@@ -194,6 +194,20 @@ def partial_grad():
     return {"message": message, "unchanged": bool((p.to_local() == 1).all())}
 
 
+def dtensor_8bit():
+    """8-bit state (optim_bits=8) is refused for DTensor params, at construction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(8, 3), mesh, [Shard(0)]))
+    try:
+        fot.AdamW([p], lr=0.1, optim_bits=8, min_8bit_size=0)
+        return {"message": None}
+    except ValueError as e:
+        return {"message": str(e)}
+
+
 def runs(folder):
     """name -> function of each run, in an order every rank follows."""
     todo = {}
@@ -224,6 +238,7 @@ def runs(folder):
                 todo[f"dtensor-{placement}/{impl}/{name}"] = \
                     lambda i=impl, n=name, pl=placement: dtensor(i, n, pl)
     todo["dtensor-partial-grad"] = partial_grad
+    todo["dtensor-8bit"] = dtensor_8bit
     return todo
 
 

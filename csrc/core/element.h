@@ -34,6 +34,9 @@ struct Mode {
   std::uint64_t key;   // random stream of this call: a hash of (seed, step)
   double step;         // the step count t after this update (the rules' at_step)
   double l1 = 0.0;     // L1 proximal step after the rule: p = sign(p) max(|p| - l1, 0)
+  // 8-bit state (layouts.h's Int8Block): bit k set when state k is never negative and
+  // uses the unsigned code table (quant8.h), clear for the signed one
+  std::uint32_t unsigned_states = 0;
 };
 
 // The L1 proximal (soft-threshold) step. With a threshold of 0 it is exactly the

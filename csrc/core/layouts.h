@@ -7,11 +7,13 @@
 #include <type_traits>
 
 #include "element.h"
+#include "quant8.h"
 
 namespace fo {
 
-// Storage dtype codes (the Python layer's too).
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+// Storage dtype codes (the Python layer's too). Int8Block: states of 8-bit codes with a
+// float32 scale per block (quant8.h), for float32 and 16-bit params.
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int8Block = 4 };
 
 template <Extra X>
 using ExtraTag = std::integral_constant<Extra, X>;
@@ -26,6 +28,7 @@ bool with_16bit_layout(int state, int extra, F&& f) {
   };
   if (state == int(DType::Float32)) return with_extra(float{});
   if (state == int(DType::BFloat16)) return with_extra(bf16{});
+  if (state == int(DType::Int8Block)) return with_extra(q8{});
   return false;
 }
 
@@ -35,6 +38,8 @@ template <class F>
 bool with_layout(int param, int state, int extra, F&& f) {
   if (param == int(DType::Float32) && state == param && extra == 0)
     return f(float{}, float{}, float{}, ExtraTag<Extra::None>{}), true;
+  if (param == int(DType::Float32) && state == int(DType::Int8Block) && extra == 0)
+    return f(float{}, float{}, q8{}, ExtraTag<Extra::None>{}), true;
   if (param == int(DType::Float64) && state == param && extra == 0)
     return f(double{}, double{}, double{}, ExtraTag<Extra::None>{}), true;
   if (param == int(DType::Float16)) return with_16bit_layout<f16>(state, extra, f);

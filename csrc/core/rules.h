@@ -7,7 +7,12 @@
 #include "adadelta.h"
 #include "adagrad.h"
 #include "adam.h"
+#include "adamax.h"
+#include "asgd.h"
+#include "nadam.h"
+#include "radam.h"
 #include "rmsprop.h"
+#include "rprop.h"
 #include "sgd.h"
 #include "stream.h"
 
@@ -37,6 +42,11 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream1") return f(Stream<1>{}), true;
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
+  if (name == "nadam") return f(Nadam{}), true;
+  if (name == "radam") return f(Radam{}), true;
+  if (name == "adamax") return f(Adamax{}), true;
+  if (name == "asgd") return f(Asgd{}), true;
+  if (name == "rprop") return f(Rprop{}), true;
   return false;
 }
 

@@ -3,6 +3,8 @@
 // add per buffer, so the drivers can measure the in-place streaming limit that
 // an update rule with the same byte count can reach.
 #pragma once
+#include <type_traits>
+
 #include "common.h"
 
 namespace fo {
@@ -23,5 +25,11 @@ struct Stream : NoStepScalars {
     p = p + c;
   }
 };
+
+// Whether a rule is a bandwidth probe (the drivers run it without decoding 8-bit state).
+template <class Rule>
+struct IsStreamProbe : std::false_type {};
+template <int N>
+struct IsStreamProbe<Stream<N>> : std::true_type {};
 
 }  // namespace fo

@@ -50,10 +50,13 @@ constexpr std::int64_t kAlign = 64;          // elements: a whole number of cach
 constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost more than they save
 constexpr std::uint64_t kLine = 64;               // bytes of a cache line
 
+// Elements [lo, hi) of one tensor piece; slot holds its pointers (param, grad, states,
+// extra). Element i draws the random bits random_bits(key, base + i): `base` is the
+// index of the slots' first element in its tensor when the slots point into its middle.
 template <class Rule, class M, Extra X, class P, class S, bool SR, std::size_t... K>
 void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                        const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
-                       std::index_sequence<K...>) {
+                       std::index_sequence<K...>, std::uint64_t base = 0) {
   using XS = typename ExtraStorage<X, P>::type;
   // Local copies: their fields are known not to alias the arrays, so the compiler
   // hoists them and if-converts the rules' flag selects into vector blends.
@@ -71,7 +74,7 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
     P pv = p[i];
     S sv[sizeof...(K) + 1] = {s[K][i]..., S{}};
     XS xv = X != Extra::None ? x[i] : XS{};
-    const std::uint32_t rnd = SR ? random_bits(key, std::uint64_t(i)) : 0u;
+    const std::uint32_t rnd = SR ? random_bits(key, base + std::uint64_t(i)) : 0u;
     update_element_as<Rule, M, X, SR>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv);
     p[i] = pv;
     ((s[K][i] = sv[K]), ...);

@@ -1,6 +1,7 @@
 // One instantiation of every rule for every storage dtype, compiled once per
 // instruction set (the build defines FO_ISA_NS and the target flags); the
 // bindings pick the best set the running CPU supports.
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -11,6 +12,7 @@
 #include "../core/rules.h"
 #include "driver.h"
 #include "kernels.h"
+#include "quant_driver.h"
 #include "reduce.h"
 
 namespace fo::cpu::FO_ISA_NS {
@@ -32,8 +34,16 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
     for (Hyper& one : h) Rule::at_step(one, mode.step);
     const bool known = with_layout(layout.param, layout.state, layout.extra,
                                    [&](auto m, auto p, auto s, auto x) {
-      run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
-          t, h.data(), per_tensor, mode, max_threads);
+      if constexpr (std::is_same_v<decltype(s), q8>) {
+        if constexpr (Rule::kStates > 0)
+          run_q8<Rule, decltype(m), decltype(x)::value, decltype(p)>(t, h.data(), per_tensor,
+                                                                      mode, max_threads);
+        else
+          throw std::invalid_argument(std::string(kernel) + ": no state to store in 8 bits");
+      } else {
+        run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
+            t, h.data(), per_tensor, mode, max_threads);
+      }
     });
     if (!known)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
@@ -68,5 +78,40 @@ double sumsq(DType dtype, const Table& t, int max_threads) {
 }
 
 int vector_bits() { return vector_bits<>(); }
+
+// Threads for n elements of quantize/dequantize: one below 2 x kMinPerThread elements,
+// where starting a team costs more than it saves.
+int quant_threads(std::int64_t n, int max_threads) {
+  return int(std::max<std::int64_t>(1, std::min<std::int64_t>(max_threads, n / kMinPerThread)));
+}
+
+void quantize(bool is_signed, const float* x, std::int64_t n, q8* codes, float* scales,
+              int max_threads) {
+  const std::int64_t blocks = quant_blocks(n);
+  const int nt = quant_threads(n, max_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::int64_t at = b * kQuantBlock, m = std::min<std::int64_t>(kQuantBlock, n - at);
+    if (is_signed)
+      encode_block<true>(x + at, m, codes + at, scales + b, kQuantSigned);
+    else
+      encode_block<false>(x + at, m, codes + at, scales + b, kQuantUnsigned);
+  }
+}
+
+void dequantize(bool is_signed, const q8* codes, const float* scales, std::int64_t n, float* out,
+                int max_threads) {
+  const std::int64_t blocks = quant_blocks(n);
+  const float* table = is_signed ? kQuantSigned.code : kQuantUnsigned.code;
+  const int nt = quant_threads(n, max_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::int64_t at = b * kQuantBlock, m = std::min<std::int64_t>(kQuantBlock, n - at);
+    // decode_block stores whole vectors to aligned memory: decode into a buffer
+    alignas(64) float buf[kQuantBlock];
+    decode_block(codes + at, scales[b], table, buf, m);
+    std::copy(buf, buf + m, out + at);
+  }
+}
 
 }  // namespace fo::cpu::FO_ISA_NS

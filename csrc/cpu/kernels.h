@@ -22,6 +22,10 @@ struct Layout {
   double dot(DType dtype, const Table& t, int max_threads);                             \
   double sumsq(DType dtype, const Table& t, int max_threads);                           \
   int vector_bits();                                                                    \
+  void quantize(bool is_signed, const float* x, std::int64_t n, q8* codes, float* scales,  \
+                int max_threads);                                                       \
+  void dequantize(bool is_signed, const q8* codes, const float* scales, std::int64_t n,   \
+                  float* out, int max_threads);                                         \
   }
 FO_DECLARE_LAUNCH(isa_avx512)
 FO_DECLARE_LAUNCH(isa_avx2)

@@ -7,15 +7,26 @@
 
 #include "kernels.h"
 #include "multi_tensor.cuh"
+#include "quant_functor.cuh"
 #include "update_functor.cuh"
 
 namespace fo::cuda::FO_CUDA_NS {
 namespace {
 
+// The functor of a layout: 8-bit state (q8) decodes and encodes blocks of it.
+template <class Rule, class M, Extra X, class P, class S, bool SR>
+struct FunctorOf {
+  using type = UpdateFunctor<Rule, M, X, P, S, SR>;
+};
+template <class Rule, class M, Extra X, class P, bool SR>
+struct FunctorOf<Rule, M, X, P, q8, SR> {
+  using type = QuantFunctor<Rule, M, X, P, SR>;
+};
+
 template <class Rule, class M, Extra X, class P, class S, bool SR>
 void run(const StepCall& c) {
   using Hyper = typename Rule::Hyper;
-  using Op = UpdateFunctor<Rule, M, X, P, S, SR>;
+  using Op = typename FunctorOf<Rule, M, X, P, S, SR>::type;
   // Hyper is a plain struct of doubles: copy it out of the caller's array. The
   // per-step scalars come from the same at_step as on the CPU, in double on the
   // host, unless the count lives on the device.

@@ -39,20 +39,17 @@ constexpr int dtype_code() {
   if constexpr (std::is_same_v<T, float>) return int(DType::Float32);
   if constexpr (std::is_same_v<T, double>) return int(DType::Float64);
   if constexpr (std::is_same_v<T, f16>) return int(DType::Float16);
+  if constexpr (std::is_same_v<T, q8>) return int(DType::Int8Block);
   return int(DType::BFloat16);
 }
 
-template <class Rule>
-struct IsStreamProbe : std::false_type {};
-template <int N>
-struct IsStreamProbe<Stream<N>> : std::true_type {};
-
 // Whether this module has a kernel for the rule in the layout: every optimizer in
-// every layout; the bandwidth probes (stream*) only where the benchmarks use them,
-// float32, float64 and bfloat16 params with float32 states and master weights,
-// which keeps the build time in check.
+// every layout (8-bit state: every rule with states); the bandwidth probes (stream*)
+// only where the benchmarks use them, float32, float64 and bfloat16 params with
+// float32 states and master weights, which keeps the build time in check.
 template <class Rule, Extra X, class P, class S>
 constexpr bool is_built() {
+  if constexpr (std::is_same_v<S, q8>) return Rule::kStates > 0 && !IsStreamProbe<Rule>::value;
   if constexpr (!IsStreamProbe<Rule>::value) return true;
   return std::is_same_v<P, float> || std::is_same_v<P, double> ||
          (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master);
@@ -68,6 +65,9 @@ FO_DECLARE_CUDA_STEP(variant_f16_f32)
 FO_DECLARE_CUDA_STEP(variant_f16_bf16)
 FO_DECLARE_CUDA_STEP(variant_bf16_f32)
 FO_DECLARE_CUDA_STEP(variant_bf16_bf16)
+FO_DECLARE_CUDA_STEP(variant_f32_q8)
+FO_DECLARE_CUDA_STEP(variant_f16_q8)
+FO_DECLARE_CUDA_STEP(variant_bf16_q8)
 #undef FO_DECLARE_CUDA_STEP
 
 // One gradient table of grad_stats: the gradients of one dtype.

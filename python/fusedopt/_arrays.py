@@ -34,6 +34,7 @@ CPU = 0  # device column: 0 for host memory, 1 + ordinal for CUDA device `ordina
 # say bfloat16 through DLPack or torch).
 F32, F64, F16 = (np.dtype(t).num for t in (np.float32, np.float64, np.float16))
 SUPPORTED = "float32, float64, float16, bfloat16"
+QUANT_BLOCK = _cpu.QUANT_BLOCK  # elements per block scale of 8-bit state
 
 
 def kernel_dtypes():
@@ -226,7 +227,7 @@ def _check_list(op, name, seq, n):
 
 
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None):
+            extra=None, scales=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -237,7 +238,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     required. Arrays only read that are not C-contiguous are copied once; everything
     else is used in place or refused. `stream` is the CUDA stream the kernels will run
     on (None: the current stream of params[0]'s producer); GPU producers order their
-    pending work before it.
+    pending work before it. `scales`, for 8-bit states, holds one list of float32
+    block-scale arrays per state list (ceil(size / QUANT_BLOCK) elements each; the states
+    are then uint8 codes): they are checked with the rest, and their pointers follow
+    the other slots of the tables.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -257,6 +261,17 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         seqs.append(extra[0])
         names.append(extra[1])
         extra_kind = extra[2]
+    nscales = 0
+    if scales is not None:
+        if not isinstance(scales, (list, tuple)) or len(scales) != len(states):
+            raise ValueError(f"{op}: absmax must hold one list of scale arrays per state list "
+                             f"({len(states)}), got "
+                             f"{len(scales) if isinstance(scales, (list, tuple)) else scales!r}")
+        for name, seq in zip(state_names, scales):
+            _check_list(op, f"absmax of {name}", seq, n)
+            seqs.append(seq)
+            names.append(f"absmax of {name}")
+        nscales = len(scales)
     if n == 0:
         return Prepared(CPU, [], [], keep, op=op, names=names, stream=stream, params=params)
     R, strided = _describe_lists(op, seqs, names, n, keep, stream, params)
@@ -267,10 +282,10 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         rows = R[list(read)]
         _copy_strided(op, sub, [names[k] for k in read], rows, device, keep, stream, params)
         R[list(read)] = rows
-    tables = _cpu.Tables(R, len(states), extra_kind, read_only, _bf16_num())
+    tables = _cpu.Tables(R, len(states), extra_kind, read_only, _bf16_num(), nscales)
     issue = tables.issue
     if issue is not None:
-        raise _error(op, names, seqs, R, issue, extra_kind=extra_kind)
+        raise _error(op, names, seqs, R, issue, extra_kind=extra_kind, nscales=nscales)
     groups, layouts = [], []
     for code, scode, ptrs, sizes in tables.groups():
         groups.append((code, ptrs, sizes))
@@ -304,10 +319,11 @@ def _device_name(code):
 
 # What a failed check found (csrc/tables.h's What).
 (_PARAM_DTYPE, _STATE16_DTYPE, _DTYPE_MISMATCH, _EXTRA_NOT_16, _SHAPE, _DEVICE,
- _NOT_CONTIGUOUS, _READ_ONLY, _OVERLAP) = range(1, 10)
+ _NOT_CONTIGUOUS, _READ_ONLY, _OVERLAP, _INT8_PARAM, _CODE_DTYPE, _SCALE_DTYPE,
+ _SCALE_SIZE) = range(1, 14)
 
 
-def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
+def _error(op, names, seqs, R, issue, rows=None, extra_kind=0, nscales=0):
     """The exception for an issue of `_cpu.Tables`: the one place where a bad row
     becomes a message. `R` holds the rows of every list (or `rows` those of some)."""
     what, k, i, k2, j = issue
@@ -329,7 +345,7 @@ def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
         return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; the state of a "
                          "16-bit param is float32 or bfloat16")
     if what == _DTYPE_MISMATCH:
-        extra_list = len(names) - 1 if extra_kind else -1
+        extra_list = len(names) - 1 - nscales if extra_kind else -1
         if k == extra_list and extra_kind == 1:
             rule = "master weights are float32"
         elif 2 < k != extra_list:  # a state after the first: as the first
@@ -355,6 +371,20 @@ def _error(op, names, seqs, R, issue, rows=None, extra_kind=0):
     if what == _OVERLAP:
         return ValueError(f"{op}: {names[k]}[{i}] and {names[k2]}[{j}] share memory; arrays a "
                           "step writes must not overlap each other or the gradients")
+    if what == _INT8_PARAM:
+        return TypeError(f"{op}: params[{i}] has dtype {dtype(0, i)}; 8-bit state is for "
+                         "float32, float16 and bfloat16 params")
+    if what == _CODE_DTYPE:
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; 8-bit state (absmax "
+                         "given) is stored as uint8 codes")
+    if what == _SCALE_DTYPE:
+        return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; block scales are "
+                         "float32")
+    if what == _SCALE_SIZE:
+        size, need = int(row(k, i)[SIZE]), int(row(0, i)[SIZE])
+        return ValueError(f"{op}: {names[k]}[{i}] has {size} elements; params[{i}] has {need}, "
+                          f"which need {-(-need // QUANT_BLOCK)} (one scale per block of "
+                          f"{QUANT_BLOCK})")
     return AssertionError(f"{op}: unknown issue {issue}")
 
 

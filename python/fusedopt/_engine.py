@@ -30,14 +30,16 @@ class Plan:
     """A validated step, not yet run."""
 
     __slots__ = ("op", "kernel", "prep", "hyper", "stream", "params", "grads", "step",
-                 "options", "step_ptr", "lr")
+                 "options", "step_ptr", "lr", "unsigned_states")
 
     def __init__(self, op, kernel, prep, hyper, stream, params, grads, step, options, lr,
-                 step_ptr=0):
+                 step_ptr=0, unsigned_states=0):
         self.op, self.kernel, self.prep = op, kernel, prep
         self.hyper, self.stream, self.params, self.grads = hyper, stream, params, grads
         self.step, self.options, self.lr = step, options, lr
         self.step_ptr = step_ptr  # device address of a float64 step count, or 0
+        # 8-bit state: bit k set when state k is never negative (the unsigned code table)
+        self.unsigned_states = unsigned_states
 
     def sumsq(self):
         """Sum of squares of this step's raw gradients, in double (CPU)."""
@@ -79,6 +81,8 @@ class Plan:
             if self.step_ptr:
                 backend.module.advance_step(self.step_ptr, scale_ptr, mode["stream"])
                 mode["step_ptr"] = self.step_ptr
+        if opts.absmax is not None and self.unsigned_states:
+            mode["unsigned_states"] = self.unsigned_states
         for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
             backend.step(self.kernel, dtype, ptrs, sizes, self.hyper, **mode, **layout)
 
@@ -89,9 +93,10 @@ class Plan:
         kernel = spec.kernel(kw)
         if kernel != self.kernel:
             return False
+        lr = _l1_rate(self.op, kw, options)
         self.prep.with_grads(grads, trusted)
         self.hyper = pack(kernel, spec.hyper(kw))
-        self.lr, self.options, self.grads = kw.get("lr", 0.0), options, grads
+        self.lr, self.options, self.grads = lr, options, grads
         step = kw.get("step", 1)
         self.step = float(step) if type(step) in _NUMBER or isinstance(step, numbers.Real) \
             else 1.0
@@ -112,6 +117,17 @@ class Plan:
         if not skip:
             self.run(coef)
         return _precision.StepInfo(skip, norm)
+
+
+def _l1_rate(op, kw, options):
+    """The rate of the L1 proximal step (``lr * l1``): the op's ``lr``. An op whose update
+    takes no rate (Rprop's) may leave it None, unless ``l1`` needs it."""
+    lr = kw.get("lr", 0.0)
+    if lr is None:
+        if options.l1:
+            raise ValueError(f"{op}: l1 needs lr (the proximal step is lr * l1)")
+        lr = 0.0
+    return lr
 
 
 def device_checks(plans, options):
@@ -143,26 +159,36 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
     the state lists of the buffers `spec.active(kw)` names, in that order; `options`
     the step's `_precision.Options`. `hyper` may hold a ready hyperparameter table (one
     row per tensor: the batched optimizers, which also give the `kernel` and the state
-    `names` their members share); `op` the name errors carry (default: the op's).
+    `names` their members share); `op` the name errors carry (default: the op's). The L1
+    proximal step (``l1``) is ``kw["lr"] * l1``; an op whose update takes no rate
+    (Rprop's) has an optional ``lr`` for it, which ``l1`` then needs.
     """
     op = op or spec.op_name
     if options is None:
         options = _precision.Options(op, {})
+    lr = _l1_rate(op, kw, options)
     if kernel is None:
         kernel = spec.kernel(kw)
     if hyper is None:
         hyper = pack(kernel, spec.hyper(kw))
-    names = spec.arg_names(spec.active(kw) if names is None else names)
-    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra)
-    prep.keep.append((states, options.extra))  # a deferred plan's tables point into them
+    active = spec.active(kw) if names is None else names
+    names = spec.arg_names(active)
+    unsigned = 0
+    if options.absmax is not None:
+        spec.check_quantized(kw, op)
+        unsigned = sum(1 << k for k, name in enumerate(active) if spec.state(name).positive)
+    prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
+                           scales=options.absmax)
+    # a deferred plan's tables point into them
+    prep.keep.append((states, options.extra, options.absmax))
     step = kw.get("step", 1)
     step_ptr = 0
     if not isinstance(step, numbers.Real):
         step_ptr = _device_count(op, step, prep)
         prep.keep.append(step)
         step = 1.0
-    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options,
-                kw.get("lr", 0.0), step_ptr)
+    return Plan(op, kernel, prep, hyper, stream, params, grads, float(step), options, lr,
+                step_ptr, unsigned)
 
 
 class Kept:

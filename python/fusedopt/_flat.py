@@ -7,6 +7,13 @@ third, with per-param views in `optimizer.state` (so state dicts keep torch's
 per-param layout). A step over such a bucket is one kernel call over contiguous memory:
 its only per-tensor work is a check that the params and gradients are still the views
 (addresses, identities).
+
+Params with 8-bit state (``optim_bits=8``) get buckets of their own, in which each param
+starts on a block boundary (a multiple of `_quant.BLOCK` elements): a block of codes
+then never holds two params, and each param's block scales are a view of the bucket's
+scale buffer too. The padding between params is zero in every buffer (zero params and
+gradients, the zero code), which the update leaves zero, so that a flat step gives the
+same bits as the per-tensor one.
 """
 
 from __future__ import annotations
@@ -16,18 +23,24 @@ from operator import is_
 import numpy as np
 import torch
 
+from . import _quant
+
 
 class Bucket:
     """The params of one group with one (device, dtype), in one buffer."""
 
-    def __init__(self, params, indices):
+    def __init__(self, params, indices, quantized=False):
         self.params, self.indices = list(params), list(indices)
+        self.quantized = quantized  # 8-bit state: each param starts on a block boundary
         first = self.params[0]
         self.numels = [p.numel() for p in self.params]
-        self.offsets = np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64)
-        total = int(self.offsets[-1])
+        align = _quant.BLOCK if quantized else 1
+        self.starts, total = [], 0
+        for n in self.numels:
+            self.starts.append(total)
+            total = -(-(total + n) // align) * align
         kind = dict(dtype=first.dtype, device=first.device)
-        self.data = torch.empty(total, **kind)
+        self.data = torch.zeros(total, **kind) if quantized else torch.empty(total, **kind)
         self.grad = torch.zeros(total, **kind)
         self.param_views, self.grad_views = [], []
         with torch.no_grad():
@@ -42,30 +55,56 @@ class Bucket:
                 if p.grad is not None or p.requires_grad:
                     p.grad = gview
         self.ptrs = self._ptrs()
-        self.states = {}  # state name -> its flat buffer
+        self.states = {}  # state name -> its flat buffer (8-bit state: its codes)
         self.state_views = {}  # state name -> the per-param views
+        self.scales = {}  # 8-bit state name -> its flat block scales
+        self.scale_views = {}  # 8-bit state name -> the per-param views of the scales
         self.kept = None  # the bucket's plan, kept between steps
 
     def _views(self, flat):
-        return [flat[int(a):int(b)].view(p.shape)
-                for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])]
+        return [flat[a:a + n].view(p.shape)
+                for p, a, n in zip(self.params, self.starts, self.numels)]
 
     def _ptrs(self):
         return np.fromiter(map(torch.Tensor.data_ptr, self.params), np.int64,
                            len(self.params)).tobytes()
 
-    def state_view(self, name, position, value):
+    def state_view(self, name, position, value, dtype=None):
         """The view of param `position` in the flat buffer of state `name` (made on first
-        use, filled with `value`)."""
+        use, filled with `value`, of `dtype`: default the params')."""
         if name not in self.states:
-            self.states[name] = torch.full_like(self.data, value) if value else \
-                torch.zeros_like(self.data)
+            dtype = self.data.dtype if dtype is None else dtype
+            self.states[name] = torch.full_like(self.data, value, dtype=dtype) if value else \
+                torch.zeros_like(self.data, dtype=dtype)
             self.state_views[name] = self._views(self.states[name])
         return self.state_views[name][position]
 
-    def owns_state(self, name, position, tensor):
+    def quant_view(self, name, position, zero_code):
+        """(codes, scales): the views of param `position` in the flat uint8 codes and
+        float32 block scales of 8-bit state `name` (made on first use: `zero_code`, the
+        code of 0, and scales of 0, which the padding keeps)."""
+        if name not in self.states:
+            total = self.data.numel()
+            device = self.data.device
+            self.states[name] = torch.full((total,), zero_code, dtype=torch.uint8,
+                                           device=device)
+            self.state_views[name] = self._views(self.states[name])
+            scales = self.scales[name] = torch.zeros(_quant.blocks(total), dtype=torch.float32,
+                                                     device=device)
+            self.scale_views[name] = [
+                scales[a // _quant.BLOCK:a // _quant.BLOCK + _quant.blocks(n)]
+                for a, n in zip(self.starts, self.numels)]
+        return self.state_views[name][position], self.scale_views[name][position]
+
+    def owns_state(self, name, position, tensor, scales=None):
+        """Whether `tensor` (and, for 8-bit state, `scales`) is param `position`'s view of
+        the bucket's buffers of state `name`."""
         views = self.state_views.get(name)
-        return views is not None and views[position] is tensor
+        if views is None or views[position] is not tensor:
+            return False
+        if self.quantized:
+            return self.scale_views[name][position] is scales
+        return scales is None
 
     def check_params(self, owner):
         """RuntimeError when a param no longer lives in the buffer (the model was moved
@@ -112,12 +151,15 @@ class Bucket:
                 p.grad = None if set_to_none else p.grad.zero_()
 
 
-def buckets(group_params):
-    """The buckets of one group: its params by (device, dtype), in first-seen order."""
+def buckets(group_params, quantizes=None):
+    """The buckets of one group: its params by (device, dtype), in first-seen order;
+    with `quantizes` (param -> whether it keeps 8-bit state), those that do in buckets
+    of their own."""
     order = {}
     for i, p in enumerate(group_params):
-        order.setdefault((p.device, p.dtype), []).append(i)
-    return [Bucket([group_params[i] for i in idx], idx) for idx in order.values()]
+        quantized = bool(quantizes is not None and quantizes(p))
+        order.setdefault((p.device, p.dtype, quantized), []).append(i)
+    return [Bucket([group_params[i] for i in idx], idx, key[2]) for key, idx in order.items()]
 
 
 def check_disjoint(params, owner):

@@ -35,6 +35,10 @@ KEYWORDS = (
     ("l1", 0.0, "float",
      "L1 regularization: the proximal step ``p = sign(p) max(|p| - lr l1, 0)`` after the "
      "update."),
+    ("absmax", None, "list | None",
+     "8-bit state: for each state list the op uses (in the op's order), a list of float32 "
+     "arrays of block scales, ceil(size / 256) for each param; the state arrays then hold "
+     "uint8 codes (see `fusedopt.Precision`)."),
 )
 OPTIONS = tuple(k[0] for k in KEYWORDS)
 
@@ -141,6 +145,10 @@ class Options:
         self.max_grad_norm = kwargs.get("max_grad_norm")
         self.skip_nonfinite = bool(kwargs.get("skip_nonfinite", False))
         self.l1 = float(kwargs.get("l1", 0.0))
+        self.absmax = kwargs.get("absmax")
+        if self.absmax is not None and not isinstance(self.absmax, (list, tuple)):
+            raise TypeError(f"{op}: absmax must be a list (one list of scale arrays per state "
+                            f"list), got {type(self.absmax).__name__}")
         if not self.l1 >= 0.0:
             raise ValueError(f"{op}: l1 must be >= 0, got {self.l1}")
         if self.master_params is not None and self.kahan_buffers is not None:
@@ -176,13 +184,19 @@ class Precision:
 
     16-bit params (float16, bfloat16) run their math in float32; these options say
     where the state lives and how the result is written back. float32 and float64
-    params are not affected.
+    params are not affected, except by 8-bit state.
 
     Parameters
     ----------
-    state_dtype : dtype, optional
+    state_dtype : dtype or "int8", optional
         The dtype of the state buffers of 16-bit params: float32 (the default, None)
-        or bfloat16 (needs ml_dtypes).
+        or bfloat16 (needs ml_dtypes). ``"int8"``: 8-bit state for float32 and 16-bit
+        params alike (float64 params keep float64 state): each state buffer is stored
+        as uint8 codes of bitsandbytes' dynamic quantization maps (signed, or unsigned
+        for states that are never negative) with one float32 scale per block of 256
+        elements (the block's largest magnitude), under ``<name>_absmax`` in the state
+        (Dettmers et al. 2022). The kernels decode a block, update it and encode it
+        back in one pass: Adam moves 16 bytes per float32 element instead of 28.
     master_weights : bool, default False
         Keep a float32 master copy of each 16-bit param (state ``"master_param"``);
         the kernel updates it and writes the rounded param in the same pass.
@@ -195,12 +209,16 @@ class Precision:
     seed : int, default 0
         The seed of the rounding: a given seed and step count give the same bits on
         every run, thread count and device.
+    min_8bit_size : int, default 4096
+        With ``"int8"``, params with fewer elements keep float32 state (their own
+        dtype for float64 params), as bitsandbytes' 8-bit optimizers do: small
+        tensors such as biases and norms cost little and are the most sensitive.
 
     Raises
     ------
     ValueError
-        If both `master_weights` and `kahan` are asked, or `state_dtype` is neither
-        float32 nor bfloat16.
+        If both `master_weights` and `kahan` are asked, `state_dtype` is neither
+        float32, bfloat16 nor ``"int8"``, or `min_8bit_size` is not an integer >= 0.
 
     Examples
     --------
@@ -210,24 +228,55 @@ class Precision:
     >>> opt.step([np.ones(4, ml_dtypes.bfloat16)])
     >>> sorted(opt.state[0])
     ['exp_avg', 'exp_avg_sq', 'master_param', 'step']
+    >>> params = [np.zeros(1000, np.float32)]
+    >>> opt = fo.Adam(params, lr=1e-3, precision=fo.Precision(state_dtype="int8",
+    ...                                                        min_8bit_size=0))
+    >>> opt.step([np.ones(1000, np.float32)])
+    >>> for name, value in sorted(opt.state[0].items()):
+    ...     if name != "step":
+    ...         print(name, value.dtype, value.shape)
+    exp_avg uint8 (1000,)
+    exp_avg_absmax float32 (4,)
+    exp_avg_sq uint8 (1000,)
+    exp_avg_sq_absmax float32 (4,)
     """
 
     def __init__(self, *, state_dtype: Any = None, master_weights: bool = False,
                  kahan: bool = False, stochastic_rounding: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, min_8bit_size: int = 4096) -> None:
         if master_weights and kahan:
             raise ValueError("master_weights and kahan are alternatives; choose one")
-        self.state_dtype = None if state_dtype is None else np.dtype(state_dtype)
-        if self.state_dtype is not None and self.state_dtype.name not in ("float32",
-                                                                          "bfloat16"):
-            raise ValueError(f"state_dtype must be float32 or bfloat16, got {self.state_dtype}")
+        self.int8 = _is_int8(state_dtype)
+        self.state_dtype = None
+        if state_dtype is not None:
+            try:
+                self.state_dtype = np.dtype(state_dtype)
+            except TypeError:
+                raise ValueError(f"state_dtype must be float32 or bfloat16, or 'int8' for "
+                                 f"8-bit state, got {state_dtype!r}") from None
+        if self.state_dtype is not None and not self.int8 and \
+                self.state_dtype.name not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, or 'int8' for 8-bit "
+                             f"state, got {self.state_dtype}")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)) \
+                or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an integer >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = int(min_8bit_size)
         self.master_weights, self.kahan = bool(master_weights), bool(kahan)
         self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
 
     def __repr__(self):
-        return (f"Precision(state_dtype={self.state_dtype}, master_weights={self.master_weights}, "
+        state = "'int8'" if self.int8 else str(self.state_dtype)
+        extra = f", min_8bit_size={self.min_8bit_size}" if self.int8 else ""
+        return (f"Precision(state_dtype={state}, master_weights={self.master_weights}, "
                 f"kahan={self.kahan}, stochastic_rounding={self.stochastic_rounding}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}{extra})")
+
+    def quantizes(self, dtype: Any, size: int) -> bool:
+        """Whether a param of `dtype` (NumPy's or torch's) with `size` elements gets
+        8-bit state."""
+        return self.int8 and size >= self.min_8bit_size and \
+            (self.is_16bit(dtype) or _dtype_name(dtype) == "float32")
 
     @staticmethod
     def is_16bit(dtype: Any) -> bool:
@@ -235,11 +284,17 @@ class Precision:
         return np.dtype(dtype).itemsize == 2 if _is_numpy_dtype(dtype) else \
             getattr(dtype, "itemsize", 4) == 2
 
-    def state_dtype_for(self, param_dtype: Any) -> Any:
-        """The dtype of the state buffers of a param of `param_dtype`."""
+    def state_dtype_for(self, param_dtype: Any, size: int | None = None) -> Any:
+        """The dtype of the state buffers of a param of `param_dtype`: uint8 (codes)
+        where 8-bit state applies (`size`, the param's element count, decides under
+        ``"int8"``)."""
+        if size is not None and self.quantizes(param_dtype, size):
+            return np.dtype(np.uint8)
         if not self.is_16bit(param_dtype):
             return param_dtype
-        return self.state_dtype if self.state_dtype is not None else np.dtype(np.float32)
+        if self.int8 or self.state_dtype is None:
+            return np.dtype(np.float32)
+        return self.state_dtype
 
     @property
     def has_extra(self) -> bool:
@@ -258,6 +313,20 @@ class Precision:
         if not self.stochastic_rounding:
             return {}
         return {"stochastic_rounding": True, "seed": rounding_key(self.seed, steps_taken)}
+
+
+def _is_int8(state_dtype):
+    """Whether a state_dtype asks for 8-bit state ("int8", or NumPy's int8)."""
+    if state_dtype is None:
+        return False
+    if isinstance(state_dtype, str):
+        return state_dtype == "int8"
+    return _is_numpy_dtype(state_dtype) and np.dtype(state_dtype) == np.int8
+
+
+def _dtype_name(dtype):
+    """A dtype's name (NumPy's, or the last part of torch's)."""
+    return np.dtype(dtype).name if _is_numpy_dtype(dtype) else str(dtype).rpartition(".")[2]
 
 
 PLAIN = Options("step", {})

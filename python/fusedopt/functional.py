@@ -4,7 +4,8 @@ One op per algorithm of the table (`fusedopt.algorithms`), named after it with a
 trailing underscore (``adam_``, ``sgd_``, ...): it updates `params` and the state lists
 in place, with torch.optim's equations. Every op also takes the mixed-precision and
 gradient-check keywords (`master_params`, `kahan_buffers`, `stochastic_rounding`,
-`seed`, `loss_scale`, `max_grad_norm`, `skip_nonfinite`, `l1`); with `max_grad_norm` or
+`seed`, `loss_scale`, `max_grad_norm`, `skip_nonfinite`, `l1`, and `absmax`: the block
+scales of 8-bit states, whose arrays then hold uint8 codes); with `max_grad_norm` or
 `skip_nonfinite` it returns a StepInfo(skipped, grad_norm), on a GPU a DeviceStepInfo
 (the checks and the skip stay on the device). Hyperparameters are plain Python numbers;
 per-step scalars (bias corrections, decayed rates) are computed once per call, in

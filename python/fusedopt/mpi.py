@@ -206,9 +206,9 @@ class ZeroRedundancyOptimizer:
         mismatch raises ValueError on every rank.
     optimizer_class : type, optional
         The inner optimizer, a fusedopt element-wise optimizer class (`fusedopt.SGD`,
-        `Adagrad`, `RMSprop`, `Adadelta`, `Adam`, `AdamW` or a subclass); default
-        `fusedopt.AdamW`. L-BFGS and Newton need the whole parameter vector and are
-        refused.
+        `Adam`, `AdamW`, `NAdam`, `Rprop`, ... any class of the table of algorithms, or
+        a subclass); default `fusedopt.AdamW`. L-BFGS and Newton need the whole
+        parameter vector and are refused.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the training (default ``MPI.COMM_WORLD``).
     **defaults
@@ -279,7 +279,7 @@ class ZeroRedundancyOptimizer:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)) \
                 or issubclass(optimizer_class, (LBFGS, Newton)):
             raise TypeError(f"{_OP}: optimizer_class must be a fusedopt element-wise optimizer "
-                            "(SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW or a subclass), got "
+                            "(SGD, Adam, AdamW, NAdam, Rprop, ... or a subclass), got "
                             f"{optimizer_class!r}")
         groups = list(params) if isinstance(params, (list, tuple)) else None
         if not groups:
@@ -462,7 +462,8 @@ class ZeroRedundancyOptimizer:
         Collective. On rank 0 the result equals what ``optimizer_class(params,
         **defaults).state_dict()`` would hold after the same steps on the averaged
         gradients in one process: one entry per param with its full state arrays and
-        step count, and the param groups. Other ranks get None.
+        per-param scalars (the step count, NAdam's mu_product, ...), and the param
+        groups. Other ranks get None.
 
         Returns
         -------
@@ -470,8 +471,10 @@ class ZeroRedundancyOptimizer:
         """
         root = self.rank == 0
         inner = self.optim
+        scalars = inner.spec.scalars
         index = 0
-        gathered = []  # per slot: (step or None, {name: full array of the slot's range})
+        # per slot: ({scalar: value} or None, {name: full array of the slot's range})
+        gathered = []
         for slot, group in zip(self._slots, inner.param_groups):
             states = [inner.state.get(index + j) for j in range(len(group["params"]))]
             index += len(group["params"])
@@ -483,7 +486,7 @@ class ZeroRedundancyOptimizer:
             counts, displs = _overlap(slot.lo, slot.hi, bucket.bounds)
             full = {}
             for name, value in first.items():
-                if name == "step":
+                if name in scalars:
                     continue
                 local = value.reshape(-1) if len(states) == 1 else \
                     self._xp.concatenate([s[name].reshape(-1) for s in states])
@@ -492,7 +495,7 @@ class ZeroRedundancyOptimizer:
                 self.comm.Gatherv(local, [out, counts, displs, _MPI_TYPES[np.dtype(local.dtype)]]
                                   if root else None, root=0)
                 full[name] = out
-            gathered.append((first.get("step"), full))
+            gathered.append(({n: first[n] for n in scalars if n in first} or None, full))
         if not root:
             return None
         state, groups, start = {}, [], 0
@@ -513,7 +516,7 @@ class ZeroRedundancyOptimizer:
                 entry = {name: arr[lo - slot.lo:lo - slot.lo + size].reshape(p.shape).copy()
                          for name, arr in full.items()}
                 if step is not None:
-                    entry["step"] = step
+                    entry.update(step)
                 state[i] = entry
         return {"state": state, "param_groups": groups}
 
@@ -559,7 +562,7 @@ class ZeroRedundancyOptimizer:
                     continue
                 entry = {name: local[name][j].reshape(piece.shape) for name in names}
                 if step is not None:
-                    entry["step"] = step
+                    entry.update(step)
                 inner_state[index + j] = entry
             index += len(pieces)
         inner_groups = []
@@ -606,6 +609,7 @@ class ZeroRedundancyOptimizer:
                 raise ValueError(f"loaded state dict has state for unknown param {key!r}")
             state[where[key]] = value
         xp = self._xp
+        scalars = self.optim.spec.scalars
         slots = []
         for slot in self._slots:
             bucket = self._buckets[slot.b]
@@ -617,13 +621,19 @@ class ZeroRedundancyOptimizer:
             if len(have) != len(members):
                 raise ValueError(f"loaded state of group {slot.k} covers some of its params "
                                  f"only (params {have[:3]}...); the shards need all or none")
-            names = sorted(name for name in state[have[0]] if name != "step")
-            steps = {None if state[i].get("step") is None else float(state[i]["step"])
-                     for i in members}
-            if len(steps) > 1:
-                raise ValueError(f"loaded state of group {slot.k} has different step counts "
-                                 f"{sorted(steps, key=str)}; the shards keep one per group")
-            step = steps.pop()
+            names = sorted(name for name in state[have[0]] if name not in scalars)
+            step = {}  # the group's per-param scalars: one value each, as the shards keep
+            for name in scalars:
+                values = {None if state[i].get(name) is None else float(state[i][name])
+                          for i in members}
+                if len(values) > 1:
+                    what = "step counts" if name == "step" else f"values of {name}"
+                    raise ValueError(f"loaded state of group {slot.k} has different {what} "
+                                     f"{sorted(values, key=str)}; the shards keep one per group")
+                value = values.pop()
+                if value is not None:
+                    step[name] = value
+            step = step or None
             full = {}
             for name in names:
                 parts = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _engine, _precision
+from . import _arrays, _engine, _precision, _quant
 from ._precision import Precision
 from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
@@ -189,12 +189,19 @@ class Optimizer:
         buffer the policy asks for, and the scalars."""
         spec = self.spec
         arr = _arrays.like("step", f"params[{idx}]", param)
-        dtype = self.precision.state_dtype_for(arr.dtype)
+        size = _quant.size_of(arr)
+        dtype = self.precision.state_dtype_for(arr.dtype, size)
+        quantized = self.precision.quantizes(arr.dtype, size)
         state = {}
         for name in spec.active(spec.to_op(group)):
             buf = state[name] = _arrays.zeros_like(arr, dtype)
             value = spec.init_value(name, group)
-            if value:
+            if quantized:  # uint8 codes and a scale per block
+                scales = state[_quant.absmax_name(name)] = _quant.scales_like(arr, size)
+                code, scale = _quant.constant(value, spec.state(name).positive)
+                buf[...] = code
+                scales[...] = scale
+            elif value:
                 buf[...] = value
         extra = self.precision.extra_name(arr.dtype)
         if extra == "master_param":
@@ -279,6 +286,8 @@ class Optimizer:
                 keys = set(map(scalar_key, states))
                 if self.precision.has_extra and len({_dtype(p) for p in params}) > 1:
                     keys.add(None)  # 16-bit params with master/Kahan buffers and others
+                if self.precision.int8 and len(set(map(_quantized, states))) > 1:
+                    keys.add(None)  # params with 8-bit state and others
                 if len(keys) == 1:  # the common case: one bucket for the whole group
                     plans.append(self._bucket_plan(kw, precision, params, gslice, states,
                                                    keys.pop(), False, updates, gi))
@@ -291,12 +300,12 @@ class Optimizer:
                 if state is None:
                     state = created[offset + j] = self._new_state(offset + j, p, group)
                 key = (scalar_key(state), (offset + j) in created,
-                       self.precision.extra_name(_dtype(p)))
+                       self.precision.extra_name(_dtype(p)), _quantized(state))
                 bucket = buckets.setdefault(key, ([], [], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
                 bucket[2].append(state)
-            for (scalars, fresh, _), (ps, gs, ss) in buckets.items():
+            for (scalars, fresh, _, _), (ps, gs, ss) in buckets.items():
                 plans.append(self._bucket_plan(kw, precision, ps, gs, ss, scalars, fresh,
                                                updates))
             offset += n
@@ -344,20 +353,24 @@ class Optimizer:
         spec = self.spec
         names = spec.active(kw)
         lists = [list(map(itemgetter(name), states)) for name in names]
+        kept_lists = lists
+        if names and states and _quantized(states[0]):
+            absmax = [list(map(itemgetter(_quant.absmax_name(name)), states)) for name in names]
+            precision = dict(precision, absmax=absmax)
+            kept_lists = lists + absmax
         before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
         extra, after = spec.advance(kw, before)
         if extra:
             kw = {**kw, **extra}
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: fresh}
-        kept_lists = lists
         if params:
             name = self.precision.extra_name(_dtype(params[0]))
             if name is not None:
                 precision = dict(precision)
                 key = "master_params" if name == "master_param" else "kahan_buffers"
                 precision[key] = [s[name] for s in states]
-                kept_lists = lists + [precision[key]]
+                kept_lists = kept_lists + [precision[key]]
         updates.append((states, after))
         options = _precision.Options("step", precision) if precision else _precision.PLAIN
         if group_index is not None:
@@ -426,26 +439,33 @@ class Optimizer:
     def _load_param_state(self, idx, group, saved):
         spec = self.spec
         param = _arrays.like("load_state_dict", f"params[{idx}]", self._param(idx))
+        size = _quant.size_of(param)
+        quantized = self.precision.quantizes(param.dtype, size)
         state = {}
         names = list(spec.active(spec.to_op(group)))
+        scale_names = [_quant.absmax_name(n) for n in names] if quantized else []
         extra = self.precision.extra_name(param.dtype)
         if extra is not None:
             names.append(extra)
-        for name in names:
+        for name in names + scale_names:
             if name not in saved or saved[name] is None:
                 raise ValueError(f"loaded state of param {idx} has no {name!r}")
             value = saved[name]
             shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
-            if shape != tuple(param.shape):
-                raise ValueError(f"loaded {name} of param {idx} has shape {shape}, the param "
-                                 f"has {tuple(param.shape)}")
-            want = np.dtype(np.float32) if name == "master_param" else \
+            want_shape = (_quant.blocks(size),) if name in scale_names else tuple(param.shape)
+            if shape != want_shape:
+                raise ValueError(f"loaded {name} of param {idx} has shape {shape}, expected "
+                                 f"{want_shape} for a param of shape {tuple(param.shape)}")
+            want = np.dtype(np.float32) if name == "master_param" or name in scale_names else \
                 param.dtype if name == "kahan_comp" else \
-                self.precision.state_dtype_for(param.dtype)
+                self.precision.state_dtype_for(param.dtype, size)
             if dtype != want:
                 raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
                                  f"{want} for a param of dtype {param.dtype}")
-            out = state[name] = _arrays.zeros_like(param, want)
+            if name in scale_names:
+                out = state[name] = _quant.scales_like(param, size)
+            else:
+                out = state[name] = _arrays.zeros_like(param, want)
             out[...] = value
         for name in spec.scalars:
             value = saved.get(name)
@@ -460,6 +480,11 @@ class Optimizer:
 
 def _no_scalars(state):
     return ()
+
+
+def _quantized(state):
+    """Whether a param's state is 8-bit (its buffers have block scales)."""
+    return any(k.endswith("_absmax") for k in state)
 
 
 def _dtype(param):

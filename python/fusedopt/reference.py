@@ -22,7 +22,9 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax",
+           "asgd", "rprop"]
+__all__ += ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
 
 _Arrays = Sequence[ArrayLike]
 _Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
@@ -396,3 +398,417 @@ def adamw(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arra
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay)
+
+
+def nadam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays, *,
+          step: int, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float = 0.0, momentum_decay: float = 4e-3, mu_product: float,
+          maximize: bool = False, decoupled_weight_decay: bool = False) -> _Result:
+    """One step of NAdam (torch.optim.NAdam's algorithm), with L2 or decoupled weight decay.
+
+    The momentum coefficients :math:`\\mu_t = \\beta_1 (1 - \\tfrac12\\, 0.96^{t\\psi})`
+    and their product :math:`\\Pi_t = \\mu_1 \\cdots \\mu_t`;
+    :math:`g \\mathrel{+}= \\lambda p` (L2) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (decoupled); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`;
+    :math:`p \\mathrel{-}= \\eta \\left(\\frac{(1 - \\mu_t)\\, g}{1 - \\Pi_t} +
+    \\frac{\\mu_{t+1}\\, m}{1 - \\Pi_t \\mu_{t+1}}\\right) /
+    \\left(\\sqrt{v / (1 - \\beta_2^t)} + \\epsilon\\right)`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    momentum_decay : float, default 4e-3
+        :math:`\\psi`.
+    mu_product : float
+        :math:`\\Pi_t`, this step's coefficient included (torch's ``mu_product`` after
+        the step).
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly instead of adding :math:`\\lambda p` to the gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    for i in range(n):
+        p = ps[i]
+        g = -gs[i] if maximize else gs[i]
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        v = beta2 * vs[i] + (1.0 - beta2) * g * g
+        ms[i], vs[i] = m, v
+        m_hat = (mu_next * m / (1.0 - mu_product * mu_next)
+                 + (1.0 - mu) * g / (1.0 - mu_product))
+        v_hat = v / (1.0 - beta2 ** step)
+        ps[i] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return _result(ps, ms, vs)
+
+
+def radam(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays, *,
+          step: int, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float = 0.0, maximize: bool = False,
+          decoupled_weight_decay: bool = False) -> _Result:
+    """One step of RAdam (torch.optim.RAdam's algorithm), with L2 or decoupled weight decay.
+
+    :math:`g \\mathrel{+}= \\lambda p` (L2) or :math:`p \\mathrel{*}= 1 - \\eta\\lambda`
+    (decoupled); :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`. The length of the approximated simple
+    moving average :math:`\\rho_t = \\rho_\\infty - 2 t \\beta_2^t / (1 - \\beta_2^t)`,
+    :math:`\\rho_\\infty = 2 / (1 - \\beta_2) - 1`, decides: above 5 the adaptive step,
+    rectified by :math:`r_t = \\sqrt{(\\rho_t - 4)(\\rho_t - 2)\\rho_\\infty /
+    ((\\rho_\\infty - 4)(\\rho_\\infty - 2)\\rho_t)}`,
+    :math:`p \\mathrel{-}= \\frac{\\eta\\, r_t}{1 - \\beta_1^t}\\, m\\,
+    \\frac{\\sqrt{1 - \\beta_2^t}}{\\sqrt{v} + \\epsilon}`; otherwise
+    :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\, m`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    decoupled_weight_decay : bool, default False
+        Decay the params directly instead of adding :math:`\\lambda p` to the gradient.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2 ** step / (1.0 - beta2 ** step)
+    for i in range(n):
+        p = ps[i]
+        g = -gs[i] if maximize else gs[i]
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        v = beta2 * vs[i] + (1.0 - beta2) * g * g
+        ms[i], vs[i] = m, v
+        m_hat = m / (1.0 - beta1 ** step)
+        if rho_t > 5.0:
+            adaptive = np.sqrt(1.0 - beta2 ** step) / (np.sqrt(v) + eps)
+            rect = np.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                           / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+            ps[i] = p - lr * m_hat * adaptive * rect
+        else:
+            ps[i] = p - lr * m_hat
+    return _result(ps, ms, vs)
+
+
+def adamax(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_infs: _Arrays, *,
+           step: int, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float = 0.0, maximize: bool = False) -> _Result:
+    """One step of Adamax (torch.optim.Adamax's algorithm).
+
+    :math:`g \\mathrel{+}= \\lambda p`; :math:`m = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`u = \\max(\\beta_2 u, |g| + \\epsilon)`, a NaN kept (as torch.maximum keeps
+    it); :math:`p \\mathrel{-}= \\frac{\\eta}{1 - \\beta_1^t}\\, m / u`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_infs : sequence of array_like
+        Parameters, gradients, first moments and infinity norms, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_infs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    us = _f64(exp_infs, "exp_infs", n)
+    for i in range(n):
+        p = ps[i]
+        g = _prepare_grad(gs[i], p, maximize, weight_decay)
+        m = beta1 * ms[i] + (1.0 - beta1) * g
+        u = np.maximum(beta2 * us[i], np.abs(g) + eps)
+        ms[i], us[i] = m, u
+        ps[i] = p - lr / (1.0 - beta1 ** step) * m / u
+    return _result(ps, ms, us)
+
+
+def asgd(params: _Arrays, grads: _Arrays, axs: _Arrays, *, step: int, lr: float,
+         lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6, weight_decay: float = 0.0,
+         maximize: bool = False, eta: Optional[float] = None,
+         mu: Optional[float] = None) -> _Result:
+    """One step of ASGD (torch.optim.ASGD's algorithm): SGD with a decaying rate, and the
+    running average of the iterates.
+
+    :math:`g \\mathrel{+}= \\lambda_2 p`;
+    :math:`p = p\\,(1 - \\lambda \\eta_t) - \\eta_t\\, g`;
+    :math:`a = a + \\mu_t (p - a)`, or :math:`a = p` while :math:`\\mu_t = 1`. Step
+    :math:`t`'s rate and averaging coefficient are `eta` and `mu` when given (torch's
+    state before the step), else
+    :math:`\\eta_t = \\eta / (1 + \\lambda \\eta (t - 1))^\\alpha` and
+    :math:`\\mu_t = 1 / \\max(1, t - 1 - t_0)`.
+
+    Parameters
+    ----------
+    params, grads, axs : sequence of array_like
+        Parameters, gradients and the running averages of the params, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`, from which the rate decays.
+    lambd : float, default 1e-4
+        :math:`\\lambda`.
+    alpha : float, default 0.75
+        :math:`\\alpha`.
+    t0 : float, default 1e6
+        :math:`t_0`, the step from which the iterates are averaged.
+    weight_decay : float, default 0.0
+        L2 decay :math:`\\lambda_2`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    eta : float, optional
+        :math:`\\eta_t`.
+    mu : float, optional
+        :math:`\\mu_t`.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, axs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    axs_ = _f64(axs, "axs", n)
+    if eta is None:
+        eta = lr / (1.0 + lambd * lr * (step - 1)) ** alpha
+    if mu is None:
+        mu = 1.0 / max(1.0, step - 1 - t0)
+    for i in range(n):
+        p = ps[i]
+        g = _prepare_grad(gs[i], p, maximize, weight_decay)
+        p = p * (1.0 - lambd * eta) - eta * g
+        ps[i] = p
+        axs_[i] = p.copy() if mu == 1 else axs_[i] + mu * (p - axs_[i])
+    return _result(ps, axs_)
+
+
+def _torch_sign(x):
+    """torch.sign: -1, 0 or 1, and 0 for NaN."""
+    return np.where(np.isnan(x), 0.0, np.sign(x))
+
+
+def rprop(params: _Arrays, grads: _Arrays, prevs: _Arrays, step_sizes: _Arrays, *,
+          etaminus: float, etaplus: float, step_size_min: float, step_size_max: float,
+          maximize: bool = False, lr: Optional[float] = None) -> _Result:
+    """One step of Rprop (torch.optim.Rprop's algorithm).
+
+    Each step size :math:`s` grows by :math:`\\eta_+` where the gradient kept the
+    previous gradient's sign, shrinks by :math:`\\eta_-` where it flipped (and the
+    gradient counts as 0 there), and is clamped to :math:`[s_{min}, s_{max}]` every
+    step, a NaN kept, as torch clamps it; :math:`p \\mathrel{-}= \\mathrm{sign}(g)\\, s`
+    with torch.sign's signs (0 for NaN); the gradient becomes the previous one.
+
+    Parameters
+    ----------
+    params, grads, prevs, step_sizes : sequence of array_like
+        Parameters, gradients, previous gradients and step sizes, aligned.
+    etaminus, etaplus : float
+        :math:`\\eta_-, \\eta_+`.
+    step_size_min, step_size_max : float
+        :math:`s_{min}, s_{max}`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+    lr : float, optional
+        Plays no part in the update (the classes start the step sizes at it); taken
+        for the functional op's signature.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, prevs, step_sizes)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    prev_ = _f64(prevs, "prevs", n)
+    sizes = _f64(step_sizes, "step_sizes", n)
+    for i in range(n):
+        g = -gs[i] if maximize else gs[i]
+        same = _torch_sign(g * prev_[i])
+        size = np.where(same > 0, sizes[i] * etaplus,
+                        np.where(same < 0, sizes[i] * etaminus, sizes[i]))
+        size = np.minimum(np.maximum(size, step_size_min), step_size_max)
+        g = np.where(same < 0, 0.0, g)
+        ps[i] = ps[i] - _torch_sign(g) * size
+        prev_[i], sizes[i] = g, size
+    return _result(ps, prev_, sizes)
+# --- blockwise 8-bit state ------------------------------------------------------------------------
+
+_BLOCK = 256  # elements per block scale
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 values of the dynamic quantization map, sorted, in float64.
+
+    Dettmers et al.'s map (bitsandbytes' ``create_dynamic_map``): for each decade
+    :math:`i = 0..6`, the midpoints of :math:`n_i` equal intervals of :math:`[0.1, 1]`
+    times :math:`10^{i-6}`, with :math:`n_i = 2^i` (signed map, and their negatives)
+    or :math:`2^{i+1}` (unsigned map); and 0 and 1.
+
+    Parameters
+    ----------
+    signed : bool
+        The signed map (for states of either sign) or the unsigned one (for states
+        that are never negative).
+
+    Returns
+    -------
+    ndarray
+        The 256 values, ascending; a code is an index into it.
+
+    Examples
+    --------
+    >>> from fusedopt import reference
+    >>> table = reference.dynamic_map(signed=True)
+    >>> print(table.size, table[0], table[-1])
+    256 -0.99296875 1.0
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2 ** i if signed else 2 ** (i + 1)
+        means = 0.1 + 0.9 * (np.arange(n) + 0.5) / n
+        values += list(10.0 ** (i - 6) * means)
+        if signed:
+            values += list(-10.0 ** (i - 6) * means)
+    out = np.sort(np.array(values))
+    assert out.size == 256
+    return out
+
+
+def quantize_blockwise(values: ArrayLike, signed: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Blockwise 8-bit codes and scales of a flat array, by brute force.
+
+    In blocks of 256 elements (the last may be shorter), each block's scale is its
+    largest magnitude and each code the index of the map value nearest to
+    value / scale (the lower one on a tie). A block of zeros gets scale 0 and the code
+    of 0; negative values count as 0 under the unsigned map.
+
+    Parameters
+    ----------
+    values : array_like
+        The values, flattened.
+    signed : bool
+        Which map (`dynamic_map`).
+
+    Returns
+    -------
+    codes : ndarray of int64
+        One code per value.
+    scales : ndarray of float64
+        One scale per block.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> codes, scales = reference.quantize_blockwise(np.array([0.5, -2.0]), signed=True)
+    >>> print(scales, reference.dequantize_blockwise(codes, scales, signed=True))
+    [2.] [ 0.4953125 -1.9859375]
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    table = dynamic_map(signed)
+    zero = int(np.flatnonzero(table == 0.0)[0])
+    codes = np.empty(x.size, dtype=np.int64)
+    scales = np.zeros((x.size + _BLOCK - 1) // _BLOCK)
+    for b in range(scales.size):
+        block = x[b * _BLOCK:(b + 1) * _BLOCK]
+        scale = np.abs(block).max()
+        scales[b] = scale
+        if scale == 0.0:
+            codes[b * _BLOCK:(b + 1) * _BLOCK] = zero
+            continue
+        y = block / scale if signed else np.maximum(block, 0.0) / scale
+        codes[b * _BLOCK:(b + 1) * _BLOCK] = np.abs(y[:, None] - table[None, :]).argmin(axis=1)
+    return codes, scales
+
+
+def dequantize_blockwise(codes: ArrayLike, scales: ArrayLike, signed: bool) -> np.ndarray:
+    """The float64 values of blockwise 8-bit codes: map value times the block's scale.
+
+    Parameters
+    ----------
+    codes : array_like of int
+        One code per element (an index into `dynamic_map`), flattened.
+    scales : array_like
+        One scale per block of 256 elements.
+    signed : bool
+        Which map (`dynamic_map`).
+
+    Returns
+    -------
+    ndarray
+        The values, flat.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fusedopt import reference
+    >>> reference.dequantize_blockwise(np.array([0, 255]), np.array([3.0]), signed=False)
+    array([0., 3.])
+    """
+    codes = np.asarray(codes).ravel().astype(np.int64)
+    scales = np.repeat(np.asarray(scales, dtype=np.float64), _BLOCK)[:codes.size]
+    return dynamic_map(signed)[codes] * scales

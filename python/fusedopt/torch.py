@@ -28,6 +28,16 @@ the whole step of a small model).
 
 `foreach` and `fused` are accepted and kept in the param groups (state dicts then
 load into torch.optim unchanged) but change nothing here: every step is fused.
+
+``optim_bits=8`` (keyword-only, bitsandbytes' name; with ``min_8bit_size``, default
+4096) keeps the state of every float32, float16 or bfloat16 param with at least that
+many elements in 8 bits: uint8 codes under torch's names and float32 block scales
+(one per 256 elements) under ``<name>_absmax``; smaller params keep float32 state
+(float64 params their own). Loaded 8-bit state keeps its dtypes. `Adam8bit` and
+`AdamW8bit` are bitsandbytes' classes of those names, with its signatures, state
+names and state-dict layout (`fusedopt._torch8bit`). With ``flat=True`` the 8-bit
+params of a group get flat buffers of their own, each param starting on a block
+boundary, so that its scales are a view too.
 `capturable` and `differentiable` are not supported. Complex params are refused
 (TypeError), as are sparse gradients.
 """
@@ -44,7 +54,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-from . import _engine, _flat, _foreign, _precision
+from . import _engine, _flat, _foreign, _precision, _quant, _torch8bit
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
 from .optimizers import bind_options
@@ -52,6 +62,7 @@ from .optimizers import bind_options
 __all__ = []
 
 _GRAD = attrgetter("grad")
+_QUANTIZED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _scalar_dtype():
@@ -109,19 +120,32 @@ def _hooked_step(func):
     return wrapper
 
 
+def _stored(values):
+    """The per-param scalars of params that share them, each as a NumPy scalar of the
+    dtype it is stored in (what `Spec.advance` takes to compute as torch does)."""
+    return {name: v[0] for name, v in values.items()}
+
+
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
     param has no state yet), its per-param scalars, and the params' state dicts they
     came from."""
 
     __slots__ = ("group", "params", "names", "state", "nstate", "lists", "has",
-                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts", "dtensor")
+                 "scalars", "values", "fresh", "kept", "steady", "flat", "dicts", "dtensor",
+                 "keys", "scales", "q8")
 
 
 class _Fused(Optimizer):
     """What every class shares: state bookkeeping and the step loop, over a spec."""
 
     spec = None
+
+    #: 8 keeps the state of the params `_fo_quantizes` picks in 8 bits (optim_bits)
+    _fo_bits = 32
+    _fo_min_8bit_size = 4096
+    #: bitsandbytes' state names and state-dict layout (its Adam8bit and AdamW8bit)
+    _fo_bnb_names = False
 
     def __init__(self, params, defaults, flat=False):
         self._fo_caches = {}
@@ -150,6 +174,7 @@ class _Fused(Optimizer):
         state = super().__getstate__()
         for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen"):
             state.pop(name, None)
+        state["_fo_bits"], state["_fo_min_8bit_size"] = self._fo_bits, self._fo_min_8bit_size
         return state
 
     def __setstate__(self, state):
@@ -169,15 +194,20 @@ class _Fused(Optimizer):
         """Add a param group (torch.optim's rules); with ``flat=True`` its params move
         into flat buffers of their own."""
         super().add_param_group(param_group)
+        DTensor = _foreign._dtensor_class()
+        group = self.param_groups[-1]
+        if self._fo_bits == 8 and DTensor is not None and \
+                any(isinstance(p, DTensor) for p in group["params"]):
+            raise ValueError(f"{type(self).__name__}(optim_bits=8): DTensor params (FSDP2) "
+                             "are not supported with 8-bit state; use optim_bits=32")
         if self._fo_flat:
-            group = self.param_groups[-1]
-            DTensor = _foreign._dtensor_class()
             if DTensor is not None and any(isinstance(p, DTensor) for p in group["params"]):
                 raise ValueError(f"{type(self).__name__}(flat=True): DTensor params are "
                                  "sharded by their engine (FSDP2); step them with flat=False")
             everything = [p for g in self.param_groups for p in g["params"]]
             _flat.check_disjoint(everything, type(self).__name__)
-            made = self._fo_buckets[len(self.param_groups) - 1] = _flat.buckets(group["params"])
+            made = self._fo_buckets[len(self.param_groups) - 1] = _flat.buckets(
+                group["params"], self._fo_quantizes if self._fo_bits == 8 else None)
             for bucket in made:
                 for position, p in enumerate(bucket.params):
                     self._fo_where[id(p)] = (bucket, position)
@@ -199,25 +229,54 @@ class _Fused(Optimizer):
                     p.grad = None if set_to_none else p.grad.zero_()
         return None
 
+    def state_dict(self):
+        """torch.optim's `state_dict` (bitsandbytes' layout for `Adam8bit` and
+        `AdamW8bit`)."""
+        return _torch8bit.state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict):
-        """torch.optim's `load_state_dict`; with ``flat=True`` the loaded state is copied
-        into the flat state buffers, and `state` holds their views again."""
-        super().load_state_dict(state_dict)
+        """torch.optim's `load_state_dict`. 8-bit state (uint8 codes and float32 block
+        scales, or bitsandbytes' layout) keeps its dtypes: torch's rule would cast it to
+        the param's dtype. With ``flat=True`` the loaded state is copied into the flat
+        state buffers, and `state` holds their views again."""
+        if self._fo_bits == 8 or self._fo_bnb_names or _torch8bit.has_8bit(state_dict):
+            _torch8bit.load_state_dict(self, state_dict, super().load_state_dict)
+        else:
+            super().load_state_dict(state_dict)
         if not self._fo_flat:
             return
-        names = {s.name for s in self.spec.states}
         with torch.no_grad():
-            for p, st in self.state.items():
-                where = self._fo_where.get(id(p))
-                if where is None:
-                    continue
-                bucket, position = where
-                for name, value in list(st.items()):
-                    if name in names and isinstance(value, torch.Tensor) and \
-                            value.shape == p.shape:
-                        view = bucket.state_view(name, position, 0.0)
-                        view.copy_(value)
-                        st[name] = view
+            for group in self.param_groups:
+                kw = self.spec.to_op(group)
+                keys = self._state_keys(self.spec.active(kw))
+                for p in group["params"]:
+                    where = self._fo_where.get(id(p))
+                    st = self.state.get(p)
+                    if where is None or not st:
+                        continue
+                    bucket, position = where
+                    for name, (key, scale_key, _) in zip(self.spec.active(kw), keys):
+                        value = st.get(key)
+                        if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                            continue
+                        if bucket.quantized:
+                            scales = st.get(scale_key)
+                            if value.dtype != torch.uint8 or \
+                                    not isinstance(scales, torch.Tensor) or \
+                                    scales.dtype != torch.float32 or \
+                                    scales.shape != (_quant.blocks(p.numel()),):
+                                continue  # not this bucket's 8-bit state: stepped per tensor
+                            view, sview = self._fo_quant_view(bucket, position, name)
+                            view.copy_(value)
+                            sview.copy_(scales)
+                            st[key], st[scale_key] = view, sview
+                        else:
+                            view = bucket.state_view(name, position, 0.0,
+                                                     self._fo_state_dtype(p))
+                            if value.dtype != view.dtype:
+                                continue
+                            view.copy_(value)
+                            st[key] = view
 
     def step(self, closure=None):
         """One update of every param whose `grad` is not None; returns the closure's loss.
@@ -284,15 +343,15 @@ class _Fused(Optimizer):
             return
         if sel is None and cache.steady:
             # the common case: every param has its state and the same scalars
-            scalars = {name: float(v[0]) for name, v in cache.values.items()}
-            plans.append(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
-                                    after, slice(None)))
+            scalars = _stored(cache.values)
+            plans.extend(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
+                                    after, slice(None), cache.scales, cache.q8))
             counted.append((cache, sel, counted_params, after))
             return
         if sel is None:
             if not cache.has.all():
                 self._add_state(group, cache, range(len(params)))
-            lists = cache.lists
+            lists, scales, q8 = cache.lists, cache.scales, cache.q8
         else:
             if not cache.has[sel].all():
                 self._add_state(group, cache, sel)
@@ -300,6 +359,8 @@ class _Fused(Optimizer):
             counted_params = [counted_params[i] for i in sel]
             grads = [grads[i] for i in sel]
             lists = [[lst[i] for i in sel] for lst in cache.lists]
+            scales = [[lst[i] for i in sel] for lst in cache.scales]
+            q8 = cache.q8[sel]
         values = {name: (v if sel is None else v[sel]) for name, v in cache.values.items()}
         first = None
         if cache.fresh is not None:
@@ -307,24 +368,25 @@ class _Fused(Optimizer):
         index = slice(None) if sel is None else np.asarray(sel)
         if all(v.min() == v.max() for v in values.values()) and \
                 (first is None or first.all() or not first.any()):
-            scalars = {name: float(v[0]) for name, v in values.items()}
-            plans.append(self._plan(kw, params, grads, lists, scalars,
+            scalars = _stored(values)
+            plans.extend(self._plan(kw, params, grads, lists, scalars,
                                     first is not None and bool(first[0]),
-                                    cache if sel is None else None, after, index))
+                                    cache if sel is None else None, after, index, scales, q8))
         else:  # params at different step counts, or new momentum buffers among old ones
-            table = np.stack([values[n] for n in spec.scalars], axis=1) if spec.scalars else \
-                np.zeros((len(params), 0))
+            table = list(zip(*(values[n] for n in spec.scalars))) if spec.scalars else \
+                [()] * len(params)  # each scalar in its stored dtype
             fresh = np.zeros(len(params), dtype=bool) if first is None else first
             keys = {}
-            for i, (row, f) in enumerate(zip(map(tuple, table), fresh)):
+            for i, (row, f) in enumerate(zip(table, fresh)):
                 keys.setdefault((row, bool(f)), []).append(i)
             for (row, is_first), pick in keys.items():
                 pick = np.asarray(pick)
                 where = pick if sel is None else np.asarray(sel)[pick]
-                plans.append(self._plan(
+                plans.extend(self._plan(
                     kw, [params[i] for i in pick], [grads[i] for i in pick],
                     [[lst[i] for i in pick] for lst in lists],
-                    dict(zip(spec.scalars, row)), is_first, None, after, where))
+                    dict(zip(spec.scalars, row)), is_first, None, after, where,
+                    [[lst[i] for i in pick] for lst in scales], q8[pick]))
         cache.steady = None if sel is not None else self._is_steady(cache)
         counted.append((cache, sel, counted_params, after))
 
@@ -336,10 +398,10 @@ class _Fused(Optimizer):
         if not buckets:
             return False
         if cache.flat is None:
-            cache.flat = all(self._fo_where[id(p)][0].owns_state(name, self._fo_where[id(p)][1],
-                                                                 lst[i])
-                             for i, p in enumerate(cache.params)
-                             for name, lst in zip(cache.names, cache.lists))
+            cache.flat = all(self._fo_where[id(p)][0].owns_state(
+                name, self._fo_where[id(p)][1], lst[i], scale_lst[i])
+                for i, p in enumerate(cache.params)
+                for name, lst, scale_lst in zip(cache.names, cache.lists, cache.scales))
         if not cache.flat:
             return False
         owner = type(self).__name__
@@ -349,24 +411,28 @@ class _Fused(Optimizer):
             if not bucket.gather_grads(mine):
                 return False
         spec = self.spec
-        scalars = {name: float(v[0]) for name, v in cache.values.items()}
+        scalars = _stored(cache.values)
         extra, new = spec.advance(kw, scalars)
         if extra:
             kw = {**kw, **extra}
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: False}
         after.append((slice(None), new))
-        options = _precision.PLAIN
         for bucket in buckets:
             params, bgrads = [bucket.data], [bucket.grad]
             lists = [[bucket.states[name]] for name in cache.names]
+            options, kept_lists = _precision.PLAIN, lists
+            if bucket.quantized and cache.names:
+                absmax = [[bucket.scales[name]] for name in cache.names]
+                options = _precision.Options("step", {"absmax": absmax})
+                kept_lists = lists + absmax
             plan = None
             if bucket.kept is not None:
-                plan = bucket.kept.reuse(spec, kw, params, bgrads, lists, options,
+                plan = bucket.kept.reuse(spec, kw, params, bgrads, kept_lists, options,
                                          torch_params=True)
             if plan is None:
                 plan = _engine.plan(spec, kw, params, bgrads, lists, options=options)
-                bucket.kept = _engine.Kept(plan, params, lists)
+                bucket.kept = _engine.Kept(plan, params, kept_lists)
             plans.append(plan)
         return True
 
@@ -377,12 +443,14 @@ class _Fused(Optimizer):
         return bool(cache.has.all()) and (cache.fresh is None or not cache.fresh.any()) and \
             all(v.min() == v.max() for v in cache.values.values())
 
-    def _plan(self, kw, params, grads, lists, scalars, first, cache, after, index):
-        """The validated plan of one bucket (params with the same scalars). A whole
-        group's plan is kept in its cache for the next step (`_engine.Kept`): the params
-        are then checked by address and the gradients by address and contiguity (torch
-        checked their dtype, shape and device against the params when they were
-        assigned)."""
+    def _plan(self, kw, params, grads, lists, scalars, first, cache, after, index, scales,
+              q8):
+        """The validated plans of one bucket (params with the same scalars): one, or two
+        where some params keep 8-bit state (`q8`, their block `scales`) and others do not.
+        A whole group's plans are kept in its cache for the next step (`_engine.Kept`):
+        the params are then checked by address and the gradients by address and
+        contiguity (torch checked their dtype, shape and device against the params when
+        they were assigned)."""
         spec = self.spec
         extra, new = spec.advance(kw, scalars)
         if extra:
@@ -390,29 +458,95 @@ class _Fused(Optimizer):
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: first}
         after.append((index, new))
-        options = _precision.PLAIN
-        if cache is not None and cache.kept is not None:
-            plan = cache.kept.reuse(spec, kw, params, grads, lists, options, torch_params=True,
-                                    checked=True)
-            if plan is not None:
-                return plan
+        if not lists or not q8.any():
+            return [self._plan_part(kw, params, grads, lists, None, cache, False)]
+        if q8.all():
+            return [self._plan_part(kw, params, grads, lists, scales, cache, True)]
+        parts = []
+        for quantized in (False, True):
+            pick = np.flatnonzero(q8 == quantized)
+            parts.append(self._plan_part(
+                kw, [params[i] for i in pick], [grads[i] for i in pick],
+                [[lst[i] for i in pick] for lst in lists],
+                [[lst[i] for i in pick] for lst in scales] if quantized else None,
+                cache, quantized))
+        return parts
+
+    def _plan_part(self, kw, params, grads, lists, scales, cache, part):
+        """The plan of params whose states are all 8-bit (`scales`: their block scales)
+        or none; `part` keys the kept plan in the group's cache."""
+        spec = self.spec
+        options, kept_lists = _precision.PLAIN, lists
+        if scales is not None:
+            options = _precision.Options("step", {"absmax": scales})
+            kept_lists = lists + scales
+        if cache is not None:
+            kept = cache.kept.get(part)
+            if kept is not None:
+                plan = kept.reuse(spec, kw, params, grads, kept_lists, options,
+                                  torch_params=True, checked=True)
+                if plan is not None:
+                    return plan
         plan = _engine.plan(spec, kw, params, grads, lists, options=options)
         if cache is not None:
-            cache.kept = _engine.Kept(plan, params, lists)
+            cache.kept[part] = _engine.Kept(plan, params, kept_lists)
         return plan
 
-    def _init_state(self, name, param, group):
-        value = self.spec.init_value(name, group)
+    # --- 8-bit state ---------------------------------------------------------------------
+
+    def _fo_quantizes(self, p):
+        """Whether param `p` gets 8-bit state (optim_bits=8 and min_8bit_size)."""
+        return self._fo_bits == 8 and p.dtype in _QUANTIZED_DTYPES and \
+            p.numel() >= self._fo_min_8bit_size
+
+    def _fo_state_dtype(self, p):
+        """The dtype of a param's float state: its own, float32 for a 16-bit param under
+        optim_bits=8 (bitsandbytes' 32-bit state of small params)."""
+        if self._fo_bits == 8 and p.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return p.dtype
+
+    def _state_keys(self, names):
+        """(buffer, block scales, code table or None) state keys of the buffers `names`."""
+        return [_torch8bit.keys(self, k, name) for k, name in enumerate(names)]
+
+    def _fo_quant_view(self, bucket, position, name):
+        """The views of a param's codes and scales in its 8-bit flat bucket."""
+        return bucket.quant_view(name, position, _quant.constant(
+            0.0, self.spec.state(name).positive)[0])
+
+    def _init_state(self, name, param, group, quantized=False, st=None, k=0):
+        """A fresh state buffer of `param`: its values, or with `quantized` (codes,
+        scales) of 8-bit state (and bitsandbytes' code table into `st`, for its
+        classes). A view of the flat buckets' buffers with ``flat=True``."""
+        value = _plain(self.spec.init_value(name, group))
         where = self._fo_where.get(id(param))
-        if where is not None:  # flat=True: a view of the bucket's state buffer
-            view = where[0].state_view(name, where[1], _plain(value))
+        if quantized:
+            positive = self.spec.state(name).positive
+            code, scale = _quant.constant(value, positive)
+            if st is not None and self._fo_bnb_names:
+                st[f"qmap{k + 1}"] = _torch8bit.qmap(positive, param.device)
+            if where is not None and where[0].quantized:
+                codes, scales = self._fo_quant_view(where[0], where[1], name)
+                codes.fill_(code)
+                scales.fill_(scale)
+                return codes, scales
+            return (torch.full(param.shape, code, dtype=torch.uint8, device=param.device),
+                    torch.full((_quant.blocks(param.numel()),), scale, dtype=torch.float32,
+                               device=param.device))
+        dtype = self._fo_state_dtype(param)
+        if where is not None and not where[0].quantized:
+            # flat=True: a view of the bucket's state buffer
+            view = where[0].state_view(name, where[1], value, dtype)
             if value:
-                view.fill_(_plain(value))
+                view.fill_(value)
             else:
                 view.zero_()
             return view
+        if dtype != param.dtype:
+            return torch.full(param.shape, value, dtype=dtype, device=param.device)
         if value:
-            return torch.full_like(param, _plain(value), memory_format=torch.preserve_format)
+            return torch.full_like(param, value, memory_format=torch.preserve_format)
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _cache(self, group, names=None, same=False):
@@ -436,20 +570,18 @@ class _Fused(Optimizer):
         n = len(params)
         cache = _Cache()
         cache.group, cache.params, cache.names, cache.state = group, params, names, self.state
+        cache.keys = self._state_keys(names)
         cache.lists = [[None] * n for _ in names]
+        cache.scales = [[None] * n for _ in names]
+        cache.q8 = np.zeros(n, dtype=bool)
         cache.has = np.zeros(n, dtype=bool)
         cache.fresh = None
-        cache.kept = None
+        cache.kept = {}
         cache.scalars, cache.values = {}, {}
         if spec.scalars:
-            dtype = _scalar_dtype()
-            for p in params:
-                st = self.state.get(p)
-                if st and isinstance(st.get("step"), torch.Tensor):
-                    dtype = st["step"].dtype
-                    break
+            dtypes = self._scalar_dtypes(params)
             for name in spec.scalars:
-                cache.scalars[name] = torch.zeros(n, dtype=dtype)
+                cache.scalars[name] = torch.zeros(n, dtype=dtypes[name])
                 cache.values[name] = cache.scalars[name].numpy()  # the same memory
         for i, p in enumerate(params):
             st = self.state.get(p)
@@ -466,20 +598,65 @@ class _Fused(Optimizer):
         cache.dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in params)
         return cache
 
+    def _scalar_dtypes(self, params):
+        """The dtype of each per-param scalar of a group, as torch.optim keeps it: `step`
+        in torch's scalar dtype (float32, or float64 when that is the default dtype) or
+        the dtype the existing state has; any other scalar (NAdam's mu_product, ASGD's
+        eta and mu) likewise when fresh, and after a load in the dtype torch's
+        load_state_dict gave it (the param's: float64 for float64 params). A loaded
+        scalar of another dtype (torch casts these to a 16-bit param's dtype) is kept
+        in `step`'s dtype instead."""
+        found = {}
+        for p in params:
+            st = self.state.get(p)
+            if st:
+                for name in self.spec.scalars:
+                    if name not in found and isinstance(st.get(name), torch.Tensor):
+                        found[name] = st[name].dtype
+            if len(found) == len(self.spec.scalars):
+                break
+        default = found.get("step", _scalar_dtype())
+        out = {}
+        for name in self.spec.scalars:
+            dtype = found.get(name, default)
+            if name != "step" and dtype not in (torch.float32, torch.float64):
+                dtype = torch.float32 if default not in (torch.float32, torch.float64) \
+                    else default
+            out[name] = dtype
+        return out
+
     def _adopt(self, group, cache, i, p, st):
-        """Take an existing state into the cache, completing what the options now need."""
+        """Take an existing state into the cache, completing what the options now need.
+        A param's state is 8-bit when it holds block scales (whatever optim_bits says:
+        a loaded state stays as it was saved), else when the options make it so."""
         if self.spec.fresh_keyword is not None and cache.names and \
-                st.get(cache.names[0]) is None:
+                st.get(cache.keys[0][0]) is None:
             return  # no buffer yet: the param's next step is its first
+        present = [key for key, _, _ in cache.keys if st.get(key) is not None]
+        quantized = any(scale_key in st for _, scale_key, _ in cache.keys) if present else \
+            self._fo_quantizes(p)
+        for key, scale_key, _ in cache.keys:
+            if (key in present) and quantized != (scale_key in st):
+                raise ValueError(f"{type(self).__name__}: the state of a param has "
+                                 f"{'no ' if quantized else ''}{scale_key!r}, but other "
+                                 f"buffers of it {'are' if quantized else 'are not'} 8-bit; "
+                                 "its 8-bit state must be complete (codes and scales)")
         initial = self.spec.init_scalars(group)
         for name, tensor in cache.scalars.items():
             cache.values[name][i] = float(st.get(name, initial[name]))
             st[name] = tensor[i]
-        for lst, name in zip(cache.lists, cache.names):
-            t = st.get(name)
+        for k, (lst, name) in enumerate(zip(cache.lists, cache.names)):
+            key, scale_key, _ = cache.keys[k]
+            t = st.get(key)
             if t is None:
-                t = st[name] = self._init_state(name, p, group)
+                t = self._init_state(name, p, group, quantized, st, k)
+                if quantized:
+                    t, st[scale_key] = t
+                st[key] = t
             lst[i] = t
+            if quantized:
+                cache.scales[k][i] = st[scale_key]
+        cache.q8[i] = quantized and bool(cache.names)
         cache.has[i] = True
 
     def _add_state(self, group, cache, indices):
@@ -494,9 +671,15 @@ class _Fused(Optimizer):
                 return
             for i in indices:
                 if not cache.has[i]:
-                    cache.lists[0][i] = self._init_state(cache.names[0], params[i], group)
+                    quantized = self._fo_quantizes(params[i])
+                    made = self._init_state(cache.names[0], params[i], group, quantized)
+                    if quantized:
+                        made, cache.scales[0][i] = made
+                    cache.lists[0][i] = made
+                    cache.q8[i] = quantized
                     cache.has[i] = True
                     cache.fresh[i] = True
+            cache.kept = {}
             return
         initial = self.spec.init_scalars(group)
         for i in indices:
@@ -507,17 +690,30 @@ class _Fused(Optimizer):
             for name, tensor in cache.scalars.items():
                 cache.values[name][i] = initial[name]
                 st[name] = tensor[i]
-            for lst, name in zip(cache.lists, cache.names):
-                lst[i] = st[name] = self._init_state(name, p, group)
+            quantized = self._fo_quantizes(p) and bool(cache.names)
+            for k, (lst, name) in enumerate(zip(cache.lists, cache.names)):
+                key, scale_key, _ = cache.keys[k]
+                made = self._init_state(name, p, group, quantized, st, k)
+                if quantized:
+                    made, cache.scales[k][i] = made
+                    st[scale_key] = cache.scales[k][i]
+                lst[i] = st[key] = made
+            cache.q8[i] = quantized
             cache.has[i] = True
-            cache.kept = None
+            cache.kept = {}
         cache.nstate = len(self.state)
 
     def _install_fresh(self, cache, sel):
         index = np.arange(len(cache.params)) if sel is None else np.asarray(sel)
+        key, scale_key, _ = cache.keys[0]
         for i in index[cache.fresh[index]]:
             st = cache.dicts[i] = self.state[cache.params[i]]
-            st[cache.names[0]] = cache.lists[0][i]
+            st[key] = cache.lists[0][i]
+            if cache.q8[i]:
+                st[scale_key] = cache.scales[0][i]
+                if self._fo_bnb_names:
+                    st["qmap1"] = _torch8bit.qmap(self.spec.state(cache.names[0]).positive,
+                                                  cache.params[i].device)
             cache.fresh[i] = False
         cache.nstate = len(self.state)
 
@@ -539,6 +735,9 @@ def make_class(spec, base=_Fused):
 
     def __init__(self, params, *args, **kwargs):
         values = bind_options(type(self), spec, signature, params, args, kwargs)
+        bits, min_size = values.pop("optim_bits"), values.pop("min_8bit_size")
+        _torch8bit.check_options(type(self), bits, min_size)
+        self._fo_bits, self._fo_min_8bit_size = bits, min_size
         lr = values.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -547,6 +746,9 @@ def make_class(spec, base=_Fused):
         flat = values.pop("flat")
         spec.validate(values)
         _check_torch_flags(type(self), values)
+        if bits == 8:
+            spec.check_quantized(spec.to_op({**values, **spec.group_extras}),
+                                 type(self).__name__)
         _Fused.__init__(self, params, {**values, **spec.group_extras}, flat=flat)
 
     __init__.__signature__ = signature
@@ -566,3 +768,7 @@ def _make_all():
 CLASSES = _make_all()
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 __all__ += [cls.__name__ for cls in CLASSES.values()]
+
+Adam8bit = _torch8bit.bnb_class(CLASSES["adam"], "Adam8bit", 0, "Adam")
+AdamW8bit = _torch8bit.bnb_class(CLASSES["adamw"], "AdamW8bit", 1e-2, "AdamW")
+__all__ += ["Adam8bit", "AdamW8bit"]

@@ -14,12 +14,12 @@ rules.h), its spec in a module here (listed below), its reference in
 
 from __future__ import annotations
 
-from . import classic
+from . import classic, torch_more
 from ._spec import REQUIRED, Option, Spec, State, hyper_fields, pack
 
 __all__ = ["SPECS", "Spec", "Option", "State", "REQUIRED", "hyper_fields", "pack", "get"]
 
-SPECS = {spec.name: spec for module in (classic,) for spec in module.SPECS}
+SPECS = {spec.name: spec for module in (classic, torch_more) for spec in module.SPECS}
 
 
 def get(name):

@@ -30,7 +30,7 @@ def _states(spec):
     lines = []
     for name in spec.scalars:
         lines.append(f"- ``{name}``: " + ("the step count." if name == "step" else
-                                          "a per-param scalar."))
+                                          spec.scalar_docs.get(name, "a per-param scalar.")))
     lines += [f"- ``{s.name}``: {s.doc}" for s in spec.states]
     return "\n".join(lines) if lines else "None."
 
@@ -50,6 +50,8 @@ def class_signature(spec, torch=False):
         params.append(_P(o.name, kind, default=default, annotation=o.annotation))
     if torch:
         params.append(_P("flat", _P.KEYWORD_ONLY, default=False, annotation="bool"))
+        params.append(_P("optim_bits", _P.KEYWORD_ONLY, default=32, annotation="int"))
+        params.append(_P("min_8bit_size", _P.KEYWORD_ONLY, default=4096, annotation="int"))
     else:
         params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
                          annotation="Precision | None"))
@@ -79,10 +81,19 @@ def class_doc(spec, torch=False):
                             "work; the params stay the same objects, their .data views of the "
                             "buffer. zero_grad then zeroes the gradient buffer and keeps the "
                             "views (see the docs: fusedopt.torch, flat buffers).", False))
+        lines.append(_entry("optim_bits", "int",
+                            "32, or 8 to keep the state of float32 and 16-bit params in 8 "
+                            "bits (bitsandbytes' option): uint8 codes under the state's "
+                            "names and float32 scales, one per block of 256 elements, under "
+                            "``<name>_absmax``.", 32))
+        lines.append(_entry("min_8bit_size", "int",
+                            "With ``optim_bits=8``, params with fewer elements keep float32 "
+                            "state.", 4096))
     else:
         lines.append(_entry("precision", "Precision or None",
-                            "The mixed-precision policy (`fusedopt.Precision`): state dtype, "
-                            "master weights or Kahan buffers, stochastic rounding.", None))
+                            "The mixed-precision policy (`fusedopt.Precision`): state dtype "
+                            "(float32, bfloat16 or 8-bit), master weights or Kahan buffers, "
+                            "stochastic rounding.", None))
     lines += ["", "Notes", "-----",
               "State per param, under torch.optim's names:", "", _states(spec), "",
               "``learning_rate=`` is accepted as an alias of ``lr``."]

@@ -175,8 +175,16 @@ class Spec:
     op_keywords: ClassVar[tuple] = ()
     #: every state buffer any option uses, in the kernel's slot order
     states: ClassVar[tuple] = ()
+    #: the state buffers that may be kept in 8 bits (blockwise codes with a float32 scale
+    #: per block: `fusedopt.Precision`'s "int8", fusedopt.torch's ``optim_bits=8``). The
+    #: drivers take any elementwise rule with 8-bit state (they decode a block of each
+    #: state, run the rule and encode it back); a spec lists the states it was checked
+    #: with, and options that use another state refuse 8-bit state (`check_quantized`)
+    quantizable: ClassVar[tuple] = ()
     #: per-param scalars kept in the state (torch's 0-d tensors), besides the buffers
     scalars: ClassVar[tuple] = ("step",)
+    #: what each scalar other than `step` holds, for the docstrings: {name: text}
+    scalar_docs: ClassVar[dict] = {}
     #: extra entries of every param group that are not constructor arguments
     group_extras: ClassVar[dict] = {}
     #: state created at construction (torch's Adagrad), not at a param's first step
@@ -271,7 +279,16 @@ class Spec:
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars
         before the step. By default the scalars are the step count: the op receives the
-        count after this step if it takes `step`."""
+        count after this step if it takes `step`.
+
+        `scalars` holds each value as its front-end stores it: a Python float (the NumPy
+        classes, the batched optimizers, the case table) or a NumPy scalar of the dtype
+        it is stored in (`fusedopt.torch`, which keeps torch.optim's dtypes: float32
+        unless the default dtype is float64, and after a load the dtype torch's
+        load_state_dict gives). Where torch computes a new scalar in its stored dtype
+        (NAdam's ``mu_product *= mu``), compute it in ``type(value)``, so that runs and
+        state dicts agree with torch's bit for bit; the front-end stores what this
+        returns in its own dtype."""
         if not self.scalars:
             return {}, {}
         step = scalars["step"] + 1.0
@@ -285,6 +302,18 @@ class Spec:
         if takes is None:
             takes = self._takes_step = any(o.name == "step" for o in self.op_keywords)
         return takes
+
+    def check_quantized(self, kw, op):
+        """ValueError when these op keywords cannot keep their state in 8 bits (blockwise
+        codes, `fusedopt.Precision`): they use a state that is not in `quantizable`. A
+        spec also refuses the options whose math breaks under the rounding of the states
+        (centered RMSprop: v - mean(g)^2 of separately rounded states can turn
+        negative)."""
+        for name in self.active(kw):
+            if name not in self.quantizable:
+                raise ValueError(f"{op}: 8-bit state is not supported for {self.title}'s "
+                                 f"{name!r}" + ("" if self.quantizable else
+                                                " (it has no 8-bit state)"))
 
     def check_op(self, kw):
         """ValueError for op keywords a kernel cannot run (not hyperparameter ranges:

@@ -61,6 +61,7 @@ class Sgd(Spec):
     )
     states = (State("momentum_buffer", "momentum_buffers", "The momentum buffer (only with a "
                     "momentum).", optional=True),)
+    quantizable = ("momentum_buffer",)
     scalars = ()
     fresh_keyword = "first_step"
     example = "lr=0.01, momentum=0.9"
@@ -121,6 +122,7 @@ class Adagrad(Spec):
         OP_MAXIMIZE,
     )
     states = (State("sum", "state_sums", "Sum of squared gradients.", positive=True),)
+    quantizable = ("sum",)
     eager_state = True
     example = "lr=0.1"
     bench = {"adagrad": dict(lr=0.01, eps=1e-10)}
@@ -178,6 +180,7 @@ class Rmsprop(Spec):
         State("grad_avg", "grad_avgs", "Running average of gradients (centered).",
               optional=True),
     )
+    quantizable = ("square_avg", "momentum_buffer")  # not grad_avg (centered)
     example = "lr=1e-3, momentum=0.9"
 
     def validate(self, g):
@@ -210,6 +213,12 @@ class Rmsprop(Spec):
             return kernels[0], self.active(kws[0]), kws
         probe = dict(kws[0], momentum=1.0)  # the state of the members with momentum
         return kernels, self.active(probe), kws
+
+    def check_quantized(self, kw, op):
+        # square_avg - grad_avg^2 of two separately rounded states can be negative
+        if kw.get("centered"):
+            raise ValueError(f"{op}: 8-bit state is not supported for centered RMSprop")
+        super().check_quantized(kw, op)
 
     def hyper(self, kw):
         return dict(lr=kw["lr"], alpha=kw["alpha"], eps=kw["eps"],
@@ -246,6 +255,7 @@ class Adadelta(Spec):
               positive=True),
         State("acc_delta", "acc_deltas", "Running average of squared updates.", positive=True),
     )
+    quantizable = ("square_avg", "acc_delta")
     example = "lr=1.0"
 
     def validate(self, g):
@@ -303,6 +313,7 @@ class Adam(Spec):
         State("max_exp_avg_sq", "max_exp_avg_sqs", "Maximum of the second moments "
               "(amsgrad).", positive=True, optional=True),
     )
+    quantizable = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     example = "lr=1e-3, weight_decay=0.0"
     batch_shared = ("amsgrad",)
 

@@ -38,6 +38,11 @@ class Algo:
     def nstates(self):
         return len(self.states)
 
+    def initial_values(self):
+        """The value each state buffer starts from, as the classes make it (0 for most;
+        Rprop's step sizes start at lr)."""
+        return [float(self.spec.init_value(name, self.options)) for name in self.states]
+
     def op_kwargs(self, t):
         """The functional op's keywords of step t (the spec's scalars advanced t times)."""
         spec = self.spec

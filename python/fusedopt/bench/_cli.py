@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+# The classic family; --algos takes any row of the table of algorithms (a spec's `bench`
+# rows, fusedopt/bench/_algos.py), and 'all' every row: they are known once fusedopt is
+# imported, which waits until OMP_NUM_THREADS is set (`make_plan`).
 ALGOS = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 WORKLOADS = ["1x16M", "1000x16K", "gpt2", "tiny"]
 # The default run, one to two minutes on two cores: one large tensor for every algorithm but
@@ -58,8 +61,9 @@ def parse_args(argv):
                                         "small's 148 tensors, 124M elements), tiny (10000 "
                                         "tensors of 4 elements: the host cost per tensor).")
     ap.add_argument("--algos", default="default",
-                    help="comma-separated algorithms, 'all', or 'default' (all but sgd and "
-                         "adamw): " + ", ".join(ALGOS))
+                    help="comma-separated rows of the table of algorithms (a spec's bench "
+                         "rows, e.g. nadam, rprop), 'all' (every row), or 'default' (the "
+                         "classic family but sgd and adamw): " + ", ".join(ALGOS))
     ap.add_argument("--workloads", default="default",
                     help="comma-separated workloads, 'all', or 'default' (with the default "
                          "algorithms: 1x16M for each, 1000x16K and tiny for adam; with "
@@ -89,24 +93,40 @@ def parse_args(argv):
     ap.add_argument("--no-plot", action="store_true", help="write no plot")
     ap.add_argument("--no-progress", action="store_true", help="show no progress bar or counter")
     args = ap.parse_args(argv)
-    algos = DEFAULT_ALGOS if args.algos == "default" else \
-        ALGOS if args.algos == "all" else _names(ap, "--algos", args.algos, ALGOS)
-    if args.workloads == "default" and args.algos == "default":
-        args.plan = list(DEFAULT_PLAN)
-    elif args.workloads == "default":
-        args.plan = [(w, a) for w in DEFAULT_WORKLOADS for a in algos]
-        args.plan += [("tiny", "adam")] if "adam" in algos else []
-    else:
-        chosen = WORKLOADS if args.workloads == "all" else _names(ap, "--workloads",
-                                                                  args.workloads, WORKLOADS)
-        args.plan = [(w, a) for w in chosen for a in algos]
-    args.algos = algos
+    if args.workloads not in ("default", "all"):
+        _names(ap, "--workloads", args.workloads, WORKLOADS)
     if args.threads < 0 or args.repeats < 0:
         ap.error("--threads and --repeats must not be negative")
+    args.error = ap.error
+    return args
+
+
+def make_plan(args, rows):
+    """Set args.algos and args.plan, [(workload, algorithm row)], once the rows of the
+    table of algorithms (`rows`: their names, in the table's order) are known; an
+    unknown name ends the program with the parser's message."""
+    known = list(rows)
+    if args.algos == "default":
+        algos = DEFAULT_ALGOS
+    elif args.algos == "all":
+        algos = known
+    else:
+        algos = _names(args, "--algos", args.algos, known)
+    if args.workloads == "default" and args.algos == "default":
+        plan = list(DEFAULT_PLAN)
+    elif args.workloads == "default":
+        plan = [(w, a) for w in DEFAULT_WORKLOADS for a in algos]
+        plan += [("tiny", "adam")] if "adam" in algos else []
+    else:
+        chosen = WORKLOADS if args.workloads == "all" else _names(args, "--workloads",
+                                                                  args.workloads, WORKLOADS)
+        plan = [(w, a) for w in chosen for a in algos]
+    args.algos, args.plan = algos, plan
     return args
 
 
 def _names(ap, option, text, known):
+    """The names of a comma-separated option, in the order of `known`; `ap` has error()."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -200,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._measure import Mismatch, collect, run_group
     from ._workloads import Workload
 
+    make_plan(args, ALGO_TABLE)
     impls = IMPLEMENTATIONS[DEVICE]()
     skipped = []
     if args.impls == "default":

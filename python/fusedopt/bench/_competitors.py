@@ -41,7 +41,8 @@ class ArrayRunner:
         self.algo, self.update, self.t = algo, update, 0
         self.params = [p.copy() for p in work.params]
         self.grads = [g.copy() for g in work.grads]
-        self.states = [[np.zeros_like(p) for p in self.params] for _ in range(algo.nstates)]
+        self.states = [[np.full_like(p, value) for p in self.params]
+                       for value in algo.initial_values()]
 
     def step(self):
         self.t += 1

@@ -112,11 +112,11 @@ class Mismatch(Exception):
 
 
 def expected(algo, work):
-    """The float64 reference on the sampled elements after one step from zero state,
+    """The float64 reference on the sampled elements after one step from a fresh state,
     and the initial values (to scale the tolerance by the size of the update)."""
     p = [work.params[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
     g = [work.grads[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
-    s = [[np.zeros(len(idx)) for _, idx in work.picks] for _ in range(algo.nstates)]
+    s = [[np.full(len(idx), value) for _, idx in work.picks] for value in algo.initial_values()]
     out = algo.reference(p, g, s, 1)
     return [list(x) for x in out], [p] + s
 
