@@ -82,13 +82,13 @@ class Sgd(Spec):
         return "sgd_momentum" if kw.get("momentum", 0.0) != 0 else "sgd"
 
     def batch_kernel(self, kws, existing):
-        # members without momentum take plain steps inside the momentum kernel: with
-        # momentum 0, no dampening and no Nesterov term its update is exactly SGD's
-        if not any(kw["momentum"] != 0 for kw in kws) and "momentum_buffer" not in existing:
-            return "sgd", (), kws
-        kws = [kw if kw["momentum"] != 0 else dict(kw, dampening=0.0, nesterov=False)
-               for kw in kws]
-        return "sgd_momentum", ("momentum_buffer",), kws
+        # Each member runs the kernel its own optimizer runs: inside the momentum kernel
+        # a member without momentum would compute b = 0 * b + g, NaN where an earlier
+        # gradient left b infinite, where SGD's plain step keeps the infinity.
+        kernels = tuple(self.kernel(kw) for kw in kws)
+        if len(set(kernels)) == 1:
+            return kernels[0], self.active(kws[0]), kws
+        return kernels, ("momentum_buffer",), kws
 
     def hyper(self, kw):
         return dict(lr=kw["lr"], momentum=kw["momentum"], dampening=kw["dampening"],
