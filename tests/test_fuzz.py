@@ -89,6 +89,11 @@ VALID = {
     "alpha": st.floats(0.5, 0.999),
     "rho": _zero_or(1e-6, 1.0),
     "betas": st.tuples(_zero_or(1e-6, 0.999), _zero_or(1e-6, 0.9999)),
+    "momentum_decay": _zero_or(1e-4, 0.05),  # NAdam
+    "lambd": _zero_or(1e-6, 1e-2),  # ASGD
+    "t0": st.floats(1.0, 1e6),  # ASGD
+    "etas": st.tuples(st.floats(0.1, 0.9), st.floats(1.05, 2.0)),  # Rprop
+    "step_sizes": st.tuples(st.floats(1e-7, 1e-3), st.floats(1.0, 100.0)),  # Rprop
 }
 _negative = st.floats(-10.0, -1e-6)
 INVALID = {  # what torch.optim refuses, and so do the classes
@@ -99,6 +104,8 @@ INVALID = {  # what torch.optim refuses, and so do the classes
                        st.tuples(st.floats(0.0, 0.99), st.floats(1.0, 2.0)),
                        st.tuples(_negative, st.floats(0.0, 0.99))),
 }
+# Names that torch.optim checks in some classes only (ASGD's alpha is unchecked).
+INVALID_ONLY_IN = {"alpha": ("RMSprop",)}
 
 
 def draw_options(data, algo, functional, fixed=None):
@@ -489,7 +496,8 @@ def test_optimizer_classes(data):
         row = data.draw(st.sampled_from(rows), label="table row")
         options, bad_option = {**algo.defaults, **row}, f"table row {row}"
     elif data.draw(st.integers(0, 4), label="bad option") == 0:
-        known = [k for k in options if k in INVALID]
+        known = [k for k in options if k in INVALID and
+                 algo.cls.__name__ in INVALID_ONLY_IN.get(k, (algo.cls.__name__,))]
         if "nesterov" in options:
             known.append("nesterov")
         if known:
@@ -618,8 +626,11 @@ def test_optimizer_classes(data):
             counts[k] += 1
             c = case_of[k]
             names = state_names(c)
-            # state the class creates at the param's first step starts as zeros
-            st_old = states_before.get(k) or {n: np.zeros(p.shape) for n in names}
+            # state the class creates at the param's first step starts as the spec says
+            # (zeros, or e.g. Rprop's step sizes at lr), in the state's dtype
+            st_old = states_before.get(k) or {
+                n: c.initial_state(np.zeros(p.shape, opt.state[k][n].dtype), n)
+                for n in names}
             p_old = np.frombuffer(snap[k][1], p.dtype).reshape(p.shape)
             check_tensor(c, p_old, f64(g), {n: st_old[n] for n in names}, p,
                          {n: opt.state[k][n] for n in names}, counts[k],
@@ -746,8 +757,9 @@ def test_torch_classes(data):
     """fusedopt.torch's class of every algorithm (from the specs), default and flat=True,
     one or two groups, gradients replaced, zeroed, updated in place, not contiguous or
     None between steps, inf and NaN among them: bit for bit the NumPy class's params,
-    states and step counts (which test_optimizer_classes checks against the reference);
-    the case table's refused options raise ValueError in both."""
+    states and step counts (which test_optimizer_classes checks against the reference),
+    with the NumPy classes' double scalars; the case table's refused options raise
+    ValueError in both."""
     algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
     name = algo.cls.__name__
     tcls = getattr(fot, name)
@@ -770,7 +782,22 @@ def test_torch_classes(data):
     two = n >= 2 and data.draw(st.booleans(), label="two groups")
     lr2 = data.draw(VALID["lr"], label="lr of group 2") if two else None
     note(f"{name}({options}, flat={flat}), shapes {shapes}, dtypes {dtypes}, lr2 {lr2}")
+    # torch.optim, and so fusedopt.torch, keeps per-param scalars other than the step
+    # count (NAdam's mu_product, ASGD's eta and mu) in float32 unless the default dtype
+    # is float64; the NumPy classes keep them in double
+    if any(name != "step" for name in algo.spec.scalars):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            _torch_run(data, algo, tcls, options, flat, shapes, dtypes, arrays, two, lr2, rng)
+        finally:
+            torch.set_default_dtype(before)
+    else:
+        _torch_run(data, algo, tcls, options, flat, shapes, dtypes, arrays, two, lr2, rng)
 
+
+def _torch_run(data, algo, tcls, options, flat, shapes, dtypes, arrays, two, lr2, rng):
+    """Steps of fusedopt.torch's `tcls` and of the NumPy class side by side."""
     def groups(ps):
         return [{"params": ps[:1]}, {"params": ps[1:], "lr": lr2}] if two else ps
 
