@@ -164,11 +164,14 @@ def _precision_of(optimizer):
     if p is None:
         return None
     state_dtype = getattr(p, "state_dtype", None)
-    return {"state_dtype": None if state_dtype is None else np.dtype(state_dtype).name,
-            "master_weights": bool(getattr(p, "master_weights", False)),
-            "kahan": bool(getattr(p, "kahan", False)),
-            "stochastic_rounding": bool(getattr(p, "stochastic_rounding", False)),
-            "seed": int(getattr(p, "seed", 0))}
+    out = {"state_dtype": None if state_dtype is None else np.dtype(state_dtype).name,
+           "master_weights": bool(getattr(p, "master_weights", False)),
+           "kahan": bool(getattr(p, "kahan", False)),
+           "stochastic_rounding": bool(getattr(p, "stochastic_rounding", False)),
+           "seed": int(getattr(p, "seed", 0))}
+    if out["state_dtype"] == "int8":  # which params keep 8-bit state
+        out["min_8bit_size"] = int(getattr(p, "min_8bit_size", 0))
+    return out
 
 
 def _steps_taken(optimizer):
