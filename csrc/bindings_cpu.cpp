@@ -402,6 +402,21 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("vector_bits", [] { return g_vector_bits(); },
         "The vector width the selected instruction set's kernels were compiled for.");
   m.def("num_states", &num_states, py::arg("kernel"));
+  m.def("num_reductions", [](const std::string& kernel) {
+    int n = -1;
+    fo::with_rule(kernel, [&](auto rule) { n = fo::reduce_count<decltype(rule)>(); });
+    if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return n;
+  }, py::arg("kernel"),
+        "Per-tensor sums the kernel's first pass computes before its update (0: one pass).");
+  m.def("first_pass_slots", [](const std::string& kernel) {
+    int n = -1;
+    fo::with_rule(kernel, [&](auto rule) { n = fo::reduce_slots<decltype(rule)>(); });
+    if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return n;
+  }, py::arg("kernel"),
+        "Arrays per tensor the kernel's first pass reads (p, g and maybe the states; 0: one\n"
+        "pass): its bytes per element are this times the storage size.");
   m.def("random_bits", [](std::uint64_t key, std::int64_t j, std::uint64_t i) {
     return fo::random_bits(fo::tensor_key(key, j), i);
   }, "The random bits element i of tensor j draws with stochastic rounding under `key`.");

@@ -529,6 +529,21 @@ PYBIND11_MODULE(_cuda, m) {
     return n;
   });
   m.def("num_states", &num_states, py::arg("kernel"));
+  m.def("num_reductions", [](const std::string& kernel) {
+    int n = -1;
+    fo::with_rule(kernel, [&](auto rule) { n = fo::reduce_count<decltype(rule)>(); });
+    if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return n;
+  }, py::arg("kernel"),
+        "Per-tensor sums the kernel's first pass computes before its update (0: one pass).");
+  m.def("first_pass_slots", [](const std::string& kernel) {
+    int n = -1;
+    fo::with_rule(kernel, [&](auto rule) { n = fo::reduce_slots<decltype(rule)>(); });
+    if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+    return n;
+  }, py::arg("kernel"),
+        "Arrays per tensor the kernel's first pass reads (p, g and maybe the states; 0: one\n"
+        "pass): its bytes per element are this times the storage size.");
   m.def(
       "has_kernel",
       [](const std::string& kernel, int dtype, int state_dtype, int extra) {

@@ -23,7 +23,7 @@ import numpy as np
 import fusedopt
 from fusedopt import functional as F
 from fusedopt import reference as R
-from fusedopt.algorithms import SPECS
+from fusedopt.algorithms import REQUIRED, SPECS
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,40 @@ class Algorithm:
 
 def op_kwargs(spec, options, t):
     """The functional op's keywords of step t (1 on the first step) for constructor
-    options: the spec's translation, its scalars advanced t times from a fresh state."""
-    options = {**spec.group_extras, **options}
-    kw = spec.to_op(options)
-    scalars = spec.init_scalars(options)
-    extra = {}
+    options: the spec's translation, its per-param scalars and its per-group
+    bookkeeping advanced t times from a fresh state."""
+    group = {**spec.group_extras, **options}
+    kw = spec.to_op(group)
+    scalars = spec.init_scalars(group)
+    extra, group_extra = {}, {}
     for _ in range(t):
         extra, scalars = spec.advance(kw, scalars)
+        group_extra, after = spec.advance_group(kw, group)
+        group = {**group, **after}
+    kw.update(group_extra)
     kw.update(extra)
     if spec.fresh_keyword is not None:
         kw[spec.fresh_keyword] = t == 1
     return kw
 
 
+#: values of the constructor arguments that have no default (LARS's lr), where a test
+#: builds an optimizer with the defaults
+REQUIRED_VALUES = {"lr": 0.1}
+
+
+def required_options(spec):
+    """Values for the constructor arguments of a spec that have no default."""
+    return {o.name: REQUIRED_VALUES[o.name] for o in spec.options
+            if not o.torch_only and o.default is REQUIRED}
+
+
 def _algorithm(spec):
     return Algorithm(
         spec.name, getattr(fusedopt, spec.title), getattr(F, spec.op_name),
         getattr(R, spec.name), slots=tuple((s.arg, s.name) for s in spec.states),
-        defaults=spec.defaults(), has_step="step" in spec.scalars,
+        defaults={**spec.defaults(), **required_options(spec)},
+        has_step="step" in spec.scalars,
         active=lambda o: spec.active(spec.to_op({**spec.group_extras, **o})),
         kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec, scalars=tuple(spec.scalars))
 
@@ -140,6 +156,27 @@ INVALID = [
     ("Rprop", dict(etas=(1.0, 1.2))),
     ("Rprop", dict(etas=(0.5, 1.0))),
     ("Rprop", dict(etas=(1.2, 0.5))),
+    ("Lion", dict(lr=-0.1)),
+    ("Lion", dict(betas=(1.0, 0.99))),
+    ("Lion", dict(betas=(0.9, -0.5))),
+    ("Lion", dict(weight_decay=-0.1)),
+    ("LAMB", dict(lr=-0.1)),
+    ("LAMB", dict(eps=-1e-6)),
+    ("LAMB", dict(betas=(0.9, 1.0))),
+    ("LAMB", dict(weight_decay=-0.1)),
+    ("LARS", dict(lr=-0.1)),
+    ("LARS", dict(lr=0.1, momentum=-0.9)),
+    ("LARS", dict(lr=0.1, weight_decay=-0.1)),
+    ("LARS", dict(lr=0.1, trust_coefficient=-0.001)),
+    ("LARS", dict(lr=0.1, eps=-1.0)),
+    ("AdamWScheduleFree", dict(lr=-0.1)),
+    ("AdamWScheduleFree", dict(betas=(1.0, 0.999))),
+    ("AdamWScheduleFree", dict(eps=-1e-8)),
+    ("AdamWScheduleFree", dict(weight_decay=-0.1)),
+    ("AdamWScheduleFree", dict(warmup_steps=-1)),
+    ("AdamWScheduleFree", dict(warmup_steps=2.5)),
+    ("AdamWScheduleFree", dict(r=-1.0)),
+    ("AdamWScheduleFree", dict(weight_lr_power=-2.0)),
 ]
 
 
@@ -178,11 +215,18 @@ class Case:
         return self.algo.kwargs(self.options, t)
 
     def make(self, params, **changes):
-        """The optimizer class over `params` with these options."""
-        return self.algo.cls(params, **{**self.options, **changes})
+        """The optimizer class over `params` with these options, ready to step (in train
+        mode, for the algorithms with train and eval modes)."""
+        opt = self.algo.cls(params, **{**self.options, **changes})
+        if self.algo.spec.mode_state is not None:
+            opt.train()
+        return opt
 
     def initial_state(self, param, name):
-        """A buffer as the class creates it: zeros, or the spec's initial value."""
+        """A buffer as the class creates it: zeros, the spec's initial value, or a copy
+        of the param."""
+        if self.algo.spec.state(name).like_param:
+            return np.array(param, copy=True)
         out = np.zeros_like(param)
         out[...] = self.algo.spec.init_value(name, self.options)
         return out
@@ -275,7 +319,35 @@ CASES = [
     case("rprop", lr=0.05, etas=(0.3, 1.5)),
     case("rprop", lr=0.5, step_sizes=(0.01, 0.2)),
     case("rprop", lr=0.02, etas=(0.4, 1.1), step_sizes=(0.005, 0.1), maximize=True),
+    case("lion", lr=0.01),
+    case("lion", lr=0.01, maximize=True),
+    case("lion", lr=0.01, weight_decay=0.1),
+    case("lion", lr=0.01, betas=(0.5, 0.9), weight_decay=0.5, maximize=True),
+    case("lamb", lr=0.01),
+    case("lamb", lr=0.01, weight_decay=0.1),
+    case("lamb", lr=0.01, betas=(0.8, 0.99), eps=1e-3),
+    case("lamb", lr=0.01, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.05),
+    case("lars", lr=1.0),
+    case("lars", lr=1.0, trust_coefficient=0.01, momentum=0.0),
+    case("lars", lr=1.0, trust_coefficient=0.01, weight_decay=0.1, nesterov=True),
+    case("lars", lr=0.5, trust_coefficient=0.05, eps=1e-3, weight_decay=0.01, momentum=0.5),
+    case("adamw_schedulefree", lr=0.01),
+    case("adamw_schedulefree", lr=0.01, weight_decay=0.1),
+    case("adamw_schedulefree", lr=0.01, warmup_steps=3),
+    case("adamw_schedulefree", lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05,
+         warmup_steps=2, r=0.5, weight_lr_power=1.0),
 ]
+
+
+
+def in_torch(c):
+    """Whether torch.optim has the algorithm of a case (the tests against torch.optim take
+    only those). Without torch every case is kept: those tests then skip, saying why."""
+    try:
+        import torch
+    except ImportError:
+        return True
+    return hasattr(torch.optim, c.algo.cls.__name__)
 
 
 def _fullest(name):

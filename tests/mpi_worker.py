@@ -61,6 +61,7 @@ CASES = [
     Case("radam", fo.RAdam, {"lr": 1e-2, "betas": (0.8, 0.9)}),
     Case("adamax-maximize", fo.Adamax, {"lr": 1e-2, "maximize": True}, packed=False),
     Case("rprop", fo.Rprop, {"lr": 1e-2, "etas": (0.4, 1.3)}),
+    Case("lion", fo.Lion, {"lr": 1e-2, "weight_decay": 0.1}),
 ]
 
 
@@ -198,6 +199,12 @@ def _bad_input(comm):
     out["unchanged"] = all(np.array_equal(a, b) for a, b in zip(params, before))
     out["lbfgs"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LBFGS,
                                                            comm=comm))
+    out["lamb"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LAMB,
+                                                          comm=comm))
+    out["lars"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones(3)], optimizer_class=fo.LARS,
+                                                          comm=comm, lr=0.1, momentum=0.0))
+    out["schedulefree"] = attempt(lambda: ZeroRedundancyOptimizer(
+        [np.ones(3)], optimizer_class=fo.AdamWScheduleFree, comm=comm))
     out["strided"] = attempt(lambda: ZeroRedundancyOptimizer([np.ones((4, 4))[:, ::2]],
                                                              optimizer_class=fo.SGD, comm=comm))
     out["hyperparameter"] = attempt(lambda: ZeroRedundancyOptimizer(

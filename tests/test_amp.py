@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from cases import FULL_CASES, assert_same_bits, case
+from cases import FULL_CASES, assert_same_bits, case, in_torch
 from fusedopt.amp import DynamicLossScaler
 
 F16 = np.dtype(np.float16)
@@ -215,8 +215,7 @@ def _two_groups(case_, layout, rng):
 
 
 def _make(case_, groups, precision):
-    return case_.algo.cls([dict(g, params=list(g["params"])) for g in groups],
-                          **case_.options, precision=precision)
+    return case_.make([dict(g, params=list(g["params"])) for g in groups], precision=precision)
 
 
 def _grads(params, rng):
@@ -312,7 +311,9 @@ def test_functional_skip_nonfinite(dtype, extra, rng, snapshot):
 def test_without_skip_nan_propagates_as_the_math_says(case_, rng):
     """No check asked for: the step runs, elements with a NaN gradient turn NaN (the
     param, or a state where the rule holds the param still: Rprop's previous gradient)
-    and the others follow the reference (float64 params, so the comparison is tight)."""
+    and the others follow the reference (float64 params, so the comparison is tight).
+    With a per-tensor trust ratio (LAMB, LARS) the NaN reaches the norm, so the whole
+    tensor."""
     params = [rng.standard_normal(n) for n in (8, 50)]
     states = {n: [np.asarray(case_.initial_state(p, n)) + 0.1 for p in params]
               for n in case_.state_names}
@@ -326,7 +327,10 @@ def test_without_skip_nan_propagates_as_the_math_says(case_, rng):
     for bufs in states.values():
         reached |= np.isnan(bufs[1][[3, 40]])
     assert reached.all() and not np.isnan(params[0]).any()
-    assert np.isfinite(np.delete(params[1], [3, 40])).all()
+    if case_.algo.spec.reductions(case_.op_kwargs(2)):
+        assert np.isnan(params[1]).all()
+    else:
+        assert np.isfinite(np.delete(params[1], [3, 40])).all()
     for name, refs in expect_s.items():
         for a, b in zip(states[name], refs):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
@@ -372,8 +376,7 @@ def test_clipping_matches_reference(case_, max_norm, loss_scale, rng):
     loss scale the gradients come scaled and the norm reported is the unscaled one."""
     params = [rng.standard_normal(s) for s in [(9,), (4, 6), (30,), ()]]
     lrs = [case_.options["lr"], case_.options["lr"] / 3]
-    opt = case_.algo.cls([{"params": params[:2]}, {"params": params[2:], "lr": lrs[1]}],
-                         **case_.options)
+    opt = case_.make([{"params": params[:2]}, {"params": params[2:], "lr": lrs[1]}])
     # the case of each param's group (a fresh buffer may start at lr: Rprop's step sizes)
     cases = [case(case_.algo.name, **{**case_.overrides, "lr": lrs[i >= 2]})
              for i in range(len(params))]
@@ -437,7 +440,7 @@ def _torch_optimizer(torch, case_, tparams_groups):
 
 
 @pytest.mark.parametrize("loss_scale", [None, 2.0**8], ids=["unscaled", "loss-scale"])
-@pytest.mark.parametrize("case_", FULL_CASES, ids=str)
+@pytest.mark.parametrize("case_", [c for c in FULL_CASES if in_torch(c)], ids=str)
 def test_clipping_matches_torch(case_, loss_scale, rng):
     """torch.nn.utils.clip_grad_norm_ over all params, then the torch.optim step, in
     float64, against one fused step with max_grad_norm (and the loss scale). torch runs
@@ -458,8 +461,7 @@ def _clip_and_step_like_torch(torch, case_, loss_scale, rng):
     tparams = [torch.tensor(p, requires_grad=True) for p in params]
     topt = _torch_optimizer(torch, case_, [{"params": tparams[:2]},
                                            {"params": tparams[2:], "lr": lr2}])
-    opt = case_.algo.cls([{"params": params[:2]}, {"params": params[2:], "lr": lr2}],
-                         **case_.options)
+    opt = case_.make([{"params": params[:2]}, {"params": params[2:], "lr": lr2}])
     scale = loss_scale or 1.0
     for t in range(3):
         grads = [rng.standard_normal(p.shape) * (3.0 if t != 1 else 0.01) for p in params]

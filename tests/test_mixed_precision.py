@@ -274,8 +274,12 @@ def class_state_before(opt, case_, i, p):
     st = opt.state.get(i)
     if st is not None:
         return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-    # made in the state's dtype (an initial value such as Rprop's lr rounds there)
-    st = {n: case_.initial_state(np.zeros(p.shape, opt.precision.state_dtype_for(p.dtype)), n)
+    # made in the state's dtype (an initial value such as Rprop's lr rounds there; a
+    # buffer like its param, schedule-free's z, is the param's value rounded there)
+    dtype = opt.precision.state_dtype_for(p.dtype)
+    st = {n: (case_.initial_state(p, n).astype(dtype)
+              if case_.algo.spec.state(n).like_param else
+              case_.initial_state(np.zeros(p.shape, dtype), n))
           for n in case_.state_names}
     xname = opt.precision.extra_name(p.dtype)
     if xname == "master_param":

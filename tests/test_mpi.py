@@ -169,6 +169,9 @@ BAD = [
     ("grads-dtype", "TypeError", r"grads\[0\] has dtype float32, params\[0\] has float64"),
     ("grads-none", "TypeError", r"grads\[1\] is None"),
     ("lbfgs", "TypeError", r"optimizer_class must be a fusedopt element-wise optimizer"),
+    ("lamb", "TypeError", r"LAMB needs every tensor's norms"),
+    ("lars", "TypeError", r"LARS needs every tensor's norms"),
+    ("schedulefree", "TypeError", r"AdamWScheduleFree switches its params between two"),
     ("strided", "ValueError", r"params\[0\] is not C-contiguous"),
     ("hyperparameter", "ValueError", r"Invalid learning rate"),
 ]

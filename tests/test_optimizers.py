@@ -8,7 +8,7 @@ import pytest
 
 import fusedopt
 from cases import (ALGORITHMS, CASES, FULL_CASES, INVALID, assert_same_bits, case, data_ptr,
-                   random_arrays)
+                   random_arrays, required_options)
 
 SHAPES = [(10,), (4, 3), (), (0,), (2000,)]
 
@@ -20,9 +20,10 @@ TORCH_FLAGS = {"foreach", "fused", "capturable", "differentiable"}
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_defaults_are_the_specs(name):
     algo = ALGORITHMS[name]
-    opt = algo.cls([np.zeros(3)])
+    required = required_options(algo.spec)
+    opt = algo.cls([np.zeros(3)], **required)
     group = opt.param_groups[0]
-    expected = algo.spec.group_defaults()
+    expected = {**algo.spec.group_defaults(), **required}
     assert {k: v for k, v in group.items() if k != "params"} == expected
     assert opt.defaults == expected
 
@@ -71,13 +72,21 @@ def test_valid_edges_accepted(cls, kwargs):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_params_must_be_a_list(name):
     cls = ALGORITHMS[name].cls
-    with pytest.raises(TypeError):
-        cls(np.zeros(3))
+    required = required_options(ALGORITHMS[name].spec)
+    with pytest.raises(TypeError, match="params must be a list"):
+        cls(np.zeros(3), **required)
     with pytest.raises(ValueError):
-        cls([])
+        cls([], **required)
     p = np.zeros(3)
     with pytest.raises(ValueError):
-        cls([{"params": [p]}, {"params": [p]}])
+        cls([{"params": [p]}, {"params": [p]}], **required)
+
+
+def test_a_required_argument_must_be_given():
+    """LARS has no default learning rate (optax.lars's learning_rate is required)."""
+    with pytest.raises(TypeError, match="lr"):
+        fusedopt.LARS([np.zeros(3)])
+    assert fusedopt.LARS([np.zeros(3)], 0.5).param_groups[0]["lr"] == 0.5
 
 
 def run_functional(c, params, grads_per_step):

@@ -157,3 +157,18 @@ def test_8bit_state_is_refused_for_dtensor_params(results):
     for rank in range(RANKS):
         message = _run(results, "dtensor-8bit", rank)["message"]
         assert message is not None and "optim_bits=8" in message and "DTensor" in message
+
+
+def test_an_elementwise_rule_gives_the_same_bits_on_shards(results):
+    """Lion, which torch.optim does not have: sharded and replicated DTensors alike."""
+    _assert_same_training(results, "dtensor-shard/fusedopt/Lion",
+                          "dtensor-replicate/fusedopt/Lion", exact=True)
+
+
+def test_trust_ratios_refuse_sharded_params(results):
+    for rank in range(RANKS):
+        run = _run(results, "dtensor-trust-ratio", rank)
+        for name in ("LAMB", "LARS"):
+            message = run[f"{name}/shard"]
+            assert message is not None and "need each whole tensor's norms" in message, message
+            assert run[f"{name}/replicate"] is None

@@ -94,6 +94,9 @@ def test_flat_equals_default_bit_for_bit(name, opts):
     m1, m2 = make_model(), make_model()
     o1 = getattr(fot, name)(m1.parameters(), **opts)
     o2 = getattr(fot, name)(m2.parameters(), **opts, flat=True)
+    for o in (o1, o2):
+        if hasattr(o, "train"):  # schedule-free: steps need train mode
+            o.train()
     l1 = train(m1, o1, STEPS, data)
     l2 = train(m2, o2, STEPS, data)
     assert l1 == l2
@@ -124,6 +127,58 @@ def test_a_flat_step_is_one_call_over_one_tensor(monkeypatch):
     calls = count_calls(monkeypatch)
     train(model, opt, 3, data)
     assert calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name, opts", [("LAMB", dict(lr=1e-2)), ("LARS", dict(lr=0.1))])
+def test_trust_ratios_see_each_tensor_of_a_flat_buffer(monkeypatch, name, opts):
+    """LAMB's and LARS's per-tensor norms: a flat step is one call over the buffers' views,
+    one tensor per param, not one tensor for the whole buffer."""
+    model = make_model()
+    opt = getattr(fot, name)(model.parameters(), **opts, flat=True)
+    data = make_data()
+    train(model, opt, 2, data)
+    calls = count_calls(monkeypatch)
+    train(model, opt, 2, data)
+    assert calls == [4, 4]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_schedule_free_train_and_eval_move_the_flat_buffers(monkeypatch, frozen):
+    """train()/eval() with flat=True: the params move in their buffer (one lerp over a
+    bucket whose params all have their state in the state buffer; param by param with a
+    param that has no state yet, `frozen`) bit for bit as the default mode moves them, and
+    stay the buffer's views."""
+    whole = []
+    real = fot.AdamWScheduleFree._switch_bucket
+
+    def spy(self, bucket, name, weight):
+        whole.append(real(self, bucket, name, weight))
+        return whole[-1]
+
+    monkeypatch.setattr(fot.AdamWScheduleFree, "_switch_bucket", spy)
+    data = make_data()
+    m1, m2 = make_model(), make_model()
+    if frozen:
+        for m in (m1, m2):
+            m[2].bias.requires_grad_(False)
+    o1 = fot.AdamWScheduleFree(m1.parameters(), lr=0.01, warmup_steps=3, weight_decay=0.01)
+    o2 = fot.AdamWScheduleFree(m2.parameters(), lr=0.01, warmup_steps=3, weight_decay=0.01,
+                               flat=True)
+    bucket = o2._fo_buckets[0][0]
+    for run in range(3):
+        for o in (o1, o2):
+            o.train()
+        assert_same_training(m1, o1, m2, o2, f"train mode, run {run}")
+        assert train(m1, o1, 5, data) == train(m2, o2, 5, data)
+        before = [p.detach().clone() for p in m2.parameters()]
+        for o in (o1, o2):
+            o.eval()
+        assert_same_training(m1, o1, m2, o2, f"eval mode, run {run}")
+        assert any(not torch.equal(a, p.detach()) for a, p in zip(before, m2.parameters()))
+        assert all(p.data_ptr() == v.data_ptr()
+                   for p, v in zip(m2.parameters(), bucket.param_views))
+    # the first train() finds no state; after it every switch is one lerp per bucket
+    assert whole == [False] + [not frozen] * 5
 
 
 def test_params_and_grads_are_views_of_the_buffers():

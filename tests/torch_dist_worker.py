@@ -33,6 +33,9 @@ OPTIONS = {
     "Adam": {"lr": 0.01, "amsgrad": True},
     "AdamW": {"lr": 0.01, "weight_decay": 0.1},
 }
+# classes torch.optim does not have: stepped on DTensors made by hand only, sharded and
+# replicated (an elementwise rule gives the same bits either way)
+BEYOND = {"Lion": {"lr": 0.01, "weight_decay": 0.1}}
 # FSDP2 checkpoints: the classes the checkpoint round trip runs for
 CHECKPOINTED = ("Adam", "AdamW", "SGD", "Adagrad")
 
@@ -167,7 +170,7 @@ def dtensor(impl, name, placement):
     full = [torch.randn(7, 3, generator=g, dtype=torch.float64),
             torch.randn(5, generator=g, dtype=torch.float64)]
     params = [torch.nn.Parameter(distribute_tensor(t, mesh, placements)) for t in full]
-    opt = optimizer(impl, name)(params, **OPTIONS[name])
+    opt = optimizer(impl, name)(params, **(OPTIONS.get(name) or BEYOND[name]))
     for step in range(5):
         for p in params:
             grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
@@ -208,6 +211,26 @@ def dtensor_8bit():
         return {"message": str(e)}
 
 
+def trust_ratio_on_shards():
+    """LAMB and LARS refuse sharded DTensor params (a shard's norms are not its
+    tensor's) and take replicated ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = {}
+    for key, placement in (("shard", Shard(0)), ("replicate", Replicate())):
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh,
+                                                 [placement]))
+        for name, options in (("LAMB", {}), ("LARS", {"lr": 0.1})):
+            try:
+                getattr(fot, name)([p], **options)
+                out[f"{name}/{key}"] = None
+            except ValueError as e:
+                out[f"{name}/{key}"] = str(e)
+    return out
+
+
 def runs(folder):
     """name -> function of each run, in an order every rank follows."""
     todo = {}
@@ -237,8 +260,12 @@ def runs(folder):
             for name in ("AdamW", "Adagrad"):
                 todo[f"dtensor-{placement}/{impl}/{name}"] = \
                     lambda i=impl, n=name, pl=placement: dtensor(i, n, pl)
+    for placement in ("shard", "replicate"):
+        todo[f"dtensor-{placement}/fusedopt/Lion"] = \
+            lambda pl=placement: dtensor("fusedopt", "Lion", pl)
     todo["dtensor-partial-grad"] = partial_grad
     todo["dtensor-8bit"] = dtensor_8bit
+    todo["dtensor-trust-ratio"] = trust_ratio_on_shards
     return todo
 
 

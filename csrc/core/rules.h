@@ -15,6 +15,10 @@
 #include "rprop.h"
 #include "sgd.h"
 #include "stream.h"
+#include "lion.h"
+#include "lamb.h"
+#include "lars.h"
+#include "schedulefree.h"
 
 namespace fo {
 
@@ -47,6 +51,15 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "adamax") return f(Adamax{}), true;
   if (name == "asgd") return f(Asgd{}), true;
   if (name == "rprop") return f(Rprop{}), true;
+  if (name == "lion") return f(Lion{}), true;
+  if (name == "lamb") return f(Lamb{}), true;
+  if (name == "lars") return f(Lars<false>{}), true;
+  if (name == "lars_momentum") return f(Lars<true>{}), true;
+  if (name == "adamw_schedulefree") return f(AdamwScheduleFree{}), true;
+  // the limits of the two-pass rules: stream<states>_reduce<slots the first pass reads>
+  if (name == "stream0_reduce2") return f(StreamReduce<0, false>{}), true;
+  if (name == "stream1_reduce2") return f(StreamReduce<1, false>{}), true;
+  if (name == "stream2_reduce4") return f(StreamReduce<2, true>{}), true;
   return false;
 }
 

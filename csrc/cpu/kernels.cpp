@@ -13,6 +13,7 @@
 #include "driver.h"
 #include "kernels.h"
 #include "quant_driver.h"
+#include "per_tensor.h"
 #include "reduce.h"
 
 namespace fo::cpu::FO_ISA_NS {
@@ -34,15 +35,30 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
     for (Hyper& one : h) Rule::at_step(one, mode.step);
     const bool known = with_layout(layout.param, layout.state, layout.extra,
                                    [&](auto m, auto p, auto s, auto x) {
-      if constexpr (std::is_same_v<decltype(s), q8>) {
-        if constexpr (Rule::kStates > 0)
-          run_q8<Rule, decltype(m), decltype(x)::value, decltype(p)>(t, h.data(), per_tensor,
-                                                                      mode, max_threads);
+      using M = decltype(m);
+      using P = decltype(p);
+      using S = decltype(s);
+      constexpr Extra X = decltype(x)::value;
+      if constexpr (std::is_same_v<S, q8>) {
+        if constexpr (Rule::kStates > 0 && reduce_count<Rule>() == 0)
+          run_q8<Rule, M, X, P>(t, h.data(), per_tensor, mode, max_threads);
         else
-          throw std::invalid_argument(std::string(kernel) + ": no state to store in 8 bits");
+          throw std::invalid_argument(std::string(kernel) +
+                                      ": no 8-bit state for this rule (no state, or two passes)");
+      } else if constexpr (reduce_count<Rule>() > 0) {
+        // two passes: every tensor's sums, then the update with each tensor's Hyper
+        // completed from them (csrc/core/two_pass.h)
+        constexpr int R = reduce_count<Rule>();
+        const std::vector<double> sums =
+            reduce_per_tensor<Rule, M, X, P, S>(t, h.data(), per_tensor, mode, max_threads);
+        std::vector<Hyper> ht(std::size_t(t.n));
+        for (std::int64_t j = 0; j < t.n; ++j) {
+          ht[std::size_t(j)] = h[per_tensor ? std::size_t(j) : 0];
+          Rule::finish(ht[std::size_t(j)], sums.data() + std::size_t(j) * R);
+        }
+        run<Rule, M, X, P, S>(t, ht.data(), true, mode, max_threads);
       } else {
-        run<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
-            t, h.data(), per_tensor, mode, max_threads);
+        run<Rule, M, X, P, S>(t, h.data(), per_tensor, mode, max_threads);
       }
     });
     if (!known)

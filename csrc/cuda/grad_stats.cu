@@ -14,27 +14,13 @@
 #include <vector>
 
 #include "../core/precision.h"
+#include "block_sum.cuh"
 #include "kernels.h"
 #include "multi_tensor.cuh"
 #include "update_functor.cuh"
 
 namespace fo::cuda {
 namespace {
-
-// The sum of v over the threads of the block, in a fixed order; valid in every
-// thread. Every thread of the block must call it; it may be called again at once.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double buf[kBlockThreads];
-  __syncthreads();  // a previous call's readers are done with buf
-  buf[threadIdx.x] = v;
-  __syncthreads();
-#pragma unroll
-  for (int width = kBlockThreads / 2; width > 0; width /= 2) {
-    if (int(threadIdx.x) < width) buf[threadIdx.x] += buf[threadIdx.x + width];
-    __syncthreads();
-  }
-  return buf[0];
-}
 
 template <class T>
 struct SumSquares {

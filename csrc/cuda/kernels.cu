@@ -8,6 +8,7 @@
 #include "kernels.h"
 #include "multi_tensor.cuh"
 #include "quant_functor.cuh"
+#include "reduce_functor.cuh"
 #include "update_functor.cuh"
 
 namespace fo::cuda::FO_CUDA_NS {
@@ -22,6 +23,42 @@ template <class Rule, class M, Extra X, class P, bool SR>
 struct FunctorOf<Rule, M, X, P, q8, SR> {
   using type = QuantFunctor<Rule, M, X, P, SR>;
 };
+// The update pass of a call; for a two-pass rule (csrc/core/two_pass.h) first the
+// per-tensor sums, which stay in device memory for the update to read.
+template <class Rule, class M, Extra X, class P, class S, class Op>
+void update(const StepCall& c, Op op) {
+  if constexpr (reduce_count<Rule>() > 0 && std::is_same_v<S, q8>) {
+    throw std::invalid_argument(c.name + ": no 8-bit state for a two-pass rule");
+  } else if constexpr (reduce_count<Rule>() > 0) {
+    constexpr int R = reduce_count<Rule>();
+    using Reduce = ReduceFunctor<Rule, M, X, P, S>;
+    // tensor j's chunks are blocks first[j] .. first[j + 1] - 1 of the first pass, as
+    // the launcher numbers them (tensors in order, empty ones without blocks)
+    std::vector<std::int64_t> first(std::size_t(c.n) + 1, 0);
+    for (std::int64_t j = 0; j < c.n; ++j)
+      first[std::size_t(j) + 1] = first[std::size_t(j)] + count_blocks(c.sizes + j, 1);
+    StreamBuffer partial(std::size_t(first.back()) * R * sizeof(double), c.stream, c.name);
+    StreamBuffer sums(std::size_t(c.n) * R * sizeof(double), c.stream, c.name);
+    StreamBuffer starts(first.size() * sizeof(std::int64_t), c.stream, c.name);
+    check_cuda(cudaMemcpyAsync(starts.get<std::int64_t>(), first.data(),
+                               first.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice,
+                               c.stream),
+               c.name + ": copying the chunk table");
+    const typename Reduce::Setup setup{op.h, op.table, op.mode, op.scale, op.count};
+    multi_tensor_apply<Op::kSlots>(c.name + " (per-tensor sums)", c.stream, c.ptrs, c.sizes,
+                                   c.n, Reduce{setup, partial.get<double>()});
+    constexpr unsigned kThreads = 128;
+    launch(c.name + " (per-tensor sums)", sum_chunks_per_tensor<R>,
+           unsigned((c.n + kThreads - 1) / kThreads), kThreads, c.stream,
+           static_cast<const double*>(partial.get<double>()),
+           static_cast<const std::int64_t*>(starts.get<std::int64_t>()), c.n,
+           sums.get<double>());
+    op.sums = sums.get<double>();
+    multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+  } else {
+    multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+  }
+}
 
 template <class Rule, class M, Extra X, class P, class S, bool SR>
 void run(const StepCall& c) {
@@ -36,7 +73,7 @@ void run(const StepCall& c) {
     for (Hyper& one : h) Rule::at_step(one, c.mode.step);
   Op op{h[0], nullptr, c.mode, c.scale, c.count};
   if (!c.per_tensor) {
-    multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+    update<Rule, M, X, P, S>(c, op);
     return;
   }
   // One Hyper per tensor: a table in device memory, ordered on the stream. A
@@ -46,7 +83,7 @@ void run(const StepCall& c) {
                              cudaMemcpyHostToDevice, c.stream),
              c.name + ": copying the hyperparameter table");
   op.table = table.get<Hyper>();
-  multi_tensor_apply<Op::kSlots>(c.name, c.stream, c.ptrs, c.sizes, c.n, op);
+  update<Rule, M, X, P, S>(c, op);
 }
 
 }  // namespace

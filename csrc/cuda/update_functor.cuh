@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "../core/element.h"
+#include "../core/two_pass.h"
 
 namespace fo::cuda {
 
@@ -30,6 +31,11 @@ struct UpdateFunctor {
   static_assert(!SR || sizeof(P) == 2, "stochastic rounding is for 16-bit params");
   using Hyper = typename Rule::Hyper;
   using XS = typename ExtraStorage<X, P>::type;
+  using RuleType = Rule;
+  using MathType = M;
+  using ParamType = P;
+  using StateType = S;
+  static constexpr Extra kExtraKind = X;
   static constexpr int kStates = Rule::kStates;
   static constexpr int kS = kStates > 0 ? kStates : 1;  // no zero-length arrays
   static constexpr bool kExtra = X != Extra::None;
@@ -49,6 +55,9 @@ struct UpdateFunctor {
   Mode mode;
   const double* scale;  // device memory: {skip, coef, norm} from grad_stats, or null
   const double* count;  // device memory: the step count t of this update, or null
+  // device memory: a two-pass rule's sums, reduce_count<Rule>() per tensor of the call,
+  // from which each block completes its tensor's Hyper (Rule::finish); null otherwise
+  const double* sums = nullptr;
 
   // One element: the gradient scaled as on the CPU, then the shared update. `m` is
   // the call's Mode with its rounding fixed at compile time, so the update has one
@@ -95,6 +104,9 @@ struct UpdateFunctor {
       if (count != nullptr && !skip) {
         Rule::at_step(one, *count);
         key = step_key(mode.key, std::uint64_t(*count));
+      }
+      if constexpr (reduce_count<Rule>() > 0) {
+        if (sums != nullptr && !skip) Rule::finish(one, sums + j * reduce_count<Rule>());
       }
       shared = Block{one, scale != nullptr ? mode.grad_scale * scale[1] : mode.grad_scale, key};
       shared_skip = skip ? 1 : 0;

@@ -106,6 +106,10 @@ class Bucket:
             return self.scale_views[name][position] is scales
         return scales is None
 
+    def holds_params(self):
+        """Whether every param still lives in the buffer (its `.data` the view)."""
+        return self._ptrs() == self.ptrs
+
     def check_params(self, owner):
         """RuntimeError when a param no longer lives in the buffer (the model was moved
         with `.to()`, or a param's `.data` replaced, after the optimizer was built)."""

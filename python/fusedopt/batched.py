@@ -12,8 +12,11 @@ table of one hyperparameter row per tensor), instead of K optimizer calls:
 A hyperparameter is either one value for all members or a sequence of K values
 (`betas`: one pair, or K pairs). `opt.param_groups[k]` is member k's group (its params
 are the slices): the schedules of `fusedopt.schedules` drive every member from its own
-base rate. The algorithms are torch.optim's SGD (momentum, dampening, Nesterov) and
-Adam / AdamW (per member even the kind of weight decay), plus an optional L1 term
+base rate. The algorithms are those of the table (`fusedopt.algorithms`): torch.optim's
+SGD (momentum, dampening, Nesterov), Adam / AdamW (per member even the kind of weight
+decay) and the rest of the classic family, Lion, LAMB and LARS (their trust ratios per
+member and tensor), but not schedule-free AdamW, whose per-group bookkeeping and
+train/eval modes have no batched form; plus an optional L1 term
 (`l1`, a proximal soft-threshold after each step; see `fusedopt.transfer.prox_l1_`).
 
 On top: `grid`, `sample` and `search` (train K members of a small model in lockstep and
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _engine
-from .algorithms import SPECS, pack
+from .algorithms import REQUIRED, SPECS, pack
 from .algorithms._spec import check_number
 from .transfer import prox_l1_
 
@@ -96,6 +99,9 @@ class _Batched:
         if unknown:
             raise TypeError(f"{self.op}: unknown hyperparameters {sorted(unknown)}")
         self.defaults.update(hyper)
+        missing = [name for name, value in self.defaults.items() if value is REQUIRED]
+        if missing:
+            raise TypeError(f"{self.op}: missing required hyperparameter {missing[0]!r}")
         per = {name: self._per_member_values(name, value) for name, value in self.defaults.items()}
         self.param_groups = []
         for k in range(members):
@@ -358,7 +364,7 @@ def _make(spec):
                                      "__doc__": doc, "__module__": __name__})
 
 
-OPTIMIZERS = {spec.name: _make(spec) for spec in SPECS.values()}
+OPTIMIZERS = {spec.name: _make(spec) for spec in SPECS.values() if spec.batchable}
 globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
 __all__ += [cls.__name__ for cls in OPTIMIZERS.values()]
 

@@ -206,9 +206,11 @@ class ZeroRedundancyOptimizer:
         mismatch raises ValueError on every rank.
     optimizer_class : type, optional
         The inner optimizer, a fusedopt element-wise optimizer class (`fusedopt.SGD`,
-        `Adam`, `AdamW`, `NAdam`, `Rprop`, ... any class of the table of algorithms, or
-        a subclass); default `fusedopt.AdamW`. L-BFGS and Newton need the whole
-        parameter vector and are refused.
+        `Adam`, `AdamW`, `NAdam`, `Rprop`, `Lion`, ... any elementwise class of the table
+        of algorithms, or a subclass); default `fusedopt.AdamW`. L-BFGS and Newton need
+        the whole parameter vector, LAMB and LARS every tensor's norms, and they are
+        refused, as is `AdamWScheduleFree` (its train/eval modes and per-group
+        bookkeeping).
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the training (default ``MPI.COMM_WORLD``).
     **defaults
@@ -230,7 +232,7 @@ class ZeroRedundancyOptimizer:
     TypeError
         A param is not a NumPy or CuPy array, has a dtype other than float32/float64,
         is a CuPy array while the MPI library is not CUDA-aware, or `optimizer_class` is
-        not a fusedopt element-wise optimizer.
+        not a fusedopt element-wise optimizer that steps shards (see above).
     ValueError
         Params that are not C-contiguous or writeable, a param given twice, the
         group option ``frozen_params`` (freeze a whole group instead), invalid
@@ -279,8 +281,18 @@ class ZeroRedundancyOptimizer:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)) \
                 or issubclass(optimizer_class, (LBFGS, Newton)):
             raise TypeError(f"{_OP}: optimizer_class must be a fusedopt element-wise optimizer "
-                            "(SGD, Adam, AdamW, NAdam, Rprop, ... or a subclass), got "
+                            "(SGD, Adam, AdamW, NAdam, Rprop, Lion, ... or a subclass), got "
                             f"{optimizer_class!r}")
+        spec = getattr(optimizer_class, "spec", None)
+        if spec is not None and spec.mode_state is not None:
+            raise TypeError(f"{_OP}: {optimizer_class.__name__} switches its params between "
+                            "two sequences (train()/eval()) and keeps per-group step "
+                            "bookkeeping, which the shards do not carry; step it without "
+                            "ZeroRedundancyOptimizer")
+        if spec is not None and spec.reductions(spec.to_op({**spec.group_defaults(),
+                                                            **defaults})):
+            raise TypeError(f"{_OP}: {optimizer_class.__name__} needs every tensor's norms "
+                            "(per-tensor trust ratios), and the shards cut through tensors")
         groups = list(params) if isinstance(params, (list, tuple)) else None
         if not groups:
             raise ValueError(f"{_OP}: params must be a non-empty list of arrays or of dicts")

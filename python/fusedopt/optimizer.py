@@ -11,6 +11,7 @@ so a bad input leaves params, state and step counters as they were.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from operator import itemgetter
 from typing import Any
@@ -195,6 +196,9 @@ class Optimizer:
         state = {}
         for name in spec.active(spec.to_op(group)):
             buf = state[name] = _arrays.zeros_like(arr, dtype)
+            if spec.state(name).like_param:
+                _copy_into(buf, arr)
+                continue
             value = spec.init_value(name, group)
             if quantized:  # uint8 codes and a scale per block
                 scales = state[_quant.absmax_name(name)] = _quant.scales_like(arr, size)
@@ -266,19 +270,26 @@ class Optimizer:
                                                   "max_grad_norm": max_grad_norm,
                                                   "skip_nonfinite": skip_nonfinite})
         scalar_key = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
+        for group in self.param_groups:
+            spec.check_step(group)
         plans, created, updates = [], {}, []
         offset = 0
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             n = len(params)
             gslice = grads[offset:offset + n]
+            kw = spec.to_op(group)
+            # per-group bookkeeping: every group, every step, gradients or not
+            extra, after = spec.advance_group(kw, group)
+            if after:
+                kw.update(extra)
+                updates.append(([group], after))
             if group.get("frozen"):  # a frozen group is skipped as if it had no gradients
                 offset += n
                 continue
             frozen = group.get("frozen_params")
             if frozen:
                 gslice = [None if j in frozen else g for j, g in enumerate(gslice)]
-            kw = spec.to_op(group)
             precision = self._precision_options(group)
             states = list(map(known.get, range(offset, offset + n)))
             # (`None in gslice` would compare arrays elementwise: test the types instead)
@@ -485,6 +496,101 @@ def _no_scalars(state):
 def _quantized(state):
     """Whether a param's state is 8-bit (its buffers have block scales)."""
     return any(k.endswith("_absmax") for k in state)
+
+
+class Modes:
+    """``train()`` and ``eval()`` of the algorithms whose params move between two
+    sequences (a spec with a `mode_state`: schedule-free methods keep y in the params
+    for training and the average x for evaluation). Each moves every param that has
+    state by ``p <- lerp(p, state, w)`` with the weight the spec gives (torch.lerp's
+    formula; with master weights the master copy moves and the param is its rounded
+    value; with Kahan buffers the param plus its compensation moves)."""
+
+    def train(self) -> None:
+        """Put the params in train mode (the sequence the steps update)."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Put the params in eval mode (the sequence to evaluate and save)."""
+        self._switch(False)
+
+    def _switch(self, train):
+        with self._lock:
+            self._settle()
+            spec, index = self.spec, 0
+            for group in self.param_groups:
+                weight = spec.mode_weight(group, train)
+                if weight is not None:
+                    for j, p in enumerate(group["params"]):
+                        st = self._state.get(index + j)
+                        if st and spec.mode_state in st:
+                            _lerp_param(p, st[spec.mode_state], weight, st)
+                    group.update(spec.set_mode(group, train))
+                index += len(group["params"])
+
+
+def _torch_of(x):
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
+def _copy_into(buf, src):
+    """buf[...] = src for any pair of the accepted array kinds (torch tensors detached)."""
+    if _torch_of(src) is not None:
+        src = src.detach()
+        if _torch_of(buf) is None:
+            src = src.cpu().numpy() if src.dtype != _torch_of(src).bfloat16 else src
+    elif _torch_of(buf) is not None:
+        src = _torch_of(buf).as_tensor(src, device=buf.device)
+    buf[...] = src
+
+
+def _float32(x):
+    torch = _torch_of(x)
+    return x.detach().float() if torch is not None else x.astype(np.float32)
+
+
+def _lerp(a, b, w):
+    """torch.lerp(a, b, w): a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w)."""
+    return a + w * (b - a) if abs(w) < 0.5 else b - (b - a) * (1.0 - w)
+
+
+def _lerp_param(param, end, weight, state):
+    """One param of `Modes._switch`, in float32 for 16-bit params, in its own dtype
+    otherwise."""
+    master, comp = state.get("master_param"), state.get("kahan_comp")
+    if master is None and comp is None and _dtype(param).itemsize != 2:
+        start = param.detach() if _torch_of(param) is not None else param
+        _copy_into(param, _lerp(start, _like(end, start), weight))
+        return
+    if master is not None:
+        moved = _lerp(_float32(master), _float32(_like(end, master)), weight)
+        _copy_into(master, moved)
+        _copy_into(param, _cast(moved, param))
+        return
+    start = _float32(param) + (_float32(comp) if comp is not None else 0.0)
+    moved = _lerp(start, _float32(_like(end, start)), weight)
+    rounded = _cast(moved, param)
+    _copy_into(param, rounded)
+    if comp is not None:
+        _copy_into(comp, _cast(moved - _float32(rounded), comp))
+
+
+def _like(x, other):
+    """x as the array kind of `other` (a torch tensor or not)."""
+    torch = _torch_of(other)
+    if torch is not None and _torch_of(x) is None:
+        return torch.as_tensor(x, device=other.device)
+    if torch is None and _torch_of(x) is not None:
+        return x.detach().cpu().numpy()
+    return x
+
+
+def _cast(x, like):
+    """x converted to the dtype of `like` (round to nearest even)."""
+    if _torch_of(like) is not None:
+        return _like(x, like).to(like.dtype)
+    return x.astype(like.dtype)
 
 
 def _dtype(param):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
-from .optimizer import Optimizer
+from .optimizer import Modes, Optimizer
 
 __all__ = []
 
@@ -29,8 +29,11 @@ def bind_options(cls, spec, signature, params, args, kwargs):
 
 
 def make_class(spec, base=Optimizer, module=__name__):
-    """The optimizer class of a spec, over `base`."""
+    """The optimizer class of a spec, over `base` (with `train()` and `eval()` where the
+    spec has modes)."""
     signature = class_signature(spec)
+    bases = (Modes, base) if spec.mode_state is not None and not issubclass(base, Modes) \
+        else (base,)
 
     def __init__(self, params, *args, **kwargs):
         values = bind_options(type(self), spec, signature, params, args, kwargs)
@@ -42,7 +45,7 @@ def make_class(spec, base=Optimizer, module=__name__):
 
     __init__.__signature__ = signature
     __init__.__doc__ = f"See `{spec.title}`."
-    return type(spec.title, (base,), {"spec": spec, "__init__": __init__,
+    return type(spec.title, bases, {"spec": spec, "__init__": __init__,
                                        "__doc__": class_doc(spec), "__module__": module})
 
 

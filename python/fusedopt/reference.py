@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax",
-           "asgd", "rprop"]
+           "asgd", "rprop", "lion", "lamb", "lars", "adamw_schedulefree"]
 __all__ += ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
 
 _Arrays = Sequence[ArrayLike]
@@ -812,3 +812,202 @@ def dequantize_blockwise(codes: ArrayLike, scales: ArrayLike, signed: bool) -> n
     codes = np.asarray(codes).ravel().astype(np.int64)
     scales = np.repeat(np.asarray(scales, dtype=np.float64), _BLOCK)[:codes.size]
     return dynamic_map(signed)[codes] * scales
+
+
+def lion(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, *, lr: float, beta1: float,
+         beta2: float, weight_decay: float = 0.0, maximize: bool = False) -> _Result:
+    """One step of Lion (Chen et al. 2023, Algorithm 2).
+
+    :math:`c = \\beta_1 m + (1 - \\beta_1) g`;
+    :math:`p \\leftarrow p - \\eta (\\mathrm{sign}(c) + \\lambda p)`;
+    :math:`m \\leftarrow \\beta_2 m + (1 - \\beta_2) g`.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs : sequence of array_like
+        Parameters, gradients and momentum buffers, aligned.
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1` (the update's interpolation), :math:`\\beta_2` (the momentum's
+        decay).
+    weight_decay : float, default 0.0
+        :math:`\\lambda`, decoupled.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    for i in range(n):
+        g = -gs[i] if maximize else gs[i]
+        c = beta1 * ms[i] + (1.0 - beta1) * g
+        ps[i] = ps[i] - lr * (np.sign(c) + weight_decay * ps[i])
+        ms[i] = beta2 * ms[i] + (1.0 - beta2) * g
+    return _result(ps, ms)
+
+
+def _trust_ratio(p, u, coefficient=1.0, eps=0.0):
+    """optax's scale_by_trust_ratio: coefficient |p| / (|u| + eps) over the whole
+    tensor, 1 where either norm is 0."""
+    p_norm = np.sqrt(np.sum(p * p))
+    u_norm = np.sqrt(np.sum(u * u))
+    if p_norm == 0.0 or u_norm == 0.0:
+        return 1.0
+    return coefficient * p_norm / (u_norm + eps)
+
+
+def lamb(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Arrays, *,
+         step: int, lr: float, beta1: float, beta2: float, eps: float,
+         weight_decay: float = 0.0) -> _Result:
+    """One step of LAMB with optax.lamb's equations (scale_by_adam, add_decayed_weights,
+    scale_by_trust_ratio, scale_by_learning_rate).
+
+    :math:`m = \\beta_1 m + (1 - \\beta_1) g`; :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`;
+    :math:`u = \\hat m / (\\sqrt{\\hat v} + \\epsilon) + \\lambda p` with the bias-corrected
+    moments; :math:`p \\leftarrow p - \\eta \\, \\|p\\| / \\|u\\| \\, u`, the norms over
+    each whole tensor, the ratio 1 where either norm is 0.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, gradients, first and second moments, aligned.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    ms = _f64(exp_avgs, "exp_avgs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    for i in range(n):
+        p, g = ps[i], gs[i]
+        ms[i] = beta1 * ms[i] + (1.0 - beta1) * g
+        vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
+        m_hat = ms[i] / (1.0 - beta1 ** step)
+        v_hat = vs[i] / (1.0 - beta2 ** step)
+        u = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p
+        ps[i] = p - lr * _trust_ratio(p, u) * u
+    return _result(ps, ms, vs)
+
+
+def lars(params: _Arrays, grads: _Arrays, momentum_buffers: Optional[_Arrays] = None, *,
+         lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+         trust_coefficient: float = 0.001, eps: float = 0.0,
+         nesterov: bool = False) -> _Result:
+    """One step of LARS with optax.lars's equations (add_decayed_weights,
+    scale_by_trust_ratio, scale_by_learning_rate, trace).
+
+    :math:`u = g + \\lambda p`;
+    :math:`u \\leftarrow -\\eta \\, \\tau \\|p\\| / (\\|u\\| + \\epsilon) \\, u` (per
+    tensor; the ratio 1 where a norm is 0); :math:`b \\leftarrow u + \\mu b`;
+    :math:`p \\leftarrow p + b`, or :math:`p + u + \\mu b` with Nesterov. Without
+    momentum the buffers are optional and :math:`p \\leftarrow p + u`.
+
+    Parameters
+    ----------
+    params, grads : sequence of array_like
+        Parameters and gradients, aligned.
+    momentum_buffers : sequence of array_like, optional
+        The momentum traces :math:`b`; needed when `momentum` is not 0.
+    lr : float
+        :math:`\\eta`.
+    momentum : float, default 0.9
+        :math:`\\mu`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    trust_coefficient : float, default 0.001
+        :math:`\\tau`.
+    eps : float, default 0.0
+        :math:`\\epsilon`, added to the update's norm.
+    nesterov : bool, default False
+        Nesterov momentum.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, momentum_buffers)``, or ``(params,)`` without buffers: new float64
+        arrays.
+    """
+    n = len(params)
+    ps = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    bs = _f64(momentum_buffers, "momentum_buffers", n)
+    if momentum != 0 and bs is None:
+        raise ValueError("reference.lars: momentum != 0 needs momentum_buffers")
+    for i in range(n):
+        p = ps[i]
+        u = gs[i] + weight_decay * p
+        u = -lr * _trust_ratio(p, u, trust_coefficient, eps) * u
+        if bs is not None:
+            bs[i] = u + momentum * bs[i]
+            ps[i] = p + (u + momentum * bs[i] if nesterov else bs[i])
+        else:
+            ps[i] = p + u
+    return _result(ps, bs)
+
+
+def adamw_schedulefree(params: _Arrays, grads: _Arrays, zs: _Arrays, exp_avg_sqs: _Arrays,
+                       *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                       ckp1: float, weight_decay: float = 0.0) -> _Result:
+    """One step of schedule-free AdamW (Defazio et al. 2024) as the schedulefree package's
+    AdamWScheduleFree steps in train mode (the params hold y).
+
+    :math:`v = \\beta_2 v + (1 - \\beta_2) g^2`;
+    :math:`u = g / (\\sqrt{v / (1 - \\beta_2^t)} + \\epsilon) + \\lambda y`;
+    :math:`y \\leftarrow (1 - c) y + c z + \\eta (\\beta_1 (1 - c) - 1) u`;
+    :math:`z \\leftarrow z - \\eta u`.
+
+    Parameters
+    ----------
+    params, grads, zs, exp_avg_sqs : sequence of array_like
+        Parameters (y), gradients, base sequences z and second moments, aligned.
+    step : int
+        :math:`t = k + 1` (1 on the first step).
+    lr : float
+        :math:`\\eta`, this step's rate (warmup applied).
+    beta1, beta2 : float
+        :math:`\\beta_1` (interpolation between the average and z), :math:`\\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    ckp1 : float
+        :math:`c`, the weight of this step's iterate in the average.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`, taken at y.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, zs, exp_avg_sqs)``, new float64 arrays.
+    """
+    n = len(params)
+    ys = _f64(params, "params")
+    gs = _f64(grads, "grads", n)
+    zs = _f64(zs, "zs", n)
+    vs = _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    for i in range(n):
+        y, g, z = ys[i], gs[i], zs[i]
+        vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
+        u = g / (np.sqrt(vs[i] / (1.0 - beta2 ** step)) + eps) + weight_decay * y
+        ys[i] = (1.0 - ckp1) * y + ckp1 * z + lr * (beta1 * (1.0 - ckp1) - 1.0) * u
+        zs[i] = z - lr * u
+    return _result(ys, zs, vs)

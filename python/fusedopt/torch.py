@@ -192,7 +192,10 @@ class _Fused(Optimizer):
 
     def add_param_group(self, param_group):
         """Add a param group (torch.optim's rules); with ``flat=True`` its params move
-        into flat buffers of their own."""
+        into flat buffers of their own. An algorithm with per-tensor norms (LAMB, LARS)
+        refuses params sharded by their engine (DTensors with a Shard placement, FSDP2):
+        a shard's norms are not its tensor's."""
+        self._check_shards(param_group)
         super().add_param_group(param_group)
         DTensor = _foreign._dtensor_class()
         group = self.param_groups[-1]
@@ -211,6 +214,25 @@ class _Fused(Optimizer):
             for bucket in made:
                 for position, p in enumerate(bucket.params):
                     self._fo_where[id(p)] = (bucket, position)
+
+    def _check_shards(self, param_group):
+        DTensor = _foreign._dtensor_class()
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if DTensor is None or params is None:
+            return
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # (torch refuses sets)
+            params = param_group["params"] = list(params)
+        if not any(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
+                   for p in params):
+            return
+        spec = self.spec
+        if spec.reductions(spec.to_op({**self.defaults, **param_group})):
+            raise ValueError(f"{type(self).__name__}: params sharded by their engine (DTensors "
+                             "with a Shard placement, FSDP2) are stepped on their local "
+                             "shards, and this algorithm's trust ratios need each whole "
+                             "tensor's norms")
 
     def zero_grad(self, set_to_none=True):
         """Reset the gradients (torch.optim's `zero_grad`). With ``flat=True`` the
@@ -287,13 +309,18 @@ class _Fused(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._fo_lock:
-            plans, counted = [], []
+            spec = self.spec
+            for group in self.param_groups:
+                spec.check_step(group)
+            plans, counted, grouped = [], [], []
             same = self._state_unchanged()
             for gi, group in enumerate(self.param_groups):
-                self._plan_group(gi, group, plans, counted, same)
+                self._plan_group(gi, group, plans, counted, grouped, same)
             # every group validated: run, then count the step and install first buffers
             for plan in plans:
                 plan.run()
+            for group, after in grouped:
+                group.update(after)
             for cache, sel, params, after in counted:
                 for index, new in after:
                     for name, value in new.items():
@@ -316,12 +343,18 @@ class _Fused(Optimizer):
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, gi, group, plans, counted, same=False):
+    def _plan_group(self, gi, group, plans, counted, grouped, same=False):
+        spec = self.spec
+        kw = spec.to_op(group)
+        # per-group bookkeeping (spec.advance_group): every group, every step, with or
+        # without params and gradients; the new entries are set once every group ran
+        extra, after = spec.advance_group(kw, group)
+        if after:
+            kw.update(extra)
+            grouped.append((group, after))
         params = group["params"]
         if not params:
             return
-        spec = self.spec
-        kw = spec.to_op(group)
         cache = self._cache(group, spec.active(kw), same)
         grads = list(map(_GRAD, params))
         counted_params = params
@@ -418,9 +451,16 @@ class _Fused(Optimizer):
         if spec.fresh_keyword is not None:
             kw = {**kw, spec.fresh_keyword: False}
         after.append((slice(None), new))
+        # per-tensor sums (LAMB's and LARS's trust ratios) need the params as tensors: the
+        # buffers' views then, still contiguous memory and one call
+        whole = not spec.reductions(kw)
         for bucket in buckets:
-            params, bgrads = [bucket.data], [bucket.grad]
-            lists = [[bucket.states[name]] for name in cache.names]
+            if whole:
+                params, bgrads = [bucket.data], [bucket.grad]
+                lists = [[bucket.states[name]] for name in cache.names]
+            else:
+                params, bgrads = bucket.param_views, bucket.grad_views
+                lists = [bucket.state_views[name] for name in cache.names]
             options, kept_lists = _precision.PLAIN, lists
             if bucket.quantized and cache.names:
                 absmax = [[bucket.scales[name]] for name in cache.names]
@@ -518,8 +558,10 @@ class _Fused(Optimizer):
     def _init_state(self, name, param, group, quantized=False, st=None, k=0):
         """A fresh state buffer of `param`: its values, or with `quantized` (codes,
         scales) of 8-bit state (and bitsandbytes' code table into `st`, for its
-        classes). A view of the flat buckets' buffers with ``flat=True``."""
-        value = _plain(self.spec.init_value(name, group))
+        classes); a state `like_param` starts as a copy of the param. A view of the flat
+        buckets' buffers with ``flat=True``."""
+        like = self.spec.state(name).like_param  # a copy of its param (schedule-free's z)
+        value = 0.0 if like else _plain(self.spec.init_value(name, group))
         where = self._fo_where.get(id(param))
         if quantized:
             positive = self.spec.state(name).positive
@@ -538,11 +580,16 @@ class _Fused(Optimizer):
         if where is not None and not where[0].quantized:
             # flat=True: a view of the bucket's state buffer
             view = where[0].state_view(name, where[1], value, dtype)
-            if value:
+            if like:
+                view.copy_(param.detach())
+            elif value:
                 view.fill_(value)
             else:
                 view.zero_()
             return view
+        if like:
+            return param.detach().to(dtype=dtype, memory_format=torch.preserve_format,
+                                     copy=True)
         if dtype != param.dtype:
             return torch.full(param.shape, value, dtype=dtype, device=param.device)
         if value:
@@ -718,6 +765,59 @@ class _Fused(Optimizer):
         cache.nstate = len(self.state)
 
 
+class _Modes:
+    """``train()`` and ``eval()`` of the algorithms with two sequences (a spec with a
+    `mode_state`), as the schedulefree package switches them: every param with state
+    moves by ``p.lerp_(state, w)`` (with ``flat=True``, one lerp over a bucket's
+    buffers, the same arithmetic element by element)."""
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the params in train mode (the sequence the steps update)."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the params in eval mode (the sequence to evaluate and save)."""
+        self._switch(False)
+
+    def _switch(self, train):
+        spec = self.spec
+        name = spec.mode_state
+        with self._fo_lock:
+            for gi, group in enumerate(self.param_groups):
+                weight = spec.mode_weight(group, train)
+                if weight is None:
+                    continue
+                moved = set()
+                for bucket in self._fo_buckets.get(gi, ()):
+                    if self._switch_bucket(bucket, name, weight):
+                        moved.update(map(id, bucket.params))
+                for p in group["params"]:
+                    if id(p) in moved:
+                        continue
+                    st = self.state.get(p)
+                    if st and name in st:
+                        p.lerp_(end=st[name].to(p.device), weight=weight)
+                group.update(spec.set_mode(group, train))
+
+    def _switch_bucket(self, bucket, name, weight):
+        """Move the params of a flat bucket with one lerp of its buffer towards the
+        state's buffer, when every param still lives in the buffer and its state is its
+        view of the state's buffer; False (nothing done) otherwise: then param by
+        param."""
+        states = bucket.states.get(name)
+        if states is None or not bucket.holds_params():
+            return False
+        for position, p in enumerate(bucket.params):
+            st = self.state.get(p)
+            if not st or not bucket.owns_state(name, position, st.get(name)):
+                return False
+        bucket.data.lerp_(states, weight)
+        torch.autograd.graph.increment_version(bucket.params)
+        return True
+
+
 # --- the classes, from the table --------------------------------------------------------------
 
 
@@ -755,7 +855,9 @@ def make_class(spec, base=_Fused):
     __init__.__doc__ = f"See `{spec.title}`."
     attrs = {"spec": spec, "__init__": __init__, "__doc__": class_doc(spec, torch=True),
              "__module__": __name__}
-    return type(spec.title, (base,), attrs)
+    bases = (_Modes, base) if spec.mode_state is not None and not issubclass(base, _Modes) \
+        else (base,)
+    return type(spec.title, bases, attrs)
 
 
 def _make_all():

@@ -9,17 +9,22 @@ tests' case table and the benchmarks are generated from it.
 
 Adding an elementwise algorithm: its rule header in csrc/core (and its line in
 rules.h), its spec in a module here (listed below), its reference in
-`fusedopt.reference`, and its row in the tests' case table.
+`fusedopt.reference`, and its row in the tests' case table. Rules that need per-tensor
+norms before their update (LAMB, LARS) declare a first pass of per-tensor sums in C++
+(csrc/core/two_pass.h) and need nothing else here; per-group bookkeeping
+(`Spec.advance_group`), buffers that start as copies of their param
+(`State.like_param`) and train/eval modes (`Spec.mode_state`) are spec hooks too.
 """
 
 from __future__ import annotations
 
-from . import classic, torch_more
+from . import classic, lion, schedulefree, torch_more, trust_ratio
 from ._spec import REQUIRED, Option, Spec, State, hyper_fields, pack
 
 __all__ = ["SPECS", "Spec", "Option", "State", "REQUIRED", "hyper_fields", "pack", "get"]
 
-SPECS = {spec.name: spec for module in (classic, torch_more) for spec in module.SPECS}
+SPECS = {spec.name: spec for module in (classic, torch_more, lion, trust_ratio, schedulefree)
+         for spec in module.SPECS}
 
 
 def get(name):

@@ -35,6 +35,25 @@ def _states(spec):
     return "\n".join(lines) if lines else "None."
 
 
+def _group_notes(spec):
+    """What the docstrings say about per-group bookkeeping and train/eval modes."""
+    from ._spec import Spec
+
+    lines = []
+    if type(spec).advance_group is not Spec.advance_group and spec.group_extras:
+        names = ", ".join(f"``{k}``" for k in spec.group_extras)
+        lines += ["", textwrap.fill(
+            f"Each param group also keeps {names}: the per-group bookkeeping that every "
+            "step advances (it travels in the state dict's param groups).", 88)]
+    if spec.mode_state is not None:
+        lines += ["", textwrap.fill(
+            "``train()`` puts the params in train mode and ``eval()`` in eval mode, moving "
+            f"them between the two sequences with the ``{spec.mode_state}`` state; call "
+            "``train()`` before stepping (a step in eval mode raises RuntimeError) and "
+            "``eval()`` before evaluating or saving.", 88)]
+    return lines
+
+
 def class_signature(spec, torch=False):
     """The constructor's signature: ``(self, params, <options>, *, precision)`` for the
     NumPy classes, torch's exact one for `fusedopt.torch`."""
@@ -97,23 +116,27 @@ def class_doc(spec, torch=False):
     lines += ["", "Notes", "-----",
               "State per param, under torch.optim's names:", "", _states(spec), "",
               "``learning_rate=`` is accepted as an alias of ``lr``."]
+    lines += _group_notes(spec)
     if torch:
-        lines += ["", f"A drop-in for ``torch.optim.{spec.title}``: the same arguments, "
+        lines += ["", f"A drop-in for {_origin(spec)}: the same arguments, "
                   "defaults, validation, param groups and state dicts (which load into "
-                  "torch.optim and back); the step runs fusedopt's fused kernels."]
+                  "it and back); the step runs fusedopt's fused kernels."]
     lines += ["", "Examples", "--------"]
+    train = [">>> opt.train()"] if spec.mode_state is not None else []
+    evaluate = [">>> opt.eval()  # the params now hold the average"] \
+        if spec.mode_state is not None else []
     if torch:
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
                   ">>> model = torch.nn.Linear(4, 2)",
-                  f">>> opt = {spec.title}(model.parameters(), {spec.example})",
+                  f">>> opt = {spec.title}(model.parameters(), {spec.example})", *train,
                   ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
-                  ">>> opt.zero_grad()"]
+                  ">>> opt.zero_grad()", *evaluate]
     else:
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
                   ">>> params = [np.ones((4, 2), np.float32), np.zeros(2, np.float32)]",
-                  f">>> opt = fo.{spec.title}(params, {spec.example})",
+                  f">>> opt = fo.{spec.title}(params, {spec.example})", *train,
                   ">>> grads = [np.full((4, 2), 0.5, np.float32), np.ones(2, np.float32)]",
-                  ">>> opt.step(grads)  # the params change in place"]
+                  ">>> opt.step(grads)  # the params change in place", *evaluate]
     return "\n".join(lines) + "\n"
 
 
@@ -162,3 +185,14 @@ def op_doc(spec):
               "(ValueError or TypeError) and changes nothing. The state lists are, in "
               "torch.optim's names:", "", _states(spec)]
     return "\n".join(lines) + "\n"
+
+
+def _origin(spec):
+    """The class a fusedopt.torch class stands in for."""
+    if spec.defined_by is not None:
+        return spec.defined_by
+    import torch
+
+    if hasattr(torch.optim, spec.title):
+        return f"``torch.optim.{spec.title}``"
+    return f"a ``torch.optim.Optimizer`` running {spec.title}"

@@ -58,13 +58,16 @@ class Option:
 class State:
     """One state buffer: torch's state name, the functional op's argument (a list),
     whether its values are never negative (sums and averages of squares), whether the
-    op's argument may be left out (only some options use the buffer)."""
+    op's argument may be left out (only some options use the buffer), and whether a
+    fresh buffer is a copy of its param (schedule-free's ``z``) rather than filled with
+    the spec's `init_value`."""
 
     name: str
     arg: str
     doc: str
     positive: bool = False
     optional: bool = False
+    like_param: bool = False
 
 
 def torch_flag(name, kw_only=True):
@@ -201,6 +204,15 @@ class Spec:
     bench: ClassVar[dict | None] = None
     #: the options shown in the docstring's example
     example: ClassVar[str] = "lr=1e-3"
+    #: the class fusedopt.torch's class stands in for, where torch.optim has none (its
+    #: docstring's words), e.g. "the schedulefree package's ``AdamWScheduleFree``"
+    defined_by: ClassVar[str | None] = None
+    #: whether the batched optimizers (`fusedopt.batched`) offer the algorithm
+    batchable: ClassVar[bool] = True
+    #: the state buffer that `train()` and `eval()` move the params towards and away
+    #: from (schedule-free methods keep the average x in the params for evaluation and
+    #: the interpolation y for training); None: the classes have no such methods
+    mode_state: ClassVar[str | None] = None
 
     # --- derived names -------------------------------------------------------------------------
 
@@ -275,6 +287,40 @@ class Spec:
     def init_value(self, name, group):
         """The value a fresh state buffer is filled with."""
         return 0.0
+
+    def advance_group(self, kw, group):
+        """(op keywords this step adds, group entries after the step) from a param
+        group before the step: per-group bookkeeping kept in the group itself (entries
+        that `group_extras` starts), advanced once per step of every group whether or
+        not its params have gradients, as the schedulefree package keeps its ``k``,
+        ``weight_sum`` and ``lr_max``. The front-ends apply the new entries once the
+        whole step has been validated. Default: none."""
+        return {}, {}
+
+    def check_step(self, group):
+        """Raise when a group cannot step as it is (a schedule-free group in eval
+        mode); nothing has been validated or changed yet."""
+
+    def mode_weight(self, group, train):
+        """The lerp weight that moves a group's params from its current mode to train
+        mode (``train`` True) or eval mode: ``p <- p + w (state - p)`` (torch.lerp)
+        with the `mode_state` buffer; None when the group is in that mode already.
+        The front-ends then set the group's mode with `set_mode`."""
+        return None
+
+    def set_mode(self, group, train):
+        """The group entries that record the mode (see `mode_weight`)."""
+        return {}
+
+    def reductions(self, kw):
+        """How many per-tensor sums the kernel for these op keywords computes in a first
+        pass before its update (0: an elementwise rule; csrc/core/two_pass.h)."""
+        kernel = self.kernel(kw)
+        known = self.__dict__.setdefault("_reductions", {})
+        count = known.get(kernel)
+        if count is None:
+            count = known[kernel] = _cpu.num_reductions(kernel)
+        return count
 
     def advance(self, kw, scalars):
         """(op keywords this step adds, the scalars after it) from a param's scalars

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from fusedopt import _cpu
 from fusedopt import functional as F
 from fusedopt import reference as R
 from fusedopt.algorithms import SPECS
@@ -33,6 +34,13 @@ class Algo:
         self.cls = spec.title  # class name in torch.optim and in fusedopt
         self.op = spec.op_name  # fusedopt functional op
         self._numpy = numpy
+        # a two-pass kernel (LAMB, LARS) first reads `first_pass` arrays per tensor to sum
+        # its per-tensor norms; its limit is the streaming probe with both passes
+        kernel = spec.kernel(spec.to_op(options))
+        self.first_pass = _cpu.first_pass_slots(kernel)
+        self.stream_kernel = f"stream{self.nstates}" + \
+            (f"_reduce{self.first_pass}" if self.first_pass else "")
+        self.modes = spec.mode_state is not None  # train() before stepping
 
     @property
     def nstates(self):
@@ -43,13 +51,34 @@ class Algo:
         Rprop's step sizes start at lr)."""
         return [float(self.spec.init_value(name, self.options)) for name in self.states]
 
+    def initial_states(self, params):
+        """Fresh state lists for `params`, as the classes make them: zeros, the spec's
+        initial value, or copies of the params (schedule-free's z)."""
+        out = []
+        for name in self.states:
+            if self.spec.state(name).like_param:
+                out.append([p.copy() for p in params])
+                continue
+            value = self.spec.init_value(name, self.options)
+            bufs = [np.zeros_like(p) for p in params]
+            if value:
+                for b in bufs:
+                    b[...] = value
+            out.append(bufs)
+        return out
+
     def op_kwargs(self, t):
-        """The functional op's keywords of step t (the spec's scalars advanced t times)."""
+        """The functional op's keywords of step t (the spec's per-param scalars and
+        per-group bookkeeping advanced t times)."""
         spec = self.spec
-        kw = spec.to_op(self.options)
-        scalars, extra = spec.init_scalars(self.options), {}
+        group = dict(self.options)
+        kw = spec.to_op(group)
+        scalars, extra, group_extra = spec.init_scalars(group), {}, {}
         for _ in range(t):
             extra, scalars = spec.advance(kw, scalars)
+            group_extra, after = spec.advance_group(kw, group)
+            group = {**group, **after}
+        kw.update(group_extra)
         kw.update(extra)
         if spec.fresh_keyword is not None:
             kw[spec.fresh_keyword] = t == 1

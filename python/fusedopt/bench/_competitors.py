@@ -41,8 +41,7 @@ class ArrayRunner:
         self.algo, self.update, self.t = algo, update, 0
         self.params = [p.copy() for p in work.params]
         self.grads = [g.copy() for g in work.grads]
-        self.states = [[np.full_like(p, value) for p in self.params]
-                       for value in algo.initial_values()]
+        self.states = algo.initial_states(self.params)
 
     def step(self):
         self.t += 1
@@ -112,6 +111,8 @@ class FusedClass(Impl):
         params = [p.copy() for p in work.params]
         grads = [g.copy() for g in work.grads]
         opt = getattr(fusedopt, algo.cls)(params, **algo.kwargs)
+        if algo.modes:
+            opt.train()
         return ClassRunner(algo, params, grads, opt, algo.states, pass_grads=True)
 
 
@@ -143,6 +144,8 @@ class TorchOptim(Impl):
         small tensor (not every algorithm has a fused CPU kernel)."""
         import torch
 
+        if not hasattr(torch.optim, algo.cls):
+            return False
         key = (algo.name, np.dtype(dtype).name)
         if key not in self._supported:
             p = torch.zeros(8, dtype=getattr(torch, np.dtype(dtype).name))
@@ -176,6 +179,142 @@ class FusedTorch(Impl):
 
         params = _torch_tensors(work)
         opt = getattr(fot, algo.cls)(params, **algo.kwargs)
+        if algo.modes:
+            opt.train()
+        return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
+
+
+# --- steps torch.optim does not have, with torch's foreach ops ------------------------------
+
+def _lion_foreach(k, params, grads, states, t):
+    """Lion as lucidrains/lion-pytorch writes it, with foreach ops over the tensor list."""
+    import torch
+
+    (exp_avgs,) = states
+    lr, b1, b2, wd = k["lr"], k["beta1"], k["beta2"], k["weight_decay"]
+    if wd:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    update = torch._foreach_mul(exp_avgs, b1)
+    torch._foreach_add_(update, grads, alpha=1.0 - b1)
+    torch._foreach_sign_(update)
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, b2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - b2)
+
+
+def _ratios(torch, params, updates, coefficient=1.0, eps=0.0):
+    """optax's trust ratios of every tensor, as Python floats (one host round trip)."""
+    pn = torch.stack(torch._foreach_norm(params))
+    un = torch.stack(torch._foreach_norm(updates))
+    ratio = torch.where((pn == 0) | (un == 0), torch.ones_like(pn), coefficient * pn / (un + eps))
+    return ratio.tolist()
+
+
+def _lamb_foreach(k, params, grads, states, t):
+    """optax.lamb's equations with foreach ops: Adam's direction, per-tensor norms."""
+    import torch
+
+    exp_avgs, exp_avg_sqs = states
+    b1, b2, eps, wd = k["beta1"], k["beta2"], k["eps"], k["weight_decay"]
+    torch._foreach_mul_(exp_avgs, b1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - b1)
+    torch._foreach_mul_(exp_avg_sqs, b2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - b2)
+    denom = torch._foreach_div(exp_avg_sqs, 1.0 - b2**t)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, 1.0 - b1**t)
+    torch._foreach_div_(update, denom)
+    if wd:
+        torch._foreach_add_(update, params, alpha=wd)
+    torch._foreach_mul_(update, [-k["lr"] * r for r in _ratios(torch, params, update)])
+    torch._foreach_add_(params, update)
+
+
+def _lars_foreach(k, params, grads, states, t):
+    """optax.lars's equations with foreach ops: per-tensor trust ratios, then momentum."""
+    import torch
+
+    wd, mu = k["weight_decay"], k["momentum"]
+    update = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+    ratios = _ratios(torch, params, update, k["trust_coefficient"], k["eps"])
+    torch._foreach_mul_(update, [-k["lr"] * r for r in ratios])
+    if not states:
+        torch._foreach_add_(params, update)
+        return
+    (traces,) = states
+    torch._foreach_mul_(traces, mu)
+    torch._foreach_add_(traces, update)
+    if k["nesterov"]:
+        torch._foreach_add_(update, traces, alpha=mu)
+        torch._foreach_add_(params, update)
+    else:
+        torch._foreach_add_(params, traces)
+
+
+TORCH_WRITTEN = {"lion": _lion_foreach, "lamb": _lamb_foreach, "lars": _lars_foreach}
+
+
+class TensorRunner:
+    """A step written in the benchmark over torch tensors (torch's memory), with the
+    state lists as the functional op orders them."""
+
+    def __init__(self, algo, work, update):
+        import torch
+
+        self.algo, self.update, self.t = algo, update, 0
+        self.params = [torch.from_numpy(p).clone() for p in work.params]
+        self.grads = [torch.from_numpy(g).clone() for g in work.grads]
+        self.states = [[torch.from_numpy(b) for b in lst]
+                       for lst in algo.initial_states([p.numpy() for p in self.params])]
+
+    def step(self):
+        self.t += 1
+        self.update(self.algo.op_kwargs(self.t), self.params, self.grads, self.states, self.t)
+
+    def arrays(self):
+        return [p.numpy() for p in self.params], [[b.numpy() for b in lst] for lst in self.states]
+
+    def gradients(self):
+        return [g.numpy() for g in self.grads]
+
+
+class TorchWritten(Impl):
+    """Lion, LAMB and LARS, which torch.optim does not have, written here with torch's
+    foreach ops (one op over the whole tensor list at a time, as torch.optim's foreach
+    mode runs its own algorithms)."""
+
+    key = "torch-foreach-written"
+
+    def label(self, algo):
+        return "torch foreach (written here)"
+
+    def supports(self, algo, dtype):
+        return algo.spec.name in TORCH_WRITTEN
+
+    def build(self, algo, work):
+        return TensorRunner(algo, work, TORCH_WRITTEN[algo.spec.name])
+
+
+class ScheduleFree(Impl):
+    """The schedulefree package's AdamWScheduleFree (foreach mode, its default): the
+    defining implementation. Its step divides the gradients in place, which changes
+    nothing of its cost."""
+
+    key = "schedulefree"
+
+    def label(self, algo):
+        return "schedulefree foreach"
+
+    def supports(self, algo, dtype):
+        return algo.spec.name == "adamw_schedulefree"
+
+    def build(self, algo, work):
+        import schedulefree
+
+        params = _torch_tensors(work)
+        opt = schedulefree.AdamWScheduleFree(params, **algo.kwargs, foreach=True)
+        opt.train()
         return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
 
 
@@ -193,6 +332,8 @@ class FusedTorchFlat(FusedTorch):
 
         params = _torch_tensors(work)
         opt = getattr(fot, algo.cls)(params, **algo.kwargs, flat=True)
+        if algo.modes:
+            opt.train()
         return ClassRunner(algo, params, None, opt, algo.states, pass_grads=False)
 
 
@@ -232,7 +373,9 @@ def cpu_implementations():
     impls = [FusedFunctional(), FusedClass(), NumpyByHand()]
     if _has("torch"):
         impls += [FusedTorch(), FusedTorchFlat(), TorchOptim("loop"), TorchOptim("foreach"),
-                  TorchOptim("fused")]
+                  TorchOptim("fused"), TorchWritten()]
+        if _has("schedulefree"):
+            impls.append(ScheduleFree())
     if _has("deepspeed"):
         impls.append(DeepSpeedCpu())
     return impls

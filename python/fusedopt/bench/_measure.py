@@ -114,10 +114,19 @@ class Mismatch(Exception):
 def expected(algo, work):
     """The float64 reference on the sampled elements after one step from a fresh state,
     and the initial values (to scale the tolerance by the size of the update)."""
-    p = [work.params[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
-    g = [work.grads[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
-    s = [[np.full(len(idx), value) for _, idx in work.picks] for value in algo.initial_values()]
+    if algo.first_pass:
+        # per-tensor norms: the reference needs whole tensors (the sampled ones)
+        p = [work.params[i].astype(np.float64).ravel() for i, _ in work.picks]
+        g = [work.grads[i].astype(np.float64).ravel() for i, _ in work.picks]
+    else:
+        p = [work.params[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
+        g = [work.grads[i].ravel()[idx].astype(np.float64) for i, idx in work.picks]
+    s = algo.initial_states(p)
     out = algo.reference(p, g, s, 1)
+    if algo.first_pass:
+        out = [[x[idx] for x, (_, idx) in zip(lst, work.picks)] for lst in out]
+        p = [x[idx] for x, (_, idx) in zip(p, work.picks)]
+        s = [[x[idx] for x, (_, idx) in zip(lst, work.picks)] for lst in s]
     return [list(x) for x in out], [p] + s
 
 
@@ -140,12 +149,13 @@ def check(label, algo, work, runner, want, init):
                     f"(tolerance {tol[k]:.3g}); {bad.size} of {idx.size} sampled elements differ")
 
 
-def stream_step(params, grads, states):
+def stream_step(params, grads, states, kernel=None):
     """The streaming limit's step on these very arrays, warmed up: the in-place kernel
-    that reads params, grads and the states and writes params and states, adding zero."""
-    kernel = f"stream{len(states)}"
+    that reads params, grads and the states and writes params and states, adding zero
+    (`kernel`: a probe with a first pass too, for the two-pass algorithms)."""
+    kernel = kernel or f"stream{len(states)}"
     prep = _arrays.prepare(kernel, params, grads, states, [f"s{k}" for k in range(len(states))])
-    hyper = np.array([0.0])
+    hyper = np.zeros(_cpu.hyper_size(kernel))  # scale 0, and a probe's per-tensor field
 
     def step():
         for dtype, ptrs, sizes in prep.groups:
@@ -157,11 +167,13 @@ def stream_step(params, grads, states):
     return step
 
 
-def limit_step(work, nstates):
-    """The limit's step on arrays of its own, with `nstates` state buffers."""
+def limit_step(work, algo):
+    """The limit's step on arrays of its own, with the algorithm's memory pattern."""
     params = [p.copy() for p in work.params]
     grads = [g.copy() for g in work.grads]
-    return stream_step(params, grads, [[np.zeros_like(p) for p in params] for _ in range(nstates)])
+    return stream_step(params, grads,
+                       [[np.zeros_like(p) for p in params] for _ in range(algo.nstates)],
+                       algo.stream_kernel)
 
 
 def checked_step(impl, algo, work, want, init):
@@ -171,7 +183,7 @@ def checked_step(impl, algo, work, want, init):
     runner.step()  # creates the state where the implementation does so lazily
     check(impl.label(algo), algo, work, runner, want, init)
     params, states = runner.arrays()
-    return runner.step, stream_step(params, runner.gradients(), states)
+    return runner.step, stream_step(params, runner.gradients(), states, algo.stream_kernel)
 
 
 def batches(impls, work, algo):
@@ -198,7 +210,7 @@ def available_memory():
 
 def run_group(work, algo, impls, args):
     """Limit and every implementation for one (workload, algorithm): rows of results."""
-    nbytes = work.bytes_per_step(algo.nstates)
+    nbytes = work.bytes_per_step(algo.nstates, algo.first_pass)
 
     def row(key, label, kind, seconds, times=()):
         return dict(workload=work.name, algo=algo.name, impl=label, key=key, kind=kind,
@@ -209,7 +221,7 @@ def run_group(work, algo, impls, args):
 
     impls = [i for i in impls if i.supports(algo, work.dtype)]
     want, init = expected(algo, work)
-    stream = limit_step(work, algo.nstates)
+    stream = limit_step(work, algo)
     limit_times, rows, rounds = [], [], {}
     for number, batch in enumerate(batches(impls, work, algo)):
         steps = [stream]
@@ -230,7 +242,7 @@ def run_group(work, algo, impls, args):
             rows[-1]["own_limit_ms"] = 1e3 * statistics.median(
                 x for x in own_limit if x is not None)
             rounds[id(rows[-1])] = (mine, own_limit, number, times[0])
-    rows.insert(0, row("limit", f"limit (stream{algo.nstates})", "limit",
+    rows.insert(0, row("limit", f"limit ({algo.stream_kernel})", "limit",
                        statistics.median(limit_times), limit_times))
     competitors = [r for r in rows if r["kind"] == "competitor"]
     best = min(competitors, key=lambda r: r["ms"]) if competitors else None

@@ -58,10 +58,11 @@ class Workload:
     def numel(self):
         return sum(math.prod(s) for s in self.shapes)
 
-    def bytes_per_step(self, nstates):
+    def bytes_per_step(self, nstates, first_pass=0):
         """The ideal traffic of a step: p, g and the states read once, p and the states
-        written once."""
-        return self.numel * self.dtype.itemsize * ((2 + nstates) + (1 + nstates))
+        written once; a two-pass step (LAMB, LARS) also reads `first_pass` arrays before
+        (p, g and the states its norms need)."""
+        return self.numel * self.dtype.itemsize * ((2 + nstates) + (1 + nstates) + first_pass)
 
 
 def _uniform(rng, shape, dtype):
