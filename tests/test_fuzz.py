@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 import fusedopt
 from cases import ALGORITHMS, INVALID as INVALID_ROWS, NONNEGATIVE_STATES, Case
 from fusedopt import batched
+from fusedopt.algorithms._spec import Spec
 
 try:
     import torch
@@ -125,7 +126,8 @@ def draw_options(data, algo, functional, fixed=None):
         else:
             value = default
         options[name] = value
-    if options.get("nesterov"):  # Nesterov needs momentum and no dampening (torch's rule)
+    if options.get("nesterov") and "dampening" in options:
+        # SGD's Nesterov needs momentum and no dampening (torch's rule)
         options["dampening"] = 0.0
         if not options.get("momentum", 0) > 0:
             options["momentum"] = data.draw(st.floats(0.01, 0.99), label="nesterov momentum")
@@ -498,7 +500,7 @@ def test_optimizer_classes(data):
     elif data.draw(st.integers(0, 4), label="bad option") == 0:
         known = [k for k in options if k in INVALID and
                  algo.cls.__name__ in INVALID_ONLY_IN.get(k, (algo.cls.__name__,))]
-        if "nesterov" in options:
+        if "dampening" in options and "nesterov" in options:  # SGD's rule
             known.append("nesterov")
         if known:
             bad_option = data.draw(st.sampled_from(known), label="bad option name")
@@ -521,7 +523,7 @@ def test_optimizer_classes(data):
     state16 = data.draw(st.sampled_from([None, BF16]), label="state dtype of 16-bit params")
     precision = fusedopt.Precision(state_dtype=state16)
     two_groups = len(params) >= 2 and data.draw(st.booleans(), label="two groups")
-    lr2 = data.draw(st.floats(0.0, 1.0), label="lr of group 2") if two_groups else None
+    lr2 = data.draw(VALID["lr"], label="lr of group 2") if two_groups else None
 
     # a param the steps cannot take: refused at the first step
     flaw, flaw_error = None, None
@@ -573,6 +575,8 @@ def test_optimizer_classes(data):
     cases = [case] if not two_groups else [case, Case(algo, {**options, "lr": lr2})]
     case_of = [cases[0]] + [cases[-1]] * (len(params) - 1)
     counts = [0] * len(params)  # steps each param has taken
+    steps_taken = 0  # steps of the optimizer: per-group bookkeeping (schedule-free) counts them
+    per_group = type(algo.spec).advance_group is not Spec.advance_group
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="grad seed"))
     for step in range(data.draw(st.integers(1, 3), label="steps")):
         grads = [None if data.draw(st.integers(0, 5), label="no grad") == 0 else
@@ -619,6 +623,7 @@ def test_optimizer_classes(data):
                 return
             continue
         opt.step(grads)
+        steps_taken += 1
         for k, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 assert p.tobytes() == snap[k][1]
@@ -626,14 +631,16 @@ def test_optimizer_classes(data):
             counts[k] += 1
             c = case_of[k]
             names = state_names(c)
-            # state the class creates at the param's first step starts as the spec says
-            # (zeros, or e.g. Rprop's step sizes at lr), in the state's dtype
-            st_old = states_before.get(k) or {
-                n: c.initial_state(np.zeros(p.shape, opt.state[k][n].dtype), n)
-                for n in names}
             p_old = np.frombuffer(snap[k][1], p.dtype).reshape(p.shape)
+            # state the class creates at the param's first step starts as the spec says
+            # (zeros, Rprop's step sizes at lr, schedule-free's z as the param), in the
+            # state's dtype
+            st_old = states_before.get(k) or {
+                n: c.initial_state(np.asarray(p_old, opt.state[k][n].dtype), n)
+                for n in names}
             check_tensor(c, p_old, f64(g), {n: st_old[n] for n in names}, p,
-                         {n: opt.state[k][n] for n in names}, counts[k],
+                         {n: opt.state[k][n] for n in names},
+                         steps_taken if per_group else counts[k],
                          f"{c} step {step} param {k} {p.dtype} {p.shape}")
             if algo.has_step:
                 assert opt.state[k]["step"] == float(counts[k])
@@ -670,7 +677,8 @@ def test_batched_optimizers(data):
     specs): K members with hyperparameters of their own take, bit for bit, the steps of
     K separate optimizers of the class; a None gradient leaves its param alone for
     every member; bad gradients raise and change nothing."""
-    algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
+    algo = data.draw(st.sampled_from([a for a in ALGORITHMS.values()
+                                      if a.name in batched.OPTIMIZERS]), label="algorithm")
     cls = batched.OPTIMIZERS[algo.name]
     k = data.draw(st.integers(1, 3), label="members")
     first = draw_options(data, algo, functional=False)
@@ -688,7 +696,7 @@ def test_batched_optimizers(data):
     note(f"{cls.__name__}({kwargs}), shapes {shapes}, {dtype}")
     singles = [[np.array(p[m], copy=True) for p in stacked] for m in range(k)]
     opt = cls(stacked, **kwargs)
-    refs = [algo.cls(ps, **members[m]) for m, ps in enumerate(singles)]
+    refs = [Case(algo, members[m]).make(ps) for m, ps in enumerate(singles)]
     steps = data.draw(st.integers(1, 3), label="steps")
     for t in range(steps):
         grads = [random_grad(data, rng, p.shape, dtype, f"grads[{j}]")
@@ -804,7 +812,9 @@ def _torch_run(data, algo, tcls, options, flat, shapes, dtypes, arrays, two, lr2
     tparams = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in arrays]
     nparams = [a.copy() for a in arrays]
     topt = tcls(groups(tparams), **options, flat=flat)
-    nopt = algo.cls(groups(nparams), **options)
+    nopt = Case(algo, options).make(groups(nparams))
+    if algo.spec.mode_state is not None:  # schedule-free: steps in train mode
+        topt.train()
     for t in range(data.draw(st.integers(1, 3), label="steps")):
         if data.draw(st.booleans(), label="zero_grad"):
             topt.zero_grad(set_to_none=data.draw(st.booleans(), label="set_to_none"))
