@@ -292,7 +292,13 @@ class LBFGS(Optimizer):
         return self.param_groups[0]["params"]
 
     def step(self, closure):
-        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss."""
+        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss. One
+        optimizer stepped from several threads at once runs the steps one after the
+        other (a lock)."""
+        with self._lock:
+            return self._iterate(closure)
+
+    def _iterate(self, closure):
         group = self.param_groups[0]
         params = self._params
         lr, max_iter, max_eval = float(group["lr"]), group["max_iter"], group["max_eval"]
