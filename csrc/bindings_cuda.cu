@@ -18,6 +18,7 @@
 #include "core/rules.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor.cuh"
+#include "cuda/scalars.h"
 
 namespace py = pybind11;
 using fo::cuda::check_cuda;
@@ -25,7 +26,8 @@ using fo::cuda::check_cuda;
 namespace {
 
 // Makes `device` current for the launches and restores the caller's device after,
-// so a step on arrays of device 1 neither fails nor leaves the thread switched.
+// so a step on arrays of device 1 neither fails nor leaves the thread switched. The
+// constructor throws when the device cannot be set; the destructor never does.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -52,6 +54,22 @@ int device_of(const std::string& op, const char* what, std::uint64_t address) {
   if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
     throw std::invalid_argument(op + ": " + what + " is not CUDA device memory");
   return attr.device;
+}
+
+// Every non-empty tensor of a table slot (`ptrs[from..n)`) must be on `device`, the
+// device of `reference` (for the message).
+void check_devices(const std::string& op, const std::string& slot, const std::uint64_t* ptrs,
+                   const std::int64_t* sizes, std::int64_t n, std::int64_t from, int device,
+                   const std::string& reference) {
+  for (std::int64_t j = from; j < n; ++j) {
+    if (sizes[j] == 0) continue;
+    const std::string what = slot + "[" + std::to_string(j) + "]";
+    const int dev = device_of(op, what.c_str(), ptrs[j]);
+    if (dev != device)
+      throw std::invalid_argument(op + ": " + what + " is on device " + std::to_string(dev) +
+                                  ", " + reference + " on device " + std::to_string(device) +
+                                  "; all arrays of a call must be on one device");
+  }
 }
 
 // A device pointer argument that must hold doubles on `device` (0: absent).
@@ -194,11 +212,17 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
                           reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
   const StepEntry entry = step_entry(dtype, state);
   py::gil_scoped_release nogil;
-  const int device = device_of(kernel, "the first parameter array", p[first]);
+  const std::string first_param = "params[" + std::to_string(first) + "]";
+  const int device = device_of(kernel, first_param.c_str(), p[first]);
+  check_devices(kernel, "params", p, sz, n, first + 1, device, first_param);
   DeviceGuard guard(device);
   call.scale = device_doubles(kernel, "scale_ptr", scale_ptr, device);
   call.count = device_doubles(kernel, "step_ptr", step_ptr, device);
   entry(call);
+  // buffers of the pool are not reused before these kernels are done with them
+  auto& pool = fo::cuda::ScalarPool::get();
+  pool.note_use(scale_ptr, call.stream, kernel);
+  pool.note_use(step_ptr, call.stream, kernel);
 }
 
 using RowsEntry = void (*)(const fo::cuda::RowsCall&);
@@ -351,6 +375,8 @@ void grad_stats(const py::list& tables, std::uintptr_t stream, std::uint64_t out
   std::vector<py::array_t<std::uint64_t, 0>> keep_ptrs;  // the tables' arrays, alive here
   std::vector<py::array_t<std::int64_t, 0>> keep_sizes;
   std::uint64_t first = 0;  // first non-empty gradient: it names the device
+  std::string first_name;
+  std::int64_t k = 0;
   for (const py::handle item : tables) {
     const auto entry = item.cast<py::tuple>();
     if (entry.size() != 3)
@@ -369,46 +395,51 @@ void grad_stats(const py::list& tables, std::uintptr_t stream, std::uint64_t out
     for (std::int64_t j = 0; j < n; ++j) {
       if (sizes.data()[j] < 0)
         throw std::invalid_argument(op + ": negative size for tensor " + std::to_string(j));
-      if (sizes.data()[j] > 0 && first == 0) first = ptrs.data()[j];
+      if (sizes.data()[j] > 0 && first == 0) {
+        first = ptrs.data()[j];
+        first_name = "tables[" + std::to_string(k) + "] gradients[" + std::to_string(j) + "]";
+      }
     }
+    ++k;
     parts.push_back({fo::DType(dtype), ptrs.data(), sizes.data(), n});
     keep_ptrs.push_back(std::move(ptrs));
     keep_sizes.push_back(std::move(sizes));
   }
   py::gil_scoped_release nogil;
-  const int device = first != 0 ? device_of(op, "the first gradient array", first)
+  const int device = first != 0 ? device_of(op, first_name.c_str(), first)
                                 : device_of(op, "out_ptr", out_ptr);
+  for (std::size_t t = 0; t < parts.size(); ++t)
+    check_devices(op, "tables[" + std::to_string(t) + "] gradients", parts[t].ptrs,
+                  parts[t].sizes, parts[t].n, 0, device, first_name);
   DeviceGuard guard(device);
   double* out = const_cast<double*>(device_doubles(op, "out_ptr", out_ptr, device));
-  fo::cuda::grad_stats(parts, reinterpret_cast<cudaStream_t>(stream), out, inv_scale, max_norm,
-                       skip_nonfinite);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  fo::cuda::grad_stats(parts, s, out, inv_scale, max_norm, skip_nonfinite);
+  fo::cuda::ScalarPool::get().note_use(out_ptr, s, op);
 }
 
 // A few float64 values in device memory (the {skip, coef, norm} of a checked step, a
-// device step count) with a pinned host mirror: fetch() enqueues the copy to the
-// host and records an event on a stream; values() waits for that event only, not
-// for work enqueued after it. Exposes __cuda_array_interface__ for CuPy and torch.
+// device step count) with a pinned host mirror, taken from fo::cuda::ScalarPool and
+// zeroed on the caller's stream: fetch() enqueues the copy to the host and records
+// an event after it; values() waits for that event only, not for work enqueued
+// after it. Dropping one makes no CUDA call (no wait, no free, nothing that can
+// throw): the pool reuses the buffer once the kernels that used it are done.
+// Exposes __cuda_array_interface__ for CuPy and torch.
 class DeviceScalars {
  public:
-  DeviceScalars(int size, int device) : size_(size), device_(device) {
-    if (size <= 0) throw std::invalid_argument("DeviceScalars: size must be positive");
+  DeviceScalars(int size, int device, std::uintptr_t stream) : size_(size), device_(device) {
+    if (size <= 0 || size > fo::cuda::kScalarsMax)
+      throw std::invalid_argument("DeviceScalars: size must be positive and at most " +
+                                  std::to_string(fo::cuda::kScalarsMax));
+    py::gil_scoped_release nogil;
     DeviceGuard guard(device);
-    check_cuda(cudaMalloc(&dev_, sizeof(double) * size), "DeviceScalars: cudaMalloc");
-    check_cuda(cudaMemset(dev_, 0, sizeof(double) * size), "DeviceScalars: cudaMemset");
-    check_cuda(cudaMallocHost(&host_, sizeof(double) * size), "DeviceScalars: cudaMallocHost");
-    check_cuda(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
-               "DeviceScalars: cudaEventCreate");
+    slot_ = fo::cuda::ScalarPool::get().acquire(device, reinterpret_cast<cudaStream_t>(stream));
   }
-  ~DeviceScalars() {
-    DeviceGuard guard(device_);
-    cudaEventDestroy(event_);
-    cudaFreeHost(host_);
-    cudaFree(dev_);  // after every stream's use: cudaFree waits for the device
-  }
+  ~DeviceScalars() { fo::cuda::ScalarPool::get().release(slot_); }
   DeviceScalars(const DeviceScalars&) = delete;
   DeviceScalars& operator=(const DeviceScalars&) = delete;
 
-  std::uint64_t ptr() const { return std::uint64_t(std::uintptr_t(dev_)); }
+  std::uint64_t ptr() const { return std::uint64_t(std::uintptr_t(slot_->dev)); }
   int size() const { return size_; }
   int device() const { return device_; }
 
@@ -416,9 +447,10 @@ class DeviceScalars {
     py::gil_scoped_release nogil;
     DeviceGuard guard(device_);
     const auto s = reinterpret_cast<cudaStream_t>(stream);
-    check_cuda(cudaMemcpyAsync(host_, dev_, sizeof(double) * size_, cudaMemcpyDeviceToHost, s),
+    check_cuda(cudaMemcpyAsync(slot_->host, slot_->dev, sizeof(double) * size_,
+                               cudaMemcpyDeviceToHost, s),
                "DeviceScalars.fetch: cudaMemcpyAsync");
-    check_cuda(cudaEventRecord(event_, s), "DeviceScalars.fetch: cudaEventRecord");
+    check_cuda(cudaEventRecord(slot_->fetched, s), "DeviceScalars.fetch: cudaEventRecord");
     fetched_ = true;
   }
 
@@ -426,10 +458,11 @@ class DeviceScalars {
     if (!fetched_) throw std::logic_error("DeviceScalars.values: nothing was fetched");
     {
       py::gil_scoped_release nogil;
-      check_cuda(cudaEventSynchronize(event_), "DeviceScalars.values: cudaEventSynchronize");
+      check_cuda(cudaEventSynchronize(slot_->fetched),
+                 "DeviceScalars.values: cudaEventSynchronize");
     }
     py::list out;
-    for (int k = 0; k < size_; ++k) out.append(host_[k]);
+    for (int k = 0; k < size_; ++k) out.append(slot_->host[k]);
     return out;
   }
 
@@ -444,9 +477,7 @@ class DeviceScalars {
 
  private:
   int size_, device_;
-  double* dev_ = nullptr;
-  double* host_ = nullptr;
-  cudaEvent_t event_ = nullptr;
+  fo::cuda::ScalarSlot* slot_ = nullptr;
   bool fetched_ = false;
 };
 
@@ -459,8 +490,11 @@ void advance_step(std::uint64_t step_ptr, std::uint64_t scale_ptr, std::uintptr_
   const int device = device_of(op, "step_ptr", step_ptr);
   DeviceGuard guard(device);
   const double* scale = device_doubles(op, "scale_ptr", scale_ptr, device);
-  fo::cuda::advance_step(reinterpret_cast<double*>(std::uintptr_t(step_ptr)), scale,
-                         reinterpret_cast<cudaStream_t>(stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  fo::cuda::advance_step(reinterpret_cast<double*>(std::uintptr_t(step_ptr)), scale, s);
+  auto& pool = fo::cuda::ScalarPool::get();
+  pool.note_use(step_ptr, s, op);
+  pool.note_use(scale_ptr, s, op);
 }
 
 // Number of CUDA devices; 0, not an error, when there is no GPU or no driver.
@@ -473,20 +507,59 @@ int device_count() {
   return n;
 }
 
-// Why device_count() is 0, or None. Tells "no GPU" apart from "a driver too
-// old for the CUDA runtime this module was built with".
+// The CUDA version the installed driver supports (e.g. 12040 for 12.4), 0 when no
+// driver is installed.
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+std::string cuda_version_name(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+}
+
+// Why device_count() is 0, or None. Tells "no GPU" and "no driver" apart from "a
+// driver too old for the CUDA runtime this module was built with": the runtime is
+// linked statically, so the driver must support its version.
 py::object device_error() {
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
   if (err == cudaSuccess) return py::none();
   cudaGetLastError();
-  return py::str(std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  const std::string what = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  const int driver = driver_version();
+  if (driver == 0 && err == cudaErrorInsufficientDriver)
+    return py::str("no NVIDIA driver is installed (libcuda.so not found; " + what + ")");
+  if (driver > 0 && driver < CUDART_VERSION) {
+    std::string need = "a driver for CUDA " + cuda_version_name(CUDART_VERSION) + " or newer";
+    if (CUDART_VERSION / 1000 == 13) need += " (the 580 series or newer)";
+    return py::str("the NVIDIA driver supports CUDA " + cuda_version_name(driver) +
+                   ", older than the CUDA " + cuda_version_name(CUDART_VERSION) +
+                   " runtime that fusedopt._cuda is linked with; it needs " + need + " (" +
+                   what + ")");
+  }
+  return py::str(what);
+}
+
+// The CUDA device that owns `address`; the current device for a null address (an
+// empty array).
+int pointer_device(std::uint64_t address) {
+  if (address == 0) {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "pointer_device: cudaGetDevice");
+    return device;
+  }
+  return device_of("pointer_device", "the address", address);
 }
 
 // The launcher's limits for a kernel and its extra buffer: lets tests cross every
 // batching boundary.
 py::dict launch_limits(const std::string& kernel, int extra, int state_dtype) {
-  const int ns = num_states(kernel);
+  const int ns = kernel == "grad_stats" ? 0 : num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const int nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + ((extra & fo::kEmaBit) != 0 ? 1 : 0) +
                      (state_dtype == int(fo::DType::Int8Block) ? ns : 0);
@@ -499,6 +572,10 @@ py::dict launch_limits(const std::string& kernel, int extra, int state_dtype) {
     d["max_tensors"] = B::kMaxTensors;
     d["param_bytes"] = sizeof(B);
   };
+  if (kernel == "grad_stats") {
+    fill(fo::cuda::Batch<1>{});
+    return d;
+  }
   switch (nslots) {
     case 2: fill(fo::cuda::Batch<2>{}); break;
     case 3: fill(fo::cuda::Batch<3>{}); break;
@@ -574,8 +651,11 @@ PYBIND11_MODULE(_cuda, m) {
         "inv_scale; skip is 1.0 when skip_nonfinite and some gradient is inf or NaN; coef =\n"
         "inv_scale * min(1, max_norm / (norm + 1e-6)) when max_norm > 0, else inv_scale.");
   py::class_<DeviceScalars>(m, "DeviceScalars",
-                            "float64 values in device memory, zeroed, with a pinned host mirror.")
-      .def(py::init<int, int>(), py::arg("size"), py::arg("device"))
+                            "float64 values in device memory, zeroed on `stream`, with a\n"
+                            "pinned host mirror; from a pool that reuses them once their\n"
+                            "kernels are done.")
+      .def(py::init<int, int, std::uintptr_t>(), py::arg("size"), py::arg("device"),
+           py::arg("stream") = std::uintptr_t(0))
       .def_property_readonly("ptr", &DeviceScalars::ptr)
       .def_property_readonly("size", &DeviceScalars::size)
       .def_property_readonly("device", &DeviceScalars::device)
@@ -589,6 +669,10 @@ PYBIND11_MODULE(_cuda, m) {
         "On `stream`: add 1 to the device float64 at step_ptr, unless scale_ptr's skip is set.");
   m.def("device_count", &device_count, "Number of CUDA devices; 0 without a GPU or driver.");
   m.def("device_error", &device_error, "Why device_count() is 0 (a string), or None.");
+  m.def("driver_version", &driver_version,
+        "The CUDA version the installed driver supports (12040: 12.4); 0 without a driver.");
+  m.def("pointer_device", &pointer_device, py::arg("address"),
+        "The CUDA device that owns a device address (ValueError for host memory).");
   m.attr("cuda_runtime_version") = CUDART_VERSION;  // the statically linked runtime
   m.def(
       "synchronize",
@@ -632,5 +716,6 @@ PYBIND11_MODULE(_cuda, m) {
         "Launches a step over tensors of these sizes makes (host-side packing, no GPU).");
   m.def("launch_limits", &launch_limits, py::arg("kernel"), py::arg("extra") = 0,
         py::arg("state_dtype") = -1,
-        "Chunk size, threads per block, blocks and tensors per launch for `kernel`.");
+        "Chunk size, threads per block, blocks and tensors per launch for `kernel`\n"
+        "(\"grad_stats\": the gradient pass of a checked step).");
 }

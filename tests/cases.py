@@ -92,7 +92,6 @@ def _algorithm(spec):
         kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec, scalars=tuple(spec.scalars))
 
 
-# (the elementwise algorithms over dense gradients; the others have tests of their own)
 # the elementwise algorithms over dense gradients (not SparseAdam's rows, nor the specs
 # that build plans of their own: Muon, Adafactor)
 ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import fusedopt
 from cases import assert_same_bits
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only test_fuzz.py needs it (the test extra installs it)
+    settings = None
+
+# Property-based tests (test_fuzz.py): "ci", the default, runs a bounded number of
+# examples, the same ones on every run (no example database); "long" draws thousands
+# of fresh ones: FUSEDOPT_HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
+if settings is not None:
+    _HYPOTHESIS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                             HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=150, derandomize=True, database=None,
+                              **_HYPOTHESIS)
+    settings.register_profile("long", max_examples=3000, database=None, **_HYPOTHESIS)
+    settings.load_profile(os.environ.get("FUSEDOPT_HYPOTHESIS_PROFILE", "ci"))
+
+# FUSEDOPT_TEST_ISA=avx2|avx512|base runs the whole suite on one instruction set of
+# the CPU kernels (tools/sanitize.sh runs it once per set); tests that switch sets
+# themselves come back to it.
+if os.environ.get("FUSEDOPT_TEST_ISA"):
+    fusedopt._cpu.set_isa(os.environ["FUSEDOPT_TEST_ISA"])
+
+
+def pytest_report_header(config):
+    return f"fusedopt CPU kernels: {fusedopt._cpu.get_isa()}, {fusedopt.get_num_threads()} threads"
 
 
 @pytest.fixture

@@ -508,3 +508,51 @@ def test_failed_class_step_changes_nothing(c, spoil, exc, rng, snapshot):
                 assert_same_bits(opt.state[i][name], v, f"{name}[{i}]")
             else:
                 assert opt.state[i][name] == v
+
+
+def test_params_of_two_groups_sharing_memory_are_refused():
+    """Each group's call checks its own arrays at every step; a param of a new group that
+    is a view into a param of an earlier group is refused when the group is added (it
+    would be updated twice per step)."""
+    import fusedopt
+
+    a = np.arange(10, dtype=np.float32)
+    for view in (a[2:5], a[::3], a[9:], a.reshape(2, 5)[1]):
+        with pytest.raises(ValueError, match=mentions("params[0] of parameter group 1",
+                                                      "param 0 of an earlier group",
+                                                      "shares memory")):
+            fusedopt.Adam([{"params": [a]}, {"params": [view], "lr": 0.1}])
+    opt = fusedopt.SGD([{"params": [np.zeros(3, np.float32), a[:5]]}], lr=1.0)
+    with pytest.raises(ValueError, match="params.1. of parameter group 1 shares memory with "
+                                         "param 1"):
+        opt.add_param_group({"params": [np.zeros(2, np.float32), a[4:6]]})
+    assert len(opt.param_groups) == 1
+    # views that do not overlap are fine, as are empty ones
+    d = np.zeros(10, np.float32)
+    opt = fusedopt.SGD([{"params": [d[:5]]}, {"params": [d[5:], d[:0]]}], lr=1.0)
+    opt.step([np.ones(5, np.float32), np.ones(5, np.float32), np.ones(0, np.float32)])
+    assert (d == -1).all()
+
+
+def test_memory_extents_of_every_array_kind():
+    from fusedopt import _arrays
+
+    a = np.zeros((4, 6), np.float64)
+    base = a.__array_interface__["data"][0]
+    assert _arrays.memory_extent(a) == (base, base + a.nbytes)
+    assert _arrays.memory_extent(a[:, ::-2]) == (base + 8, base + 3 * 48 + 5 * 8 + 8)
+    assert _arrays.memory_extent(a[:0]) is None
+
+    class Iface:
+        def __init__(self, arr):
+            self.__array_interface__ = arr.__array_interface__
+
+    assert _arrays.memory_extent(Iface(a[1:3, 2:4])) == (base + 48 + 16, base + 2 * 48 + 32)
+    assert _arrays.memory_extent(object()) is None
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, 6, dtype=torch.float64)
+    low = t.data_ptr()
+    assert _arrays.memory_extent(t) == (low, low + 4 * 6 * 8)
+    assert _arrays.memory_extent(t[1:3, 2:4]) == (low + 48 + 16, low + 2 * 48 + 32)
+    assert _arrays.first_overlap([t[3]], [t[:1], t[1:3]]) is None
+    assert _arrays.first_overlap([t[2:]], [t[:1], t[1:3]]) == (0, 1)

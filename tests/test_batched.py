@@ -164,6 +164,49 @@ def test_momentum_switched_on_later_starts_fresh_buffers(rng):
     _assert_members_equal(stacked, refs)
 
 
+def test_sgd_member_without_momentum_keeps_an_infinity_as_alone(rng):
+    """A member without momentum beside one with momentum runs SGD's plain step: an
+    infinite gradient gives an infinite param there, as in a separate SGD (inside the
+    momentum kernel, 0 * inf in the buffer would make it NaN on the next step)."""
+    init = [np.zeros(3)]
+    stacked = batched.stack(init, 2)
+    opt = BatchedSGD(stacked, lr=0.1, momentum=[0.9, 0.0])
+    singles = [[a.copy() for a in init] for _ in range(2)]
+    refs = [fo.SGD(singles[0], lr=0.1, momentum=0.9), fo.SGD(singles[1], lr=0.1)]
+    for g in ([np.inf, 1.0, 2.0], [1.0, 1.0, 1.0], [0.5, -1.0, 2.0]):
+        grads = [np.array([g, g])]
+        opt.step(grads)
+        for k, ref in enumerate(refs):
+            ref.step([grads[0][k]])
+    assert stacked[0][1, 0] == -np.inf
+    _assert_members_equal(stacked, singles)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_rmsprop_members_with_and_without_momentum_match_separate_optimizers(rng, centered):
+    """Members without momentum run RMSprop's plain kernel, as a single optimizer does
+    (the momentum kernel with momentum 0 rounds lr * (g / d), the plain one
+    (lr * g) / d), also after a member's momentum is switched off."""
+    hyper = dict(lr=[0.05, 0.01, 0.2], momentum=[0.0, 0.9, 0.0], alpha=[0.5, 0.9, 0.99],
+                 centered=centered)
+
+    def single(ps, g):
+        return fo.RMSprop(ps, lr=g["lr"], momentum=g["momentum"], alpha=g["alpha"],
+                          centered=g["centered"], eps=g["eps"])
+
+    opt, stacked, singles, refs = _run_both(rng, lambda p: batched.BatchedRMSprop(p, **hyper),
+                                            single, 3, dtype=np.float32)
+    _assert_members_equal(stacked, singles)
+    opt.param_groups[1]["momentum"] = 0.0
+    refs[1].param_groups[0]["momentum"] = 0.0
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in stacked]
+        opt.step(grads)
+        for k, ref in enumerate(refs):
+            ref.step([g[k] for g in grads])
+    _assert_members_equal(stacked, singles)
+
+
 def test_per_member_l1_is_a_proximal_step(rng):
     init = _init(rng)
     stacked = batched.stack(init, 3)

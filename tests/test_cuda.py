@@ -154,6 +154,25 @@ def cuda_mod():
     return _cuda
 
 
+def test_cuda_available_says_why_not():
+    """cuda_available() is True exactly when no reason is given; the reason names the
+    missing module, the missing or too old driver, or the missing device."""
+    import fusedopt
+    reason = fusedopt.cuda_unavailable_reason()
+    assert fusedopt.cuda_available() == (reason is None)
+    if not _cuda_built():
+        assert "no CUDA module" in reason
+        return
+    from fusedopt import _cuda
+    assert type(_cuda.driver_version()) is int and _cuda.driver_version() >= 0
+    if _cuda.device_count() == 0:
+        assert isinstance(reason, str) and reason
+        if _cuda.driver_version() == 0:
+            assert "no NVIDIA driver" in reason or "cudaError" in reason
+        elif _cuda.driver_version() < _cuda.cuda_runtime_version:
+            assert "older than the CUDA" in reason
+
+
 def test_imports_and_counts_devices_without_a_gpu():
     if not _cuda_built():
         if os.environ.get("FUSEDOPT_REQUIRE_CUDA") == "1":
@@ -171,6 +190,9 @@ def test_knows_every_kernel_of_the_cpu_module(cuda_mod):
     for kernel, _, hyper in CASES.values():
         assert cuda_mod.hyper_size(kernel) == _cpu.hyper_size(kernel) == len(hyper(1))
         assert cuda_mod.launch_limits(kernel)["max_tensors"] >= 100
+    # the gradient pass of a checked step reads one slot: more tensors per launch
+    assert cuda_mod.launch_limits("grad_stats")["max_tensors"] > \
+        cuda_mod.launch_limits("sgd")["max_tensors"]
 
 
 @pytest.mark.parametrize("ptrs, hyper, match", [
@@ -233,6 +255,8 @@ def test_grad_stats_and_advance_step_validate_first(cuda_mod):
         cuda_mod.grad_stats([(0, np.zeros(1, np.uint64))], 0, 8)
     with pytest.raises(ValueError, match="size must be positive"):
         cuda_mod.DeviceScalars(0, 0)
+    with pytest.raises(ValueError, match="at most 64"):
+        cuda_mod.DeviceScalars(65, 0, 0)
     with pytest.raises(ValueError, match="step_ptr is required"):
         cuda_mod.advance_step(0)
     with pytest.raises(ValueError, match="scale_ptr must be 8-byte aligned"):
@@ -550,7 +574,8 @@ def _assert_bits(cp, dev, host):
             assert_same_bits(cp.asnumpy(d), h, f"slot {k}, tensor {j} ({h.size} elements)")
 
 
-LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adadelta",
+LAYOUT_CASES = ["sgd", "sgd_momentum", "adagrad", "rmsprop", "rmsprop_momentum",
+                "rmsprop_centered", "rmsprop_centered_momentum", "adadelta",
                 "adam", "adamw_amsgrad"]
 # and, for every other kernel, its first case in the case table
 _kernels = {CASES[name][0] for name in LAYOUT_CASES}
@@ -1258,6 +1283,303 @@ def test_torch_lbfgs_on_cuda_matches_cpu(cuda_mod):
         results.append([p.detach().cpu().numpy() for p in model.parameters()])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# --- Streams, allocations and devices of checked steps (before the first GPU run) ---
+
+def _spin(cp, stream, ns):
+    """Keep `stream` busy for `ns` nanoseconds (one thread spinning on the clock)."""
+    with stream:
+        cp.RawKernel(_SPIN, "spin")((1,), (1,), (np.uint64(ns),))
+
+
+@pytest.mark.cuda
+def test_device_scalars_are_zeroed_on_their_stream(cp):
+    """The zeros of a new DeviceScalars are ordered on the stream it is made for: with
+    the legacy default stream busy, a non-blocking stream writes values after them and
+    those values stay (zeros on the legacy stream would land last and wipe them)."""
+    from fusedopt import _cuda
+    stream = cp.cuda.Stream(non_blocking=True)
+    _spin(cp, cp.cuda.Stream.null, 300_000_000)
+    stats = _cuda.DeviceScalars(3, 0, stream.ptr)
+    with stream:
+        cp.asarray(stats)[...] = cp.asarray([1.0, 2.0, 3.0])
+    cp.cuda.Device().synchronize()  # the legacy stream too
+    stats.fetch(stream.ptr)
+    assert stats.values() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.cuda
+def test_device_scalars_come_back_only_when_their_kernels_are_done(cp):
+    """A buffer dropped while a kernel that writes it is still queued is not handed out
+    again; once the kernel is done it is reused (no new allocation)."""
+    from fusedopt import _cuda
+    stream = cp.cuda.Stream(non_blocking=True)
+    grads = cp.ones(1000, cp.float32)
+    ptrs, sizes = _table([[grads]], lambda a: a.data.ptr)
+    _spin(cp, stream, 300_000_000)
+    first = _cuda.DeviceScalars(3, 0, stream.ptr)
+    _cuda.grad_stats([(FLOAT32, ptrs, sizes)], stream.ptr, first.ptr)  # queued behind the spin
+    busy = first.ptr
+    del first
+    second = _cuda.DeviceScalars(3, 0, stream.ptr)
+    assert second.ptr != busy
+    assert not stream.done
+    stream.synchronize()
+    kept = second.ptr
+    del second
+    third = _cuda.DeviceScalars(3, 0, stream.ptr)
+    assert third.ptr in (busy, kept)
+
+
+@pytest.mark.cuda
+def test_dropping_a_checked_steps_outcome_does_not_wait(cp):
+    """While the stream is busy for half a second, a checked step is enqueued and its
+    DeviceStepInfo dropped: neither waits for the device (no cudaFree, no sync)."""
+    import gc
+    import time
+    import fusedopt.functional as F
+    rng = np.random.default_rng(30)
+    data = _host_slots(rng, SIZES, 2, np.float32)
+    dev = _place(cp, data)
+    stream = cp.cuda.get_current_stream()
+    # one checked step first: the pool's first pinned slab (cudaMallocHost may wait for
+    # the device) is made here, outside the timed part
+    F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(1), max_grad_norm=1.0)
+    cp.cuda.Device().synchronize()
+    _spin(cp, stream, 500_000_000)
+    t0 = time.perf_counter()
+    for t in range(1, 4):
+        info = F.adam_(dev[0], dev[1], dev[2], dev[3], **_adam_kwargs(t), max_grad_norm=1.0,
+                       skip_nonfinite=True)
+        del info
+        gc.collect()
+    elapsed = time.perf_counter() - t0
+    assert not stream.done and elapsed < 0.25, elapsed
+    stream.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("checks", list(CHECKS))
+def test_checked_steps_on_a_non_blocking_stream(cp, checks):
+    """Functional ops and a class, their checks and updates on a non-blocking stream
+    while the legacy default stream is busy: the same results as on the CPU, and the
+    norms the host computes."""
+    import fusedopt
+    import fusedopt.functional as F
+    opts = CHECKS[checks]
+    rng = np.random.default_rng(31)
+    data = _host_slots(rng, SIZES, 2, np.float32)
+    host, dev = _place(np, data), _place(cp, data)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    p_np, p_cp = [p.copy() for p in params], [cp.asarray(p) for p in params]
+    opt_np, opt_cp = fusedopt.Adam(p_np, lr=1e-2), fusedopt.Adam(p_cp, lr=1e-2)
+    cp.cuda.Device().synchronize()
+    stream = cp.cuda.Stream(non_blocking=True)
+    for t in range(1, 4):
+        grads = [(10.0 * rng.standard_normal(n)).astype(np.float32) for n in SIZES]
+        _spin(cp, cp.cuda.Stream.null, 100_000_000)
+        with stream:
+            g_cp = [cp.asarray(g) for g in grads]
+        got = F.adam_(dev[0], g_cp, dev[2], dev[3], **_adam_kwargs(t), stream=stream, **opts)
+        want = F.adam_(host[0], grads, host[2], host[3], **_adam_kwargs(t), **opts)
+        with stream:
+            got_cls = opt_cp.step(g_cp, **opts)
+        want_cls = opt_np.step(grads, **opts)
+        for g, w in ((got, want), (got_cls, want_cls)):
+            if w is None:
+                assert g is None
+            else:
+                assert g.skipped == w.skipped
+                assert g.grad_norm == pytest.approx(w.grad_norm, rel=1e-12)
+    cp.cuda.Device().synchronize()
+    _assert_same(cp, dev, host, np.float32)
+    _assert_same(cp, [p_cp], [p_np], np.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_checked_step_across_launch_boundaries(cp, dtype):
+    """grad_stats over more tensors than one launch holds, and a tensor of more chunks
+    than one launch holds: the norm and the clipped update are the CPU's (up to the
+    last bit of the norm, which sums in another order)."""
+    import fusedopt.functional as F
+    from fusedopt import _cuda
+    dtype = np.dtype(dtype)
+    lim = _cuda.launch_limits("grad_stats")
+    rng = np.random.default_rng(32)
+    sizes = [int(n) for n in rng.integers(0, 200, 2 * lim["max_tensors"] + 17)]
+    sizes[lim["max_tensors"] - 1] = 3 * lim["chunk"] + 1  # cut across two launches
+    sizes.append(lim["chunk"] * lim["max_blocks"] + 7)  # more chunks than one launch takes
+    params = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    state = np.float32 if dtype.itemsize == 2 else dtype
+    host = [[p.copy() for p in params], [np.zeros(n, state) for n in sizes],
+            [np.zeros(n, state) for n in sizes]]
+    dev = [[cp.asarray(a) for a in slot] for slot in host]
+    kw = dict(step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, max_grad_norm=1.0,
+              skip_nonfinite=True)
+    got = F.adam_(dev[0], [cp.asarray(g) for g in grads], dev[1], dev[2], **kw)
+    want = F.adam_(host[0], grads, host[1], host[2], **kw)
+    assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12)
+    cp.cuda.get_current_stream().synchronize()
+    for k, (d, h) in enumerate(zip(dev, host)):
+        for j, (a, b) in enumerate(zip(d, h)):
+            np.testing.assert_allclose(cp.asnumpy(a).astype(np.float64), b.astype(np.float64),
+                                       rtol=1e-6 if dtype.itemsize > 2 else 2e-3,
+                                       atol=1e-7, err_msg=f"slot {k}, tensor {j}")
+
+
+@pytest.mark.cuda
+def test_noncontiguous_grads_with_an_explicit_stream(cp):
+    """The copy of a non-contiguous gradient is made on the kernel's stream: freed when
+    the call returns, it is not handed to allocations on another stream (which would
+    overwrite it) before the kernel, held back by a spin, has read it."""
+    import fusedopt.functional as F
+    rng = np.random.default_rng(33)
+    n = 1 << 20
+    p_host = rng.standard_normal(n).astype(np.float32)
+    g_host = rng.standard_normal(2 * n).astype(np.float32)
+    p = cp.asarray(p_host)
+    g = cp.asarray(g_host)[::2]  # every other element: copied
+    cp.cuda.Device().synchronize()
+    kernel_stream = cp.cuda.Stream(non_blocking=True)
+    _spin(cp, kernel_stream, 300_000_000)
+    F.sgd_([p], [g], lr=0.5, stream=kernel_stream)
+    for _ in range(8):  # the current stream reuses whatever its pool has free
+        junk = cp.full(n, 1e6, cp.float32)
+        del junk
+    kernel_stream.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(p), p_host - 0.5 * g_host[::2], rtol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_array_interface_without_a_device_attribute(cp):
+    """An object with only __cuda_array_interface__ (no .device) is placed on the device
+    that owns its memory, not on device 0 by default; host memory behind the interface
+    is refused."""
+    import fusedopt.functional as F
+    from fusedopt import _arrays, _cuda
+
+    class Bare:
+        def __init__(self, a, ptr=None):
+            self._cai = dict(a.__cuda_array_interface__)
+            if ptr is not None:
+                self._cai["data"] = (ptr, False)
+            self._a = a
+
+        @property
+        def __cuda_array_interface__(self):
+            return self._cai
+
+    last = cp.cuda.runtime.getDeviceCount() - 1
+    with cp.cuda.Device(last):
+        p, g = cp.arange(4, dtype=cp.float32), cp.ones(4, dtype=cp.float32)
+        assert _cuda.pointer_device(p.data.ptr) == last
+        prep = _arrays.prepare("sgd_", [Bare(p)], [Bare(g)], [], [])
+        assert prep.device == 1 + last
+        F.sgd_([Bare(p)], [Bare(g)], lr=1.0)
+        assert cp.asnumpy(p).tolist() == [-1.0, 0.0, 1.0, 2.0]
+    host = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="not CUDA device memory"):
+        _cuda.pointer_device(host.ctypes.data)
+    with pytest.raises(TypeError, match="not on a CUDA device"):
+        F.sgd_([Bare(p, host.ctypes.data)], [Bare(g)], lr=1.0)
+
+
+@pytest.mark.cuda
+def test_every_param_is_checked_for_its_device(cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    from fusedopt import _cuda
+    arrays = []
+    for device in (0, 1, 0, 1):  # param 0, param 1 (on device 1), grads
+        with cp.cuda.Device(device):
+            arrays.append(cp.zeros(8, cp.float32))
+    ptrs = np.array([a.data.ptr for a in arrays], np.uint64)
+    with pytest.raises(ValueError, match=r"params\[1\] is on device 1, params\[0\] on device 0"):
+        _cuda.step("sgd", 0, ptrs, np.full(2, 8, np.int64), np.zeros(7), 0)
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    import fusedopt
+    if not fusedopt.cuda_available():
+        pytest.skip(f"fusedopt cannot use the GPU: {fusedopt.cuda_unavailable_reason()}")
+    return torch
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, kwargs", [("Adam", dict(lr=1e-2, amsgrad=True)),
+                                          ("AdamW", dict(lr=1e-2)),
+                                          ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+                                          ("RMSprop", dict(centered=True, momentum=0.5))])
+def test_torch_cuda_tensors_on_a_torch_stream(name, kwargs):
+    """fusedopt.torch on CUDA tensors, stepped inside `torch.cuda.stream(s)` (a side
+    stream, gradients written there): the CPU run of the same optimizer."""
+    torch = _torch_cuda()
+    import fusedopt.torch as fot
+    rng = np.random.default_rng(34)
+    values = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    cpu = [torch.tensor(v, requires_grad=True) for v in values]
+    gpu = [torch.tensor(v, device="cuda", requires_grad=True) for v in values]
+    opt_cpu, opt_gpu = getattr(fot, name)(cpu, **kwargs), getattr(fot, name)(gpu, **kwargs)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+        for p, g in zip(cpu, grads):
+            p.grad = torch.tensor(g)
+        with torch.cuda.stream(side):
+            for p, g in zip(gpu, grads):
+                p.grad = torch.tensor(g).to("cuda", non_blocking=False)
+            opt_gpu.step()
+        opt_cpu.step()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(gpu, cpu)):
+        np.testing.assert_allclose(a.detach().cpu().numpy(), b.detach().numpy(), rtol=1e-6,
+                                   atol=1e-7, err_msg=f"params[{i}]")
+        for key, v in opt_cpu.state[b].items():
+            np.testing.assert_allclose(opt_gpu.state[a][key].cpu().numpy(), v.numpy(),
+                                       rtol=1e-6, atol=1e-7, err_msg=f"{key} of {i}")
+
+
+@pytest.mark.cuda
+def test_functional_checked_step_on_torch_tensors_and_stream():
+    """Functional adam_ with loss scaling, clipping and skipping on torch CUDA tensors,
+    non-contiguous gradients (transposed), `stream=` a torch stream: the CPU's results;
+    the copies of the gradients are not reused by torch's allocator too early."""
+    torch = _torch_cuda()
+    import fusedopt.functional as F
+    rng = np.random.default_rng(35)
+    shapes = [(64, 32), (3, 5), (1, 1), (0, 4)]
+    host = [[rng.standard_normal(s).astype(np.float32) for s in shapes]]
+    host += [[np.abs(rng.standard_normal(s)).astype(np.float32) for s in shapes]
+             for _ in range(2)]
+    dev = [[torch.tensor(a, device="cuda") for a in slot] for slot in host]
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    for t in range(1, 4):
+        grads = [rng.standard_normal(s[::-1]).astype(np.float32) * 50 for s in shapes]
+        if t == 2:
+            grads[0][3, 4] = np.inf
+        g_dev = [torch.tensor(g, device="cuda").t() for g in grads]  # non-contiguous
+        g_host = [np.ascontiguousarray(g.T) for g in grads]
+        kw = dict(_adam_kwargs(t), loss_scale=16.0, max_grad_norm=2.0, skip_nonfinite=True)
+        got = F.adam_(dev[0], g_dev, dev[1], dev[2], stream=side, **kw)
+        want = F.adam_(host[0], g_host, host[1], host[2], **kw)
+        del g_dev
+        junk = [torch.full(s, 1e6, device="cuda") for s in shapes]  # on the current stream
+        del junk
+        assert got.skipped == want.skipped
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12)
+    torch.cuda.synchronize()
+    for k, (d, h) in enumerate(zip(dev, host)):
+        for j, (a, b) in enumerate(zip(d, h)):
+            np.testing.assert_allclose(a.cpu().numpy(), b, rtol=1e-6, atol=1e-7,
+                                       err_msg=f"slot {k}, tensor {j}")
 
 
 # --- 8-bit state (uint8 codes with float32 block scales): bit for bit --------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -419,7 +420,10 @@ def test_real_jax_arrays_are_refused():
 
 
 class FakeCAI:
-    """A `__cuda_array_interface__` (v3) that is never dereferenced: prepare only reads it."""
+    """A `__cuda_array_interface__` (v3) that is never dereferenced: prepare only reads it
+    (and its `device`: the address is not CUDA memory, the pointer cannot tell)."""
+
+    device = SimpleNamespace(id=0)
 
     def __init__(self, address, stream):
         self._address, self._stream = address, stream

@@ -9,9 +9,12 @@ references they are tested against, `fo.algorithms` the table of algorithms ever
 front-end is generated from.
 """
 
+from __future__ import annotations
+
 from . import _cpu, algorithms, amp, functional, reference
 from . import batched, schedules, transfer
 from ._precision import DeviceStepInfo, Precision, StepInfo
+from .checkpoint import load, save
 from .flat import FlatArrays, flat_arrays
 from .lbfgs import LBFGS
 from .newton import Newton
@@ -25,7 +28,8 @@ __version__ = "0.1.0"
 __all__ = [c.__name__ for c in _CLASSES.values()] + [
     "LBFGS", "Newton", "DeviceStepInfo", "FlatArrays", "Optimizer", "Precision", "StepInfo",
     "algorithms", "amp", "batched", "functional", "reference", "schedules", "transfer",
-    "flat_arrays", "set_num_threads", "get_num_threads", "cuda_available"]
+    "flat_arrays", "set_num_threads", "get_num_threads", "cuda_available",
+    "cuda_unavailable_reason", "save", "load"]
 
 
 def set_num_threads(n: int) -> None:
@@ -70,14 +74,57 @@ def get_num_threads() -> int:
 def cuda_available() -> bool:
     """Tell whether CUDA arrays can be stepped.
 
+    The CUDA module links the CUDA 13 runtime statically: it needs an NVIDIA driver
+    of the 580 series or newer. When a driver is installed but too old, this returns
+    False and warns with the versions found, since the GPU is then there but
+    unusable; `cuda_unavailable_reason` says why in every case.
+
     Returns
     -------
     bool
         True when this build has the CUDA module (``fusedopt._cuda``) and a CUDA
-        device is present. Importing fusedopt never needs a GPU or its driver; CuPy
+        device is usable. Importing fusedopt never needs a GPU or its driver; CuPy
         arrays and torch CUDA tensors need this to be True.
+
+    Warns
+    -----
+    RuntimeWarning
+        When an NVIDIA driver is installed but older than the CUDA runtime the module
+        is linked with.
+
+    See Also
+    --------
+    cuda_unavailable_reason
+    """
+    reason = cuda_unavailable_reason()
+    if reason is not None and "older than the CUDA" in reason:
+        import warnings
+
+        warnings.warn(f"fusedopt: the GPU cannot be used: {reason}", RuntimeWarning,
+                      stacklevel=2)
+    return reason is None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Say why CUDA arrays cannot be stepped.
+
+    Returns
+    -------
+    str or None
+        None when a CUDA device is usable; otherwise the reason in words: no CUDA
+        module in this build, no NVIDIA driver, a driver older than the CUDA runtime
+        the module is linked with (with both versions), or no device.
+
+    See Also
+    --------
+    cuda_available
     """
     from ._backend import cuda_module
 
     module = cuda_module()
-    return module is not None and module.device_count() > 0
+    if module is None:
+        return ("this build of fusedopt has no CUDA module (built without nvcc, or with "
+                "FUSEDOPT_CUDA=OFF)")
+    if module.device_count() > 0:
+        return None
+    return module.device_error() or "no CUDA device"

@@ -144,17 +144,78 @@ def describe_params(params, stream=None):
 
 def _copy_strided(op, seqs, names, R, device, keep, stream, params):
     """Arrays that are only read (gradients; every list of a reduction) and not
-    C-contiguous are read through a contiguous copy, described in their place."""
+    C-contiguous are read through a contiguous copy, described in their place. On a GPU
+    the copy is made on the kernels' stream (`contiguous_copy`)."""
+    consumer = _foreign.Consumer(params, stream)
     for k in range(len(seqs)):
         bad = np.flatnonzero((R[k][:, FLAGS] & F_CONTIG) == 0)
         for i in bad:
             i = int(i)
-            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device)
+            copy = _foreign.contiguous_copy(op, f"{names[k]}[{i}]", seqs[k][i], device,
+                                            consumer)
             keep.append(copy)
-            consumer = _foreign.Consumer(params, stream)
             R[k][i] = _describe_lists(op, [[copy]], names[k:k + 1], 1, keep, stream,
                                       params)[0][0, 0] if device == CPU else \
                 _foreign.describe(op, f"{names[k]}[{i}]", copy, consumer)[0]
+
+
+def memory_extent(obj):
+    """[low, high) of the bytes an array spans (strides included), from what it says about
+    itself without exporting anything; None when it is empty or says nothing (DLPack
+    producers). Host and device addresses share one space (CUDA's unified addressing)."""
+    if isinstance(obj, np.ndarray):
+        return _byte_bounds(obj) if obj.size else None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if not obj.numel() or obj.layout is not torch.strided:
+            return None
+        item = obj.element_size()
+        low = obj.data_ptr()
+        return low, low + item + sum((n - 1) * st * item for n, st in zip(obj.shape,
+                                                                            obj.stride()))
+    iface = getattr(obj, "__cuda_array_interface__", None) or \
+        getattr(obj, "__array_interface__", None)
+    if not isinstance(iface, dict) or "data" not in iface:
+        return None
+    shape = tuple(iface.get("shape", ()))
+    if any(n == 0 for n in shape):
+        return None
+    item = np.dtype(iface.get("typestr", "|u1")).itemsize
+    low = int(iface["data"][0])
+    strides = iface.get("strides")
+    if strides is None:
+        return low, low + item * int(np.prod(shape, dtype=np.int64))
+    reach = sum((n - 1) * st for n, st in zip(shape, strides))
+    return low + min(0, reach), low + max(0, reach) + item
+
+
+def _byte_bounds(a):
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # NumPy < 2
+        byte_bounds = np.byte_bounds
+    return byte_bounds(a)
+
+
+def first_overlap(new, old):
+    """(i, j) for the first array new[i] whose memory overlaps that of an array old[j],
+    or None. One sort of the old extents; a Python pass over the new arrays."""
+    olds = [(e, j) for j, e in enumerate(map(memory_extent, old)) if e is not None]
+    if not olds:
+        return None
+    olds.sort()
+    lows = np.array([e[0] for e, _ in olds], dtype=np.uint64)
+    reach = np.maximum.accumulate(np.array([e[1] for e, _ in olds], dtype=np.uint64))
+    for i, obj in enumerate(new):
+        ext = memory_extent(obj)
+        if ext is None:
+            continue
+        k = int(np.searchsorted(lows, np.uint64(ext[1]), side="left")) - 1
+        if k >= 0 and int(reach[k]) > ext[0]:
+            for (low, high), j in olds[:k + 1]:
+                if high > ext[0]:
+                    return i, j
+    return None
 
 
 def _check_list(op, name, seq, n):

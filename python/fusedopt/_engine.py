@@ -139,12 +139,13 @@ def device_checks(plans, options):
     live = [p for p in plans if p.prep.groups]
     first = live[0] if live else plans[0]
     backend = first.backend()
-    stats = backend.module.DeviceScalars(3, first.prep.device - 1)
+    stream = first.cuda_stream() if live else 0
+    # zeroed on the step's stream, from a pool (no allocation that waits for the device)
+    stats = backend.module.DeviceScalars(3, first.prep.device - 1, stream)
     tables = [(dtype, ptrs[sizes.size:2 * sizes.size], sizes)
               for p in live for dtype, ptrs, sizes in p.prep.groups]
     inv = 1.0 / options.loss_scale if options.loss_scale is not None else 1.0
     max_norm = options.max_grad_norm if options.max_grad_norm is not None else -1.0
-    stream = first.cuda_stream() if live else 0
     backend.module.grad_stats(tables, stream, stats.ptr, inv_scale=inv, max_norm=max_norm,
                               skip_nonfinite=options.skip_nonfinite)
     info = _precision.DeviceStepInfo(stats, stream)

@@ -167,7 +167,7 @@ def describe(op, name, obj, consumer=None):
     cai = None if jax else getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         ptr, readonly = cai["data"]
-        device = _cuda_device_of(ptr, obj)
+        device = _cuda_device_of(op, name, ptr, obj)
         if consumer is not None:
             consumer.wait(cai.get("stream"), device)
         return _typestr_row(ptr, tuple(cai["shape"]), cai.get("strides"), cai["typestr"],
@@ -208,25 +208,59 @@ def describe_into(op, name, seq, index, rows, keep, consumer=None):
             keep.append(holder)
 
 
-def contiguous_copy(op, name, obj, device):
-    """A C-contiguous copy of a gradient (gradients are only read)."""
+def contiguous_copy(op, name, obj, device, consumer=None):
+    """A C-contiguous copy of a gradient (gradients are only read).
+
+    On a GPU the copy is allocated and made on the stream the kernels will run on
+    (`consumer`'s; the producer's pending work on `obj` is already ordered before that
+    stream when `obj` was described). The caller drops the copy when the call returns,
+    while the kernels may still read it; a block freed by CuPy's pool or torch's
+    caching allocator goes back into use only for work on the stream it was allocated
+    on, which that stream orders after the kernels. A copy made on any other stream
+    could be handed out and overwritten before the kernels ran."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        copy = local_shard(obj, torch, op, name).detach().contiguous()
-        return copy.numpy() if device == 0 else copy
+        obj = local_shard(obj, torch, op, name).detach()
+        if device == 0:
+            return obj.contiguous().numpy()
+        if consumer is None:
+            return obj.contiguous()
+        ordinal = device - 1
+        with torch.cuda.stream(torch.cuda.ExternalStream(consumer.stream(ordinal),
+                                                         device=ordinal)):
+            return obj.contiguous()
     if device == 0:
         return np.ascontiguousarray(obj)
     import cupy  # only reached for CUDA arrays
 
-    return cupy.ascontiguousarray(obj)
+    if consumer is None:
+        return cupy.ascontiguousarray(obj)
+    ordinal = device - 1
+    with cupy.cuda.Device(ordinal), cupy.cuda.ExternalStream(consumer.stream(ordinal)):
+        return cupy.ascontiguousarray(obj)
 
 
-def _cuda_device_of(ptr, obj):
+def _cuda_device_of(op, name, ptr, obj):
+    """The CUDA device of an array with __cuda_array_interface__: its `device` (CuPy's
+    `.id`, torch's `.index`) where it has one, else the device that owns the pointer."""
     dev = getattr(obj, "device", None)
     ident = getattr(dev, "id", None)
     if ident is None:
         ident = getattr(dev, "index", None)
-    return int(ident) if ident is not None else 0
+    if ident is not None:
+        return int(ident)
+    module = _backend.cuda_module()
+    if module is None:
+        raise TypeError(f"{op}: {name} is in CUDA memory, but this build of fusedopt has no "
+                        "CUDA module")
+    if module.device_count() == 0:
+        return 0  # nothing can run without a device: the step says why (cuda_available)
+    try:
+        return int(module.pointer_device(int(ptr)))
+    except ValueError as e:  # host memory behind a __cuda_array_interface__
+        raise TypeError(f"{op}: {name} ({type(obj).__name__}) offers "
+                        f"__cuda_array_interface__, but its memory is not on a CUDA device: "
+                        f"{e}") from None
 
 
 # --- DLPack ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,9 +111,19 @@ class _Batched:
             self.param_groups.append(group)
         self.state = {}
         self._views = {}
+        self._lock = threading.Lock()
         if self.spec.eager_state:
             kernel, names, _ = self._kernel()
             self.state.update(self._new_state(names))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)  # a lock is not state: copies get their own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _per_member_values(self, name, value):
         k = self.members
@@ -180,7 +191,12 @@ class _Batched:
 
     def step(self, grads):
         """One update of every member of every param with a gradient (stacked like the
-        params); a None gradient skips its param for all members."""
+        params); a None gradient skips its param for all members. One optimizer stepped
+        from several threads at once runs the steps one after the other (a lock)."""
+        with self._lock:
+            return self._step(grads)
+
+    def _step(self, grads):
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"{self.op}: grads must be a list of stacked arrays, got "
                             f"{type(grads).__name__}")
@@ -200,21 +216,33 @@ class _Batched:
         fresh = bool(created)
         states = {**{n: self.state[n] for n in names if n in self.state}, **created}
         before = self._scalars()
+        kernels = kernel if isinstance(kernel, tuple) else (kernel,) * self.members
         rows, after = [], []
         for k, kw in enumerate(kws):
             extra, new = spec.advance(kw, before[k])
             kw = {**kw, **extra}
             if spec.fresh_keyword is not None:
                 kw[spec.fresh_keyword] = fresh
-            rows.append(pack(kernel, spec.hyper(kw)))
+            rows.append(pack(kernels[k], spec.hyper(kw)))
             after.append(new)
         step = int(self.state.get("step", 0)) + 1
         flat_p = self._member_major(("params", active), self.params, active)
         flat_g = self._member_major(None, grads, active)
         flat_s = [self._member_major((name, active) if name not in created else None,
                                      states[name], active) for name in names]
-        kw = {**kws[0], "step": step}  # the shared step count (the rules' at_step)
-        plans = self._plans(kernel, kw, names, flat_p, flat_g, flat_s, rows, len(active))
+        m = len(active)
+        plans = []
+        for kern in dict.fromkeys(kernels):  # one kernel, or the members of each
+            mine = [k for k in range(self.members) if kernels[k] == kern]
+            kw = {**kws[mine[0]], "step": step}  # the shared step count (at_step)
+            if len(mine) == self.members:
+                plans += self._plans(kern, kw, names, flat_p, flat_g, flat_s, rows, m)
+                continue
+            used = spec.active(kws[mine[0]])
+            pick = lambda arrays: [a for k in mine for a in arrays[k * m:(k + 1) * m]]  # noqa: E731
+            plans += self._plans(kern, kw, used, pick(flat_p), pick(flat_g),
+                                 [pick(flat_s[names.index(n)]) for n in used],
+                                 [rows[k] for k in mine], m)
         # every member validated: create the state, run, then count the step
         self.state.update(created)
         for plan in plans:

@@ -431,9 +431,13 @@ class LBFGS(Optimizer):
         return self.param_groups[0]["params"]
 
     def step(self, closure):
-        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss."""
-        state = self.state.setdefault(0, {"func_evals": 0, "n_iter": 0})
-        return iterate(ListSpace("LBFGS", self._params, closure), state, self.param_groups[0])
+        """Up to `max_iter` L-BFGS iterations; returns the closure's first loss. One
+        optimizer stepped from several threads at once runs the steps one after the
+        other (a lock)."""
+        with self._lock:
+            state = self.state.setdefault(0, {"func_evals": 0, "n_iter": 0})
+            return iterate(ListSpace("LBFGS", self._params, closure), state,
+                           self.param_groups[0])
 
     # --- state dicts --------------------------------------------------------------------
 

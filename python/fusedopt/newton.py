@@ -205,7 +205,16 @@ class Newton(Optimizer):
             If the closure does not return a 3-tuple.
         ValueError
             If the Hessian's size does not match the params.
+
+        Notes
+        -----
+        One optimizer stepped from several threads at once runs the steps one after
+        the other (a lock).
         """
+        with self._lock:
+            return self._iterate(closure)
+
+    def _iterate(self, closure):
         group = self.param_groups[0]
         params = group["params"]
         k = ListKernels(params)

@@ -185,6 +185,14 @@ class Optimizer:
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
             raise ValueError("some parameters appear in more than one parameter group")
+        # a step checks the arrays of each group's call; memory shared across groups
+        # (two views of one array) is found here, once
+        earlier = [p for g in self.param_groups for p in g["params"]]
+        clash = _arrays.first_overlap(params, earlier)
+        if clash is not None:
+            raise ValueError(f"params[{clash[0]}] of parameter group {len(self.param_groups)} "
+                             f"shares memory with param {clash[1]} of an earlier group; the "
+                             "arrays a step writes must not overlap")
         self.param_groups.append(group)
 
     def _validate_group(self, group):

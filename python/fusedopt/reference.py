@@ -856,6 +856,13 @@ def lion(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, *, lr: float, beta1
     return _result(ps, ms)
 
 
+def _lerp(a, b, w):
+    """torch.lerp's formula, the package's: a + w (b - a) for |w| < 0.5, else
+    b - (b - a)(1 - w); (1 - w) a + w b in exact arithmetic, and the same infinities
+    and NaNs as the package."""
+    return a + w * (b - a) if abs(w) < 0.5 else b - (b - a) * (1.0 - w)
+
+
 def _trust_ratio(p, u, coefficient=1.0, eps=0.0):
     """optax's scale_by_trust_ratio: coefficient |p| / (|u| + eps) over the whole
     tensor, 1 where either norm is 0."""
@@ -908,7 +915,9 @@ def lamb(params: _Arrays, grads: _Arrays, exp_avgs: _Arrays, exp_avg_sqs: _Array
         vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
         m_hat = ms[i] / (1.0 - beta1 ** step)
         v_hat = vs[i] / (1.0 - beta2 ** step)
-        u = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p
+        u = m_hat / (np.sqrt(v_hat) + eps)
+        if weight_decay != 0:  # as the kernels: 0 * inf would be NaN
+            u = u + weight_decay * p
         ps[i] = p - lr * _trust_ratio(p, u) * u
     return _result(ps, ms, vs)
 
@@ -959,7 +968,7 @@ def lars(params: _Arrays, grads: _Arrays, momentum_buffers: Optional[_Arrays] = 
         raise ValueError("reference.lars: momentum != 0 needs momentum_buffers")
     for i in range(n):
         p = ps[i]
-        u = gs[i] + weight_decay * p
+        u = gs[i] + weight_decay * p if weight_decay != 0 else gs[i]
         u = -lr * _trust_ratio(p, u, trust_coefficient, eps) * u
         if bs is not None:
             bs[i] = u + momentum * bs[i]
@@ -1010,8 +1019,10 @@ def adamw_schedulefree(params: _Arrays, grads: _Arrays, zs: _Arrays, exp_avg_sqs
     for i in range(n):
         y, g, z = ys[i], gs[i], zs[i]
         vs[i] = beta2 * vs[i] + (1.0 - beta2) * g * g
-        u = g / (np.sqrt(vs[i] / (1.0 - beta2 ** step)) + eps) + weight_decay * y
-        ys[i] = (1.0 - ckp1) * y + ckp1 * z + lr * (beta1 * (1.0 - ckp1) - 1.0) * u
+        u = g / (np.sqrt(vs[i] / (1.0 - beta2 ** step)) + eps)
+        if weight_decay != 0:  # as the kernel and the package: 0 * inf would be NaN
+            u = u + weight_decay * y
+        ys[i] = _lerp(y, z, ckp1) + lr * (beta1 * (1.0 - ckp1) - 1.0) * u
         zs[i] = z - lr * u
     return _result(ys, zs, vs)
 

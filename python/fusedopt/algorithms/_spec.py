@@ -307,7 +307,10 @@ class Spec:
     def batch_kernel(self, kws, existing):
         """(kernel, state names, op keywords per member) for the members of a batched
         optimizer, whose op keywords are `kws`; `existing` names the state buffers made
-        by earlier steps. By default every member must run the same kernel."""
+        by earlier steps. `kernel` may be a tuple of one kernel per member (the members
+        of each kernel then run in a call of their own, over the state names that
+        kernel uses); the state names are those of every member. By default every
+        member must run the same kernel."""
         kernels = {self.kernel(kw) for kw in kws}
         if len(kernels) > 1:
             raise ValueError(f"{self.title}: the members need different kernels "

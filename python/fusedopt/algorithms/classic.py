@@ -82,13 +82,13 @@ class Sgd(Spec):
         return "sgd_momentum" if kw.get("momentum", 0.0) != 0 else "sgd"
 
     def batch_kernel(self, kws, existing):
-        # members without momentum take plain steps inside the momentum kernel: with
-        # momentum 0, no dampening and no Nesterov term its update is exactly SGD's
-        if not any(kw["momentum"] != 0 for kw in kws) and "momentum_buffer" not in existing:
-            return "sgd", (), kws
-        kws = [kw if kw["momentum"] != 0 else dict(kw, dampening=0.0, nesterov=False)
-               for kw in kws]
-        return "sgd_momentum", ("momentum_buffer",), kws
+        # Each member runs the kernel its own optimizer runs: inside the momentum kernel
+        # a member without momentum would compute b = 0 * b + g, NaN where an earlier
+        # gradient left b infinite, where SGD's plain step keeps the infinity.
+        kernels = tuple(self.kernel(kw) for kw in kws)
+        if len(set(kernels)) == 1:
+            return kernels[0], self.active(kws[0]), kws
+        return kernels, ("momentum_buffer",), kws
 
     def hyper(self, kw):
         return dict(lr=kw["lr"], momentum=kw["momentum"], dampening=kw["dampening"],
@@ -205,13 +205,14 @@ class Rmsprop(Spec):
     batch_shared = ("centered",)
 
     def batch_kernel(self, kws, existing):
-        # members without momentum run in the momentum kernel exactly as without it
-        # (b = 0 b + g / d, p -= lr b)
-        if any(kw["momentum"] > 0 for kw in kws) or "momentum_buffer" in existing:
-            kws = [dict(kw, momentum=kw["momentum"]) for kw in kws]
-            probe = dict(kws[0], momentum=1.0)
-            return self.kernel(probe), self.active(probe), kws
-        return super().batch_kernel(kws, existing)
+        # Each member runs the kernel a single optimizer with its options runs. The
+        # momentum kernel cannot stand in for the plain one: it rounds lr * (g / d),
+        # the plain kernel (lr * g) / d, as torch.optim does.
+        kernels = tuple(self.kernel(kw) for kw in kws)
+        if len(set(kernels)) == 1:
+            return kernels[0], self.active(kws[0]), kws
+        probe = dict(kws[0], momentum=1.0)  # the state of the members with momentum
+        return kernels, self.active(probe), kws
 
     def check_quantized(self, kw, op):
         # square_avg - grad_avg^2 of two separately rounded states can be negative
