@@ -26,6 +26,12 @@ namespace {
 using fo::cpu::Table;
 using Launch = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&, const double*,
                         std::int64_t, const fo::Mode&, int);
+using LaunchRows = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&,
+                           const fo::cpu::RowsTable&, const double*, std::int64_t, const fo::Mode&,
+                           int);
+using LaunchFactored = bool (*)(std::string_view, const fo::cpu::Layout&, const Table&,
+                               const fo::cpu::FactoredShape*, const double*, std::int64_t,
+                               const fo::Mode&, int);
 using Dot = double (*)(fo::DType, const Table&, int);
 using Quantize = void (*)(bool, const float*, std::int64_t, fo::q8*, float*, int);
 using Dequantize = void (*)(bool, const fo::q8*, const float*, std::int64_t, float*, int);
@@ -36,6 +42,8 @@ int num_threads() { return g_num_threads > 0 ? g_num_threads : omp_get_max_threa
 
 std::string g_isa;
 Launch g_launch = nullptr;
+LaunchRows g_launch_rows = nullptr;
+LaunchFactored g_launch_factored = nullptr;
 Dot g_dot = nullptr, g_sumsq = nullptr;
 int (*g_vector_bits)() = nullptr;
 Quantize g_quantize = nullptr;
@@ -74,21 +82,24 @@ void select_isa(const std::string& want) {
   namespace c = fo::cpu;
   if (isa == "avx512") {
 #if defined(FO_HAVE_ISA_AVX512)
-    g_launch = c::isa_avx512::launch, g_dot = c::isa_avx512::dot, g_sumsq = c::isa_avx512::sumsq,
-    g_vector_bits = c::isa_avx512::vector_bits, g_quantize = c::isa_avx512::quantize,
-    g_dequantize = c::isa_avx512::dequantize;
+    g_launch = c::isa_avx512::launch, g_launch_rows = c::isa_avx512::launch_rows,
+    g_launch_factored = c::isa_avx512::launch_factored, g_dot = c::isa_avx512::dot,
+    g_sumsq = c::isa_avx512::sumsq, g_vector_bits = c::isa_avx512::vector_bits,
+    g_quantize = c::isa_avx512::quantize, g_dequantize = c::isa_avx512::dequantize;
 #endif
   } else if (isa == "avx2") {
 #if defined(FO_HAVE_ISA_AVX2)
-    g_launch = c::isa_avx2::launch, g_dot = c::isa_avx2::dot, g_sumsq = c::isa_avx2::sumsq,
-    g_vector_bits = c::isa_avx2::vector_bits, g_quantize = c::isa_avx2::quantize,
-    g_dequantize = c::isa_avx2::dequantize;
+    g_launch = c::isa_avx2::launch, g_launch_rows = c::isa_avx2::launch_rows,
+    g_launch_factored = c::isa_avx2::launch_factored, g_dot = c::isa_avx2::dot,
+    g_sumsq = c::isa_avx2::sumsq, g_vector_bits = c::isa_avx2::vector_bits,
+    g_quantize = c::isa_avx2::quantize, g_dequantize = c::isa_avx2::dequantize;
 #endif
   } else if (isa == "base") {
 #if defined(FO_HAVE_ISA_BASE)
-    g_launch = c::isa_base::launch, g_dot = c::isa_base::dot, g_sumsq = c::isa_base::sumsq,
-    g_vector_bits = c::isa_base::vector_bits, g_quantize = c::isa_base::quantize,
-    g_dequantize = c::isa_base::dequantize;
+    g_launch = c::isa_base::launch, g_launch_rows = c::isa_base::launch_rows,
+    g_launch_factored = c::isa_base::launch_factored, g_dot = c::isa_base::dot,
+    g_sumsq = c::isa_base::sumsq, g_vector_bits = c::isa_base::vector_bits,
+    g_quantize = c::isa_base::quantize, g_dequantize = c::isa_base::dequantize;
 #endif
   } else {
     throw std::invalid_argument("unknown instruction set '" + isa + "' (avx512, avx2, base)");
@@ -106,7 +117,7 @@ int num_states(const std::string& kernel) {
 void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper, int state_dtype,
           int extra, double grad_scale, bool stochastic, std::uint64_t key, double step_count, double l1,
-          std::uint32_t unsigned_states) {
+          double ema_decay, std::uint32_t unsigned_states) {
   if (!(ptrs.flags() & py::array::c_style) || !(sizes.flags() & py::array::c_style) ||
       !(hyper.flags() & py::array::c_style))
     throw std::invalid_argument(kernel + ": pointer, size and hyperparameter arrays must be contiguous");
@@ -114,21 +125,103 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   if (n == 0) return;
-  // 8-bit state: a scale array per state after the other slots
+  // 8-bit state: a scale array per state after the other slots (no EMA slot with it)
   const bool int8 = state_dtype == int(fo::DType::Int8Block);
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0) + (int8 ? ns : 0);
+  const bool ema = (extra & fo::kEmaBit) != 0;
+  if (int8 && ema)
+    throw std::invalid_argument(kernel + ": no EMA slot with 8-bit state");
+  const std::int64_t nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + (ema ? 1 : 0) + (int8 ? ns : 0);
   if (ptrs.size() != nslots * n)
     throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
                                 " entries, expected " + std::to_string(nslots) + " slots x " +
                                 std::to_string(n) + " tensors");
   Table t{ptrs.data(), sizes.data(), n};
   const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
-  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1, unsigned_states};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1, ema_decay,
+                      unsigned_states};
   const double* h = hyper.data();
   const std::int64_t nh = hyper.size();
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   g_launch(kernel, layout, t, h, nh, mode, nt);
+}
+
+// A row-sparse step: `kernel` on the rows rows[j][0..counts[j]) of each tensor j (rows
+// of row_len[j] elements, distinct indices), the gradient slot holding counts[j] rows of
+// values per tensor. No EMA slot.
+void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+               py::array_t<std::uint64_t, 0> rows, py::array_t<std::int64_t, 0> counts,
+               py::array_t<std::int64_t, 0> row_len, py::array_t<double, 0> hyper,
+               int state_dtype, int extra, double grad_scale, bool stochastic, std::uint64_t key,
+               double step_count) {
+  for (const py::array* a : {static_cast<py::array*>(&ptrs), static_cast<py::array*>(&rows),
+                             static_cast<py::array*>(&counts), static_cast<py::array*>(&row_len),
+                             static_cast<py::array*>(&hyper)})
+    if (!(a->flags() & py::array::c_style))
+      throw std::invalid_argument(kernel + ": table arrays must be contiguous");
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  if ((extra & fo::kEmaBit) != 0)
+    throw std::invalid_argument(kernel + ": a row-sparse step has no EMA slot");
+  if (state_dtype == int(fo::DType::Int8Block))
+    throw std::invalid_argument(kernel + ": a row-sparse step has no 8-bit state");
+  int reductions = 0;
+  fo::with_rule(kernel, [&](auto rule) { reductions = fo::reduce_count<decltype(rule)>(); });
+  if (reductions > 0)
+    throw std::invalid_argument(kernel + ": a two-pass rule has no row-sparse step");
+  const std::int64_t n = counts.size();
+  if (rows.size() != n || row_len.size() != n)
+    throw std::invalid_argument(kernel + ": rows, counts and row_len must have one entry per tensor");
+  if (n == 0) return;
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (ptrs.size() != nslots * n)
+    throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
+                                " entries, expected " + std::to_string(nslots) + " slots x " +
+                                std::to_string(n) + " tensors");
+  for (std::int64_t j = 0; j < n; ++j)
+    if (counts.data()[j] < 0 || row_len.data()[j] < 0)
+      throw std::invalid_argument(kernel + ": negative count or row length");
+  Table t{ptrs.data(), nullptr, n};
+  const fo::cpu::RowsTable r{rows.data(), counts.data(), row_len.data()};
+  const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, extra};
+  const fo::Mode mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count};
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  g_launch_rows(kernel, layout, t, r, hyper.data(), hyper.size(), mode, nt);
+}
+
+// A factored step (Adafactor): tensor j is a stack of batch[j] matrices of rows[j] x
+// cols[j] (rows[j] == 0: an unfactored tensor of cols[j] elements); pointer table slots:
+// param, grad, row factors (or a vector's second moment), column factors (0 for vectors).
+void step_factored(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+                   py::array_t<std::int64_t, 0> shapes, py::array_t<double, 0> hyper,
+                   int state_dtype, double grad_scale, double step_count) {
+  for (const py::array* a : {static_cast<py::array*>(&ptrs), static_cast<py::array*>(&shapes),
+                             static_cast<py::array*>(&hyper)})
+    if (!(a->flags() & py::array::c_style))
+      throw std::invalid_argument(kernel + ": table arrays must be contiguous");
+  bool known = false;
+  fo::with_factored_rule(kernel, [&](auto) { known = true; });
+  if (!known) throw std::invalid_argument("unknown factored kernel '" + kernel + "'");
+  if (state_dtype == int(fo::DType::Int8Block))
+    throw std::invalid_argument(kernel + ": a factored step has no 8-bit state");
+  if (shapes.size() % 3 != 0)
+    throw std::invalid_argument(kernel + ": shapes must hold (batch, rows, cols) per tensor");
+  const std::int64_t n = shapes.size() / 3;
+  if (ptrs.size() != 4 * n)
+    throw std::invalid_argument(kernel + ": pointer table has " + std::to_string(ptrs.size()) +
+                                " entries, expected 4 slots x " + std::to_string(n) + " tensors");
+  const auto* shape = reinterpret_cast<const fo::cpu::FactoredShape*>(shapes.data());
+  for (std::int64_t j = 0; j < n; ++j)
+    if (shape[j].batch < 0 || shape[j].rows < 0 || shape[j].cols < 0)
+      throw std::invalid_argument(kernel + ": negative extent for tensor " + std::to_string(j));
+  if (n == 0) return;
+  Table t{ptrs.data(), nullptr, n};
+  const fo::cpu::Layout layout{dtype, state_dtype < 0 ? dtype : state_dtype, 0};
+  const fo::Mode mode{grad_scale, 0.0, 0, step_count};
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  g_launch_factored(kernel, layout, t, shape, hyper.data(), hyper.size(), mode, nt);
 }
 
 // The reductions' checks: a known dtype and a table of `slots` x n pointers.
@@ -288,9 +381,10 @@ py::tuple describe_lists(py::sequence lists, py::ssize_t n) {
 class PyTables {
  public:
   PyTables(py::array_t<std::int64_t, py::array::c_style> rows, int nstates, int extra,
-           bool read_only, std::int64_t bf16_numpy, int nscales)
+           bool read_only, std::int64_t bf16_numpy, bool row_grads, int nscales)
       : t_(rows.data(), int(rows.shape(0)), rows.shape(1),
-           fo::tables::Layout{nstates, extra, read_only, nscales, fo::kQuantBlock},
+           fo::tables::Layout{nstates, extra & 3, read_only, (extra & fo::kEmaBit) != 0,
+                              row_grads, nscales, fo::kQuantBlock},
            fo::tables::Dtypes{11, 12, 23, bf16_numpy, -2, 2}) {
     if (rows.ndim() != 3 || rows.shape(2) != 8)
       throw std::invalid_argument("Tables: rows must be lists x n x 8");
@@ -312,6 +406,13 @@ class PyTables {
                                       g.sizes.data(), self);
       out.append(py::make_tuple(g.param, g.state, ptrs, sizes));
     }
+    return out;
+  }
+
+  py::list group_tensors() const {
+    py::list out;
+    for (const auto& g : t_.groups())  // (copies)
+      out.append(py::array_t<std::int64_t>(py::ssize_t(g.tensors.size()), g.tensors.data()));
     return out;
   }
 
@@ -337,7 +438,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
         py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
         py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
-        py::arg("step") = 1.0, py::arg("l1") = 0.0, py::arg("unsigned_states") = 0u,
+        py::arg("step") = 1.0, py::arg("l1") = 0.0, py::arg("ema_decay") = 0.0,
+        py::arg("unsigned_states") = 0u,
         "Run `kernel` over the tensors of a pointer table (slots x tensors), in place. `hyper`\n"
         "holds the rule's hyperparameters once, or once per tensor (n x size). `dtype` and\n"
         "`state_dtype` are storage codes (0 float32, 1 float64, 2 float16, 3 bfloat16; -1: as\n"
@@ -346,9 +448,30 @@ PYBIND11_MODULE(_cpu, m) {
         "stochastically with the random stream `key`. `step` is the count t after this update,\n"
         "from which the rule fills its per-step scalars (bias corrections, decayed rates).\n"
         "`l1` > 0 applies the L1 proximal step p = sign(p) max(|p| - l1, 0) after the rule.\n"
+        "`extra` + 4 adds an EMA slot (the params' dtype, after the extra buffer's), moved\n"
+        "toward the stored params as torch.lerp(ema, p, 1 - ema_decay); ema_decay 0 copies.\n"
         "`state_dtype` 4: 8-bit states (uint8 codes), whose float32 scales (one per block of\n"
         "256 elements of each tensor) follow the other slots of the table, one slot per\n"
-        "state; bit k of `unsigned_states` makes state k use the unsigned code table.");
+        "state; bit k of `unsigned_states` makes state k use the unsigned code table. 8-bit\n"
+        "states take no EMA slot.");
+  m.def("step_rows", &step_rows, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("rows"), py::arg("counts"), py::arg("row_len"), py::arg("hyper"), py::kw_only(),
+        py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
+        py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
+        "Run `kernel` on the rows a row-sparse gradient touches, in place: tensor j's rows\n"
+        "rows[j] (the address of counts[j] distinct int64 indices) of row_len[j] elements each,\n"
+        "with the gradient slot of the pointer table holding counts[j] rows of values. The\n"
+        "other rows of the params and states are not read or written. Otherwise as `step`\n"
+        "(no EMA slot, no L1 step, no 8-bit state); stochastic rounding draws per (tensor, row)\n"
+        "streams.");
+  m.def("step_factored", &step_factored, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("shapes"), py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1,
+        py::arg("grad_scale") = 1.0, py::arg("step") = 1.0,
+        "A factored second-moment step (Adafactor) over the tensors of a 4-slot pointer table\n"
+        "(param, grad, row factors or a vector's second moment, column factors): `shapes`\n"
+        "holds (batch, rows, cols) per tensor, rows 0 for an unfactored tensor of cols\n"
+        "elements. Three passes over the elements (csrc/cpu/factored.h); the same bits for\n"
+        "every thread count.");
   m.def("quantize_blockwise", &quantize_blockwise, py::arg("x").noconvert(), py::arg("signed"),
         "(uint8 codes, float32 scales) of x in blocks of 256: the kernels' encoding.");
   m.def("dequantize_blockwise", &dequantize_blockwise, py::arg("codes").noconvert(), py::arg("scales").noconvert(),
@@ -367,14 +490,20 @@ PYBIND11_MODULE(_cpu, m) {
   py::class_<PyTables>(m, "Tables",
                        "The checked rows of a call and its pointer tables (csrc/tables.h).")
       .def(py::init<py::array_t<std::int64_t, py::array::c_style>, int, int, bool,
-                    std::int64_t, int>(),
+                    std::int64_t, bool, int>(),
            py::arg("rows"), py::arg("nstates"), py::arg("extra"), py::arg("read_only"),
-           py::arg("bf16_num"), py::arg("nscales") = 0)
+           py::arg("bf16_num"), py::arg("row_grads") = false, py::arg("nscales") = 0,
+           "extra: 0, 1 (master weights) or 2 (Kahan buffers), plus 4 when the list after\n"
+           "the extra buffers is the EMA of the params; row_grads: list 1 holds row-sparse\n"
+           "gradient values, whose shapes are not compared with the params'; nscales: 8-bit\n"
+           "states, whose block scales are the last nscales lists")
       .def_property_readonly("issue", &PyTables::issue,
                              "None, or (what, list, index, list2, index2) of the first failed "
                              "check")
       .def("groups", [](py::object self) { return self.cast<PyTables&>().groups(self); },
            "[(param code, state code, pointer table, sizes)], viewing the tables' memory")
+      .def("group_tensors", &PyTables::group_tensors,
+           "[indices of the call's arrays in each group], aligned with groups()")
       .def("set_grads", &PyTables::set_grads, py::arg("rows"),
            "Exchange the gradients (their n x 8 rows); None, or the issue (nothing changed)")
       .def("set_grad_ptrs", &PyTables::set_grad_ptrs, py::arg("ptrs"),
@@ -425,9 +554,8 @@ PYBIND11_MODULE(_cpu, m) {
         "from a step count kept on the device.");
   m.def("hyper_fields", [](const std::string& kernel) {
     std::pair<std::vector<std::string>, std::vector<std::string>> names;
-    const bool known = fo::with_rule(kernel, [&](auto rule) {
-      names = fo::hyper_field_names<typename decltype(rule)::Hyper>();
-    });
+    auto take = [&](auto rule) { names = fo::hyper_field_names<typename decltype(rule)::Hyper>(); };
+    const bool known = fo::with_rule(kernel, take) || fo::with_factored_rule(kernel, take);
     if (!known) throw std::invalid_argument("unknown kernel '" + kernel + "'");
     return py::make_tuple(py::tuple(py::cast(names.first)), py::tuple(py::cast(names.second)));
   }, py::arg("kernel"),
@@ -435,7 +563,8 @@ PYBIND11_MODULE(_cpu, m) {
         "name, in memory order: the hyperparameter array holds them in this order.");
   m.def("hyper_size", [](const std::string& kernel) {
     int n = -1;
-    fo::with_rule(kernel, [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); });
+    auto take = [&](auto rule) { n = fo::hyper_size<decltype(rule)>(); };
+    if (!fo::with_rule(kernel, take)) fo::with_factored_rule(kernel, take);
     if (n < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
     return n;
   });

@@ -116,9 +116,11 @@ const char* dtype_name(int code) {
 std::string layout_name(int param, int state, int extra) {
   std::string s = dtype_name(param);
   if (param == state && extra == 0) return s;
+  if (param == state && extra == fo::kEmaBit) return s + ", EMA";
   s += " params, " + std::string(dtype_name(state)) + " states";
-  if (extra == 1) s += ", master weights";
-  if (extra == 2) s += ", Kahan";
+  if ((extra & 3) == 1) s += ", master weights";
+  if ((extra & 3) == 2) s += ", Kahan";
+  if ((extra & fo::kEmaBit) != 0) s += ", EMA";
   return s;
 }
 
@@ -128,7 +130,8 @@ int built(const std::string& kernel, int param, int state, int extra) {
   int result = -1;
   fo::with_rule(kernel, [&](auto rule) {
     fo::with_layout(param, state, extra, [&](auto, auto p, auto s, auto x) {
-      result = fo::cuda::is_built<decltype(rule), decltype(x)::value, decltype(p), decltype(s)>();
+      result = fo::cuda::is_built<decltype(rule), decltype(x)::value, decltype(p), decltype(s),
+                                  decltype(x)::ema>();
     });
   });
   return result;
@@ -160,16 +163,18 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
           py::array_t<std::int64_t, 0> sizes, py::array_t<double, 0> hyper,
           std::uintptr_t stream, int state_dtype, int extra, double grad_scale, bool stochastic,
           std::uint64_t key, double step_count, double l1, std::uint64_t scale_ptr,
-          std::uint64_t step_ptr, std::uint32_t unsigned_states) {
+          std::uint64_t step_ptr, double ema_decay, std::uint32_t unsigned_states) {
   check_contiguous(kernel, ptrs, sizes, hyper);
   const int ns = num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
   const std::int64_t n = sizes.size();
   const std::int64_t nptrs = ptrs.size(), nhyper = hyper.size();
   // Exactly the layout's slots: the kernels read every one of them (8-bit states: a
-  // scale array per state after the others).
+  // scale array per state after the others; no EMA slot with them).
   const bool int8 = state_dtype == int(fo::DType::Int8Block);
-  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0) + (int8 ? ns : 0);
+  const bool ema = (extra & fo::kEmaBit) != 0;
+  if (int8 && ema) throw std::invalid_argument(kernel + ": no EMA slot with 8-bit state");
+  const std::int64_t nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + (ema ? 1 : 0) + (int8 ? ns : 0);
   if (nptrs != nslots * n)
     throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
                                 std::to_string(n) + " pointers, got " + std::to_string(nptrs));
@@ -203,7 +208,7 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
 
   fo::cuda::StepCall call{kernel, name, dtype, state, extra, p, sz, n, hyper.data(), per_tensor,
                           fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count, l1,
-                                   unsigned_states},
+                                   ema_decay, unsigned_states},
                           reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr};
   const StepEntry entry = step_entry(dtype, state);
   py::gil_scoped_release nogil;
@@ -218,6 +223,146 @@ void step(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> pt
   auto& pool = fo::cuda::ScalarPool::get();
   pool.note_use(scale_ptr, call.stream, kernel);
   pool.note_use(step_ptr, call.stream, kernel);
+}
+
+using RowsEntry = void (*)(const fo::cuda::RowsCall&);
+
+RowsEntry rows_entry(int param, int state) {
+  namespace fc = fo::cuda;
+  const bool f32_state = state == int(fo::DType::Float32);
+  switch (fo::DType(param)) {
+    case fo::DType::Float32: return fc::variant_f32::step_rows;
+    case fo::DType::Float64: return fc::variant_f64::step_rows;
+    case fo::DType::Float16:
+      return f32_state ? fc::variant_f16_f32::step_rows : fc::variant_f16_bf16::step_rows;
+    case fo::DType::BFloat16:
+      return f32_state ? fc::variant_bf16_f32::step_rows : fc::variant_bf16_bf16::step_rows;
+  }
+  return nullptr;
+}
+
+// _cpu.step_rows for device memory: the row indices (rows: their device addresses) are
+// read on the device.
+void step_rows(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+               py::array_t<std::uint64_t, 0> rows, py::array_t<std::int64_t, 0> counts,
+               py::array_t<std::int64_t, 0> row_len, py::array_t<double, 0> hyper,
+               std::uintptr_t stream, int state_dtype, int extra, double grad_scale,
+               bool stochastic, std::uint64_t key, double step_count) {
+  check_contiguous(kernel, ptrs, counts, hyper);
+  check_contiguous(kernel, rows, row_len, hyper);
+  const int ns = num_states(kernel);
+  if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
+  if ((extra & fo::kEmaBit) != 0)
+    throw std::invalid_argument(kernel + ": a row-sparse step has no EMA slot");
+  if (state_dtype == int(fo::DType::Int8Block))
+    throw std::invalid_argument(kernel + ": a row-sparse step has no 8-bit state");
+  int reductions = 0;
+  fo::with_rule(kernel, [&](auto rule) { reductions = fo::reduce_count<decltype(rule)>(); });
+  if (reductions > 0)
+    throw std::invalid_argument(kernel + ": a two-pass rule has no row-sparse step");
+  const std::int64_t n = counts.size();
+  if (rows.size() != n || row_len.size() != n)
+    throw std::invalid_argument(kernel + ": rows, counts and row_len must have one entry per tensor");
+  const std::int64_t nslots = 2 + ns + (extra != 0 ? 1 : 0);
+  if (ptrs.size() != nslots * n)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(nslots) + " x " +
+                                std::to_string(n) + " pointers, got " + std::to_string(ptrs.size()));
+  int size = 0;
+  fo::with_rule(kernel, [&](auto rule) { size = fo::hyper_size<decltype(rule)>(); });
+  const bool per_tensor = hyper.size() == size * n && n > 1;
+  if (hyper.size() != size && !per_tensor)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(size) +
+                                " hyperparameters (or " + std::to_string(size) +
+                                " per tensor), got " + std::to_string(hyper.size()));
+  const int state = state_dtype < 0 ? dtype : state_dtype;
+  if (built(kernel, dtype, state, extra) < 1 || kernel.rfind("stream", 0) == 0 || kernel == "ema")
+    throw std::invalid_argument(kernel + ": no row-sparse kernel for this layout");
+  std::int64_t first = -1;  // first tensor with touched rows: its param names the device
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (counts.data()[j] < 0 || row_len.data()[j] < 0)
+      throw std::invalid_argument(kernel + ": negative count or row length");
+    if (counts.data()[j] > 0 && row_len.data()[j] > 0 && first < 0) first = j;
+  }
+  if (first < 0) return;  // nothing to update: no CUDA call at all
+  const std::string name = kernel + "[rows, " + layout_name(dtype, state, extra) + "]";
+  fo::cuda::RowsCall call{
+      fo::cuda::StepCall{kernel, name, dtype, state, extra, ptrs.data(), nullptr, n,
+                         hyper.data(), per_tensor,
+                         fo::Mode{grad_scale, stochastic ? 1.0 : 0.0, key, step_count},
+                         reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr},
+      rows.data(), counts.data(), row_len.data()};
+  const RowsEntry entry = rows_entry(dtype, state);
+  py::gil_scoped_release nogil;
+  const int device = device_of(kernel, "the first parameter array", ptrs.data()[first]);
+  DeviceGuard guard(device);
+  entry(call);
+}
+
+using FactoredEntry = void (*)(const fo::cuda::FactoredCall&);
+
+FactoredEntry factored_entry(int param, int state) {
+  namespace fc = fo::cuda;
+  const bool f32_state = state == int(fo::DType::Float32);
+  switch (fo::DType(param)) {
+    case fo::DType::Float32: return fc::variant_f32::step_factored;
+    case fo::DType::Float64: return fc::variant_f64::step_factored;
+    case fo::DType::Float16:
+      return f32_state ? fc::variant_f16_f32::step_factored : fc::variant_f16_bf16::step_factored;
+    case fo::DType::BFloat16:
+      return f32_state ? fc::variant_bf16_f32::step_factored : fc::variant_bf16_bf16::step_factored;
+  }
+  return nullptr;
+}
+
+// _cpu.step_factored on device memory, enqueued on `stream`.
+void step_factored(const std::string& kernel, int dtype, py::array_t<std::uint64_t, 0> ptrs,
+                   py::array_t<std::int64_t, 0> shapes, py::array_t<double, 0> hyper,
+                   std::uintptr_t stream, int state_dtype, double grad_scale, double step_count) {
+  check_contiguous(kernel, ptrs, shapes, hyper);
+  bool known = false;
+  int size = 0;
+  fo::with_factored_rule(kernel, [&](auto rule) {
+    known = true;
+    size = fo::hyper_size<decltype(rule)>();
+  });
+  if (!known) throw std::invalid_argument("unknown factored kernel '" + kernel + "'");
+  if (shapes.size() % 3 != 0)
+    throw std::invalid_argument(kernel + ": shapes must hold (batch, rows, cols) per tensor");
+  const std::int64_t n = shapes.size() / 3;
+  if (ptrs.size() != 4 * n)
+    throw std::invalid_argument(kernel + ": expected 4 x " + std::to_string(n) +
+                                " pointers, got " + std::to_string(ptrs.size()));
+  if (hyper.size() != size)
+    throw std::invalid_argument(kernel + ": expected " + std::to_string(size) +
+                                " hyperparameters, got " + std::to_string(hyper.size()));
+  const int state = state_dtype < 0 ? dtype : state_dtype;
+  if (state == int(fo::DType::Int8Block))
+    throw std::invalid_argument(kernel + ": a factored step has no 8-bit state");
+  bool layout = false;
+  fo::with_layout(dtype, state, 0, [&](auto, auto, auto, auto) { layout = true; });
+  if (!layout)
+    throw std::invalid_argument(kernel + ": unsupported storage layout (param " +
+                                std::to_string(dtype) + ", state " + std::to_string(state) + ")");
+  std::int64_t first = -1;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const std::int64_t* sh = shapes.data() + 3 * j;
+    if (sh[0] < 0 || sh[1] < 0 || sh[2] < 0)
+      throw std::invalid_argument(kernel + ": negative extent for tensor " + std::to_string(j));
+    const std::int64_t numel = sh[1] == 0 ? sh[2] : sh[0] * sh[1] * sh[2];
+    if (numel > 0 && first < 0) first = j;
+  }
+  if (first < 0) return;  // nothing to update: no CUDA call at all
+  const std::string name = kernel + "[" + layout_name(dtype, state, 0) + "]";
+  fo::cuda::FactoredCall call{
+      fo::cuda::StepCall{kernel, name, dtype, state, 0, ptrs.data(), nullptr, n, hyper.data(),
+                         false, fo::Mode{grad_scale, 0.0, 0, step_count},
+                         reinterpret_cast<cudaStream_t>(stream), nullptr, nullptr},
+      shapes.data()};
+  const FactoredEntry entry = factored_entry(dtype, state);
+  py::gil_scoped_release nogil;
+  const int device = device_of(kernel, "the first parameter array", ptrs.data()[first]);
+  DeviceGuard guard(device);
+  entry(call);
 }
 
 // tables: (dtype code, ptrs 1 x n, sizes) per gradient dtype of the step.
@@ -416,7 +561,7 @@ int pointer_device(std::uint64_t address) {
 py::dict launch_limits(const std::string& kernel, int extra, int state_dtype) {
   const int ns = kernel == "grad_stats" ? 0 : num_states(kernel);
   if (ns < 0) throw std::invalid_argument("unknown kernel '" + kernel + "'");
-  const int nslots = 2 + ns + (extra != 0 ? 1 : 0) +
+  const int nslots = 2 + ns + ((extra & 3) != 0 ? 1 : 0) + ((extra & fo::kEmaBit) != 0 ? 1 : 0) +
                      (state_dtype == int(fo::DType::Int8Block) ? ns : 0);
   py::dict d;
   auto fill = [&](auto batch) {
@@ -473,7 +618,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("state_dtype") = -1, py::arg("extra") = 0, py::arg("grad_scale") = 1.0,
         py::arg("stochastic") = false, py::arg("key") = 0, py::arg("step") = 1.0,
         py::arg("l1") = 0.0, py::arg("scale_ptr") = 0, py::arg("step_ptr") = 0,
-        py::arg("unsigned_states") = 0u,
+        py::arg("ema_decay") = 0.0, py::arg("unsigned_states") = 0u,
         "Run `kernel` in place over the device tensors of a pointer table (slots x tensors),\n"
         "enqueued on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).\n"
         "The arguments after `stream` are _cpu.step's, with the same results bit for bit.\n"
@@ -484,6 +629,20 @@ PYBIND11_MODULE(_cuda, m) {
         "on the host; the device's pow may differ from the host's in the last bit), and `key`\n"
         "is the seed of the random stream step_key(key, t), as the host computes it.\n"
         "`state_dtype` 4 (8-bit states) and `unsigned_states`: as _cpu.step.");
+  m.def("step_rows", &step_rows, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("rows"), py::arg("counts"), py::arg("row_len"), py::arg("hyper"),
+        py::arg("stream") = std::uintptr_t(0), py::kw_only(), py::arg("state_dtype") = -1,
+        py::arg("extra") = 0, py::arg("grad_scale") = 1.0, py::arg("stochastic") = false,
+        py::arg("key") = 0, py::arg("step") = 1.0,
+        "_cpu.step_rows on device memory, enqueued on `stream`; `rows` holds the device\n"
+        "addresses of the row indices, which only the device reads.");
+  m.def("step_factored", &step_factored, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"),
+        py::arg("shapes"), py::arg("hyper"), py::arg("stream") = std::uintptr_t(0),
+        py::kw_only(), py::arg("state_dtype") = -1, py::arg("grad_scale") = 1.0,
+        py::arg("step") = 1.0,
+        "_cpu.step_factored on device memory, enqueued on `stream` (five kernels; nothing\n"
+        "read back by the host). Same results as the CPU within rounding (block sums\n"
+        "associate differently).");
   m.def("grad_stats", &grad_stats, py::arg("tables"), py::arg("stream"), py::arg("out_ptr"),
         py::arg("inv_scale") = 1.0, py::arg("max_norm") = -1.0, py::arg("skip_nonfinite") = true,
         "One pass over the gradients of pointer tables [(dtype, ptrs 1 x n, sizes), ...] on\n"

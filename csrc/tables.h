@@ -26,8 +26,8 @@ enum Col : int { kPtr, kSize, kItemsize, kTypenum, kFlags, kShape, kNdim, kDevic
 enum : std::int64_t { kIsArray = 1, kCContig = 2, kWriteable = 4, kNative = 8, kAligned = 16 };
 
 // What a failed check found. `list`/`index` name the array (list 0: params, 1: grads,
-// 2..: states, then the extra buffers, then the block scales of 8-bit states); an
-// overlap names a second array too.
+// 2..: states, then the extra buffers, then the EMA of the params, then the block
+// scales of 8-bit states); an overlap names a second array too.
 enum class What : int {
   None = 0,
   ParamDtype,     // params[i] has no kernel dtype, or is not in native byte order
@@ -70,6 +70,10 @@ struct Layout {
   int nstates = 0;
   int extra = 0;  // 0 none, 1 float32 master weights, 2 Kahan buffers
   bool read_only = false;
+  bool ema = false;  // the list after the extra buffers is the EMA of the params (their dtype, written)
+  // list 1 holds the values of row-sparse gradients (rows of the param, in its dtype):
+  // their shapes are the caller's to check, everything else is checked as for grads
+  bool row_grads = false;
   int nscales = 0;                // 8-bit state: one list of block scales per state
   std::int64_t quant_block = 256;  // elements per scale
 };
@@ -152,7 +156,9 @@ class Tables {
   int state_list(int k) const { return k >= 2 && k < 2 + layout_.nstates; }
   bool quantized() const { return layout_.nscales > 0; }
   bool scale_list(int k) const { return quantized() && k >= L_ - layout_.nscales; }
-  int extra_list() const { return layout_.extra ? L_ - 1 - layout_.nscales : -1; }
+  int extra_list() const {
+    return layout_.extra ? L_ - 1 - layout_.nscales - (layout_.ema ? 1 : 0) : -1;
+  }
   std::int64_t blocks(std::int64_t n) const {
     return (n + layout_.quant_block - 1) / layout_.quant_block;
   }
@@ -207,6 +213,7 @@ class Tables {
 
   Issue check_shapes_devices(int from, int to) const {
     for (int k = std::max(from, 1); k < to; ++k) {
+      if (k == 1 && layout_.row_grads) continue;
       if (scale_list(k)) {  // block scales have a shape of their own
         for (std::int64_t i = 0; i < n_; ++i)
           if (row(k, i)[kSize] != blocks(row(0, i)[kSize])) return {What::ScaleSize, k, i};

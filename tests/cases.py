@@ -92,7 +92,10 @@ def _algorithm(spec):
         kwargs=lambda o, t: op_kwargs(spec, o, t), spec=spec, scalars=tuple(spec.scalars))
 
 
-ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()}
+# the elementwise algorithms over dense gradients (not SparseAdam's rows, nor the specs
+# that build plans of their own: Muon, Adafactor)
+ALGORITHMS = {name: _algorithm(spec) for name, spec in SPECS.items()
+              if spec.gradient == "dense" and not spec.composite}
 
 # State buffers whose values are never negative (sums and averages of squares).
 NONNEGATIVE_STATES = {s.name for spec in SPECS.values() for s in spec.states if s.positive}

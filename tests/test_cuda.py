@@ -513,9 +513,11 @@ def _decode(code, a):
 
 
 def _layout_codes(layout, nstates):
-    """Storage dtype code of every slot: param, grad, states, then the extra buffer."""
+    """Storage dtype code of every slot: param, grad, states, then the extra buffer, then
+    the EMA slot (extra code + 4)."""
     param, state, extra = layout
-    return [param, param] + [state] * nstates + {0: [], 1: [FLOAT32], 2: [param]}[extra]
+    return [param, param] + [state] * nstates + {0: [], 1: [FLOAT32], 2: [param]}[extra & 3] + \
+        ([param] if extra & 4 else [])
 
 
 def _layout_slots(rng, sizes, nstates, layout):
@@ -525,10 +527,12 @@ def _layout_slots(rng, sizes, nstates, layout):
     for k in range(nstates):
         lo, hi = (0.5, 1.5) if k == 0 else (0.0, 0.2)
         values.append([rng.uniform(lo, hi, n) for n in sizes])
-    if layout[2] == 1:
+    if layout[2] & 3 == 1:
         values.append([v.astype(np.float32).astype(np.float64) for v in values[0]])
-    elif layout[2] == 2:
+    elif layout[2] & 3 == 2:
         values.append([1e-3 * rng.standard_normal(n) for n in sizes])
+    if layout[2] & 4:  # averages near the params
+        values.append([v + 0.1 * rng.standard_normal(v.size) for v in values[0]])
     codes = _layout_codes(layout, nstates)
     return [[_encode(codes[k], v) for v in slot] for k, slot in enumerate(values)]
 
@@ -1051,6 +1055,236 @@ def test_optimizer_with_loss_scaler_on_cupy_matches_numpy(cp, cls, kwargs):
     _assert_tree_same(cp, opt_cp.state_dict()["state"], opt_np.state_dict()["state"], np.float32)
 
 
+# --- The EMA slot (extra code + 4) and the EMA rule: bit for bit ------------------------
+
+EMA_LAYOUTS = {name + "/ema": (p, st, x | 4) for name, (p, st, x) in LAYOUTS.items() if x != 2}
+EMA_DECAY = {"ema_decay": lambda t: 0.0 if t == 1 else (0.999, 0.3, 0.9)[t % 3]}
+
+
+def test_ema_layouts_have_kernels(cuda_mod):
+    """Every update rule in every EMA layout; neither the bandwidth probes nor the EMA
+    rule itself, and no EMA next to Kahan buffers."""
+    for layout in EMA_LAYOUTS.values():
+        for case in LAYOUT_CASES:
+            assert cuda_mod.has_kernel(CASES[case][0], *layout)
+        assert not cuda_mod.has_kernel("stream0", *layout)
+        assert not cuda_mod.has_kernel("ema", *layout)
+    assert cuda_mod.has_kernel("ema", FLOAT16, FLOAT32, 0)
+    assert not cuda_mod.has_kernel("adam", FLOAT16, FLOAT32, 6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", list(EMA_LAYOUTS))
+@pytest.mark.parametrize("case", ["sgd_momentum", "rmsprop_centered_momentum", "adam",
+                                  "adamw_amsgrad"])
+def test_ema_layout_bitwise_equal_to_cpu(cp, case, layout):
+    """The EMA's lerp is a written-out fused multiply-add on both sides: the same bits."""
+    host, dev = _run_layout(cp, np.random.default_rng(40), CASES[case], EMA_LAYOUTS[layout],
+                            steps=4, **EMA_DECAY)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bfloat16/float32/ema", "float16/float32/master/ema"])
+def test_ema_layout_with_stochastic_rounding(cp, layout):
+    host, dev = _run_layout(cp, np.random.default_rng(41), CASES["adam"], EMA_LAYOUTS[layout],
+                            stochastic=True, key=lambda t: 1234 + t, **EMA_DECAY)
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32", "float16/float32"])
+def test_ema_rule_bitwise_equal_to_cpu(cp, layout):
+    case = ("ema", 0, _hyper("ema", decay=lambda t: 0.0 if t == 1 else 0.75))
+    host, dev = _run_layout(cp, np.random.default_rng(42), case, LAYOUTS[layout])
+    _assert_bits(cp, dev, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kwargs", [("Adam", {"lr": 1e-2}), ("SGD", {"lr": 0.1})])
+def test_optimizer_with_ema_on_cupy_matches_numpy(cp, cls, kwargs):
+    """A class with ema_decay on the GPU: the averages as on the CPU, bit for bit,
+    also for a param without a gradient in a step (the EMA rule's pass)."""
+    import fusedopt
+    rng = np.random.default_rng(43)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    p_np, p_cp = [p.copy() for p in params], [cp.asarray(p) for p in params]
+    opt_np = getattr(fusedopt, cls)(p_np, ema_decay=0.9, **kwargs)
+    opt_cp = getattr(fusedopt, cls)(p_cp, ema_decay=0.9, **kwargs)
+    for k in range(4):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+        if k == 2:
+            grads[3] = None
+        opt_np.step(grads)
+        opt_cp.step([None if g is None else cp.asarray(g) for g in grads])
+    cp.cuda.get_current_stream().synchronize()
+    for i in range(len(SIZES)):
+        assert cp.asnumpy(p_cp[i]).tobytes() == p_np[i].tobytes()
+        assert cp.asnumpy(opt_cp.state[i]["ema"]).tobytes() == opt_np.state[i]["ema"].tobytes()
+
+
+# --- Row-sparse steps (step_rows): the CPU's bits on the touched rows only ---------------
+
+def _rows_data(rng, layout, shapes=((300, 7), (5, 64), (70000, 3))):
+    """Host slots (param, gradient rows, 2 states) and distinct sorted row indices."""
+    codes = _layout_codes(layout, 2)
+    rows = [np.unique(rng.integers(0, s[0], max(1, s[0] // 3))) for s in shapes]
+    values = [[rng.standard_normal(s).ravel() for s in shapes],
+              [rng.standard_normal(len(r) * s[1]) for r, s in zip(rows, shapes)],
+              [0.1 * rng.standard_normal(s).ravel() for s in shapes],
+              [rng.uniform(0.1, 1.0, s).ravel() for s in shapes]]
+    if layout[2] == 1:
+        values.append([v.astype(np.float32).astype(np.float64) for v in values[0]])
+    elif layout[2] == 2:
+        values.append([1e-3 * rng.standard_normal(v.size) for v in values[0]])
+    slots = [[_encode(codes[k], v) for v in slot] for k, slot in enumerate(values)]
+    return slots, rows, [s[1] for s in shapes]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16/float32",
+                                    "float16/float32/master", "bfloat16/bfloat16/kahan"])
+def test_step_rows_bitwise_equal_to_cpu(cp, layout):
+    from fusedopt import _cpu, _cuda
+    lay = LAYOUTS[layout]
+    slots, rows, row_len = _rows_data(np.random.default_rng(50), lay)
+    host, dev = _place(np, slots), _place(cp, slots)
+    drows = [cp.asarray(r) for r in rows]
+    hyper = np.asarray(pack("sparse_adam", dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8,
+                                                maximize=False)), np.float64)
+    counts = np.array([len(r) for r in rows], np.int64)
+    lens = np.array(row_len, np.int64)
+    before = [cp.asnumpy(a) for a in dev[0]]
+    for t in (1, 2):
+        hp, _ = _table(host, lambda a: a.ctypes.data)
+        dp, _ = _table(dev, lambda a: a.data.ptr)
+        _cpu.step_rows("sparse_adam", lay[0], hp, np.array([r.ctypes.data for r in rows],
+                                                           np.uint64), counts, lens, hyper,
+                       state_dtype=lay[1], extra=lay[2], step=t)
+        _cuda.step_rows("sparse_adam", lay[0], dp, np.array([r.data.ptr for r in drows],
+                                                            np.uint64), counts, lens, hyper,
+                        cp.cuda.get_current_stream().ptr, state_dtype=lay[1], extra=lay[2],
+                        step=t)
+    cp.cuda.get_current_stream().synchronize()
+    _assert_bits(cp, dev, host)
+    for j, (b, r, n) in enumerate(zip(before, rows, row_len)):  # untouched rows: as they were
+        other = np.setdiff1d(np.arange(b.size // n), r)
+        got = cp.asnumpy(dev[0][j]).reshape(-1, n)
+        assert got[other].tobytes() == b.reshape(-1, n)[other].tobytes()
+
+
+@pytest.mark.cuda
+def test_functional_sparse_adam_on_cupy_matches_numpy(cp):
+    import fusedopt.functional as F
+    rng = np.random.default_rng(51)
+    shape = (1000, 16)
+    host = [rng.standard_normal(shape).astype(np.float32), np.zeros(shape, np.float32),
+            np.zeros(shape, np.float32)]
+    dev = [cp.asarray(a) for a in host]
+    for t in range(1, 4):
+        rows = rng.integers(0, 200, 300)  # repeats: summed on either side
+        values = rng.standard_normal((300, 16)).astype(np.float32)
+        F.sparse_adam_([host[0]], [rows], [values], [host[1]], [host[2]], step=t, lr=0.01,
+                       beta1=0.9, beta2=0.999, eps=1e-8)
+        F.sparse_adam_([dev[0]], [cp.asarray(rows)], [cp.asarray(values)], [dev[1]], [dev[2]],
+                       step=t, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    cp.cuda.get_current_stream().synchronize()
+    for d, h in zip(dev, host):  # (the sums of repeats may be added in another order)
+        np.testing.assert_allclose(cp.asnumpy(d), h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_sparse_adam_rows_on_another_device_are_refused(cp):
+    import fusedopt.functional as F
+    p, m, v = (cp.zeros((10, 4), cp.float32) for _ in range(3))
+    with pytest.raises(TypeError, match=r"rows\[0\] is on cpu, params\[0\] is on cuda"):
+        F.sparse_adam_([p], [np.array([1, 2])], [cp.ones((2, 4), cp.float32)], [m], [v],
+                       step=1, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert not p.any() and not m.any() and not v.any()
+
+
+# --- Muon, Adafactor and fusedopt.torch.LBFGS on a GPU ----------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_on_cupy_matches_numpy(cp, ns_dtype):
+    """The momentum and update passes on the GPU, the Newton-Schulz iterations through
+    CuPy's batched products: the CPU's results within float32 rounding (bfloat16's for
+    the emulated bfloat16 iterations)."""
+    import fusedopt.functional as F
+    rng = np.random.default_rng(60)
+    shapes = [(64, 96), (96, 64), (64, 96), (32, 32)]
+    host = [[rng.standard_normal(s).astype(np.float32) for s in shapes],
+            [np.zeros(s, np.float32) for s in shapes]]
+    dev = [[cp.asarray(a) for a in lst] for lst in host]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_dtype=ns_dtype)
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        F.muon_(host[0], grads, host[1], **kw)
+        F.muon_(dev[0], [cp.asarray(g) for g in grads], dev[1], **kw)
+    cp.cuda.get_current_stream().synchronize()
+    tol = 1e-5 if ns_dtype == "float32" else 2e-3
+    for d, h in zip(dev[0] + dev[1], host[0] + host[1]):
+        np.testing.assert_allclose(cp.asnumpy(d), h, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adafactor_on_cupy_matches_numpy(cp, dtype):
+    """The five factored kernels against the CPU driver: the same math, sums associated
+    differently (float32 rounding of the sums, far below the tolerance)."""
+    import fusedopt.functional as F
+    from fusedopt.algorithms import SPECS
+    spec = SPECS["adafactor"]
+    rng = np.random.default_rng(61)
+    shapes = [(300, 70), (3, 40, 50), (1000,), (), (5, 1)]
+    host = [[rng.standard_normal(s).astype(dtype) for s in shapes]]
+    for name in ("row_var", "col_var", "variance"):
+        host.append([None if spec.state_shape(name, s) is None else
+                     np.zeros(spec.state_shape(name, s), dtype) for s in shapes])
+    dev = [[None if a is None else cp.asarray(a) for a in lst] for lst in host]
+    for t in range(1, 4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        kw = dict(step=t, lr=0.05, weight_decay=0.01)
+        F.adafactor_(host[0], grads, *host[1:], **kw)
+        F.adafactor_(dev[0], [cp.asarray(g) for g in grads], *dev[1:], **kw)
+    cp.cuda.get_current_stream().synchronize()
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    for dl, hl in zip(dev, host):
+        for d, h in zip(dl, hl):
+            if h is not None:
+                np.testing.assert_allclose(cp.asnumpy(d), h, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.cuda
+def test_torch_lbfgs_on_cuda_matches_cpu(cuda_mod):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import fusedopt.torch as fot
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 2)).double().to(device)
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(32, 6, generator=g, dtype=torch.float64).to(device)
+        y = torch.randn(32, 2, generator=g, dtype=torch.float64).to(device)
+        opt = fot.LBFGS(model.parameters(), line_search_fn="strong_wolfe", max_iter=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        results.append([p.detach().cpu().numpy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 # --- Streams, allocations and devices of checked steps (before the first GPU run) ---
 
 def _spin(cp, stream, ns):
@@ -1411,6 +1645,16 @@ def test_8bit_layouts_have_kernels(cuda_mod):
         "max_tensors"] >= 100
 
 
+def test_8bit_layouts_have_no_ema_slot(cuda_mod):
+    """No EMA slot next to 8-bit state: no kernel, and the step refuses the layout."""
+    for param, extra in Q8_LAYOUTS.values():
+        if extra != 2:
+            assert not cuda_mod.has_kernel("adam", param, INT8_BLOCK, extra | 4)
+    with pytest.raises(ValueError, match="adam: no EMA slot with 8-bit state"):
+        cuda_mod.step("adam", 0, np.zeros(7, np.uint64), np.ones(1, np.int64), np.zeros(9), 0,
+                      state_dtype=INT8_BLOCK, extra=4, ema_decay=0.5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", list(Q8_LAYOUTS))
 @pytest.mark.parametrize("case", list(Q8_CASES))
@@ -1622,7 +1866,8 @@ def test_single_tensor_launch_matches_cpu_beyond_one_batch(cp, rng):
     _assert_same(cp, dev, host, np.float32, bitwise=True)
 
 
-def test_torch_flat_optimizer_on_cuda_matches_default():
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_torch_flat_optimizer_on_cuda_matches_default(ema_decay):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
@@ -1633,12 +1878,16 @@ def test_torch_flat_optimizer_on_cuda_matches_default():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                     torch.nn.Linear(32, 4)).cuda()
-        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat)
+        opt = fot.AdamW(model.parameters(), lr=1e-2, flat=flat, ema_decay=ema_decay)
         x = torch.randn(64, 16, device="cuda")
-        for _ in range(20):
+        for k in range(20):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
+            if k == 17:  # a param without a gradient: the per-tensor path, once
+                model[0].bias.grad = None
             opt.step()
         runs.append([p.detach().cpu() for p in model.parameters()])
+        if ema_decay is not None:
+            runs[-1] += [opt.state[p]["ema"].cpu() for p in model.parameters()]
     for a, b in zip(*runs):
         assert torch.equal(a, b)

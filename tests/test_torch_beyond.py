@@ -101,14 +101,15 @@ def test_torch_state_dict_resumes_exactly(c):
 
 def test_signatures_are_the_specs():
     """The constructors take the arguments the issue of each algorithm gives, in order
-    (and fusedopt.torch's keyword-only `flat`, `optim_bits` and `min_8bit_size`)."""
+    (and fusedopt.torch's keyword-only `flat`, `optim_bits`, `min_8bit_size` and
+    `ema_decay`)."""
     import inspect
 
     def names(cls):
         return [(p.name, p.default) for p in inspect.signature(cls.__init__).parameters.values()]
 
     empty = inspect.Parameter.empty
-    tail = [("flat", False), ("optim_bits", 32), ("min_8bit_size", 4096)]
+    tail = [("flat", False), ("optim_bits", 32), ("min_8bit_size", 4096), ("ema_decay", None)]
     assert names(fot.Lion) == [("self", empty), ("params", empty), ("lr", 1e-4),
                                ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
                                ("maximize", False), *tail]

@@ -145,6 +145,22 @@ def test_dtensors_from_distribute_tensor_match_torch_optim(results, placement, n
                           f"dtensor-{placement}/torch/{name}")
 
 
+@pytest.mark.parametrize("placement", ["shard", "replicate"])
+def test_dtensor_params_with_ema(results, placement):
+    """ema_decay over DTensor params: the averages are DTensors placed like their params
+    (moved on the local shards, also for a param without a gradient in a step), and the
+    params and averages equal those of the same run over plain tensors, bit for bit."""
+    for rank in range(RANKS):
+        run = _run(results, f"dtensor-ema-{placement}", rank)
+        assert run["placed"]
+        for mine, plain in (("params", "plain_params"), ("emas", "plain_emas")):
+            for a, b in zip(run[mine], run[plain]):
+                assert torch.equal(a, b), (placement, rank, mine)
+        for a, b in zip(run["swapped"], run["emas"]):
+            assert torch.equal(a, b)
+        assert not torch.equal(run["emas"][0], run["params"][0])
+
+
 def test_a_partial_gradient_is_refused(results):
     for rank in range(RANKS):
         run = _run(results, "dtensor-partial-grad", rank)

@@ -361,6 +361,72 @@ def test_deepcopy_steps_per_tensor():
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
+# --- the EMA of the params (ema_decay) and Muon ---------------------------------------------
+
+
+@pytest.mark.parametrize("name, opts", [("Adam", dict(lr=0.01)),
+                                        ("SGD", dict(lr=0.05, momentum=0.9)),
+                                        ("Adagrad", dict(lr=0.05))])  # state at construction
+def test_flat_with_ema_equals_default_bit_for_bit(name, opts, monkeypatch):
+    """With ema_decay the averages are one more flat buffer: the same params and
+    averages as the default mode, also over steps where a param has no gradient (the
+    per-tensor path, and the EMA rule's pass for that param), and a steady step is one
+    kernel call that moves the averages too."""
+    data = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = getattr(fot, name)(m1.parameters(), ema_decay=0.9, **opts)
+    o2 = getattr(fot, name)(m2.parameters(), ema_decay=0.9, flat=True, **opts)
+    train(m1, o1, 3, data)
+    train(m2, o2, 2, data)
+    calls = count_calls(monkeypatch)
+    train(m2, o2, 1, data)
+    assert calls == [1]  # params, state and averages: one call over one tensor
+    monkeypatch.undo()
+    bucket = o2._fo_buckets[0][0]
+    for position, p in enumerate(m2.parameters()):
+        assert bucket.owns_state("ema", position, o2.state[p]["ema"])
+    assert_same_training(m1, o1, m2, o2, name)
+    x, y = data
+    for model, opt in ((m1, o1), (m2, o2)):
+        for k in range(9):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            if k % 4 == 2:
+                model[0].weight.grad = None
+            opt.step()
+    assert_same_training(m1, o1, m2, o2, name)
+    with o1.averaged(), o2.averaged():
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            same_bits(a.detach(), b.detach(), "averaged")
+
+
+def test_flat_state_dict_with_ema_loads_into_the_buffers():
+    data = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = fot.AdamW(m1.parameters(), lr=0.01, ema_decay=0.8)
+    train(m1, o1, 3, data)
+    m2.load_state_dict(m1.state_dict())
+    o2 = fot.AdamW(m2.parameters(), lr=0.01, ema_decay=0.8, flat=True)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+    bucket = o2._fo_buckets[0][0]
+    for position, p in enumerate(m2.parameters()):
+        assert bucket.owns_state("ema", position, o2.state[p]["ema"])
+    train(m1, o1, 3, data)
+    train(m2, o2, 3, data)
+    assert_same_training(m1, o1, m2, o2, "loaded")
+
+
+def test_muon_refuses_flat_and_other_than_2d_params():
+    weights = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 5))]
+    with pytest.raises(ValueError, match=r"Muon\(flat=True\): flat buffers are for the "
+                                         "elementwise algorithms"):
+        fot.Muon(weights, lr=0.02, flat=True)
+    opt = fot.Muon(weights, lr=0.02)
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+
+
 # --- 8-bit state (optim_bits=8) ----------------------------------------------------------------
 
 

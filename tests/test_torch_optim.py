@@ -429,14 +429,16 @@ def test_deepcopy_and_repr():
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
-# fusedopt.torch's own keyword-only arguments, after torch's
-FUSEDOPT_ONLY = ("flat", "optim_bits", "min_8bit_size")
+# fusedopt.torch's own keyword-only arguments, after torch's (ns_dtype: Muon's
+# Newton-Schulz iterations in float32 instead of bfloat16)
+FUSEDOPT_ONLY = ("ns_dtype", "flat", "ema_decay", "optim_bits", "min_8bit_size")
 
 
 @pytest.mark.parametrize("name", [n for n in fot.__all__ if hasattr(torch.optim, n)])
 def test_constructor_signature_is_torchs(name):
     """Same argument names, order, kinds and defaults: switching the import is enough
-    (fusedopt's own keyword-only arguments come after torch's)."""
+    (fusedopt's own keyword-only arguments, ``flat``, ``ema_decay`` and Muon's
+    ``ns_dtype``, come after torch's)."""
     import inspect
 
     def shape(cls):

@@ -179,6 +179,42 @@ def dtensor(impl, name, placement):
     return {"losses": [], "params": [p.full_tensor().detach().clone() for p in params]}
 
 
+def dtensor_ema(placement):
+    """fusedopt.torch.AdamW with ema_decay over DTensor params from distribute_tensor (one
+    param without a gradient in one step), and over the same full tensors as plain
+    tensors: the params and averages as full tensors, whether the averages are DTensors
+    placed like their params, and what swap_ema puts into the params."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    placements = [Shard(0)] if placement == "shard" else [Replicate()]
+    g = torch.Generator().manual_seed(6)
+    full = [torch.randn(7, 3, generator=g, dtype=torch.float64),
+            torch.randn(5, generator=g, dtype=torch.float64)]
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, placements)) for t in full]
+    plain = [torch.nn.Parameter(t.clone()) for t in full]
+    opts = [fot.AdamW(ps, lr=0.01, weight_decay=0.1, ema_decay=0.9) for ps in (params, plain)]
+    for step in range(6):
+        for p, q in zip(params, plain):
+            grad = torch.randn(q.shape, generator=g, dtype=torch.float64)
+            skip = step == 3 and q.dim() == 1
+            q.grad = None if skip else grad
+            p.grad = None if skip else distribute_tensor(grad, mesh, placements)
+        for opt in opts:
+            opt.step()
+    emas = [opts[0].state[p]["ema"] for p in params]
+    out = {"losses": [], "params": [p.full_tensor().detach().clone() for p in params],
+           "emas": [e.full_tensor().clone() for e in emas],
+           "plain_params": [q.detach().clone() for q in plain],
+           "plain_emas": [opts[1].state[q]["ema"].clone() for q in plain],
+           "placed": all(isinstance(e, DTensor) and e.placements == p.placements
+                         for e, p in zip(emas, params))}
+    with opts[0].averaged():
+        out["swapped"] = [p.full_tensor().detach().clone() for p in params]
+    return out
+
+
 def partial_grad():
     """A gradient that is a pending sum over ranks is refused, and nothing changes."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -261,6 +297,7 @@ def runs(folder):
                 todo[f"dtensor-{placement}/{impl}/{name}"] = \
                     lambda i=impl, n=name, pl=placement: dtensor(i, n, pl)
     for placement in ("shard", "replicate"):
+        todo[f"dtensor-ema-{placement}"] = lambda pl=placement: dtensor_ema(pl)
         todo[f"dtensor-{placement}/fusedopt/Lion"] = \
             lambda pl=placement: dtensor("fusedopt", "Lion", pl)
     todo["dtensor-partial-grad"] = partial_grad

@@ -43,4 +43,21 @@ FO_HD M prepare_grad(M g, M p, bool maximize, double wd) {
   return wd != 0.0 ? g + M(wd) * p : g;
 }
 
+// torch.lerp(a, b, w) = a + w (b - a), in the form torch's CPU vector kernel computes it,
+// and its CUDA kernel once contracted: fma(w, b - a, a) for |w| < 0.5, else
+// fma(w - 1, b - a, b). The fused multiply-add is written out (the kernels are
+// otherwise built without contraction), so the bits are torch's.
+template <class M>
+FO_HD M fo_lerp(M a, M b, M w) {
+  const bool small = std::fabs(w) < M(0.5);
+  return std::fma(small ? w : w - M(1), b - a, small ? a : b);
+}
+
+// torch.optim.swa_utils' EMA (AveragedModel with get_ema_multi_avg_fn): the average e
+// moves toward the param p as torch.lerp(e, p, 1 - decay).
+template <class M>
+FO_HD M ema_lerp(M e, M p, double decay) {
+  return fo_lerp(e, p, M(1.0 - decay));
+}
+
 }  // namespace fo

@@ -1,7 +1,8 @@
 // The storage layouts a driver accepts, mapped from the codes the Python layer
 // passes, once for every driver. with_layout(param, state, extra, f) calls
-// f(M{}, P{}, S{}, std::integral_constant<Extra, X>{}) for a valid combination and
-// returns false otherwise.
+// f(M{}, P{}, S{}, ExtraTag<X, E>{}) for a valid combination and returns false
+// otherwise; the tag's `value` is the extra buffer X, its `ema` whether the layout
+// has the EMA slot.
 #pragma once
 
 #include <type_traits>
@@ -15,8 +16,16 @@ namespace fo {
 // float32 scale per block (quant8.h), for float32 and 16-bit params.
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int8Block = 4 };
 
-template <Extra X>
-using ExtraTag = std::integral_constant<Extra, X>;
+// The extra buffer of a layout and, apart from it, whether the layout carries an EMA
+// slot (an exponential moving average of the params, updated in the same pass).
+template <Extra X, bool E = false>
+struct ExtraTag {
+  static constexpr Extra value = X;
+  static constexpr bool ema = E;
+};
+
+// Bit of the extra code that adds the EMA slot (with no extra buffer or master weights).
+constexpr int kEmaBit = 4;
 
 template <class P, class F>
 bool with_16bit_layout(int state, int extra, F&& f) {
@@ -24,6 +33,11 @@ bool with_16bit_layout(int state, int extra, F&& f) {
     if (extra == 0) return f(float{}, P{}, s, ExtraTag<Extra::None>{}), true;
     if (extra == 1) return f(float{}, P{}, s, ExtraTag<Extra::Master>{}), true;
     if (extra == 2) return f(float{}, P{}, s, ExtraTag<Extra::Kahan>{}), true;
+    if constexpr (!std::is_same_v<decltype(s), q8>) {  // no EMA slot with 8-bit state
+      if (extra == kEmaBit) return f(float{}, P{}, s, ExtraTag<Extra::None, true>{}), true;
+      if (extra == (kEmaBit | 1))
+        return f(float{}, P{}, s, ExtraTag<Extra::Master, true>{}), true;
+    }
     return false;
   };
   if (state == int(DType::Float32)) return with_extra(float{});
@@ -33,7 +47,8 @@ bool with_16bit_layout(int state, int extra, F&& f) {
 }
 
 // param: dtype of params and grads; state: dtype of the state buffers; extra: 0 none,
-// 1 float32 master weights, 2 Kahan compensation (16-bit params only).
+// 1 float32 master weights, 2 Kahan compensation (16-bit params only), plus kEmaBit
+// for an EMA slot of the params' dtype (not with Kahan buffers, nor with 8-bit state).
 template <class F>
 bool with_layout(int param, int state, int extra, F&& f) {
   if (param == int(DType::Float32) && state == param && extra == 0)
@@ -42,6 +57,10 @@ bool with_layout(int param, int state, int extra, F&& f) {
     return f(float{}, float{}, q8{}, ExtraTag<Extra::None>{}), true;
   if (param == int(DType::Float64) && state == param && extra == 0)
     return f(double{}, double{}, double{}, ExtraTag<Extra::None>{}), true;
+  if (param == int(DType::Float32) && state == param && extra == kEmaBit)
+    return f(float{}, float{}, float{}, ExtraTag<Extra::None, true>{}), true;
+  if (param == int(DType::Float64) && state == param && extra == kEmaBit)
+    return f(double{}, double{}, double{}, ExtraTag<Extra::None, true>{}), true;
   if (param == int(DType::Float16)) return with_16bit_layout<f16>(state, extra, f);
   if (param == int(DType::BFloat16)) return with_16bit_layout<bf16>(state, extra, f);
   return false;

@@ -3,17 +3,22 @@
 #pragma once
 
 #include <string_view>
+#include <type_traits>
 
 #include "adadelta.h"
+#include "adafactor.h"
 #include "adagrad.h"
 #include "adam.h"
 #include "adamax.h"
 #include "asgd.h"
+#include "ema.h"
+#include "muon.h"
 #include "nadam.h"
 #include "radam.h"
 #include "rmsprop.h"
 #include "rprop.h"
 #include "sgd.h"
+#include "sparse_adam.h"
 #include "stream.h"
 #include "lion.h"
 #include "lamb.h"
@@ -29,6 +34,16 @@ constexpr int hyper_size() {
                 "a Hyper must be declared with FO_FIELDS / FO_STEP_FIELDS only");
   return int(sizeof(typename Rule::Hyper) / sizeof(double));
 }
+
+// Whether a kernel takes the EMA slot of a layout: every update rule; not the
+// bandwidth probes, the EMA rule itself, nor a pass whose param slot is not a param
+// (no instantiations for them; neither do the row-sparse drivers take them).
+template <class Rule>
+struct TakesEma : std::bool_constant<!IsStreamProbe<Rule>::value> {};
+template <>
+struct TakesEma<Ema> : std::false_type {};
+template <>
+struct TakesEma<MuonMomentum> : std::false_type {};  // (its param slot is a scratch matrix)
 
 template <class F>
 bool with_rule(std::string_view name, F&& f) {
@@ -46,6 +61,10 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream1") return f(Stream<1>{}), true;
   if (name == "stream2") return f(Stream<2>{}), true;
   if (name == "stream3") return f(Stream<3>{}), true;
+  if (name == "ema") return f(Ema{}), true;
+  if (name == "sparse_adam") return f(SparseAdam{}), true;
+  if (name == "muon_momentum") return f(MuonMomentum{}), true;
+  if (name == "muon_update") return f(MuonUpdate{}), true;
   if (name == "nadam") return f(Nadam{}), true;
   if (name == "radam") return f(Radam{}), true;
   if (name == "adamax") return f(Adamax{}), true;
@@ -60,6 +79,14 @@ bool with_rule(std::string_view name, F&& f) {
   if (name == "stream0_reduce2") return f(StreamReduce<0, false>{}), true;
   if (name == "stream1_reduce2") return f(StreamReduce<1, false>{}), true;
   if (name == "stream2_reduce4") return f(StreamReduce<2, true>{}), true;
+  return false;
+}
+
+// The factored rules (row and column factors of a second moment; csrc/cpu/factored.h),
+// a registry of their own: their passes are not the elementwise drivers'.
+template <class F>
+bool with_factored_rule(std::string_view name, F&& f) {
+  if (name == "adafactor") return f(Adafactor{}), true;
   return false;
 }
 

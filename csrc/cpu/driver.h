@@ -51,9 +51,11 @@ constexpr std::int64_t kMinPerThread = 1 << 15;  // below this, threads cost mor
 constexpr std::uint64_t kLine = 64;               // bytes of a cache line
 
 // Elements [lo, hi) of one tensor piece; slot holds its pointers (param, grad, states,
-// extra). Element i draws the random bits random_bits(key, base + i): `base` is the
-// index of the slots' first element in its tensor when the slots point into its middle.
-template <class Rule, class M, Extra X, class P, class S, bool SR, std::size_t... K>
+// extra buffer (X), EMA (E)). Element i draws the random bits random_bits(key, base + i):
+// `base` is the index of the slots' first element in its tensor when the slots point
+// into its middle.
+template <class Rule, class M, Extra X, class P, class S, bool SR, bool E = false,
+          std::size_t... K>
 void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                        const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
                        std::index_sequence<K...>, std::uint64_t base = 0) {
@@ -69,16 +71,19 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
   const P* __restrict g = reinterpret_cast<const P*>(slot[1]);
   S* __restrict s[sizeof...(K) + 1] = {reinterpret_cast<S*>(slot[2 + K])..., nullptr};
   XS* __restrict x = reinterpret_cast<XS*>(slot[2 + sizeof...(K)]);
+  P* __restrict e = reinterpret_cast<P*>(slot[2 + sizeof...(K) + (X != Extra::None ? 1 : 0)]);
 #pragma GCC ivdep
   for (std::int64_t i = lo; i < hi; ++i) {
     P pv = p[i];
     S sv[sizeof...(K) + 1] = {s[K][i]..., S{}};
     XS xv = X != Extra::None ? x[i] : XS{};
+    P ev = E ? e[i] : P{};
     const std::uint32_t rnd = SR ? random_bits(key, base + std::uint64_t(i)) : 0u;
-    update_element_as<Rule, M, X, SR>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv);
+    update_element_as<Rule, M, X, SR, E>(hc, mc, rnd, pv, load<M>(g[i]) * gscale, sv, xv, ev);
     p[i] = pv;
     ((s[K][i] = sv[K]), ...);
     if constexpr (X != Extra::None) x[i] = xv;
+    if constexpr (E) e[i] = ev;
   }
 }
 
@@ -178,7 +183,7 @@ inline void float_to_halves_stochastic(const float* src, const std::uint32_t* rn
   for (; i < n; ++i) dst[i].bits = f16_stochastic(src[i], rnd[i]);
 }
 
-template <class Rule, class M, Extra X, bool SR, class S, std::size_t... K>
+template <class Rule, class M, Extra X, bool SR, bool E, class S, std::size_t... K>
 void update_range_f16(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                       const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
                       std::index_sequence<K...> states) {
@@ -197,12 +202,16 @@ void update_range_f16(const typename Rule::Hyper& h, const Mode& mode, std::uint
     std::uint64_t block[2 + NS + 2] = {std::uint64_t(pf), std::uint64_t(gf),
                                        (slot[2 + K] + std::uint64_t(at) * sizeof(S))..., 0, 0};
     if constexpr (X == Extra::Master) block[2 + NS] = slot[2 + NS] + std::uint64_t(at) * 4;
-    update_range_impl<Rule, M, X, float, S, false>(h, mode, 0, block, 0, n, states);
+    update_range_impl<Rule, M, X, float, S, false, false>(h, mode, 0, block, 0, n, states);
     if constexpr (SR) {
       for (std::int64_t k = 0; k < n; ++k) rnd[k] = random_bits(key, std::uint64_t(at + k));
       float_to_halves_stochastic(pf, rnd, p + at, n);
     } else {
       float_to_halves(pf, p + at, n);
+    }
+    if constexpr (E) {  // the EMA follows the rounded params, as in the other builds
+      f16* e = reinterpret_cast<f16*>(slot[2 + NS + (X != Extra::None ? 1 : 0)]);
+      for (std::int64_t k = at; k < at + n; ++k) e[k] = ema_update<float>(e[k], p[k], mode.ema_decay);
     }
   }
 }
@@ -210,11 +219,11 @@ void update_range_f16(const typename Rule::Hyper& h, const Mode& mode, std::uint
 
 // `h` holds one Hyper for all tensors (per_tensor false) or one per tensor, so that
 // K optimizer settings (a hyperparameter search, an ensemble) step in one call.
-template <class Rule, class M, Extra X, class P, class S>
+template <class Rule, class M, Extra X, bool E, class P, class S>
 void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const Mode& mode,
          int max_threads) {
   constexpr int NS = Rule::kStates;
-  constexpr int nslots = 2 + NS + (X != Extra::None ? 1 : 0);
+  constexpr int nslots = 2 + NS + (X != Extra::None ? 1 : 0) + (E ? 1 : 0);
   // offsets[j] = first global element of tensor j
   std::vector<std::int64_t> offsets(std::size_t(t.n) + 1, 0);
   for (std::int64_t j = 0; j < t.n; ++j) offsets[j + 1] = offsets[j] + t.sizes[j];
@@ -250,21 +259,21 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
 #if defined(__F16C__)
           if constexpr (std::is_same_v<P, f16> && X != Extra::Kahan) {
             if (mode.stochastic != 0.0)
-              update_range_f16<Rule, M, X, true, S>(hj, mode, key, slot, from, to,
-                                                    std::make_index_sequence<NS>{});
+              update_range_f16<Rule, M, X, true, E, S>(hj, mode, key, slot, from, to,
+                                                       std::make_index_sequence<NS>{});
             else
-              update_range_f16<Rule, M, X, false, S>(hj, mode, key, slot, from, to,
-                                                     std::make_index_sequence<NS>{});
+              update_range_f16<Rule, M, X, false, E, S>(hj, mode, key, slot, from, to,
+                                                        std::make_index_sequence<NS>{});
             return;
           }
 #endif
           // stochastic rounding is a separate loop, not a branch inside one
           if (is_16bit<P>() && mode.stochastic != 0.0)
-            update_range_impl<Rule, M, X, P, S, is_16bit<P>()>(hj, mode, key, slot, from, to,
-                                                               std::make_index_sequence<NS>{});
+            update_range_impl<Rule, M, X, P, S, is_16bit<P>(), E>(
+                hj, mode, key, slot, from, to, std::make_index_sequence<NS>{});
           else
-            update_range_impl<Rule, M, X, P, S, false>(hj, mode, key, slot, from, to,
-                                                       std::make_index_sequence<NS>{});
+            update_range_impl<Rule, M, X, P, S, false, E>(hj, mode, key, slot, from, to,
+                                                          std::make_index_sequence<NS>{});
         };
         // The first elements up to a cache-line boundary of the widest array run on
         // their own, so that the vector loop's accesses do not straddle cache lines

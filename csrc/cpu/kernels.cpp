@@ -11,10 +11,12 @@
 #include "../core/layouts.h"
 #include "../core/rules.h"
 #include "driver.h"
+#include "factored.h"
 #include "kernels.h"
 #include "quant_driver.h"
 #include "per_tensor.h"
 #include "reduce.h"
+#include "rows.h"
 
 namespace fo::cpu::FO_ISA_NS {
 
@@ -39,7 +41,10 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
       using P = decltype(p);
       using S = decltype(s);
       constexpr Extra X = decltype(x)::value;
-      if constexpr (std::is_same_v<S, q8>) {
+      constexpr bool E = decltype(x)::ema;
+      if constexpr (E && !TakesEma<Rule>::value) {
+        throw std::invalid_argument(std::string(kernel) + ": this kernel has no EMA slot");
+      } else if constexpr (std::is_same_v<S, q8>) {
         if constexpr (Rule::kStates > 0 && reduce_count<Rule>() == 0)
           run_q8<Rule, M, X, P>(t, h.data(), per_tensor, mode, max_threads);
         else
@@ -56,12 +61,74 @@ bool launch(std::string_view kernel, const Layout& layout, const Table& t, const
           ht[std::size_t(j)] = h[per_tensor ? std::size_t(j) : 0];
           Rule::finish(ht[std::size_t(j)], sums.data() + std::size_t(j) * R);
         }
-        run<Rule, M, X, P, S>(t, ht.data(), true, mode, max_threads);
+        run<Rule, M, X, E, P, S>(t, ht.data(), true, mode, max_threads);
       } else {
-        run<Rule, M, X, P, S>(t, h.data(), per_tensor, mode, max_threads);
+        run<Rule, M, X, E, P, S>(t, h.data(), per_tensor, mode, max_threads);
       }
     });
     if (!known)
+      throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
+                                  std::to_string(layout.param) + ", state " +
+                                  std::to_string(layout.state) + ", extra " +
+                                  std::to_string(layout.extra) + ")");
+  });
+}
+
+bool launch_rows(std::string_view kernel, const Layout& layout, const Table& t,
+                 const RowsTable& r, const double* hyper, std::int64_t nhyper, const Mode& mode,
+                 int max_threads) {
+  return with_rule(kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    using Hyper = typename Rule::Hyper;
+    const std::int64_t size = hyper_size<Rule>();
+    const bool per_tensor = nhyper == size * t.n && t.n > 1;
+    if (nhyper != size && !per_tensor)
+      throw std::invalid_argument(std::string(kernel) + ": expected " + std::to_string(size) +
+                                  " hyperparameters (or " + std::to_string(size) +
+                                  " per tensor), got " + std::to_string(nhyper));
+    std::vector<Hyper> h(per_tensor ? std::size_t(t.n) : 1);
+    std::memcpy(h.data(), hyper, h.size() * sizeof(Hyper));
+    for (Hyper& one : h) Rule::at_step(one, mode.step);
+    const bool known = with_layout(layout.param, layout.state, layout.extra,
+                                   [&](auto m, auto p, auto s, auto x) {
+      if constexpr (decltype(x)::ema || !TakesEma<Rule>::value ||
+                    std::is_same_v<decltype(s), q8> || reduce_count<Rule>() > 0)
+        throw std::invalid_argument(std::string(kernel) + ": no row-sparse kernel in this layout");
+      else
+        run_rows<Rule, decltype(m), decltype(x)::value, decltype(p), decltype(s)>(
+            t, r, h.data(), per_tensor, mode, max_threads);
+    });
+    if (!known)
+      throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
+                                  std::to_string(layout.param) + ", state " +
+                                  std::to_string(layout.state) + ", extra " +
+                                  std::to_string(layout.extra) + ")");
+  });
+}
+
+bool launch_factored(std::string_view kernel, const Layout& layout, const Table& t,
+                     const FactoredShape* shape, const double* hyper, std::int64_t nhyper,
+                     const Mode& mode, int max_threads) {
+  return with_factored_rule(kernel, [&](auto rule) {
+    using Rule = decltype(rule);
+    using Hyper = typename Rule::Hyper;
+    const std::int64_t size = hyper_size<Rule>();
+    if (nhyper != size)
+      throw std::invalid_argument(std::string(kernel) + ": expected " + std::to_string(size) +
+                                  " hyperparameters, got " + std::to_string(nhyper));
+    Hyper h;
+    std::memcpy(&h, hyper, sizeof(Hyper));
+    Rule::at_step(h, mode.step);
+    bool ran = false;
+    if (layout.extra == 0)
+      with_layout(layout.param, layout.state, 0, [&](auto m, auto p, auto s, auto x) {
+        if constexpr (decltype(x)::value == Extra::None && !decltype(x)::ema &&
+                      !std::is_same_v<decltype(s), q8>) {
+          run_adafactor<decltype(m), decltype(p), decltype(s)>(t, shape, h, mode, max_threads);
+          ran = true;
+        }
+      });
+    if (!ran)
       throw std::invalid_argument(std::string(kernel) + ": unsupported storage layout (param " +
                                   std::to_string(layout.param) + ", state " +
                                   std::to_string(layout.state) + ", extra " +

@@ -19,6 +19,12 @@ struct Layout {
   namespace ns {                                                                        \
   bool launch(std::string_view kernel, const Layout& layout, const Table& t,             \
               const double* hyper, std::int64_t nhyper, const Mode& mode, int max_threads); \
+  bool launch_rows(std::string_view kernel, const Layout& layout, const Table& t,        \
+                   const RowsTable& r, const double* hyper, std::int64_t nhyper,         \
+                   const Mode& mode, int max_threads);                                  \
+  bool launch_factored(std::string_view kernel, const Layout& layout, const Table& t,    \
+                       const FactoredShape* shape, const double* hyper,                  \
+                       std::int64_t nhyper, const Mode& mode, int max_threads);          \
   double dot(DType dtype, const Table& t, int max_threads);                             \
   double sumsq(DType dtype, const Table& t, int max_threads);                           \
   int vector_bits();                                                                    \

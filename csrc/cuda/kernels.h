@@ -34,6 +34,25 @@ struct StepCall {
   const double* count;  // the step count t of this update, or null
 };
 
+// One validated row-sparse call: the StepCall's table holds the gradient rows in its
+// gradient slot; rows[j] is the device address of tensor j's counts[j] distinct int64
+// row indices, row_len[j] its elements per row (host arrays). No EMA slot, no device-side
+// scale or step count.
+struct RowsCall {
+  StepCall step;
+  const std::uint64_t* rows;
+  const std::int64_t* counts;
+  const std::int64_t* row_len;
+};
+
+// One validated factored call (Adafactor): the StepCall's table has 4 slots (param, grad,
+// row factors or a vector's moment, column factors); shapes holds (batch, rows, cols)
+// per tensor (host memory), rows 0 for a vector.
+struct FactoredCall {
+  StepCall step;
+  const std::int64_t* shapes;
+};
+
 template <class T>
 constexpr int dtype_code() {
   if constexpr (std::is_same_v<T, float>) return int(DType::Float32);
@@ -46,18 +65,23 @@ constexpr int dtype_code() {
 // Whether this module has a kernel for the rule in the layout: every optimizer in
 // every layout (8-bit state: every rule with states); the bandwidth probes (stream*)
 // only where the benchmarks use them, float32, float64 and bfloat16 params with
-// float32 states and master weights, which keeps the build time in check.
-template <class Rule, Extra X, class P, class S>
+// float32 states and master weights (without the EMA slot), which keeps the build time
+// in check.
+template <class Rule, Extra X, class P, class S, bool E = false>
 constexpr bool is_built() {
-  if constexpr (std::is_same_v<S, q8>) return Rule::kStates > 0 && !IsStreamProbe<Rule>::value;
+  if constexpr (E && !TakesEma<Rule>::value) return false;
+  if constexpr (std::is_same_v<S, q8>)
+    return !E && Rule::kStates > 0 && !IsStreamProbe<Rule>::value;
   if constexpr (!IsStreamProbe<Rule>::value) return true;
-  return std::is_same_v<P, float> || std::is_same_v<P, double> ||
-         (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master);
+  return !E && (std::is_same_v<P, float> || std::is_same_v<P, double> ||
+                (std::is_same_v<P, bf16> && std::is_same_v<S, float> && X == Extra::Master));
 }
 
-#define FO_DECLARE_CUDA_STEP(ns) \
-  namespace ns {                 \
-  void step(const StepCall& call); \
+#define FO_DECLARE_CUDA_STEP(ns)     \
+  namespace ns {                     \
+  void step(const StepCall& call);   \
+  void step_rows(const RowsCall& call); \
+  void step_factored(const FactoredCall& call); \
   }
 FO_DECLARE_CUDA_STEP(variant_f32)
 FO_DECLARE_CUDA_STEP(variant_f64)

@@ -124,7 +124,8 @@ struct QuantFunctor {
         XS xv{};
         if constexpr (kExtra) xv = xp[i];
         const std::uint32_t rnd = SR ? random_bits(key, std::uint64_t(i)) : 0u;
-        update_element<Rule, M, X>(hb, m, rnd, pv, load<M>(g[i]) * gscale, s, xv);
+        P unused{};  // (no EMA slot with 8-bit state)
+        update_element<Rule, M, X>(hb, m, rnd, pv, load<M>(g[i]) * gscale, s, xv, unused);
         p[i] = pv;
         if constexpr (kExtra) xp[i] = xv;
 #pragma unroll

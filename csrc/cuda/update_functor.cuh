@@ -26,7 +26,8 @@ constexpr int widest(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b 
 
 // SR: 16-bit params are written back with stochastic rounding; a kernel of its own
 // (the host picks it from the call's mode), as the CPU runs it as a loop of its own.
-template <class Rule, class M, Extra X, class P, class S, bool SR>
+// E: the layout has an EMA slot (type P) after the extra buffer's.
+template <class Rule, class M, Extra X, class P, class S, bool SR, bool E = false>
 struct UpdateFunctor {
   static_assert(!SR || sizeof(P) == 2, "stochastic rounding is for 16-bit params");
   using Hyper = typename Rule::Hyper;
@@ -39,7 +40,7 @@ struct UpdateFunctor {
   static constexpr int kStates = Rule::kStates;
   static constexpr int kS = kStates > 0 ? kStates : 1;  // no zero-length arrays
   static constexpr bool kExtra = X != Extra::None;
-  static constexpr int kSlots = 2 + kStates + (kExtra ? 1 : 0);
+  static constexpr int kSlots = 2 + kStates + (kExtra ? 1 : 0) + (E ? 1 : 0);
 
   // Elements per vector access: as many as make the widest slot's access 16 bytes.
   // A layout with mixed widths (16-bit params, float32 states or master) moves 4
@@ -64,9 +65,9 @@ struct UpdateFunctor {
   // rounding path and no per-element branch.
   __device__ __forceinline__ static void element(const Hyper& hb, const Mode& m, M gscale,
                                                  std::uint64_t key, std::int64_t i, P& p, P g,
-                                                 S* s, XS& x) {
+                                                 S* s, XS& x, P& e) {
     const std::uint32_t rnd = SR ? random_bits(key, std::uint64_t(i)) : 0u;
-    update_element<Rule, M, X>(hb, m, rnd, p, load<M>(g) * gscale, s, x);
+    update_element<Rule, M, X, E>(hb, m, rnd, p, load<M>(g) * gscale, s, x, e);
   }
 
   template <class T>
@@ -139,6 +140,11 @@ struct UpdateFunctor {
       xp = static_cast<XS*>(ptr[2 + kStates]);
       vec = vec && aligned<XS>(xp);
     }
+    P* ep = nullptr;
+    if constexpr (E) {
+      ep = static_cast<P*>(ptr[2 + kStates + (kExtra ? 1 : 0)]);
+      vec = vec && aligned<P>(ep);
+    }
 
     // Vector body: only when every slot is aligned to its access. begin is a
     // multiple of kChunk, hence of kVec, so each vector of the chunk is aligned
@@ -158,12 +164,14 @@ struct UpdateFunctor {
         for (int k = 0; k < kStates; ++k) sv[k] = *reinterpret_cast<const Vec<S, kVec>*>(st[k] + i);
         Vec<XS, kVec> xv{};
         if constexpr (kExtra) xv = *reinterpret_cast<const Vec<XS, kVec>*>(xp + i);
+        Vec<P, kVec> ev{};
+        if constexpr (E) ev = *reinterpret_cast<const Vec<P, kVec>*>(ep + i);
 #pragma unroll
         for (int l = 0; l < kVec; ++l) {
           S s[kS];
 #pragma unroll
           for (int k = 0; k < kStates; ++k) s[k] = sv[k].v[l];
-          element(hb, m, gscale, key, i + l, pv.v[l], gv.v[l], s, xv.v[l]);
+          element(hb, m, gscale, key, i + l, pv.v[l], gv.v[l], s, xv.v[l], ev.v[l]);
 #pragma unroll
           for (int k = 0; k < kStates; ++k) sv[k].v[l] = s[k];
         }
@@ -171,6 +179,7 @@ struct UpdateFunctor {
 #pragma unroll
         for (int k = 0; k < kStates; ++k) *reinterpret_cast<Vec<S, kVec>*>(st[k] + i) = sv[k];
         if constexpr (kExtra) *reinterpret_cast<Vec<XS, kVec>*>(xp + i) = xv;
+        if constexpr (E) *reinterpret_cast<Vec<P, kVec>*>(ep + i) = ev;
       }
     }
 
@@ -182,11 +191,14 @@ struct UpdateFunctor {
       for (int k = 0; k < kStates; ++k) s[k] = st[k][i];
       XS xv{};
       if constexpr (kExtra) xv = xp[i];
-      element(hb, m, gscale, key, i, pv, g[i], s, xv);
+      P ev{};
+      if constexpr (E) ev = ep[i];
+      element(hb, m, gscale, key, i, pv, g[i], s, xv, ev);
       p[i] = pv;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) st[k][i] = s[k];
       if constexpr (kExtra) xp[i] = xv;
+      if constexpr (E) ep[i] = ev;
     }
   }
 };

@@ -28,6 +28,7 @@ F_WRITEABLE = _cpu.FLAG_WRITEABLE
 F_NATIVE = _cpu.FLAG_NATIVE
 
 CPU = 0  # device column: 0 for host memory, 1 + ordinal for CUDA device `ordinal`
+EMA_BIT = 4  # bit of a layout's extra code: the EMA slot (csrc/core/layouts.h, kEmaBit)
 
 # NumPy type number -> the kernels' dtype code (fo::DType): float32 0, float64 1,
 # float16 2, bfloat16 3 (ml_dtypes' NumPy type, or the marker for producers that
@@ -227,7 +228,7 @@ def _check_list(op, name, seq, n):
 
 
 def prepare(op, params, grads, states, state_names, stream=None, *, read_only=False,
-            extra=None, scales=None):
+            extra=None, ema=None, scales=None):
     """Validate `params`, `grads`, the state lists and the optional extra list together
     and build one pointer table per storage layout.
 
@@ -238,10 +239,12 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
     required. Arrays only read that are not C-contiguous are copied once; everything
     else is used in place or refused. `stream` is the CUDA stream the kernels will run
     on (None: the current stream of params[0]'s producer); GPU producers order their
-    pending work before it. `scales`, for 8-bit states, holds one list of float32
+    pending work before it. `ema` is None or (list, name): the EMA slot, written, of the
+    params' dtypes and shapes, after the extra list; the layouts' extra code then has
+    `EMA_BIT` set. `scales`, for 8-bit states, holds one list of float32
     block-scale arrays per state list (ceil(size / QUANT_BLOCK) elements each; the states
     are then uint8 codes): they are checked with the rest, and their pointers follow
-    the other slots of the tables.
+    the other slots of the tables. 8-bit states take no EMA slot.
     """
     keep = []
     if not isinstance(params, (list, tuple)):
@@ -261,6 +264,12 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         seqs.append(extra[0])
         names.append(extra[1])
         extra_kind = extra[2]
+    if ema is not None and scales is not None:
+        raise ValueError(f"{op}: no EMA of the params with 8-bit state (absmax)")
+    if ema is not None:
+        _check_list(op, ema[1], ema[0], n)
+        seqs.append(ema[0])
+        names.append(ema[1])
     nscales = 0
     if scales is not None:
         if not isinstance(scales, (list, tuple)) or len(scales) != len(states):
@@ -282,14 +291,15 @@ def prepare(op, params, grads, states, state_names, stream=None, *, read_only=Fa
         rows = R[list(read)]
         _copy_strided(op, sub, [names[k] for k in read], rows, device, keep, stream, params)
         R[list(read)] = rows
-    tables = _cpu.Tables(R, len(states), extra_kind, read_only, _bf16_num(), nscales)
+    kind = extra_kind | (EMA_BIT if ema is not None else 0)
+    tables = _cpu.Tables(R, len(states), kind, read_only, _bf16_num(), False, nscales)
     issue = tables.issue
     if issue is not None:
-        raise _error(op, names, seqs, R, issue, extra_kind=extra_kind, nscales=nscales)
+        raise _error(op, names, seqs, R, issue, extra_kind=kind, nscales=nscales)
     groups, layouts = [], []
     for code, scode, ptrs, sizes in tables.groups():
         groups.append((code, ptrs, sizes))
-        layouts.append({"state_dtype": scode, "extra": extra_kind})
+        layouts.append({"state_dtype": scode, "extra": kind})
     return Prepared(device, groups, layouts, keep, tables, op, names, stream, params, R)
 
 
@@ -325,8 +335,12 @@ def _device_name(code):
 
 def _error(op, names, seqs, R, issue, rows=None, extra_kind=0, nscales=0):
     """The exception for an issue of `_cpu.Tables`: the one place where a bad row
-    becomes a message. `R` holds the rows of every list (or `rows` those of some)."""
+    becomes a message. `R` holds the rows of every list (or `rows` those of some);
+    `extra_kind` is the layouts' extra code (with `EMA_BIT`: the list after the extra
+    list is the EMA); `nscales`: the last lists are 8-bit states' block scales."""
     what, k, i, k2, j = issue
+    ema_list = len(names) - 1 - nscales if extra_kind & EMA_BIT else -1
+    extra_list = len(names) - 1 - nscales - (ema_list >= 0) if extra_kind & 3 else -1
 
     def row(list_, index):
         return (rows[list_] if rows is not None and list_ in rows else R[list_])[index]
@@ -345,10 +359,9 @@ def _error(op, names, seqs, R, issue, rows=None, extra_kind=0, nscales=0):
         return TypeError(f"{op}: {names[k]}[{i}] has dtype {dtype(k, i)}; the state of a "
                          "16-bit param is float32 or bfloat16")
     if what == _DTYPE_MISMATCH:
-        extra_list = len(names) - 1 - nscales if extra_kind else -1
-        if k == extra_list and extra_kind == 1:
+        if k == extra_list and extra_kind & 3 == 1:
             rule = "master weights are float32"
-        elif 2 < k != extra_list:  # a state after the first: as the first
+        elif 2 < k and k not in (extra_list, ema_list):  # a later state: as the first
             rule = f"{names[2]}[{i}] has {dtype(2, i)}"
         else:
             rule = f"params[{i}] has {dtype(0, i)}"

@@ -68,6 +68,8 @@ class Plan:
         mode = {"grad_scale": grad_scale, "step": self.step}
         if opts.l1:
             mode["l1"] = float(self.lr) * opts.l1  # the proximal step of lr * l1
+        if opts.ema is not None:
+            mode["ema_decay"] = opts.ema_decay
         if opts.stochastic_rounding:
             mode["stochastic"] = True
             # with the count on the device, the kernels derive the stream from the seed
@@ -166,6 +168,9 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
     op = op or spec.op_name
     if options is None:
         options = _precision.Options(op, {})
+    if spec.composite:  # more than one kernel call: the spec builds the plan
+        names = spec.arg_names(spec.active(kw) if names is None else names)
+        return spec.make_plan(kw, params, grads, states, names, options, stream, op)
     lr = _l1_rate(op, kw, options)
     if kernel is None:
         kernel = spec.kernel(kw)
@@ -173,14 +178,22 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
         hyper = pack(kernel, spec.hyper(kw))
     active = spec.active(kw) if names is None else names
     names = spec.arg_names(active)
+    if spec.gradient == "rows":  # row-sparse gradients: only the rows they touch
+        from . import _rows
+
+        return _rows.plan(spec, kw, hyper, kernel, params, grads, states, names, options,
+                          stream, op)
     unsigned = 0
     if options.absmax is not None:
+        if options.ema is not None:
+            raise ValueError(f"{op}: no EMA of the params (ema) with 8-bit state (absmax)")
         spec.check_quantized(kw, op)
         unsigned = sum(1 << k for k, name in enumerate(active) if spec.state(name).positive)
+    ema = (options.ema, "ema") if options.ema is not None else None
     prep = _arrays.prepare(op, params, grads, states, names, stream, extra=options.extra,
-                           scales=options.absmax)
+                           ema=ema, scales=options.absmax)
     # a deferred plan's tables point into them
-    prep.keep.append((states, options.extra, options.absmax))
+    prep.keep.append((states, options.extra, options.ema, options.absmax))
     step = kw.get("step", 1)
     step_ptr = 0
     if not isinstance(step, numbers.Real):
@@ -194,14 +207,17 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
 class Kept:
     """A bucket's plan kept between steps by an optimizer class, with what it was made
     for: the step after reuses it when the params are the same arrays (their
-    descriptions, or their addresses for torch parameters) and the state buffers the
-    same objects, so only the gradients are described and checked again."""
+    descriptions, or their addresses for torch parameters) and the state buffers (and
+    the EMA arrays, when the step has them) the same objects, so only the gradients are
+    described and checked again. Only a plain `Plan` is kept: the plans that specs build
+    (`composite`) and row-sparse plans are made anew each step."""
 
-    __slots__ = ("plan", "params", "lists", "rows", "ptrs")
+    __slots__ = ("plan", "params", "lists", "rows", "ptrs", "ema")
 
     def __init__(self, plan, params, lists):
         self.plan, self.params, self.lists = plan, list(params), [list(x) for x in lists]
-        rows = plan.prep.rows
+        rows = plan.prep.rows if type(plan) is Plan else None
+        self.ema = None if rows is None or plan.options.ema is None else list(plan.options.ema)
         self.rows = None if rows is None else rows[0].copy()
         self.ptrs = None if rows is None else self.rows[:, _arrays.PTR].tobytes()
 
@@ -211,6 +227,10 @@ class Kept:
         `checked`: the caller knows the params and state lists are the same objects."""
         plan = self.plan
         if self.rows is None:
+            return None
+        ema = options.ema  # the EMA arrays are in the tables too: the same ones, or none
+        if (ema is None) != (self.ema is None) or ema is not None and (
+                len(ema) != len(self.ema) or not all(map(_is, ema, self.ema))):
             return None
         if not checked and (len(params) != len(self.params) or
                             not all(map(_is, params, self.params)) or
@@ -261,10 +281,21 @@ def functional_op(spec):
     keywords = tuple((o.name, o.default) for o in spec.op_keywords)
     nargs = len(args)
 
+    rows_form = spec.gradient == "rows"
+
     def op(params, grads, *states, stream=None, **kwargs):
+        if rows_form:  # (params, rows, values, *states): the gradients as rows of values
+            if not states:
+                raise TypeError(f"{op_name}() missing required argument: 'values'")
+            values, states = states[0], states[1:]
+            if not isinstance(grads, (list, tuple)) or not isinstance(values, (list, tuple)):
+                raise TypeError(f"{op_name}: rows and values must be lists of arrays")
+            if len(grads) != len(values):
+                raise ValueError(f"{op_name}: got {len(grads)} rows for {len(values)} values")
+            grads = list(zip(grads, values))
         if len(states) > nargs:
-            raise TypeError(f"{op_name}() takes at most {2 + nargs} positional arguments "
-                            f"({2 + len(states)} given)")
+            raise TypeError(f"{op_name}() takes at most {2 + rows_form + nargs} positional "
+                            f"arguments ({2 + rows_form + len(states)} given)")
         lists = dict(zip(args, states))
         for name in args[len(states):]:
             if name in kwargs:

@@ -35,6 +35,13 @@ KEYWORDS = (
     ("l1", 0.0, "float",
      "L1 regularization: the proximal step ``p = sign(p) max(|p| - lr l1, 0)`` after the "
      "update."),
+    ("ema", None, "list | None",
+     "Exponential moving averages of the params (their dtypes and shapes), moved toward the "
+     "updated params in the same pass: ``ema = torch.lerp(ema, p, 1 - ema_decay)``, "
+     "torch.optim.swa_utils' EMA update (not with `kahan_buffers` nor `absmax`)."),
+    ("ema_decay", None, "float | None",
+     "The decay of `ema`, in [0, 1]; 0 copies the updated params (AveragedModel's first "
+     "update)."),
     ("absmax", None, "list | None",
      "8-bit state: for each state list the op uses (in the op's order), a list of float32 "
      "arrays of block scales, ceil(size / 256) for each param; the state arrays then hold "
@@ -160,6 +167,19 @@ class Options:
                              f"{self.loss_scale}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"{op}: max_grad_norm must be > 0, got {self.max_grad_norm}")
+        self.ema = kwargs.get("ema")
+        self.ema_decay = kwargs.get("ema_decay")
+        if self.ema is not None or self.ema_decay is not None:
+            check_ema_decay(op, self.ema_decay)
+            if self.ema is None:
+                raise ValueError(f"{op}: ema_decay was given without the ema arrays")
+            if self.kahan_buffers is not None:
+                raise ValueError(f"{op}: ema and kahan_buffers do not go together; use "
+                                 "master_params")
+            if self.absmax is not None:
+                raise ValueError(f"{op}: ema and 8-bit state (absmax) do not go together: "
+                                 "the EMA slot has no place in the 8-bit kernels")
+            self.ema_decay = float(self.ema_decay)
 
     @property
     def checks_grads(self):
@@ -173,6 +193,16 @@ class Options:
         if self.kahan_buffers is not None:
             return self.kahan_buffers, "kahan_buffers", 2
         return None
+
+
+def check_ema_decay(op, decay):
+    """ValueError unless `decay` is a number in [0, 1] (torch's get_ema_multi_avg_fn)."""
+    if decay is None:
+        raise ValueError(f"{op}: ema needs ema_decay")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) or \
+            not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in "
+                         "[0,1] range.")
 
 
 #: the options of a step without any (shared: an Options is never changed)

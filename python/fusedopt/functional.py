@@ -64,8 +64,16 @@ def dot(xs: list, ys: list) -> float:
     """
     prep = _arrays.prepare("dot", xs, ys, [], [], read_only=True)
     if prep.device != _arrays.CPU:
-        return float(sum(float((x.ravel() * y.ravel()).sum(dtype="float64"))
-                         for x, y in zip(xs, ys)))
+        return float(sum(_device_dot(x, y) for x, y in zip(xs, ys)))
     return sum(_cpu.dot(dtype, ptrs, sizes) for dtype, ptrs, sizes in prep.groups)
 
 
+
+
+def _device_dot(x, y):
+    """x . y of two GPU arrays (CuPy, torch), accumulated in float64."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return float((x.reshape(-1) * y.reshape(-1)).sum(dtype=torch.float64))
+    return float((x.ravel() * y.ravel()).sum(dtype="float64"))

@@ -39,7 +39,7 @@ from . import functional as F
 from .algorithms import pack
 from .optimizer import Optimizer, check, check_number
 
-__all__ = ["LBFGS"]
+__all__ = ["LBFGS", "ListSpace", "iterate"]
 
 # The CPU kernels' dtype codes (fo::DType) of the fast path; other dtypes (float16,
 # bfloat16) go through `functional`.
@@ -246,6 +246,145 @@ def strong_wolfe(phi, t, f0, g0, gtd0, d_norm, *, c1=1e-4, c2=0.9, tolerance_cha
     return f, g, t, evals
 
 
+# --- the iteration, over any kind of vector ---------------------------------------------------
+
+
+class ListSpace:
+    """The vectors of `fo.LBFGS`: lists of arrays aligned with the params, the two-loop
+    recursion's dot products and updates fused over all of them (`ListKernels`).
+
+    `iterate` runs on any object with these methods; `fusedopt.torch.LBFGS` gives it flat
+    tensors in torch.optim.LBFGS's layout instead."""
+
+    def __init__(self, op, params, closure):
+        self.op, self.params, self.closure = op, params, closure
+        self.kernels = ListKernels(params)
+        self.dot, self.axpy_ = self.kernels.dot, self.kernels.axpy_
+
+    neg, scale, sub, copy = staticmethod(_neg), staticmethod(_scale), staticmethod(_sub), \
+        staticmethod(_copy)
+    abs_max, abs_sum = staticmethod(_abs_max), staticmethod(_abs_sum)
+
+    def evaluate(self):
+        """(loss as float, the closure's value, own gradient copies)."""
+        return evaluate(self.op, self.closure, self.params)
+
+    def move(self, d, t):
+        """params += t * d, one fused call."""
+        F.axpy_(self.params, d, t)
+
+    def save(self):
+        return _copy(self.params)
+
+    def restore(self, saved):
+        _restore(self.params, saved)
+
+
+def two_loop(space, g, old_dirs, old_stps, ro, h_diag):
+    """-H g by the two-loop recursion; every dot and update is one fused call."""
+    q = space.neg(g)
+    al = [0.0] * len(old_dirs)
+    for i in range(len(old_dirs) - 1, -1, -1):
+        al[i] = space.dot(old_stps[i], q) * ro[i]
+        space.axpy_(q, old_dirs[i], -al[i])
+    r = space.scale(q, h_diag)
+    for i in range(len(old_dirs)):
+        be_i = space.dot(old_dirs[i], r) * ro[i]
+        space.axpy_(r, old_stps[i], al[i] - be_i)
+    return r
+
+
+def iterate(space, state, group):
+    """One `step`: up to `max_iter` L-BFGS iterations from `state` (torch.optim.LBFGS's
+    names, updated in place) with the hyperparameters of `group`; returns the closure's
+    first value."""
+    lr, max_iter, max_eval = float(group["lr"]), group["max_iter"], group["max_eval"]
+    tol_grad, tol_change = group["tolerance_grad"], group["tolerance_change"]
+    history_size = group["history_size"]
+    k = space
+
+    loss, orig_loss, g = space.evaluate()
+    evals = 1
+    state["func_evals"] += 1
+    if k.abs_max(g) <= tol_grad:
+        return orig_loss
+
+    d, t = state.get("d"), state.get("t")
+    old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
+    h_diag, prev_g = state.get("H_diag"), state.get("prev_flat_grad")
+    prev_loss = state.get("prev_loss")
+
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        state["n_iter"] += 1
+
+        # search direction
+        if state["n_iter"] == 1:
+            d = k.neg(g)
+            old_dirs, old_stps, ro, h_diag = [], [], [], 1.0
+        else:
+            y = k.sub(g, prev_g)
+            s = k.scale(d, t)
+            ys = k.dot(y, s)
+            if ys > 1e-10:
+                if len(old_dirs) == history_size:
+                    old_dirs.pop(0)
+                    old_stps.pop(0)
+                    ro.pop(0)
+                old_dirs.append(y)
+                old_stps.append(s)
+                ro.append(1.0 / ys)
+                h_diag = ys / k.dot(y, y)
+            d = two_loop(k, g, old_dirs, old_stps, ro, h_diag)
+        prev_g = k.copy(g)
+        prev_loss = loss
+
+        # step length
+        t = min(1.0, 1.0 / k.abs_sum(g)) * lr if state["n_iter"] == 1 else lr
+        gtd = k.dot(g, d)
+        if gtd > -tol_change:
+            break
+
+        ls_evals = 0
+        if group["line_search_fn"] == "strong_wolfe":
+            x0 = space.save()
+
+            def phi(step, d=d, x0=x0):
+                space.move(d, step)
+                f_t, _, g_t = space.evaluate()
+                space.restore(x0)
+                return f_t, g_t, k.dot(g_t, d)
+
+            loss, g, t, ls_evals = strong_wolfe(phi, t, loss, g, gtd, k.abs_max(d),
+                                                tolerance_change=tol_change,
+                                                max_ls=max_eval - evals)
+            space.move(d, t)
+            converged = k.abs_max(g) <= tol_grad
+        else:
+            space.move(d, t)
+            converged = False
+            if n_iter != max_iter:
+                # not after the last iteration: with stochastic losses the value
+                # would not be used
+                loss, _, g = space.evaluate()
+                converged = k.abs_max(g) <= tol_grad
+                ls_evals = 1
+        evals += ls_evals
+        state["func_evals"] += ls_evals
+
+        if n_iter == max_iter or evals >= max_eval or converged:
+            break
+        if k.abs_max(d) * abs(t) <= tol_change:
+            break
+        if abs(loss - prev_loss) < tol_change:
+            break
+
+    state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=h_diag,
+                 prev_flat_grad=prev_g, prev_loss=prev_loss)
+    return orig_loss
+
+
 # --- the optimizer -------------------------------------------------------------------------
 
 _ARRAY_LISTS = ("d", "prev_flat_grad")
@@ -296,111 +435,9 @@ class LBFGS(Optimizer):
         optimizer stepped from several threads at once runs the steps one after the
         other (a lock)."""
         with self._lock:
-            return self._iterate(closure)
-
-    def _iterate(self, closure):
-        group = self.param_groups[0]
-        params = self._params
-        lr, max_iter, max_eval = float(group["lr"]), group["max_iter"], group["max_eval"]
-        tol_grad, tol_change = group["tolerance_grad"], group["tolerance_change"]
-        history_size = group["history_size"]
-        state = self.state.setdefault(0, {"func_evals": 0, "n_iter": 0})
-        k = ListKernels(params)
-
-        loss, orig_loss, g = evaluate("LBFGS", closure, params)
-        evals = 1
-        state["func_evals"] += 1
-        if _abs_max(g) <= tol_grad:
-            return orig_loss
-
-        d, t = state.get("d"), state.get("t")
-        old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
-        h_diag, prev_g = state.get("H_diag"), state.get("prev_flat_grad")
-        prev_loss = state.get("prev_loss")
-
-        n_iter = 0
-        while n_iter < max_iter:
-            n_iter += 1
-            state["n_iter"] += 1
-
-            # search direction
-            if state["n_iter"] == 1:
-                d = _neg(g)
-                old_dirs, old_stps, ro, h_diag = [], [], [], 1.0
-            else:
-                y = _sub(g, prev_g)
-                s = _scale(d, t)
-                ys = k.dot(y, s)
-                if ys > 1e-10:
-                    if len(old_dirs) == history_size:
-                        old_dirs.pop(0)
-                        old_stps.pop(0)
-                        ro.pop(0)
-                    old_dirs.append(y)
-                    old_stps.append(s)
-                    ro.append(1.0 / ys)
-                    h_diag = ys / k.dot(y, y)
-                d = self._two_loop(k, g, old_dirs, old_stps, ro, h_diag)
-            prev_g = _copy(g)
-            prev_loss = loss
-
-            # step length
-            t = min(1.0, 1.0 / _abs_sum(g)) * lr if state["n_iter"] == 1 else lr
-            gtd = k.dot(g, d)
-            if gtd > -tol_change:
-                break
-
-            ls_evals = 0
-            if group["line_search_fn"] == "strong_wolfe":
-                x0 = _copy(params)
-
-                def phi(step, d=d, x0=x0):
-                    F.axpy_(params, d, step)
-                    f_t, _, g_t = evaluate("LBFGS", closure, params)
-                    _restore(params, x0)
-                    return f_t, g_t, k.dot(g_t, d)
-
-                loss, g, t, ls_evals = strong_wolfe(phi, t, loss, g, gtd, _abs_max(d),
-                                                    tolerance_change=tol_change,
-                                                    max_ls=max_eval - evals)
-                F.axpy_(params, d, t)
-                converged = _abs_max(g) <= tol_grad
-            else:
-                F.axpy_(params, d, t)
-                converged = False
-                if n_iter != max_iter:
-                    # not after the last iteration: with stochastic losses the value
-                    # would not be used
-                    loss, _, g = evaluate("LBFGS", closure, params)
-                    converged = _abs_max(g) <= tol_grad
-                    ls_evals = 1
-            evals += ls_evals
-            state["func_evals"] += ls_evals
-
-            if n_iter == max_iter or evals >= max_eval or converged:
-                break
-            if _abs_max(d) * abs(t) <= tol_change:
-                break
-            if abs(loss - prev_loss) < tol_change:
-                break
-
-        state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=h_diag,
-                     prev_flat_grad=prev_g, prev_loss=prev_loss)
-        return orig_loss
-
-    @staticmethod
-    def _two_loop(k, g, old_dirs, old_stps, ro, h_diag):
-        """-H g by the two-loop recursion; every dot and update is one fused call."""
-        q = _neg(g)
-        al = [0.0] * len(old_dirs)
-        for i in range(len(old_dirs) - 1, -1, -1):
-            al[i] = k.dot(old_stps[i], q) * ro[i]
-            k.axpy_(q, old_dirs[i], -al[i])
-        r = _scale(q, h_diag)
-        for i in range(len(old_dirs)):
-            be_i = k.dot(old_dirs[i], r) * ro[i]
-            k.axpy_(r, old_stps[i], al[i] - be_i)
-        return r
+            state = self.state.setdefault(0, {"func_evals": 0, "n_iter": 0})
+            return iterate(ListSpace("LBFGS", self._params, closure), state,
+                           self.param_groups[0])
 
     # --- state dicts --------------------------------------------------------------------
 

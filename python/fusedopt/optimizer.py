@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+from contextlib import contextmanager
 from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from . import _arrays, _engine, _precision, _quant
+from . import _arrays, _ema, _engine, _precision, _quant
 from ._precision import Precision
 from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
@@ -59,6 +60,9 @@ class Optimizer:
         Every hyperparameter's default, for groups that do not set it.
     precision : Precision, optional
         The mixed-precision policy.
+    ema_decay : float, optional
+        Keep an exponential moving average of the params (``state["ema"]``), updated in
+        the same pass as each step (see `swap_ema`).
 
     Attributes
     ----------
@@ -74,12 +78,25 @@ class Optimizer:
     #: a checked GPU step whose outcome the host has not read yet: (DeviceStepInfo,
     #: indices of the state it created, [(states, scalars after the step)])
     _pending = None
+    #: the EMA's decay (None: no averages); whether the averages are swapped in; the
+    #: averages a step makes (installed once it is validated) and the step's decay
+    ema_decay = None
+    _ema_swapped = False
+    _ema_pending: dict = {}
+    _ema_step_decay = None
 
-    def __init__(self, params, defaults, precision=None):
+    def __init__(self, params, defaults, precision=None, ema_decay=None):
         self.precision = precision if precision is not None else Precision()
+        if ema_decay is not None:
+            _precision.check_ema_decay("ema_decay", ema_decay)
+        self.ema_decay = ema_decay
+        self._ema_swapped = False
         if not isinstance(self.precision, Precision):
             raise TypeError(f"precision must be a fusedopt.Precision, got "
                             f"{type(self.precision).__name__}")
+        if ema_decay is not None and self.precision.int8:
+            raise ValueError("ema_decay does not go with 8-bit state (Precision('int8')): the "
+                             "8-bit kernels have no EMA slot")
         self._lock = threading.Lock()
         self._kept = {}  # group index -> the group's plan, kept between steps
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
@@ -179,8 +196,10 @@ class Optimizer:
         self.param_groups.append(group)
 
     def _validate_group(self, group):
-        """ValueError for invalid hyperparameters (the spec's rules, torch.optim's)."""
+        """ValueError for invalid hyperparameters and params (the spec's rules,
+        torch.optim's)."""
         self.spec.validate(group)
+        self.spec.check_params(group["params"])
 
     # --- state -------------------------------------------------------------------------------
 
@@ -195,7 +214,13 @@ class Optimizer:
         quantized = self.precision.quantizes(arr.dtype, size)
         state = {}
         for name in spec.active(spec.to_op(group)):
-            buf = state[name] = _arrays.zeros_like(arr, dtype)
+            if spec.shaped_states:
+                shape = spec.state_shape(name, tuple(arr.shape))
+                if shape is None:
+                    continue
+                buf = state[name] = _zeros(arr, shape, dtype)
+            else:
+                buf = state[name] = _arrays.zeros_like(arr, dtype)
             if spec.state(name).like_param:
                 _copy_into(buf, arr)
                 continue
@@ -215,6 +240,13 @@ class Optimizer:
             state[extra] = _arrays.zeros_like(arr)
         state.update(spec.init_scalars(group))
         return state
+
+    @staticmethod
+    def _new_ema(arr):
+        """The average of a param that had none: the param itself (before this step)."""
+        ema = _arrays.zeros_like(arr)
+        ema[...] = arr
+        return ema
 
     # --- stepping ------------------------------------------------------------------------------
 
@@ -249,15 +281,28 @@ class Optimizer:
         -----
         One optimizer stepped from several threads at once runs the steps one after
         the other (a lock); independent optimizers step in parallel (the kernels
-        release the GIL).
+        release the GIL). With ``ema_decay``, the averages of the updated params move
+        in the same pass, those of the params that have state but no gradient in this
+        step in a pass of their own; a skipped step (``skip_nonfinite``) leaves them
+        too as they were on the CPU.
         """
         with self._lock:
             return self._step(grads, loss_scale, max_grad_norm, skip_nonfinite)
 
     def _step(self, grads, loss_scale, max_grad_norm, skip_nonfinite):
         self._settle()
+        if self._ema_swapped:
+            raise RuntimeError("step: the averages are swapped into the params (swap_ema); "
+                               "swap them back before stepping")
         spec = self.spec
         known = self._state
+        # the EMA: AveragedModel copies the params at its first update
+        self._ema_pending = {}  # id(state) -> (state, an average it gets with this step)
+        self._ema_step_decay = None
+        if self.ema_decay is not None:
+            self._ema_step_decay = self.ema_decay if any("ema" in st for st in known.values()) \
+                else 0.0
+        stepped = set()  # indices of the params this step updates
         total = sum(len(g["params"]) for g in self.param_groups)
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"step: grads must be a list of arrays, got {type(grads).__name__}")
@@ -302,12 +347,14 @@ class Optimizer:
                 if len(keys) == 1:  # the common case: one bucket for the whole group
                     plans.append(self._bucket_plan(kw, precision, params, gslice, states,
                                                    keys.pop(), False, updates, gi))
+                    stepped.update(range(offset, offset + n))
                     offset += n
                     continue
             buckets = {}
             for j, (p, g, state) in enumerate(zip(params, gslice, states)):
                 if g is None:
                     continue
+                stepped.add(offset + j)
                 if state is None:
                     state = created[offset + j] = self._new_state(offset + j, p, group)
                 key = (scalar_key(state), (offset + j) in created,
@@ -320,6 +367,7 @@ class Optimizer:
                 plans.append(self._bucket_plan(kw, precision, ps, gs, ss, scalars, fresh,
                                                updates))
             offset += n
+        ema_plan = self._ema_rest_plan(known, stepped)
         # everything validated: check the gradients, create the new state, run, count
         info, coef = None, (1.0 / loss_scale if loss_scale is not None else 1.0)
         if options.checks_grads:
@@ -328,27 +376,90 @@ class Optimizer:
                 raise TypeError("step: gradient checks need every param on one device, got "
                                 f"{sorted(_arrays._device_name(d) for d in devices)}")
             if devices and devices != {_arrays.CPU}:
-                return self._checked_on_device(plans, options, created, updates)
+                return self._checked_on_device(plans, options, created, updates, ema_plan)
             skip, coef, norm = _precision.grad_multiplier(
                 *_precision.total_sumsq(plans), options)
             info = _precision.StepInfo(skip, norm)
             if skip:
                 return info
         known.update(created)
+        self._install_ema()
         for plan in plans:
             plan.run(coef)
+        if ema_plan is not None:
+            ema_plan.run()
         self._count(updates)
         return info
 
-    def _checked_on_device(self, plans, options, created, updates):
+    def _checked_on_device(self, plans, options, created, updates, ema_plan=None):
         """The kernels skip or scale on the device; the counts follow once the host reads
-        the flag (`_settle`)."""
+        the flag (`_settle`). (The averages of the params without a gradient move
+        whatever the flag says.)"""
         info = _engine.device_checks(plans, options)
         self._state.update(created)
+        self._install_ema()
         for plan in plans:
             plan.run(1.0, info.stats.ptr)  # coef on the device includes 1 / loss_scale
+        if ema_plan is not None:
+            ema_plan.run()
         self._pending = (info, list(created), updates)
         return info
+
+    # --- the EMA of the params ----------------------------------------------------------
+
+    def _ema_of(self, state, param):
+        """A param's average, made (a copy of the param) when its state has none; it
+        enters the state once the step is validated (`_install_ema`)."""
+        ema = state.get("ema")
+        if ema is None:
+            pending = self._ema_pending.get(id(state))
+            if pending is None:
+                arr = _arrays.like("step", "a param", param)
+                pending = self._ema_pending[id(state)] = (state, self._new_ema(arr))
+            ema = pending[1]
+        return ema
+
+    def _install_ema(self):
+        for state, ema in self._ema_pending.values():
+            state["ema"] = ema
+        self._ema_pending = {}
+
+    def _ema_rest_plan(self, known, stepped):
+        """The plan that moves the averages of the params with state that this step does
+        not update, or None."""
+        if self.ema_decay is None:
+            return None
+        rest = [i for i in sorted(known) if i not in stepped]
+        if not rest:
+            return None
+        params = [self._param(i) for i in rest]
+        emas = [self._ema_of(known[i], p) for i, p in zip(rest, params)]
+        return _ema.plan(emas, params, self._ema_step_decay, op="step")
+
+    def swap_ema(self) -> None:
+        """Exchange every param that has an average with its average, in place (call it
+        again to swap back). While the averages are in the params, `step` refuses to
+        run. Params without an average (no state yet) are their own average and stay."""
+        for i, state in self.state.items():
+            if state.get("ema") is not None:
+                _ema.swap([(self._param(i), state["ema"])])
+        self._ema_swapped = not self._ema_swapped
+
+    @contextmanager
+    def averaged(self):
+        """A context in which the params hold their averages (``ema_decay``), for
+        evaluation; the params are swapped back on leaving it.
+
+        Examples
+        --------
+        >>> with opt.averaged():        # doctest: +SKIP
+        ...     accuracy = evaluate(params)
+        """
+        self.swap_ema()
+        try:
+            yield self
+        finally:
+            self.swap_ema()
 
     def _precision_options(self, group):
         """The precision keywords of a group's step (without the per-bucket buffers)."""
@@ -363,7 +474,10 @@ class Optimizer:
         for the next step (`_engine.Kept`), which then checks only the gradients."""
         spec = self.spec
         names = spec.active(kw)
-        lists = [list(map(itemgetter(name), states)) for name in names]
+        if spec.shaped_states:  # (None for a param without the buffer)
+            lists = [[s.get(name) for s in states] for name in names]
+        else:
+            lists = [list(map(itemgetter(name), states)) for name in names]
         kept_lists = lists
         if names and states and _quantized(states[0]):
             absmax = [list(map(itemgetter(_quant.absmax_name(name)), states)) for name in names]
@@ -382,6 +496,9 @@ class Optimizer:
                 key = "master_params" if name == "master_param" else "kahan_buffers"
                 precision[key] = [s[name] for s in states]
                 kept_lists = kept_lists + [precision[key]]
+        if self._ema_step_decay is not None:
+            precision = dict(precision, ema=list(map(self._ema_of, states, params)),
+                             ema_decay=self._ema_step_decay)
         updates.append((states, after))
         options = _precision.Options("step", precision) if precision else _precision.PLAIN
         if group_index is not None:
@@ -458,17 +575,25 @@ class Optimizer:
         extra = self.precision.extra_name(param.dtype)
         if extra is not None:
             names.append(extra)
+        if saved.get("ema") is not None:
+            names.append("ema")
         for name in names + scale_names:
+            expect = tuple(param.shape)
+            if name in scale_names:
+                expect = (_quant.blocks(size),)
+            elif spec.shaped_states and name in {st.name for st in spec.states}:
+                expect = spec.state_shape(name, expect)
+                if expect is None:
+                    continue
             if name not in saved or saved[name] is None:
                 raise ValueError(f"loaded state of param {idx} has no {name!r}")
             value = saved[name]
             shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
-            want_shape = (_quant.blocks(size),) if name in scale_names else tuple(param.shape)
-            if shape != want_shape:
+            if shape != expect:
                 raise ValueError(f"loaded {name} of param {idx} has shape {shape}, expected "
-                                 f"{want_shape} for a param of shape {tuple(param.shape)}")
+                                 f"{expect} for a param of shape {tuple(param.shape)}")
             want = np.dtype(np.float32) if name == "master_param" or name in scale_names else \
-                param.dtype if name == "kahan_comp" else \
+                param.dtype if name in ("kahan_comp", "ema") else \
                 self.precision.state_dtype_for(param.dtype, size)
             if dtype != want:
                 raise ValueError(f"loaded {name} of param {idx} has dtype {dtype}, expected "
@@ -476,7 +601,7 @@ class Optimizer:
             if name in scale_names:
                 out = state[name] = _quant.scales_like(param, size)
             else:
-                out = state[name] = _arrays.zeros_like(param, want)
+                out = state[name] = _zeros(param, expect, want)
             out[...] = value
         for name in spec.scalars:
             value = saved.get(name)
@@ -487,6 +612,28 @@ class Optimizer:
                 raise ValueError(f"loaded step of param {idx} is {value}, not a count")
             state[name] = value
         return state
+
+
+def _zeros(arr, shape, dtype=None):
+    """Zeros of `shape` on the device and of the array kind of `arr` (from `_arrays.like`)."""
+    if tuple(shape) == tuple(arr.shape):
+        return _arrays.zeros_like(arr, dtype)
+    # the kind, dtype and device `zeros_like` picks for the param, from one element of it
+    return _zeros_of(_arrays.zeros_like(arr.reshape(-1)[:1], dtype), shape)
+
+
+def _zeros_of(like, shape):
+    """Zeros of `shape` and of like's dtype, array kind and device."""
+    module = type(like).__module__.partition(".")[0]
+    if module == "torch":
+        import torch
+
+        return torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
+    if module == "cupy":
+        import cupy
+
+        return cupy.zeros(tuple(shape), like.dtype)
+    return np.zeros(tuple(shape), like.dtype)
 
 
 def _no_scalars(state):

@@ -37,11 +37,11 @@ def make_class(spec, base=Optimizer, module=__name__):
 
     def __init__(self, params, *args, **kwargs):
         values = bind_options(type(self), spec, signature, params, args, kwargs)
-        precision = values.pop("precision")
+        precision, ema_decay = values.pop("precision"), values.pop("ema_decay")
         defaults = dict(values, **spec.group_extras)
         if "betas" in defaults:
             defaults["betas"] = tuple(defaults["betas"])
-        Optimizer.__init__(self, params, defaults, precision)
+        Optimizer.__init__(self, params, defaults, precision, ema_decay)
 
     __init__.__signature__ = signature
     __init__.__doc__ = f"See `{spec.title}`."

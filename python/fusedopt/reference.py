@@ -17,7 +17,7 @@ without momentum, say) comes back as an unchanged copy.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -25,6 +25,9 @@ from numpy.typing import ArrayLike
 __all__ = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "nadam", "radam", "adamax",
            "asgd", "rprop", "lion", "lamb", "lars", "adamw_schedulefree"]
 __all__ += ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
+__all__ += ["sparse_adam"]
+__all__ += ["muon", "newton_schulz"]
+__all__ += ["adafactor"]
 
 _Arrays = Sequence[ArrayLike]
 _Result = Tuple[list, ...]  # (params, *states), lists of new float64 arrays
@@ -1022,3 +1025,238 @@ def adamw_schedulefree(params: _Arrays, grads: _Arrays, zs: _Arrays, exp_avg_sqs
         ys[i] = _lerp(y, z, ckp1) + lr * (beta1 * (1.0 - ckp1) - 1.0) * u
         zs[i] = z - lr * u
     return _result(ys, zs, vs)
+
+
+def sparse_adam(params: _Arrays, rows: _Arrays, values: _Arrays, exp_avgs: _Arrays,
+                exp_avg_sqs: _Arrays, *, step: int, lr: float, beta1: float, beta2: float,
+                eps: float, maximize: bool = False) -> _Result:
+    """One step of SparseAdam (torch.optim.SparseAdam) on row-sparse gradients.
+
+    The gradient of ``params[j]`` is ``values[j]`` at the indices ``rows[j]`` along the
+    first dimension, repeats summed. On the touched rows:
+    :math:`m \\mathrel{+}= (1 - \\beta_1)(g - m)`,
+    :math:`v \\mathrel{+}= (1 - \\beta_2)(g^2 - v)`,
+    :math:`p \\mathrel{-}= \\eta \\frac{\\sqrt{1 - \\beta_2^t}}{1 - \\beta_1^t}
+    \\frac{m}{\\sqrt{v} + \\epsilon}`; the other rows, and their moments, are copied
+    unchanged.
+
+    Parameters
+    ----------
+    params, exp_avgs, exp_avg_sqs : sequence of array_like
+        Parameters, first and second moments, aligned.
+    rows : sequence of array_like
+        1-D integer indices of the gradient rows of each param.
+    values : sequence of array_like
+        The gradient rows: ``values[j]`` has shape ``(len(rows[j]), *params[j].shape[1:])``.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta1, beta2 : float
+        :math:`\\beta_1, \\beta_2`.
+    eps : float
+        :math:`\\epsilon`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, exp_avgs, exp_avg_sqs)``, new float64 arrays.
+    """
+    params = _f64(params, "params")
+    n = len(params)
+    exp_avgs, exp_avg_sqs = _f64(exp_avgs, "exp_avgs", n), _f64(exp_avg_sqs, "exp_avg_sqs", n)
+    step_size = lr * np.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    for p, r, v, m, s in zip(params, rows, values, exp_avgs, exp_avg_sqs):
+        r = np.asarray(r, dtype=np.int64)
+        g = np.zeros_like(p)
+        np.add.at(g, r, np.asarray(v, dtype=np.float64))  # repeats summed
+        if maximize:
+            g = -g
+        touched = np.unique(r)
+        gt, mt, st = g[touched], m[touched], s[touched]
+        mt = mt + (1.0 - beta1) * (gt - mt)
+        st = st + (1.0 - beta2) * (gt * gt - st)
+        p[touched] = p[touched] - step_size * mt / (np.sqrt(st) + eps)
+        m[touched], s[touched] = mt, st
+    return _result(params, exp_avgs, exp_avg_sqs)
+
+
+def newton_schulz(g: ArrayLike, coefficients: Tuple[float, float, float] = (3.4445, -4.7750,
+                                                                            2.0315),
+                  steps: int = 5, eps: float = 1e-7) -> np.ndarray:
+    """torch.optim.Muon's orthogonalization of one matrix, in float64.
+
+    :math:`X = G / \\max(\\lVert G \\rVert_F, \\epsilon)` (transposed while it has more
+    rows than columns), then `steps` times :math:`A = X X^T`,
+    :math:`X = a X + (b A + c A^2) X`.
+
+    Parameters
+    ----------
+    g : array_like
+        The matrix (2-D).
+    coefficients : tuple of float, default (3.4445, -4.7750, 2.0315)
+        :math:`a, b, c`.
+    steps : int, default 5
+        The number of iterations.
+    eps : float, default 1e-7
+        :math:`\\epsilon`.
+
+    Returns
+    -------
+    ndarray
+        The orthogonalized matrix, float64, of the shape of `g`.
+    """
+    a, b, c = coefficients
+    x = np.array(g, dtype=np.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / max(np.linalg.norm(x), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def muon(params: _Arrays, grads: _Arrays, momentum_buffers: _Arrays, *, lr: float,
+         weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
+         ns_coefficients: Tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+         eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: Optional[str] = None,
+         ns_dtype: str = "float32") -> _Result:
+    """One step of Muon (torch.optim.Muon) in float64, the Newton-Schulz iterations
+    included.
+
+    :math:`b = \\mu b + (1 - \\mu) g`; :math:`u = g + \\mu (b - g)` (Nesterov) or
+    :math:`b`; :math:`p = p (1 - \\eta\\lambda) - \\eta' \\mathrm{NS}(u)` with
+    :math:`\\eta' = \\eta \\sqrt{\\max(1, A / B)}` ("original") or
+    :math:`0.2\\,\\eta \\sqrt{\\max(A, B)}` ("match_rms_adamw") for an A x B param.
+
+    Parameters
+    ----------
+    params, grads, momentum_buffers : sequence of array_like
+        2-D parameters, their gradients and momentum buffers, aligned.
+    lr : float
+        :math:`\\eta`.
+    weight_decay : float, default 0.1
+        :math:`\\lambda`.
+    momentum : float, default 0.95
+        :math:`\\mu`.
+    nesterov : bool, default True
+        Nesterov momentum.
+    ns_coefficients : tuple of float, default (3.4445, -4.7750, 2.0315)
+        The coefficients of `newton_schulz`.
+    eps : float, default 1e-7
+        The floor of the Frobenius norm in `newton_schulz`.
+    ns_steps : int, default 5
+        The number of Newton-Schulz iterations.
+    adjust_lr_fn : str, optional
+        "original" (None) or "match_rms_adamw".
+    ns_dtype : str, default "float32"
+        Accepted as the op takes it; the reference always iterates in float64.
+
+    Returns
+    -------
+    tuple of lists of ndarray
+        ``(params, momentum_buffers)``, new float64 arrays.
+    """
+    params = _f64(params, "params")
+    bufs = _f64(momentum_buffers, "momentum_buffers", len(params))
+    for p, g, b in zip(params, grads, bufs):
+        g = np.asarray(g, dtype=np.float64)
+        b += (1.0 - momentum) * (g - b)
+        u = g + momentum * (b - g) if nesterov else b
+        o = newton_schulz(u, ns_coefficients, ns_steps, eps)
+        rows, cols = p.shape
+        if adjust_lr_fn in (None, "original"):
+            ratio = np.sqrt(max(1.0, rows / cols))
+        else:
+            ratio = 0.2 * np.sqrt(max(rows, cols))
+        p *= 1.0 - lr * weight_decay
+        p -= lr * ratio * o
+    return _result(params, bufs)
+
+
+def adafactor(params: _Arrays, grads: _Arrays, row_vars: Optional[Sequence[Any]],
+              col_vars: Optional[Sequence[Any]], variances: Optional[Sequence[Any]], *,
+              step: int, lr: float, beta2_decay: float = -0.8, eps1: Optional[float] = None,
+              eps2: float = 1e-3, d: float = 1.0, weight_decay: float = 0.0,
+              maximize: bool = False) -> _Result:
+    """One step of Adafactor (torch.optim.Adafactor's equations) in float64.
+
+    A param with two or more dimensions keeps row and column factors, a vector or 0-d
+    param a full second moment. With :math:`b = t^{\\mathrm{beta2\\_decay}}`:
+    :math:`R \\mathrel{+}= b(\\overline{g^2}_j - R)`,
+    :math:`C \\mathrel{+}= b(\\overline{g^2}_i - C)`,
+    :math:`V = R C / \\max(\\bar R, \\epsilon_1)` (vectors:
+    :math:`V \\mathrel{+}= b(g^2 - V)`); :math:`U = g / \\sqrt{\\max(V, \\epsilon_1^2)}`;
+    :math:`p = p (1 - \\eta\\lambda) - \\max(\\epsilon_2, \\mathrm{RMS}(p))
+    \\min(\\eta, 1/\\sqrt t) / \\max(1, \\mathrm{RMS}(U) / d)\\, U`, with
+    :math:`\\mathrm{RMS}(p)` taken before the decay.
+
+    Parameters
+    ----------
+    params, grads : sequence of array_like
+        Parameters and gradients, aligned.
+    row_vars, col_vars : sequence of array_like or None, optional
+        Row factors of shape ``(*batch, m, 1)`` and column factors of shape
+        ``(*batch, 1, n)`` of the params with two or more dimensions; None in the other
+        places (or for the whole list when no param has them).
+    variances : sequence of array_like or None, optional
+        The full second moments of the vectors and 0-d params; None elsewhere.
+    step : int
+        :math:`t` after its increment (1 on the first step).
+    lr : float
+        :math:`\\eta`.
+    beta2_decay : float, default -0.8
+        The exponent of :math:`b`.
+    eps1 : float, optional
+        :math:`\\epsilon_1`; None: the machine epsilon of the first param's dtype.
+    eps2 : float, default 1e-3
+        :math:`\\epsilon_2`.
+    d : float, default 1.0
+        The clipping threshold of :math:`\\mathrm{RMS}(U)`.
+    weight_decay : float, default 0.0
+        :math:`\\lambda`.
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Returns
+    -------
+    tuple of lists
+        ``(params, row_vars, col_vars, variances)``: new float64 arrays, None where a
+        param has no such buffer.
+    """
+    if eps1 is None:
+        eps1 = float(np.finfo(np.asarray(params[0]).dtype).eps)
+    params = _f64(params, "params")
+    n = len(params)
+
+    def copies(arrays):
+        if arrays is None:
+            return [None] * n
+        return [None if a is None else np.array(a, dtype=np.float64) for a in arrays]
+
+    rows, cols, var = copies(row_vars), copies(col_vars), copies(variances)
+    b = float(step) ** beta2_decay
+    rho = min(lr, 1.0 / np.sqrt(step))
+    for i, (p, g) in enumerate(zip(params, grads)):
+        g = np.asarray(g, dtype=np.float64)
+        if maximize:
+            g = -g
+        alpha = max(eps2, np.sqrt(np.mean(p * p))) * rho
+        if weight_decay != 0:
+            p *= 1.0 - lr * weight_decay
+        if p.ndim > 1:
+            rows[i] += b * (np.mean(g * g, axis=-1, keepdims=True) - rows[i])
+            cols[i] += b * (np.mean(g * g, axis=-2, keepdims=True) - cols[i])
+            estimate = rows[i] * cols[i] / np.maximum(np.mean(rows[i], axis=-2, keepdims=True),
+                                                      eps1)
+        else:
+            var[i] += b * (g * g - var[i])
+            estimate = var[i]
+        u = g / np.sqrt(np.maximum(estimate, eps1 * eps1))
+        denom = max(1.0, np.sqrt(np.mean(u * u)) / d)
+        p -= alpha / denom * u
+    return params, rows, cols, var

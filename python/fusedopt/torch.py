@@ -39,7 +39,13 @@ names and state-dict layout (`fusedopt._torch8bit`). With ``flat=True`` the 8-bi
 params of a group get flat buffers of their own, each param starting on a block
 boundary, so that its scales are a view too.
 `capturable` and `differentiable` are not supported. Complex params are refused
-(TypeError), as are sparse gradients.
+(TypeError), as are sparse gradients (but by SparseAdam, hand-written in
+`_torch_sparse`, like Adafactor in `_torch_adafactor` and LBFGS in `_torch_lbfgs`).
+
+``ema_decay`` (`_torch_ema.TorchEma`) adds each param's average to the plans of a
+step: the default and kept plans carry the averages of their params, a flat bucket's
+plan its EMA buffer; the averages of params without a gradient move in a plan of
+their own, after the others.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _engine, _flat, _foreign, _precision, _quant, _torch8bit
+from ._torch_ema import TorchEma
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
 from .optimizers import bind_options
@@ -136,7 +143,7 @@ class _Cache:
                  "keys", "scales", "q8")
 
 
-class _Fused(Optimizer):
+class _Fused(TorchEma, Optimizer):
     """What every class shares: state bookkeeping and the step loop, over a spec."""
 
     spec = None
@@ -147,7 +154,8 @@ class _Fused(Optimizer):
     #: bitsandbytes' state names and state-dict layout (its Adam8bit and AdamW8bit)
     _fo_bnb_names = False
 
-    def __init__(self, params, defaults, flat=False):
+    def __init__(self, params, defaults, flat=False, ema_decay=None):
+        self._ema_init(ema_decay)
         self._fo_caches = {}
         self._fo_lock = threading.Lock()
         self._fo_flat = bool(flat)
@@ -191,14 +199,20 @@ class _Fused(Optimizer):
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group):
-        """Add a param group (torch.optim's rules); with ``flat=True`` its params move
-        into flat buffers of their own. An algorithm with per-tensor norms (LAMB, LARS)
-        refuses params sharded by their engine (DTensors with a Shard placement, FSDP2):
-        a shard's norms are not its tensor's."""
+        """Add a param group (torch.optim's rules, and the algorithm's rule for params:
+        Muon's are 2-D); with ``flat=True`` its params move into flat buffers of their
+        own. An algorithm with per-tensor norms (LAMB, LARS) refuses params sharded by
+        their engine (DTensors with a Shard placement, FSDP2): a shard's norms are not its
+        tensor's."""
         self._check_shards(param_group)
         super().add_param_group(param_group)
-        DTensor = _foreign._dtensor_class()
         group = self.param_groups[-1]
+        try:
+            self.spec.check_params(group["params"])
+        except ValueError:
+            self.param_groups.pop()  # a refused group is not kept
+            raise
+        DTensor = _foreign._dtensor_class()
         if self._fo_bits == 8 and DTensor is not None and \
                 any(isinstance(p, DTensor) for p in group["params"]):
             raise ValueError(f"{type(self).__name__}(optim_bits=8): DTensor params (FSDP2) "
@@ -299,6 +313,12 @@ class _Fused(Optimizer):
                                 continue
                             view.copy_(value)
                             st[key] = view
+                    ema = st.get("ema")  # the average (ema_decay): a view of the EMA buffer
+                    if isinstance(ema, torch.Tensor) and ema.shape == p.shape and \
+                            ema.dtype == p.dtype:
+                        view = bucket.state_view("ema", position, 0.0)
+                        view.copy_(ema)
+                        st["ema"] = view
 
     def step(self, closure=None):
         """One update of every param whose `grad` is not None; returns the closure's loss.
@@ -312,13 +332,20 @@ class _Fused(Optimizer):
             spec = self.spec
             for group in self.param_groups:
                 spec.check_step(group)
+            self._ema_begin()
             plans, counted, grouped = [], [], []
             same = self._state_unchanged()
             for gi, group in enumerate(self.param_groups):
                 self._plan_group(gi, group, plans, counted, grouped, same)
+            ema_plan = self._ema_rest_plan({id(p) for c in counted for p in c[2]})
             # every group validated: run, then count the step and install first buffers
+            if self._ema_install():  # new averages: the flat check of each group again
+                for cache in self._fo_caches.values():
+                    cache.flat = None
             for plan in plans:
                 plan.run()
+            if ema_plan is not None:
+                ema_plan.run()
             for group, after in grouped:
                 group.update(after)
             for cache, sel, params, after in counted:
@@ -378,7 +405,8 @@ class _Fused(Optimizer):
             # the common case: every param has its state and the same scalars
             scalars = _stored(cache.values)
             plans.extend(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
-                                    after, slice(None), cache.scales, cache.q8))
+                                    after, slice(None), cache.scales, cache.q8,
+                                    self._ema_list(counted_params)))
             counted.append((cache, sel, counted_params, after))
             return
         if sel is None:
@@ -394,6 +422,7 @@ class _Fused(Optimizer):
             lists = [[lst[i] for i in sel] for lst in cache.lists]
             scales = [[lst[i] for i in sel] for lst in cache.scales]
             q8 = cache.q8[sel]
+        emas = self._ema_list(counted_params)
         values = {name: (v if sel is None else v[sel]) for name, v in cache.values.items()}
         first = None
         if cache.fresh is not None:
@@ -404,7 +433,8 @@ class _Fused(Optimizer):
             scalars = _stored(values)
             plans.extend(self._plan(kw, params, grads, lists, scalars,
                                     first is not None and bool(first[0]),
-                                    cache if sel is None else None, after, index, scales, q8))
+                                    cache if sel is None else None, after, index, scales, q8,
+                                    emas))
         else:  # params at different step counts, or new momentum buffers among old ones
             table = list(zip(*(values[n] for n in spec.scalars))) if spec.scalars else \
                 [()] * len(params)  # each scalar in its stored dtype
@@ -419,22 +449,29 @@ class _Fused(Optimizer):
                     kw, [params[i] for i in pick], [grads[i] for i in pick],
                     [[lst[i] for i in pick] for lst in lists],
                     dict(zip(spec.scalars, row)), is_first, None, after, where,
-                    [[lst[i] for i in pick] for lst in scales], q8[pick]))
+                    [[lst[i] for i in pick] for lst in scales], q8[pick],
+                    None if emas is None else [emas[i] for i in pick]))
         cache.steady = None if sel is not None else self._is_steady(cache)
         counted.append((cache, sel, counted_params, after))
 
     def _plan_flat(self, gi, cache, kw, grads, plans, after):
-        """The plans of a flat group: one per bucket, over its buffers. False (nothing
-        planned) when the per-tensor path must run: a param without a gradient, or state
-        that is not the buckets' (loaded and not yet copied in)."""
+        """The plans of a flat group: one per bucket, over its buffers (the EMA's too, with
+        ``ema_decay``). False (nothing planned) when the per-tensor path must run: a param
+        without a gradient, or state that is not the buckets' (loaded and not yet copied
+        in; a param without an average yet)."""
         buckets = self._fo_buckets.get(gi)
         if not buckets:
             return False
         if cache.flat is None:
-            cache.flat = all(self._fo_where[id(p)][0].owns_state(
-                name, self._fo_where[id(p)][1], lst[i], scale_lst[i])
-                for i, p in enumerate(cache.params)
-                for name, lst, scale_lst in zip(cache.names, cache.lists, cache.scales))
+            where = self._fo_where
+            cache.flat = all(where[id(p)][0].owns_state(name, where[id(p)][1], lst[i], scale_lst[i])
+                             for i, p in enumerate(cache.params)
+                             for name, lst, scale_lst in zip(cache.names, cache.lists,
+                                                             cache.scales))
+            if cache.flat and self.ema_decay is not None:
+                cache.flat = all(where[id(p)][0].owns_state("ema", where[id(p)][1],
+                                                            self.state[p].get("ema"))
+                                 for p in cache.params)
         if not cache.flat:
             return False
         owner = type(self).__name__
@@ -466,6 +503,9 @@ class _Fused(Optimizer):
                 absmax = [[bucket.scales[name]] for name in cache.names]
                 options = _precision.Options("step", {"absmax": absmax})
                 kept_lists = lists + absmax
+            elif self._ema_now is not None:
+                emas = [bucket.states["ema"]] if whole else list(bucket.state_views["ema"])
+                options = self._ema_options(params, emas)
             plan = None
             if bucket.kept is not None:
                 plan = bucket.kept.reuse(spec, kw, params, bgrads, kept_lists, options,
@@ -484,13 +524,13 @@ class _Fused(Optimizer):
             all(v.min() == v.max() for v in cache.values.values())
 
     def _plan(self, kw, params, grads, lists, scalars, first, cache, after, index, scales,
-              q8):
-        """The validated plans of one bucket (params with the same scalars): one, or two
-        where some params keep 8-bit state (`q8`, their block `scales`) and others do not.
-        A whole group's plans are kept in its cache for the next step (`_engine.Kept`):
-        the params are then checked by address and the gradients by address and
-        contiguity (torch checked their dtype, shape and device against the params when
-        they were assigned)."""
+              q8, emas=None):
+        """The validated plans of one bucket (params with the same scalars; `emas`: their
+        averages, with ``ema_decay``): one, or two where some params keep 8-bit state
+        (`q8`, their block `scales`) and others do not. A whole group's plans are kept in
+        its cache for the next step (`_engine.Kept`): the params are then checked by
+        address and the gradients by address and contiguity (torch checked their dtype,
+        shape and device against the params when they were assigned)."""
         spec = self.spec
         extra, new = spec.advance(kw, scalars)
         if extra:
@@ -499,9 +539,9 @@ class _Fused(Optimizer):
             kw = {**kw, spec.fresh_keyword: first}
         after.append((index, new))
         if not lists or not q8.any():
-            return [self._plan_part(kw, params, grads, lists, None, cache, False)]
+            return [self._plan_part(kw, params, grads, lists, None, cache, False, emas)]
         if q8.all():
-            return [self._plan_part(kw, params, grads, lists, scales, cache, True)]
+            return [self._plan_part(kw, params, grads, lists, scales, cache, True, emas)]
         parts = []
         for quantized in (False, True):
             pick = np.flatnonzero(q8 == quantized)
@@ -509,17 +549,23 @@ class _Fused(Optimizer):
                 kw, [params[i] for i in pick], [grads[i] for i in pick],
                 [[lst[i] for i in pick] for lst in lists],
                 [[lst[i] for i in pick] for lst in scales] if quantized else None,
-                cache, quantized))
+                cache, quantized, None if emas is None else [emas[i] for i in pick]))
         return parts
 
-    def _plan_part(self, kw, params, grads, lists, scales, cache, part):
+    def _plan_part(self, kw, params, grads, lists, scales, cache, part, emas=None):
         """The plan of params whose states are all 8-bit (`scales`: their block scales)
-        or none; `part` keys the kept plan in the group's cache."""
+        or none (`emas`: their averages, with ``ema_decay``; refused with 8-bit state);
+        `part` keys the kept plan in the group's cache."""
         spec = self.spec
         options, kept_lists = _precision.PLAIN, lists
+        precision = {}
         if scales is not None:
-            options = _precision.Options("step", {"absmax": scales})
+            precision["absmax"] = scales
             kept_lists = lists + scales
+        if emas is not None:
+            precision.update(ema=emas, ema_decay=self._ema_now)
+        if precision:
+            options = _precision.Options("step", precision)
         if cache is not None:
             kept = cache.kept.get(part)
             if kept is not None:
@@ -843,13 +889,21 @@ def make_class(spec, base=_Fused):
             raise ValueError("Tensor lr must be 1-element")
         if "betas" in values:
             values["betas"] = tuple(map(_plain, values["betas"]))
-        flat = values.pop("flat")
+        flat, ema_decay = values.pop("flat"), values.pop("ema_decay")
         spec.validate(values)
         _check_torch_flags(type(self), values)
+        if flat and spec.composite:
+            raise ValueError(f"{type(self).__name__}(flat=True): flat buffers are for the "
+                             "elementwise algorithms; this one works on each param's own "
+                             "shape (use flat=False)")
         if bits == 8:
+            if ema_decay is not None:
+                raise ValueError(f"{type(self).__name__}(optim_bits=8): ema_decay does not go "
+                                 "with 8-bit state (the 8-bit kernels have no EMA slot)")
             spec.check_quantized(spec.to_op({**values, **spec.group_extras}),
                                  type(self).__name__)
-        _Fused.__init__(self, params, {**values, **spec.group_extras}, flat=flat)
+        _Fused.__init__(self, params, {**values, **spec.group_extras}, flat=flat,
+                        ema_decay=ema_decay)
 
     __init__.__signature__ = signature
     __init__.__doc__ = f"See `{spec.title}`."
@@ -863,6 +917,8 @@ def make_class(spec, base=_Fused):
 def _make_all():
     made = {}
     for spec in SPECS.values():
+        if spec.torch_class is not None:  # hand-written (its module imports this one)
+            continue
         made[spec.name] = make_class(spec, made[spec.base] if spec.base else _Fused)
     return made
 
@@ -874,3 +930,20 @@ __all__ += [cls.__name__ for cls in CLASSES.values()]
 Adam8bit = _torch8bit.bnb_class(CLASSES["adam"], "Adam8bit", 0, "Adam")
 AdamW8bit = _torch8bit.bnb_class(CLASSES["adamw"], "AdamW8bit", 1e-2, "AdamW")
 __all__ += ["Adam8bit", "AdamW8bit"]
+
+# The optimizers that are not generated from an elementwise spec.
+from ._torch_lbfgs import LBFGS  # noqa: E402
+
+
+def _hand_written():
+    import importlib
+
+    for spec in SPECS.values():
+        if spec.torch_class is not None:
+            module, _, name = spec.torch_class.partition(":")
+            CLASSES[spec.name] = getattr(importlib.import_module(module), name)
+
+
+_hand_written()
+globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__all__ += ["LBFGS"] + [cls.__name__ for cls in CLASSES.values() if cls.__name__ not in __all__]

@@ -18,12 +18,15 @@ norms before their update (LAMB, LARS) declare a first pass of per-tensor sums i
 
 from __future__ import annotations
 
-from . import classic, lion, schedulefree, torch_more, trust_ratio
+from . import (adafactor, classic, lion, muon, schedulefree, sparse, torch_more,
+               trust_ratio)
 from ._spec import REQUIRED, Option, Spec, State, hyper_fields, pack
 
 __all__ = ["SPECS", "Spec", "Option", "State", "REQUIRED", "hyper_fields", "pack", "get"]
 
-SPECS = {spec.name: spec for module in (classic, torch_more, lion, trust_ratio, schedulefree)
+SPECS = {spec.name: spec
+         for module in (classic, torch_more, lion, trust_ratio, schedulefree, sparse, muon,
+                        adafactor)
          for spec in module.SPECS}
 
 

@@ -35,6 +35,13 @@ def _states(spec):
     return "\n".join(lines) if lines else "None."
 
 
+EMA_DOC = ("Keep an exponential moving average of every param, ``state['ema']``, moved in "
+           "the same pass as each step as torch.optim.swa_utils.AveragedModel with "
+           "get_ema_multi_avg_fn(ema_decay) moves it (the first step copies the params); "
+           "``swap_ema()`` and ``with opt.averaged():`` put the averages into the params for "
+           "evaluation. A value in [0, 1]; None keeps no averages (not with 8-bit state).")
+
+
 def _group_notes(spec):
     """What the docstrings say about per-group bookkeeping and train/eval modes."""
     from ._spec import Spec
@@ -74,6 +81,7 @@ def class_signature(spec, torch=False):
     else:
         params.append(_P("precision", _P.KEYWORD_ONLY, default=None,
                          annotation="Precision | None"))
+    params.append(_P("ema_decay", _P.KEYWORD_ONLY, default=None, annotation="float | None"))
     return inspect.Signature(params, return_annotation=None)
 
 
@@ -113,8 +121,10 @@ def class_doc(spec, torch=False):
                             "The mixed-precision policy (`fusedopt.Precision`): state dtype "
                             "(float32, bfloat16 or 8-bit), master weights or Kahan buffers, "
                             "stochastic rounding.", None))
+    lines.append(_entry("ema_decay", "float or None", EMA_DOC, None))
     lines += ["", "Notes", "-----",
-              "State per param, under torch.optim's names:", "", _states(spec), "",
+              "State per param, under torch.optim's names:", "", _states(spec),
+              "- ``ema``: the param's exponential moving average (with ``ema_decay``).", "",
               "``learning_rate=`` is accepted as an alias of ``lr``."]
     lines += _group_notes(spec)
     if torch:
@@ -125,25 +135,42 @@ def class_doc(spec, torch=False):
     train = [">>> opt.train()"] if spec.mode_state is not None else []
     evaluate = [">>> opt.eval()  # the params now hold the average"] \
         if spec.mode_state is not None else []
-    if torch:
+    if torch and spec.gradient == "rows":
         lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
-                  ">>> model = torch.nn.Linear(4, 2)",
+                  ">>> emb = torch.nn.Embedding(10, 4, sparse=True)",
+                  f">>> opt = {spec.title}(emb.parameters(), {spec.example})",
+                  ">>> emb(torch.tensor([1, 3, 1])).sum().backward()",
+                  ">>> opt.step()  # rows 1 and 3 change", ">>> opt.zero_grad()"]
+    elif torch:
+        lines += [">>> import torch", ">>> from fusedopt.torch import " + spec.title,
+                  f">>> model = {spec.example_model}",
                   f">>> opt = {spec.title}(model.parameters(), {spec.example})", *train,
                   ">>> model(torch.ones(3, 4)).sum().backward()", ">>> opt.step()",
                   ">>> opt.zero_grad()", *evaluate]
-    else:
+    elif spec.gradient == "rows":
         lines += [">>> import numpy as np", ">>> import fusedopt as fo",
-                  ">>> params = [np.ones((4, 2), np.float32), np.zeros(2, np.float32)]",
+                  ">>> table = np.zeros((10, 4), np.float32)",
+                  f">>> opt = fo.{spec.title}([table], {spec.example})",
+                  ">>> rows, values = np.array([1, 3, 1]), np.ones((3, 4), np.float32)",
+                  ">>> opt.step([(rows, values)])  # rows 1 (twice: summed) and 3 change"]
+    else:
+        a, b = spec.example_shapes
+        lines += [">>> import numpy as np", ">>> import fusedopt as fo",
+                  f">>> params = [np.ones({a}, np.float32), np.zeros({b}, np.float32)]",
                   f">>> opt = fo.{spec.title}(params, {spec.example})", *train,
-                  ">>> grads = [np.full((4, 2), 0.5, np.float32), np.ones(2, np.float32)]",
+                  f">>> grads = [np.full({a}, 0.5, np.float32), np.ones({b}, np.float32)]",
                   ">>> opt.step(grads)  # the params change in place", *evaluate]
     return "\n".join(lines) + "\n"
 
 
 def op_signature(spec):
     """``(params, grads, <state lists>, *, <op keywords>, stream, <precision keywords>)``."""
-    params = [_P("params", _P.POSITIONAL_OR_KEYWORD, annotation="list"),
-              _P("grads", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    params = [_P("params", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    if spec.gradient == "rows":
+        params += [_P("rows", _P.POSITIONAL_OR_KEYWORD, annotation="list"),
+                   _P("values", _P.POSITIONAL_OR_KEYWORD, annotation="list")]
+    else:
+        params.append(_P("grads", _P.POSITIONAL_OR_KEYWORD, annotation="list"))
     for s in spec.states:
         default = None if s.optional else _P.empty
         params.append(_P(s.arg, _P.POSITIONAL_OR_KEYWORD, default=default,
@@ -162,9 +189,17 @@ def op_doc(spec):
     lines = [f"In-place {spec.title} step over lists of arrays, one fused kernel call per "
              "(device, dtype).", "", spec.summary, "", _math(spec), "",
              "Parameters", "----------",
-             _entry("params", "list of arrays", "Updated in place."),
-             _entry("grads", "list of arrays", "Aligned with `params`; only read (gradients "
-                    "that are not C-contiguous are read through a copy).")]
+             _entry("params", "list of arrays", "Updated in place.")]
+    if spec.gradient == "rows":
+        lines += [_entry("rows", "list of arrays", "Per param, the 1-D integer indices of the "
+                         "rows (along its first dimension) the gradient touches; repeats are "
+                         "summed (torch's coalesce). Only these rows of the param and its "
+                         "state are read or written."),
+                  _entry("values", "list of arrays", "Per param, the gradient's rows: shape "
+                         "``(len(rows), *param.shape[1:])``, the param's dtype.")]
+    else:
+        lines.append(_entry("grads", "list of arrays", "Aligned with `params`; only read "
+                            "(gradients that are not C-contiguous are read through a copy)."))
     for s in spec.states:
         text = s.doc + " Updated in place."
         lines.append(_entry(s.arg, "list of arrays" + (", optional" if s.optional else ""),

@@ -200,15 +200,31 @@ class Spec:
     #: the kernel or the state buffers)
     batch_shared: ClassVar[tuple] = ()
     #: the step benchmark's rows of this algorithm: {row name: constructor options}
-    #: (default: one row, named after the algorithm, with the default options)
+    #: (default: one row, named after the algorithm, with the default options; {}: none)
     bench: ClassVar[dict | None] = None
     #: the options shown in the docstring's example
     example: ClassVar[str] = "lr=1e-3"
+    #: the example's param shapes (NumPy classes) and model (fusedopt.torch)
+    example_shapes: ClassVar[tuple] = ((4, 2), (2,))
+    example_model: ClassVar[str] = "torch.nn.Linear(4, 2)"
     #: the class fusedopt.torch's class stands in for, where torch.optim has none (its
     #: docstring's words), e.g. "the schedulefree package's ``AdamWScheduleFree``"
     defined_by: ClassVar[str | None] = None
-    #: whether the batched optimizers (`fusedopt.batched`) offer the algorithm
+    #: how gradients come: "dense" (an array like the param) or "rows" (row-sparse: a
+    #: pair (row indices, rows of values) or a torch sparse tensor, see `fusedopt._rows`;
+    #: the functional op then takes ``rows`` and ``values`` lists instead of ``grads``,
+    #: and the kernel runs on the touched rows only)
+    gradient: ClassVar[str] = "dense"
+    #: whether the batched optimizers (`fusedopt.batched`) and the generic test tables
+    #: take it (elementwise rules over dense gradients)
     batchable: ClassVar[bool] = True
+    #: "module:Name" of a hand-written `fusedopt.torch` class, for algorithms whose torch
+    #: state does not fit the generated one (torch keeps SparseAdam's step as an int)
+    torch_class: ClassVar[str | None] = None
+    #: a step that is more than one elementwise kernel call (Muon's Newton-Schulz
+    #: iterations between two elementwise passes, Adafactor's reductions): `make_plan`
+    #: builds it, and everything else (state, classes, state dicts) stays generic
+    composite: ClassVar[bool] = False
     #: the state buffer that `train()` and `eval()` move the params towards and away
     #: from (schedule-free methods keep the average x in the params for evaluation and
     #: the interpolation y for training); None: the classes have no such methods
@@ -243,6 +259,28 @@ class Spec:
 
     def validate(self, group):
         """ValueError for invalid hyperparameters, with torch.optim's messages."""
+
+    def check_params(self, params):
+        """ValueError for params the algorithm does not take (torch's message; Muon's
+        2-D only), checked when a class gets them."""
+
+    def state_shape(self, name, shape):
+        """The shape of state buffer `name` of a param of `shape`, or None when such a
+        param keeps no such buffer (Adafactor: row and column factors for matrices, a
+        full second moment for vectors). By default every buffer has the param's shape;
+        a spec that says otherwise sets `shaped_states`."""
+        return shape
+
+    #: whether `state_shape` differs from the param's shape for some buffer or param (the
+    #: classes then make, load and pass each param's buffers by `state_shape`; lists of
+    #: state buffers hold None for a param without the buffer)
+    shaped_states: ClassVar[bool] = False
+
+    def make_plan(self, kw, params, grads, states, names, options, stream, op):
+        """The validated plan of a composite step (`composite`): an object with the
+        methods of `_engine.Plan` that the front-ends use (``run``, ``execute``,
+        ``sumsq``, ``grads_finite``) and its ``prep`` and ``params``."""
+        raise NotImplementedError
 
     def to_op(self, group):
         """A param group's hyperparameters as the functional op's keywords (without the

@@ -171,7 +171,7 @@ NUMPY = {"sgd": _sgd, "sgd_momentum": _sgd_momentum, "adagrad": _adagrad, "rmspr
 def _rows():
     rows = {}
     for spec in SPECS.values():
-        for name, kwargs in (spec.bench or {spec.name: {}}).items():
+        for name, kwargs in (spec.bench if spec.bench is not None else {spec.name: {}}).items():
             rows[name] = Algo(name, spec, kwargs, NUMPY.get(name))
     return rows
 
