@@ -323,6 +323,29 @@ def test_beyond_the_table_refuses_other_optimizers_and_params(rng, tmp_path):
 LBFGS_KW = dict(lr=0.5, max_iter=3, history_size=4, line_search_fn="strong_wolfe")
 
 
+def test_averages_where_the_optimizer_keeps_none_are_refused(rng, tmp_path):
+    """A checkpoint with averages of the params (ema_decay) into an optimizer without
+    ema_decay, and one without them into an optimizer with it: ValueError, unchanged
+    (loaded, the first would carry averages it never moves, the second would move
+    averages it never had)."""
+    def trained(name, **extra):
+        cls, options, shapes, grads = BEYOND[name]
+        opt = cls(random_arrays(list(shapes), np.float64, rng), **options, **extra)
+        for _ in range(2):
+            opt.step(grads(rng, shapes, np.float64))
+        return opt
+
+    for name in ("Muon", "SparseAdam", "Adafactor"):
+        fusedopt.save(trained(name, ema_decay=0.5), tmp_path / "ema")
+        fusedopt.save(trained(name), tmp_path / "plain")
+        refused(trained(name), tmp_path / "ema", "keeps none")
+        refused(trained(name, ema_decay=0.5), tmp_path / "plain", r"keeps them \(ema_decay=0.5")
+        fusedopt.load(trained(name, ema_decay=0.9), tmp_path / "ema")  # another decay: taken
+    fusedopt.save(fusedopt.Adam(random_arrays([(3,)], np.float64, rng), ema_decay=0.5),
+                  tmp_path / "fresh")  # no state yet: loads either way
+    fusedopt.load(fusedopt.Adam(random_arrays([(3,)], np.float64, rng)), tmp_path / "fresh")
+
+
 TORCH_BEYOND = [  # (class name, options, param shapes, sparse gradients)
     ("SparseAdam", dict(lr=0.05, ema_decay=0.9), ROWS, True),
     ("Muon", dict(lr=0.02), MATRICES, False),
