@@ -168,6 +168,9 @@ def plan(spec, kw, hyper, kernel, params, grads, states, names, options, stream=
     # the gradients: checked against their params' shapes and dtypes, then coalesced
     coalesced = []
     for i, (p, r, v) in enumerate(zip(params, rows, values)):
+        for name, x in (("rows", r), ("values", v)):
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                raise TypeError(f"{op}: {name}[{i}] is not an array, got {type(x).__name__}")
         shape = tuple(getattr(p, "shape", ()))
         if not shape:
             raise ValueError(f"{op}: params[{i}] is 0-d; row-sparse gradients need rows")
