@@ -1000,7 +1000,7 @@ def test_ema_decay(data):
         opt.step(grads)
         ref.step(grads)
         if averages is None:  # the first update copies every param
-            averages = [f64(p) for p in plain]
+            averages = [np.array(p, dtype=F64) for p in plain]
         else:
             averages = [np.asarray(_lerp64(a, f64(p), 1.0 - decay), dtype=dtype)
                         for a, p in zip(averages, plain)]
@@ -1011,8 +1011,57 @@ def test_ema_decay(data):
             assert ema.dtype == dtype
             assert_close(ema, averages[i], dtype, dtype if dtype == F64 else F32,
                          mag(averages[i]) + mag(plain[i]), f"{name} ema {i} at step {step}")
-            averages[i] = f64(ema)  # the next step starts from the stored average
+            averages[i] = np.array(ema, dtype=F64)  # the next step starts from the stored one
         for i, st_ in ref.state.items():
             for key, value in st_.items():
                 if isinstance(value, np.ndarray):
                     assert_same_bits(opt.state[i][key], value, f"{name} {key} of param {i}")
+
+
+@given(st.data())
+def test_functional_ema_keywords(data):
+    """``ema=`` / ``ema_decay=`` of the functional ops (algorithms of the case table):
+    with a decay in [0, 1] the params and state are those of the op without them, bit
+    for bit, and each average is the float64 lerp of its old value toward the new param
+    by 1 - decay, within the storage's half unit and the math's rounding; a decay
+    outside [0, 1], or averages without a decay, raise ValueError and change no array."""
+    from cases import random_states as case_states
+    algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
+    case = Case(algo, draw_options(data, algo, functional=True))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    n = data.draw(st.integers(1, 3), label="tensors")
+    shapes = [data.draw(st.sampled_from(SHAPES), label="shape") for _ in range(n)]
+    dtype = data.draw(st.sampled_from([F32, F64]), label="dtype")
+    params = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    grads = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    emas = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    states = case_states(case, params, rng)
+    plain_p = [p.copy() for p in params]
+    plain_s = {k: [a.copy() for a in v] for k, v in states.items()}
+    decay = data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(-5.0, -1e-9),
+                                st.floats(1.0 + 1e-9, 5.0), st.none(),
+                                st.sampled_from([math.nan, math.inf])), label="decay")
+    t = data.draw(st.integers(1, 5), label="step")
+    note(f"{case}, shapes {shapes}, {dtype}, decay {decay!r}, step {t}")
+    args = case._state_args(states)
+    kw = dict(case.op_kwargs(t), ema=emas)
+    if decay is not None:
+        kw["ema_decay"] = decay
+    if decay is None or not 0.0 <= decay <= 1.0:
+        snap = snapshot(params + grads + emas + [a for v in states.values() for a in v])
+        with pytest.raises(ValueError, match="ema needs ema_decay|Invalid decay value"):
+            case.algo.op(params, grads, *args, **kw)
+        assert_unchanged(snap, f"after refusing ema_decay={decay!r}")
+        return
+    before = [np.array(e, dtype=F64) for e in emas]  # (a copy, also of float64 ones)
+    with np.errstate(all="ignore"):
+        case.algo.op(params, grads, *args, **kw)
+        case.run_op(plain_p, grads, plain_s, t)
+    for i in range(n):
+        assert_same_bits(params[i], plain_p[i], f"{case} param {i}")
+        for name in states:
+            assert_same_bits(states[name][i], plain_s[name][i], f"{case} {name} {i}")
+        with np.errstate(all="ignore"):
+            want = _lerp64(before[i], f64(plain_p[i]), 1.0 - decay)
+        assert_close(emas[i], want, dtype, dtype, mag(before[i]) + mag(plain_p[i]),
+                     f"{case} ema {i}")
