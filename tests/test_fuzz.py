@@ -26,6 +26,11 @@ reference (a class's later steps run on its kept plan, the gradients swapped in)
 batched optimizers and fusedopt.torch (default and flat=True) bit for bit against the
 NumPy classes.
 
+Beyond the case table: the row-sparse `sparse_adam_` (rows with repeats, bad rows and
+values) against its float64 reference, and the EMA of the params (``ema_decay`` of a
+few classes, ``ema=``/``ema_decay=`` of the functional ops) against the steps without
+it followed by the float64 EMA update; decays outside [0, 1] refused.
+
 Sizes: the "ci" hypothesis profile (the default, see conftest.py) runs a few hundred
 examples, derandomized (the same ones on every run); FUSEDOPT_HYPOTHESIS_PROFILE=long
 runs thousands, with fresh random draws each time.
