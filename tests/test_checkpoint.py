@@ -209,6 +209,216 @@ def test_batched_resumes_bit_for_bit(cls, kwargs, dtype, rng, tmp_path):
     resume_and_compare(lambda ps: cls(ps, **kwargs), params, steps, tmp_path)
 
 
+# --- beyond the case table: row-sparse gradients, composite specs, the EMA of the params ----
+
+
+MATRICES = [(6, 4), (3, 5), (4, 4), (6, 4)]  # Muon's params are 2-D (two of one shape)
+MIXED = [(6, 4), (3,), (2, 3, 4), (), (1, 1)]  # Adafactor: factored and full second moments
+ROWS = [(20, 3), (7,), (5, 2, 2)]  # SparseAdam: an embedding, a vector, a 3-D table
+
+
+def row_grads(rng, shapes, dtype, count=8):
+    """(rows, values) for each param: rows with repeats (from the first half of the rows)."""
+    out = []
+    for s in shapes:
+        rows = rng.integers(0, max(1, s[0] // 2 + 1), count)
+        out.append((rows, np.asarray(rng.standard_normal((count, *s[1:])), dtype=dtype)))
+    return out
+
+
+def dense_grads(rng, shapes, dtype):
+    return [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+
+
+#: name -> (class, options, param shapes, gradient maker)
+BEYOND = {
+    "SparseAdam": (lambda ps, **kw: fusedopt.SparseAdam(ps, **kw),
+                   dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6), ROWS, row_grads),
+    "Muon": (lambda ps, **kw: fusedopt.Muon(ps, **kw),
+             dict(lr=0.02, weight_decay=0.05, momentum=0.9), MATRICES, dense_grads),
+    "Muon, plain momentum": (lambda ps, **kw: fusedopt.Muon(ps, **kw),
+                             dict(lr=0.02, nesterov=False, adjust_lr_fn="match_rms_adamw",
+                                  ns_steps=3), MATRICES, dense_grads),
+    "Adafactor": (lambda ps, **kw: fusedopt.Adafactor(ps, **kw),
+                  dict(lr=0.05, weight_decay=0.01, beta2_decay=-0.7), MIXED, dense_grads),
+}
+
+
+def beyond_run(name, rng, dtype=np.float64, steps=6, **extra):
+    """(make, params, per-step gradients) for a row of BEYOND."""
+    cls, options, shapes, grads = BEYOND[name]
+    params = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    return (lambda ps: cls(ps, **options, **extra)), params, \
+        [grads(rng, shapes, dtype) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["", "ema"])
+@pytest.mark.parametrize("name", list(BEYOND))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_beyond_the_table_resumes_bit_for_bit(name, ema, dtype, rng, tmp_path):
+    """SparseAdam (repeated rows), Muon and Adafactor, with and without the EMA of the
+    params: the state (moments, factors, momentum buffers, averages) and step counts
+    continue exactly."""
+    make, params, steps = beyond_run(name, rng, dtype, ema_decay=ema)
+    opt, resumed = resume_and_compare(make, params, steps, tmp_path)
+    assert all(("ema" in s) == (ema is not None) for s in resumed.state.values())
+    assert resumed.state, "no state was saved"
+
+
+EMA_MAKERS = {
+    "Adam": (lambda ps, **kw: fusedopt.Adam(ps, lr=0.01, amsgrad=True, **kw), SHAPES,
+             dense_grads),
+    "SGD": (lambda ps, **kw: fusedopt.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, **kw),
+            SHAPES, dense_grads),
+    "Muon": (lambda ps, **kw: fusedopt.Muon(ps, lr=0.02, **kw), MATRICES, dense_grads),
+    "SparseAdam": (lambda ps, **kw: fusedopt.SparseAdam(ps, lr=0.05, **kw), ROWS, row_grads),
+    "Adafactor": (lambda ps, **kw: fusedopt.Adafactor(ps, lr=0.05, **kw), MIXED, dense_grads),
+}
+#: the policies each class takes next to ema_decay (SparseAdam and Adafactor keep no
+#: master weights, Adafactor rounds to nearest)
+EMA_POLICIES = [(name, policy) for name in ("Adam", "SGD", "Muon")
+                for policy in ("master", "master, stochastic, bf16 state", "stochastic")] + \
+    [("SparseAdam", "stochastic"), ("Adafactor", "plain")]
+
+
+@pytest.mark.parametrize("name, policy", EMA_POLICIES, ids=str)
+def test_ema_with_sixteen_bit_params_resumes_bit_for_bit(name, policy, rng, tmp_path):
+    """bfloat16 params and averages, with master weights or stochastic rounding where
+    the class takes them: the averages, masters and rounding stream continue exactly."""
+    make, shapes, grads = EMA_MAKERS[name]
+    precision = fusedopt.Precision(**POLICIES[policy])
+    params = [np.asarray(rng.standard_normal(s), dtype=BF16) for s in shapes]
+    steps = [grads(rng, shapes, BF16) for _ in range(6)]
+    opt, resumed = resume_and_compare(
+        lambda ps: make(ps, precision=precision, ema_decay=0.75), params, steps, tmp_path)
+    assert all(s["ema"].dtype == BF16 for s in resumed.state.values())
+
+
+def test_beyond_the_table_refuses_other_optimizers_and_params(rng, tmp_path):
+    """An Adafactor checkpoint into a Muon (and back), a Muon one over other shapes, a
+    SparseAdam one over another table: ValueError, the optimizer unchanged."""
+    def trained(name, shapes=None, dtype=np.float64, **extra):
+        cls, options, default, grads = BEYOND[name]
+        shapes = shapes or default
+        opt = cls(random_arrays(list(shapes), dtype, rng), **options, **extra)
+        for _ in range(2):
+            opt.step(grads(rng, shapes, dtype))
+        return opt
+
+    files = {}
+    for name in ("Adafactor", "Muon", "SparseAdam"):
+        files[name] = tmp_path / name
+        fusedopt.save(trained(name), files[name])
+    refused(trained("Muon"), files["Adafactor"], "state of a Adafactor, not of a Muon")
+    refused(trained("Adafactor"), files["Muon"], "state of a Muon, not of a Adafactor")
+    refused(trained("Adafactor", [(6, 4), (3, 5)]), files["SparseAdam"], "not of a Adafactor")
+    refused(trained("Muon", [(4, 6), (3, 5), (4, 4), (6, 4)]), files["Muon"], r"shape")
+    refused(trained("Muon", MATRICES[:3]), files["Muon"], "has 4 params, the optimizer's has 3")
+    refused(trained("Muon", dtype=np.float32), files["Muon"], "dtype float64")
+    refused(trained("Adafactor", [(24,), (3,), (2, 3, 4), (), (1, 1)]), files["Adafactor"],
+            "no 'variance'")
+    refused(trained("SparseAdam", [(21, 3), (7,), (5, 2, 2)]), files["SparseAdam"], r"shape")
+
+
+LBFGS_KW = dict(lr=0.5, max_iter=3, history_size=4, line_search_fn="strong_wolfe")
+
+
+def test_averages_where_the_optimizer_keeps_none_are_refused(rng, tmp_path):
+    """A checkpoint with averages of the params (ema_decay) into an optimizer without
+    ema_decay, and one without them into an optimizer with it: ValueError, unchanged
+    (loaded, the first would carry averages it never moves, the second would move
+    averages it never had)."""
+    def trained(name, **extra):
+        cls, options, shapes, grads = BEYOND[name]
+        opt = cls(random_arrays(list(shapes), np.float64, rng), **options, **extra)
+        for _ in range(2):
+            opt.step(grads(rng, shapes, np.float64))
+        return opt
+
+    for name in ("Muon", "SparseAdam", "Adafactor"):
+        fusedopt.save(trained(name, ema_decay=0.5), tmp_path / "ema")
+        fusedopt.save(trained(name), tmp_path / "plain")
+        refused(trained(name), tmp_path / "ema", "keeps none")
+        refused(trained(name, ema_decay=0.5), tmp_path / "plain", r"keeps them \(ema_decay=0.5")
+        fusedopt.load(trained(name, ema_decay=0.9), tmp_path / "ema")  # another decay: taken
+    fusedopt.save(fusedopt.Adam(random_arrays([(3,)], np.float64, rng), ema_decay=0.5),
+                  tmp_path / "fresh")  # no state yet: loads either way
+    fusedopt.load(fusedopt.Adam(random_arrays([(3,)], np.float64, rng)), tmp_path / "fresh")
+
+
+TORCH_BEYOND = [  # (class name, options, param shapes, sparse gradients)
+    ("SparseAdam", dict(lr=0.05, ema_decay=0.9), ROWS, True),
+    ("Muon", dict(lr=0.02), MATRICES, False),
+    ("Muon", dict(lr=0.02, ema_decay=0.8), MATRICES, False),
+    ("Adafactor", dict(lr=0.05, ema_decay=0.5), MIXED, False),
+    ("Adam", dict(lr=0.01, ema_decay=0.9), SHAPES, False),
+    ("LBFGS", LBFGS_KW, [(5,), (2, 3)], False),
+]
+
+
+@pytest.mark.parametrize("name, options, shapes, sparse", TORCH_BEYOND,
+                         ids=[f"{r[0]}{' ema' if 'ema_decay' in r[1] else ''}"
+                              for r in TORCH_BEYOND])
+def test_fusedopt_torch_classes_take_torch_save_not_fo_save(name, options, shapes, sparse,
+                                                            rng, tmp_path):
+    """fo.save / fo.load refuse the fusedopt.torch classes (torch.optim.Optimizers:
+    SparseAdam, Muon, Adafactor, LBFGS, any class with ema_decay) and write nothing;
+    their state dicts go through torch.save / torch.load and the resumed run is the
+    uninterrupted one, bit for bit."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import fusedopt.torch as fot
+    cls = getattr(fot, name)
+    start = [rng.standard_normal(s) for s in shapes]
+    if name == "LBFGS":
+        closure_for = quadratic(start, rng)
+    grads = [(row_grads(rng, shapes, np.float64) if sparse else dense_grads(rng, shapes,
+                                                                           np.float64))
+             for _ in range(6)]
+
+    def step(opt, ps, k):
+        if name == "LBFGS":
+            def closure():
+                loss, gs = closure_for([p.detach().numpy() for p in ps])()
+                for p, g in zip(ps, gs):
+                    p.grad = torch.from_numpy(np.array(g))
+                return loss
+            return opt.step(closure)
+        for p, s, g in zip(ps, shapes, grads[k]):
+            p.grad = (torch.sparse_coo_tensor(torch.from_numpy(g[0])[None], torch.from_numpy(
+                g[1]), s, check_invariants=True) if sparse else torch.from_numpy(g.copy()))
+        return opt.step()
+
+    params = [torch.tensor(v, requires_grad=True) for v in start]
+    opt = cls(params, **options)
+    with pytest.raises(TypeError, match=r"torch\.save"):
+        fusedopt.save(opt, tmp_path / "t")
+    with pytest.raises(TypeError, match=r"torch\.load"):
+        fusedopt.load(opt, tmp_path / "t")
+    assert not os.listdir(tmp_path)
+    for k in range(3):
+        step(opt, params, k)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved = [p.detach().clone() for p in params]
+    for k in range(3, 6):
+        step(opt, params, k)
+    resumed_params = [p.clone().requires_grad_() for p in saved]
+    resumed = cls(resumed_params, **options)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for k in range(3, 6):
+        step(resumed, resumed_params, k)
+    for i, (a, b) in enumerate(zip(resumed_params, params)):
+        assert_same_bits(a.detach().numpy(), b.detach().numpy(), f"params[{i}] after resuming")
+    for a, b in zip(resumed_params, params):
+        assert sorted(resumed.state[a]) == sorted(opt.state[b])
+        for key, v in opt.state[b].items():
+            if isinstance(v, torch.Tensor):
+                assert_same_bits(resumed.state[a][key].numpy(), v.numpy(), key)
+
+
 # --- bad files: ValueError, and the optimizer unchanged --------------------------------------
 
 

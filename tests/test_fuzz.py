@@ -26,6 +26,11 @@ reference (a class's later steps run on its kept plan, the gradients swapped in)
 batched optimizers and fusedopt.torch (default and flat=True) bit for bit against the
 NumPy classes.
 
+Beyond the case table: the row-sparse `sparse_adam_` (rows with repeats, bad rows and
+values) against its float64 reference, and the EMA of the params (``ema_decay`` of a
+few classes, ``ema=``/``ema_decay=`` of the functional ops) against the steps without
+it followed by the float64 EMA update; decays outside [0, 1] refused.
+
 Sizes: the "ci" hypothesis profile (the default, see conftest.py) runs a few hundred
 examples, derandomized (the same ones on every run); FUSEDOPT_HYPOTHESIS_PROFILE=long
 runs thousands, with fresh random draws each time.
@@ -42,7 +47,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import fusedopt
-from cases import ALGORITHMS, INVALID as INVALID_ROWS, NONNEGATIVE_STATES, Case
+from cases import ALGORITHMS, INVALID as INVALID_ROWS, NONNEGATIVE_STATES, Case, assert_same_bits
 from fusedopt import batched
 from fusedopt.algorithms._spec import Spec
 
@@ -837,3 +842,231 @@ def _torch_run(data, algo, tcls, options, flat, shapes, dtypes, arrays, two, lr2
                 else:
                     assert float(w) == float(v), f"step {t}: {key} of params[{j}]"
             assert set(mine) == set(theirs), f"step {t}: state of params[{j}]"
+
+
+# --- row-sparse gradients (SparseAdam) -----------------------------------------------------
+
+ROW_TAILS = [(), (2,), (1, 3)]  # a param's shape after its first (row) dimension
+SPARSE_SPOILS = ["row out of range", "negative row", "float rows", "2-D rows",
+                 "values: one row more", "values: other tail", "values: other dtype",
+                 "state: other shape", "state: other dtype", "fewer values", "values not an array",
+                 "rows not an array"]
+
+
+@given(st.data())
+def test_functional_sparse_adam(data):
+    """`sparse_adam_` on random rows with repeats, NaN among the values: the float64
+    reference (`fusedopt.reference.sparse_adam`) element by element, the untouched rows
+    (and their moments) bit for bit, the rows and values unchanged; or one spoiled
+    argument, refused with ValueError or TypeError and every array unchanged. The values
+    are multiples of 2**-10 below 8 in magnitude, so float32 sums the repeats exactly, as
+    the float64 reference does: the tolerance is that of the elementwise update."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    n = data.draw(st.integers(1, 3), label="tensors")
+    dtype = data.draw(st.sampled_from([F32, F64]), label="dtype")
+    shapes = [(data.draw(st.integers(1, 6), label="rows"),
+               *data.draw(st.sampled_from(ROW_TAILS), label="tail")) for _ in range(n)]
+    params = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    m = [np.asarray(0.5 * rng.standard_normal(s), dtype=dtype) for s in shapes]
+    v = [np.asarray(rng.uniform(0.05, 1.0, s), dtype=dtype) for s in shapes]
+    rows, values = [], []
+    for s in shapes:
+        count = data.draw(st.integers(0, 8), label="count")
+        rows.append(rng.integers(0, s[0], count).astype(
+            data.draw(st.sampled_from([np.int64, np.int32, np.uint8]), label="row dtype")))
+        vals = np.round(rng.uniform(-8, 8, (count, *s[1:])) * 1024) / 1024
+        if vals.size and data.draw(st.booleans(), label="NaN"):
+            vals.reshape(-1)[rng.integers(0, vals.size)] = np.nan
+        values.append(np.asarray(vals, dtype=dtype))
+    kw = dict(lr=data.draw(_zero_or(1e-4, 1.0), label="lr"),
+              beta1=data.draw(_zero_or(1e-6, 0.999), label="beta1"),
+              beta2=data.draw(_zero_or(1e-6, 0.9999), label="beta2"),
+              eps=data.draw(_zero_or(1e-10, 1e-2), label="eps"),
+              maximize=data.draw(st.booleans(), label="maximize"))
+    t = data.draw(st.integers(1, 5), label="step")
+    spoiled = data.draw(st.one_of(st.none(), st.sampled_from(SPARSE_SPOILS)), label="spoil")
+    k = data.draw(st.integers(0, n - 1), label="spoiled tensor")
+    error = ValueError
+    if spoiled == "row out of range":
+        rows[k] = np.append(rows[k], shapes[k][0])
+        values[k] = np.concatenate([values[k], np.ones((1, *shapes[k][1:]), dtype)])
+    elif spoiled == "negative row":
+        rows[k] = np.append(rows[k], -1)
+        values[k] = np.concatenate([values[k], np.ones((1, *shapes[k][1:]), dtype)])
+    elif spoiled == "float rows":
+        rows[k], error = rows[k].astype(np.float64), TypeError
+    elif spoiled == "2-D rows":
+        rows[k], error = rows[k][:, None], TypeError
+    elif spoiled == "values: one row more":
+        values[k] = np.concatenate([values[k], np.ones((1, *shapes[k][1:]), dtype)])
+    elif spoiled == "values: other tail":
+        values[k] = np.ones((len(rows[k]), *shapes[k][1:], 2), dtype)
+    elif spoiled == "values: other dtype":
+        values[k], error = values[k].astype(F64 if dtype == F32 else F32), TypeError
+    elif spoiled == "state: other shape":
+        m[k] = np.zeros((shapes[k][0] + 1, *shapes[k][1:]), dtype)
+    elif spoiled == "state: other dtype":
+        v[k], error = v[k].astype(F64 if dtype == F32 else F32), TypeError
+    elif spoiled == "fewer values":
+        values = values[:-1]
+    elif spoiled == "values not an array":
+        values[k], error = values[k].tolist(), TypeError
+    elif spoiled == "rows not an array":
+        rows[k], error = rows[k].tolist(), TypeError
+    note(f"shapes {shapes}, dtype {dtype}, rows {rows}, {kw}, step {t}, spoiled: {spoiled}")
+    before = [[np.array(a, copy=True) for a in x] for x in (params, m, v)]
+    snap = snapshot([a for a in params + m + v + rows + values if isinstance(a, np.ndarray)])
+
+    def call():
+        return fusedopt.functional.sparse_adam_(params, rows, values, m, v, step=t, **kw)
+
+    if spoiled is not None:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value), "an error without a message"
+        assert_unchanged(snap, f"after refusing '{spoiled}'")
+        return
+    inputs = snapshot(rows + values)
+    assert call() is None
+    assert_unchanged(inputs, "the rows and values of a step")
+    with np.errstate(all="ignore"):
+        ref = fusedopt.reference.sparse_adam(*[[f64(a) for a in x] for x in before[:1]], rows,
+                                             values, *[[f64(a) for a in x] for x in before[1:]],
+                                             step=t, **kw)
+        bias = kw["lr"] * math.sqrt(1.0 - kw["beta2"] ** t) / (1.0 - kw["beta1"] ** t)
+        for j in range(n):
+            g = np.zeros(shapes[j])
+            np.add.at(g, rows[j].astype(np.int64), np.abs(f64(values[j])))
+            p0, m0, v0 = (f64(x[j]) for x in before)
+            rp, rm, rv = (r[j] for r in ref)
+            # the update's rounding: its own size, and the first moment's (|m0| + |g|)
+            # over the denominator, to which a cancelling moment leaves no size of its own
+            pscale = mag(p0) + mag(rp - p0) + bias * (mag(m0) + g) / (np.sqrt(mag(rv)) +
+                                                                    kw["eps"])
+            what = f"tensor {j} {dtype} {shapes[j]}"
+            assert_close(params[j], rp, dtype, dtype, pscale, f"{what} param")
+            assert_close(m[j], rm, dtype, dtype, mag(m0) + g, f"{what} exp_avg")
+            assert_close(v[j], rv, dtype, dtype, mag(v0) + g * g, f"{what} exp_avg_sq")
+            untouched = np.setdiff1d(np.arange(shapes[j][0]), rows[j])
+            for new, old, name in zip((params[j], m[j], v[j]), (p0, m0, v0),
+                                      ("param", "exp_avg", "exp_avg_sq")):
+                assert new[untouched].tobytes() == np.asarray(old[untouched], dtype).tobytes(), \
+                    f"{what}: untouched rows of {name} changed"
+
+
+# --- the EMA of the params (ema_decay) -----------------------------------------------------
+
+EMA_CLASSES = {  # name -> (make(params, **kw), param shapes it takes)
+    "Adam": (lambda ps, **kw: fusedopt.Adam(ps, lr=0.01, **kw), SHAPES),
+    "SGD": (lambda ps, **kw: fusedopt.SGD(ps, lr=0.05, momentum=0.9, **kw), SHAPES),
+    "Adafactor": (lambda ps, **kw: fusedopt.Adafactor(ps, lr=0.05, **kw),
+                  [(), (1,), (5,), (3, 4), (2, 1, 3)]),
+}
+
+
+def _lerp64(a, b, w):
+    """torch.lerp's formula in float64 (a + w (b - a), or b - (b - a)(1 - w))."""
+    return a + w * (b - a) if abs(w) < 0.5 else b - (b - a) * (1.0 - w)
+
+
+@given(st.data())
+def test_ema_decay(data):
+    """A class with ``ema_decay`` in [0, 1] takes the steps of the class without it (bit
+    for bit: the same params and state) and its averages follow the reference EMA
+    (AveragedModel's: the first step copies, later steps move every average, of params
+    without a gradient in that step too) within the storage's half unit and the math's
+    rounding; a decay outside [0, 1] (or NaN, inf, a bool) is refused with ValueError
+    and changes no param."""
+    name = data.draw(st.sampled_from(sorted(EMA_CLASSES)), label="class")
+    make, domain = EMA_CLASSES[name]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    n = data.draw(st.integers(1, 3), label="tensors")
+    shapes = [data.draw(st.sampled_from(domain), label="shape") for _ in range(n)]
+    dtype = data.draw(st.sampled_from([F32, F64, BF16]), label="dtype")
+    decay = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1.0, 0.5]),
+                                st.floats(-5.0, -1e-9), st.floats(1.0 + 1e-9, 5.0),
+                                st.sampled_from([math.nan, math.inf, -math.inf, True])),
+                      label="decay")
+    params = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    plain = [p.copy() for p in params]
+    note(f"{name}, shapes {shapes}, {dtype}, decay {decay!r}")
+    valid = not isinstance(decay, bool) and 0.0 <= decay <= 1.0
+    if not valid:
+        snap = snapshot(params)
+        with pytest.raises(ValueError, match="Invalid decay value"):
+            make(params, ema_decay=decay)
+        assert_unchanged(snap, "params after a refused ema_decay")
+        return
+    opt, ref = make(params, ema_decay=decay), make(plain)
+    averages = None
+    for step in range(data.draw(st.integers(1, 3), label="steps")):
+        grads = [None if data.draw(st.integers(0, 4), label="no grad") == 0 else
+                 np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+        opt.step(grads)
+        ref.step(grads)
+        if averages is None:  # the first update copies every param
+            averages = [np.array(p, dtype=F64) for p in plain]
+        else:
+            averages = [np.asarray(_lerp64(a, f64(p), 1.0 - decay), dtype=dtype)
+                        for a, p in zip(averages, plain)]
+        for i in range(n):
+            assert_same_bits(params[i], plain[i], f"{name} param {i} at step {step}")
+            state = opt.state.get(i)
+            ema = state["ema"] if state else params[i]  # no state yet: its own average
+            assert ema.dtype == dtype
+            assert_close(ema, averages[i], dtype, dtype if dtype == F64 else F32,
+                         mag(averages[i]) + mag(plain[i]), f"{name} ema {i} at step {step}")
+            averages[i] = np.array(ema, dtype=F64)  # the next step starts from the stored one
+        for i, st_ in ref.state.items():
+            for key, value in st_.items():
+                if isinstance(value, np.ndarray):
+                    assert_same_bits(opt.state[i][key], value, f"{name} {key} of param {i}")
+
+
+@given(st.data())
+def test_functional_ema_keywords(data):
+    """``ema=`` / ``ema_decay=`` of the functional ops (algorithms of the case table):
+    with a decay in [0, 1] the params and state are those of the op without them, bit
+    for bit, and each average is the float64 lerp of its old value toward the new param
+    by 1 - decay, within the storage's half unit and the math's rounding; a decay
+    outside [0, 1], or averages without a decay, raise ValueError and change no array."""
+    from cases import random_states as case_states
+    algo = data.draw(st.sampled_from(list(ALGORITHMS.values())), label="algorithm")
+    case = Case(algo, draw_options(data, algo, functional=True))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    n = data.draw(st.integers(1, 3), label="tensors")
+    shapes = [data.draw(st.sampled_from(SHAPES), label="shape") for _ in range(n)]
+    dtype = data.draw(st.sampled_from([F32, F64]), label="dtype")
+    params = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    grads = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    emas = [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+    states = case_states(case, params, rng)
+    plain_p = [p.copy() for p in params]
+    plain_s = {k: [a.copy() for a in v] for k, v in states.items()}
+    decay = data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(-5.0, -1e-9),
+                                st.floats(1.0 + 1e-9, 5.0), st.none(),
+                                st.sampled_from([math.nan, math.inf])), label="decay")
+    t = data.draw(st.integers(1, 5), label="step")
+    note(f"{case}, shapes {shapes}, {dtype}, decay {decay!r}, step {t}")
+    args = case._state_args(states)
+    kw = dict(case.op_kwargs(t), ema=emas)
+    if decay is not None:
+        kw["ema_decay"] = decay
+    if decay is None or not 0.0 <= decay <= 1.0:
+        snap = snapshot(params + grads + emas + [a for v in states.values() for a in v])
+        with pytest.raises(ValueError, match="ema needs ema_decay|Invalid decay value"):
+            case.algo.op(params, grads, *args, **kw)
+        assert_unchanged(snap, f"after refusing ema_decay={decay!r}")
+        return
+    before = [np.array(e, dtype=F64) for e in emas]  # (a copy, also of float64 ones)
+    with np.errstate(all="ignore"):
+        case.algo.op(params, grads, *args, **kw)
+        case.run_op(plain_p, grads, plain_s, t)
+    for i in range(n):
+        assert_same_bits(params[i], plain_p[i], f"{case} param {i}")
+        for name in states:
+            assert_same_bits(states[name][i], plain_s[name][i], f"{case} {name} {i}")
+        with np.errstate(all="ignore"):
+            want = _lerp64(before[i], f64(plain_p[i]), 1.0 - decay)
+        assert_close(emas[i], want, dtype, dtype, mag(before[i]) + mag(plain_p[i]),
+                     f"{case} ema {i}")

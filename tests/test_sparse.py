@@ -97,6 +97,10 @@ def test_same_bits_for_every_thread_count(rng):
     (dict(m=[np.zeros((8, 2))]), ValueError, r"exp_avgs\[0\] has shape"),
     (dict(m=[np.zeros((8, 3), np.float32)]), TypeError, "exp_avgs"),
     (dict(v=None), ValueError, "exp_avg_sqs is required"),
+    (dict(rows=[[0, 3]]), TypeError, r"rows\[0\] is not an array, got list"),
+    (dict(rows=[np.array([[0], [3]])]), TypeError, r"rows\[0\] must be a 1-D integer array, "
+                                                   r"got shape \(2, 1\)"),
+    (dict(values=[[[1.0] * 3] * 2]), TypeError, r"values\[0\] is not an array, got list"),
 ])
 def test_bad_input_raises_and_changes_nothing(bad, kind, match):
     args = dict(rows=[np.array([0, 3])], values=[np.ones((2, 3))], m=[np.zeros((8, 3))],

@@ -51,6 +51,89 @@ def workload(c, seed, dtype=np.float32):
     return params, grads
 
 
+#: the optimizers beyond the case table: name -> (make(params), param shapes, gradients:
+#: "dense", "rows" (row-sparse pairs with repeats) or "closure" (LBFGS)
+BEYOND = {
+    "SparseAdam": (lambda ps: fusedopt.SparseAdam(ps, lr=0.01), [(50_000, 8), (300,)], "rows"),
+    "SparseAdam, ema": (lambda ps: fusedopt.SparseAdam(ps, lr=0.01, ema_decay=0.9),
+                        [(50_000, 8), (300,)], "rows"),
+    "Muon": (lambda ps: fusedopt.Muon(ps, lr=0.02), [(96, 64), (32, 32), (32, 32)], "dense"),
+    "Muon, ema": (lambda ps: fusedopt.Muon(ps, lr=0.02, ema_decay=0.9), [(96, 64), (32, 32)],
+                  "dense"),
+    "Adafactor": (lambda ps: fusedopt.Adafactor(ps, lr=0.05), SHAPES, "dense"),
+    "Adam, ema": (lambda ps: fusedopt.Adam(ps, lr=0.01, ema_decay=0.99), SHAPES, "dense"),
+    "SGD, ema": (lambda ps: fusedopt.SGD(ps, lr=0.01, momentum=0.9, ema_decay=0.5), SHAPES,
+                 "dense"),
+    "torch LBFGS": (lambda ps: _torch().LBFGS(ps, lr=0.5, max_iter=4, history_size=5,
+                                              line_search_fn="strong_wolfe"),
+                    [(3000,), (40, 25)], "closure"),
+}
+
+
+def _torch():
+    pytest.importorskip("torch")
+    import fusedopt.torch as fot
+    return fot
+
+
+class Beyond:
+    """One optimizer of BEYOND over its own params and gradients: `run` takes every step
+    of a fresh one, `start` makes a fresh one, `step` takes step k, `result` gives its
+    params and state arrays."""
+
+    def __init__(self, name, seed):
+        self.name = name
+        self.make, self.shapes, self.kind = BEYOND[name]
+        rng = np.random.default_rng(seed)
+        self.values = random_arrays(self.shapes, np.float64 if self.kind == "closure" else
+                                    np.float32, rng)
+        if self.kind == "rows":  # rows with repeats, from the first half of each table
+            self.grads = [[(rng.integers(0, s[0] // 2, s[0] // 4),
+                            np.asarray(rng.standard_normal((s[0] // 4, *s[1:])), np.float32))
+                           for s in self.shapes] for _ in range(STEPS)]
+        elif self.kind == "dense":
+            self.grads = [random_arrays(self.shapes, np.float32, rng) for _ in range(STEPS)]
+        else:
+            self.closure_for = _quadratic(rng, self.shapes, hessian=False)
+
+    def start(self):
+        if self.kind == "closure":
+            import torch
+            params = [torch.tensor(v, requires_grad=True) for v in self.values]
+        else:
+            params = [v.copy() for v in self.values]
+        return self.make(params), params
+
+    def run(self, steps=STEPS):
+        opt, params = self.start()
+        for k in range(steps):
+            self.step(opt, params, k)
+        return opt, params
+
+    def step(self, opt, params, k):
+        if self.kind != "closure":
+            return opt.step(self.grads[k])
+        import torch
+        evaluate = self.closure_for([p.detach().numpy() for p in params])
+
+        def closure():
+            loss, grads = evaluate()
+            for p, g in zip(params, grads):
+                p.grad = torch.from_numpy(np.asarray(g))
+            return loss
+        return opt.step(closure)
+
+    def result(self, opt, params):
+        if self.kind == "closure":
+            state = opt.state[params[0]]
+            return [p.detach().numpy() for p in params] + \
+                [np.asarray([state["n_iter"], state["func_evals"]])] + \
+                [d.numpy() for d in state["old_dirs"]]
+        return list(params) + [v for i in sorted(opt.state) for _, v in
+                               sorted(opt.state[i].items()) if isinstance(v, np.ndarray)] + \
+            [np.asarray(opt.steps_taken)]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_independent_optimizers_in_threads_match_serial_runs(threads):
     """Every algorithm's optimizer (its own params) in a thread of its own, all at once,
@@ -66,6 +149,9 @@ def test_independent_optimizers_in_threads_match_serial_runs(threads):
         serial.append((ps, opt.state_dict()))
 
     runs = [(c.make(params), grads, params) for c, params, grads in jobs]
+    beyond = [Beyond(name, 50 + seed) for seed, name in enumerate(BEYOND)]
+    beyond_serial = [b.result(*b.run()) for b in beyond]
+    beyond_runs = [b.start() for b in beyond]
 
     def stepper(opt, grads):
         def go():
@@ -73,7 +159,17 @@ def test_independent_optimizers_in_threads_match_serial_runs(threads):
                 opt.step(g)
         return go
 
-    run_threads([stepper(opt, grads) for opt, grads, _ in runs])
+    def beyond_stepper(b, opt, params):
+        def go():
+            for k in range(STEPS):
+                b.step(opt, params, k)
+        return go
+
+    run_threads([stepper(opt, grads) for opt, grads, _ in runs] +
+                [beyond_stepper(b, *r) for b, r in zip(beyond, beyond_runs)])
+    for b, r, want in zip(beyond, beyond_runs, beyond_serial):
+        for k, (a, w) in enumerate(zip(b.result(*r), want)):
+            assert_same_bits(a, w, f"{b.name}: array {k} of its params and state")
     for (c, _, _), (opt, _, params), (want_p, want_sd) in zip(jobs, runs, serial):
         for i, (a, b) in enumerate(zip(params, want_p)):
             assert_same_bits(a, b, f"{c}: params[{i}]")
@@ -156,6 +252,45 @@ def test_one_optimizer_stepped_from_two_threads_serializes(c):
     _assert_same_run(opt, params, serial, serial_params, str(c))
 
 
+@pytest.mark.parametrize("name", list(BEYOND))
+def test_beyond_the_table_stepped_from_two_threads_serializes(name):
+    """SparseAdam (row-sparse gradients), Muon, Adafactor, optimizers keeping the EMA of
+    their params and fusedopt.torch.LBFGS (closures, line searches, a history), each
+    stepped N times from each of two threads with the same gradients (closure): the
+    params, state and counters of 2N serial steps, bit for bit."""
+    b = Beyond(name, 17)
+    if b.kind != "closure":  # the same gradient every step, as the threads take it
+        b.grads = [b.grads[0]] * (2 * STEPS)
+    want = b.result(*b.run(2 * STEPS))
+    opt, params = b.start()
+    if b.kind == "closure":
+        evaluate = b.closure_for([p.detach().numpy() for p in params])
+
+        def closure():
+            time.sleep(1e-4)  # lets the other thread run, as a model's forward pass does
+            loss, grads = evaluate()
+            for p, g in zip(params, grads):
+                p.grad = torch_from_numpy(np.asarray(g))
+            return loss
+
+        def stepper():
+            for _ in range(STEPS):
+                opt.step(closure)
+    else:
+        def stepper():
+            for _ in range(STEPS):
+                opt.step(b.grads[0])
+
+    run_threads([stepper, stepper])
+    for k, (a, w) in enumerate(zip(b.result(opt, params), want)):
+        assert_same_bits(a, w, f"{name}: array {k} of its params and state")
+
+
+def torch_from_numpy(a):
+    import torch
+    return torch.from_numpy(a)
+
+
 def test_batched_optimizer_stepped_from_two_threads_serializes():
     rng = np.random.default_rng(3)
     params = [p + np.asarray(rng.standard_normal(p.shape), np.float32)
@@ -229,19 +364,30 @@ def test_second_order_optimizer_stepped_from_two_threads_serializes(name):
 
 @pytest.mark.parametrize("name, kwargs", [("Adam", dict(lr=0.01, amsgrad=True)),
                                           ("SGD", dict(lr=0.1, momentum=0.9)),
-                                          ("RMSprop", dict(centered=True, momentum=0.5))])
+                                          ("RMSprop", dict(centered=True, momentum=0.5)),
+                                          ("Adam", dict(lr=0.01, ema_decay=0.9)),
+                                          ("Adafactor", dict(lr=0.05, ema_decay=0.5)),
+                                          ("Muon", dict(lr=0.02)),
+                                          ("SparseAdam", dict(lr=0.01, ema_decay=0.9))])
 def test_torch_optimizer_stepped_from_two_threads_serializes(name, kwargs):
     torch = pytest.importorskip("torch")
     import fusedopt.torch as fot
 
     rng = np.random.default_rng(5)
-    values = random_arrays(SHAPES, np.float32, rng)
-    grads = random_arrays(SHAPES, np.float32, rng)
+    shapes = {"Muon": [(96, 64), (32, 32)], "SparseAdam": [(50_000, 8), (300,)]}.get(
+        name, SHAPES)
+    values = random_arrays(shapes, np.float32, rng)
+    grads = random_arrays(shapes, np.float32, rng)
+    if name == "SparseAdam":  # rows with repeats
+        rows = [torch.from_numpy(rng.integers(0, s[0] // 2, s[0] // 4)) for s in shapes]
+        grads = [torch.sparse_coo_tensor(r[None], torch.randn(len(r), *s[1:]), s,
+                                         check_invariants=True)
+                 for r, s in zip(rows, shapes)]
 
     def make():
         ps = [torch.tensor(v, requires_grad=True) for v in values]
         for p, g in zip(ps, grads):
-            p.grad = torch.tensor(g)
+            p.grad = g.clone() if isinstance(g, torch.Tensor) else torch.tensor(g)
         return ps, getattr(fot, name)(ps, **kwargs)
 
     serial_params, serial = make()
@@ -257,9 +403,13 @@ def test_torch_optimizer_stepped_from_two_threads_serializes(name, kwargs):
     for i, (a, b) in enumerate(zip(params, serial_params)):
         assert_same_bits(a.detach().numpy(), b.detach().numpy(), f"params[{i}]")
     for a, b in zip(params, serial_params):
+        assert sorted(opt.state[a]) == sorted(serial.state[b])
         for key, v in serial.state[b].items():
-            assert_same_bits(opt.state[a][key].numpy(), v.numpy(), key)
-    if name != "SGD":
+            if isinstance(v, torch.Tensor):
+                assert_same_bits(opt.state[a][key].numpy(), v.numpy(), key)
+            else:
+                assert opt.state[a][key] == v, key
+    if name not in ("SGD", "Muon"):
         assert all(float(opt.state[p]["step"]) == 2 * STEPS for p in params)
 
 
@@ -290,3 +440,16 @@ def test_the_lock_is_not_state():
     tclone = copy.deepcopy(topt)
     assert isinstance(tclone._fo_lock, type(topt._fo_lock))
     assert tclone._fo_lock is not topt._fo_lock
+    lbfgs = fot.LBFGS([w])
+    for clone in (copy.deepcopy(lbfgs), pickle.loads(pickle.dumps(lbfgs))):
+        assert isinstance(clone._fo_lock, type(lbfgs._fo_lock))
+        assert clone._fo_lock is not lbfgs._fo_lock
+        x = clone.param_groups[0]["params"][0]
+
+        def closure():
+            clone.zero_grad()
+            loss = (x * x).sum()
+            loss.backward()
+            return loss
+        clone.step(closure)  # a copy steps its own params
+        assert clone.state[x]["n_iter"] > 0 and not lbfgs.state

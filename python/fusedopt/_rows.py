@@ -168,6 +168,12 @@ def plan(spec, kw, hyper, kernel, params, grads, states, names, options, stream=
     # the gradients: checked against their params' shapes and dtypes, then coalesced
     coalesced = []
     for i, (p, r, v) in enumerate(zip(params, rows, values)):
+        for name, x in (("rows", r), ("values", v)):
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                raise TypeError(f"{op}: {name}[{i}] is not an array, got {type(x).__name__}")
+        if r.ndim != 1:  # (before the values' shape, which follows from the rows' count)
+            raise TypeError(f"{op}: rows[{i}] must be a 1-D integer array, got shape "
+                            f"{tuple(r.shape)}")
         shape = tuple(getattr(p, "shape", ()))
         if not shape:
             raise ValueError(f"{op}: params[{i}] is 0-d; row-sparse gradients need rows")

@@ -8,6 +8,8 @@ because its state buffers do not have the params' shapes.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.optim import Optimizer
 
@@ -44,10 +46,13 @@ class Adafactor(TorchEma, Optimizer):
                         foreach=foreach, maximize=maximize)
         self.spec.validate(defaults)
         self._ema_init(ema_decay)
+        self._fo_lock = threading.Lock()
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not hasattr(self, "_fo_lock"):  # a copy: a lock of its own
+            self._fo_lock = threading.Lock()
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
@@ -59,53 +64,54 @@ class Adafactor(TorchEma, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        spec = self.spec
-        self._ema_begin()
-        plans, fresh, counted = [], {}, []
-        for group in self.param_groups:
-            buckets = {}
-            for p in group["params"]:
-                if p.grad is None:
+        with self._fo_lock:  # one step at a time (as the other fusedopt.torch classes)
+            spec = self.spec
+            self._ema_begin()
+            plans, fresh, counted = [], {}, []
+            for group in self.param_groups:
+                buckets = {}
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if torch.is_complex(p):
+                        raise RuntimeError("Adafactor does not support complex parameters")
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Adafactor does not support sparse gradients")
+                    state = self.state.get(p)
+                    if not state or "step" not in state:
+                        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+                        if p.grad.dim() > 1:
+                            shape = list(p.grad.shape)
+                            state["row_var"] = p.grad.new_zeros(shape[:-1] + [1])
+                            state["col_var"] = p.grad.new_zeros(shape[:-2] + [1, shape[-1]])
+                        else:
+                            state["variance"] = torch.zeros_like(
+                                p.grad, memory_format=torch.preserve_format)
+                        fresh[p] = state
+                    bucket = buckets.setdefault(float(state["step"]), ([], [], [], [], []))
+                    for lst, x in zip(bucket, (p, p.grad, state.get("row_var"),
+                                               state.get("col_var"), state.get("variance"))):
+                        lst.append(x)
+                if not buckets:
                     continue
-                if torch.is_complex(p):
-                    raise RuntimeError("Adafactor does not support complex parameters")
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
-                state = self.state.get(p)
-                if not state or "step" not in state:
-                    state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
-                    if p.grad.dim() > 1:
-                        shape = list(p.grad.shape)
-                        state["row_var"] = p.grad.new_zeros(shape[:-1] + [1])
-                        state["col_var"] = p.grad.new_zeros(shape[:-2] + [1, shape[-1]])
-                    else:
-                        state["variance"] = torch.zeros_like(
-                            p.grad, memory_format=torch.preserve_format)
-                    fresh[p] = state
-                bucket = buckets.setdefault(float(state["step"]), ([], [], [], [], []))
-                for lst, x in zip(bucket, (p, p.grad, state.get("row_var"),
-                                           state.get("col_var"), state.get("variance"))):
-                    lst.append(x)
-            if not buckets:
-                continue
-            kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
-            for count, (ps, gs, rows, cols, var) in buckets.items():
-                plans.append(_engine.plan(spec, dict(kw, step=int(count) + 1), ps, gs,
-                                          [rows, cols, var], options=self._ema_options(ps)))
-                counted += ps
-        ema_plan = self._ema_rest_plan({id(p) for p in counted})
-        # every group validated: the new state, the counts, then the kernels
-        for p, state in fresh.items():
-            self.state[p].update(state)
-        self._ema_install()
-        for p in counted:
-            self.state[p]["step"] += 1
-        for plan in plans:
-            plan.run()
-        if ema_plan is not None:
-            ema_plan.run()
-        if counted:
-            torch.autograd.graph.increment_version(counted)
+                kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
+                for count, (ps, gs, rows, cols, var) in buckets.items():
+                    plans.append(_engine.plan(spec, dict(kw, step=int(count) + 1), ps, gs,
+                                              [rows, cols, var], options=self._ema_options(ps)))
+                    counted += ps
+            ema_plan = self._ema_rest_plan({id(p) for p in counted})
+            # every group validated: the new state, the counts, then the kernels
+            for p, state in fresh.items():
+                self.state[p].update(state)
+            self._ema_install()
+            for p in counted:
+                self.state[p]["step"] += 1
+            for plan in plans:
+                plan.run()
+            if ema_plan is not None:
+                ema_plan.run()
+            if counted:
+                torch.autograd.graph.increment_version(counted)
         return loss
 
 

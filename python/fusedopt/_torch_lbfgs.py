@@ -13,6 +13,7 @@ direction.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -186,6 +187,13 @@ class LBFGS(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
         self._params = self.param_groups[0]["params"]
+        self._fo_lock = threading.Lock()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._params = self.param_groups[0]["params"]
+        if not hasattr(self, "_fo_lock"):  # a copy (deepcopy, pickle): a lock of its own
+            self._fo_lock = threading.Lock()
 
     @torch.no_grad()
     def step(self, closure: Callable) -> object:  # type: ignore[override]
@@ -196,7 +204,16 @@ class LBFGS(Optimizer):
         closure : callable
             Clears the gradients, re-evaluates the model, calls ``backward()`` and returns
             the loss.
+
+        Notes
+        -----
+        One optimizer stepped from several threads at once runs the steps one after the
+        other (a lock, as the other classes of `fusedopt.torch`).
         """
+        with self._fo_lock:
+            return self._step(closure)
+
+    def _step(self, closure):
         group = self.param_groups[0]
         if group["line_search_fn"] not in (None, "strong_wolfe"):
             raise RuntimeError("only 'strong_wolfe' is supported")

@@ -10,6 +10,8 @@ because torch keeps this optimizer's step count as an int, not a tensor.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.optim import Optimizer
 
@@ -46,6 +48,7 @@ class SparseAdam(TorchEma, Optimizer):
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         self._ema_init(ema_decay)
+        self._fo_lock = threading.Lock()
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize))
         sparse_params, complex_params = [], []
         for index, group in enumerate(self.param_groups):
@@ -61,6 +64,11 @@ class SparseAdam(TorchEma, Optimizer):
             raise ValueError(f"Complex params at indices {complex_params}: SparseAdam does not "
                              "support complex parameters")
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not hasattr(self, "_fo_lock"):  # a copy: a lock of its own
+            self._fo_lock = threading.Lock()
+
     @torch.no_grad()
     def step(self, closure=None):
         """One update of the rows each param's sparse gradient touches; returns the
@@ -69,46 +77,47 @@ class SparseAdam(TorchEma, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        spec = self.spec
-        self._ema_begin()
-        plans, fresh, counted = [], {}, []
-        for group in self.param_groups:
-            buckets = {}
-            for p in group["params"]:
-                if p.grad is None:
+        with self._fo_lock:  # one step at a time (as the other fusedopt.torch classes)
+            spec = self.spec
+            self._ema_begin()
+            plans, fresh, counted = [], {}, []
+            for group in self.param_groups:
+                buckets = {}
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if not p.grad.is_sparse:
+                        raise RuntimeError("SparseAdam does not support dense gradients, please "
+                                           "consider Adam instead")
+                    state = self.state.get(p)
+                    if not state or "step" not in state:
+                        state = fresh[p] = {
+                            "step": 0,
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                    bucket = buckets.setdefault(int(state["step"]), ([], [], [], []))
+                    for lst, x in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                        lst.append(x)
+                if not buckets:
                     continue
-                if not p.grad.is_sparse:
-                    raise RuntimeError("SparseAdam does not support dense gradients, please "
-                                       "consider Adam instead")
-                state = self.state.get(p)
-                if not state or "step" not in state:
-                    state = fresh[p] = {
-                        "step": 0,
-                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-                bucket = buckets.setdefault(int(state["step"]), ([], [], [], []))
-                for lst, x in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    lst.append(x)
-            if not buckets:
-                continue
-            kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
-            for count, (ps, gs, ms, vs) in buckets.items():
-                plans.append(_engine.plan(spec, dict(kw, step=count + 1), ps, gs, [ms, vs],
-                                          options=self._ema_options(ps)))
-                counted += ps
-        ema_plan = self._ema_rest_plan({id(p) for p in counted})
-        # every group validated: the new state, the counts, then the kernels
-        for p, state in fresh.items():
-            self.state[p].update(state)
-        self._ema_install()
-        for p in counted:
-            self.state[p]["step"] += 1
-        for plan in plans:
-            plan.run()
-        if ema_plan is not None:
-            ema_plan.run()
-        if counted:
-            torch.autograd.graph.increment_version(counted)
+                kw = spec.to_op({k: _plain(v) for k, v in group.items() if k != "params"})
+                for count, (ps, gs, ms, vs) in buckets.items():
+                    plans.append(_engine.plan(spec, dict(kw, step=count + 1), ps, gs, [ms, vs],
+                                              options=self._ema_options(ps)))
+                    counted += ps
+            ema_plan = self._ema_rest_plan({id(p) for p in counted})
+            # every group validated: the new state, the counts, then the kernels
+            for p, state in fresh.items():
+                self.state[p].update(state)
+            self._ema_install()
+            for p in counted:
+                self.state[p]["step"] += 1
+            for plan in plans:
+                plan.run()
+            if ema_plan is not None:
+                ema_plan.run()
+            if counted:
+                torch.autograd.graph.increment_version(counted)
         return loss
 
 

@@ -20,7 +20,8 @@ params' device.
 renames it over the target (`os.replace`): a crash or an error mid-save leaves either
 the previous file or the new one, never a part of one. `load` reads and checks the
 whole file before it changes anything: a truncated or damaged file, another format
-version, another optimizer type or precision policy, and (through
+version, another optimizer type or precision policy, averages of the params (state
+``"ema"``) where the optimizer has no ``ema_decay`` or none where it has, and (through
 ``load_state_dict``) other parameter counts, shapes or dtypes raise ValueError, and
 the optimizer keeps its state.
 
@@ -108,8 +109,9 @@ def load(optimizer: Any, path: str | os.PathLike) -> None:
     ------
     ValueError
         The file is missing, truncated or not a checkpoint, of a newer format version,
-        or of another optimizer type, precision policy or parameter layout. The
-        optimizer is then unchanged.
+        or of another optimizer type, precision policy or parameter layout, or holds
+        averages of the params (``ema_decay``) where the optimizer keeps none or none
+        where it keeps them. The optimizer is then unchanged.
     TypeError
         The optimizer is a ``torch.optim.Optimizer`` (use ``torch.load`` and
         ``load_state_dict``).
@@ -134,6 +136,7 @@ def load(optimizer: Any, path: str | os.PathLike) -> None:
         raise ValueError(f"{where} is damaged: its state dict cannot be rebuilt ({e})") from None
     if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)):
         raise ValueError(f"{where} is damaged: no state dict in it")
+    _check_averages(where, state_dict["state"], optimizer)
     state_dict["state"] = _on_params_device(state_dict["state"], optimizer)
     before = optimizer.state_dict()  # fusedopt's loads change nothing when they fail; this
     try:                             # puts back what one that fails half-way did change
@@ -156,6 +159,22 @@ def _refuse_torch(optimizer, verb):
                             f"torch.optim.Optimizer ({type(optimizer).__name__}) use "
                             "torch.save(opt.state_dict(), path) and "
                             "opt.load_state_dict(torch.load(path))")
+
+
+def _check_averages(where, state, optimizer):
+    """ValueError when the file holds averages of the params (state "ema") and the
+    optimizer keeps none (no ``ema_decay``), or the other way round."""
+    if not hasattr(optimizer, "ema_decay") or not isinstance(state, dict):
+        return
+    states = [s for s in state.values() if isinstance(s, dict) and s]
+    saved = any("ema" in s for s in states)
+    keeps = optimizer.ema_decay is not None
+    if saved and not keeps:
+        raise ValueError(f"{where} holds averages of the params (state 'ema'); this optimizer "
+                         "keeps none (no ema_decay)")
+    if states and keeps and not saved:
+        raise ValueError(f"{where} holds no averages of the params (state 'ema'); this "
+                         f"optimizer keeps them (ema_decay={optimizer.ema_decay})")
 
 
 def _precision_of(optimizer):
