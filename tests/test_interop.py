@@ -9,6 +9,7 @@ producer sees the change. Each refused kind raises and every array stays as it w
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import sys
@@ -531,3 +532,60 @@ def test_cai_stream_is_waited_for():
     F.sgd_([p], [CAIOnly(g, side.ptr)], lr=1.0, stream=main)
     main.synchronize()
     assert float(p.min()) == -50.0 and float(p.max()) == -50.0
+
+
+# --- the optimizer classes take what the functional ops take ---------------------------------
+
+
+def _class_algorithms():
+    from cases import ALGORITHMS, required_options
+    return {name: (algo.cls, required_options(algo.spec)) for name, algo in ALGORITHMS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(_class_algorithms()))
+@pytest.mark.parametrize("wrap", [DLPackOnly, LegacyDLPack, ArrayInterfaceOnly])
+def test_classes_take_objects_with_only_an_export_protocol(name, wrap):
+    """Params that expose nothing but `__dlpack__` (or `__array_interface__`): no dtype, no
+    shape. The class makes their state from the description the functional op uses, and
+    five steps give the bits of the same class on the NumPy arrays themselves."""
+    cls, options = _class_algorithms()[name]
+    rng = np.random.default_rng(3)
+    shapes = [(5, 3), (7,), ()]
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(5)]
+    arrays = [a.copy() for a in start]
+    wrapped = [wrap(a) for a in arrays]
+    plain = [a.copy() for a in start]
+    opt, want = cls(wrapped, **options), cls(plain, **options)
+    for o in (opt, want):
+        if hasattr(o, "train"):  # schedule-free: steps are taken in train mode
+            o.train()
+    for g in grads:
+        opt.step([wrap(x) for x in g])
+        want.step(g)
+    for a, b in zip(arrays, plain):
+        np.testing.assert_array_equal(a, b)
+    for k in want.state:
+        for key, value in want.state[k].items():
+            np.testing.assert_array_equal(np.asarray(opt.state[k][key]), np.asarray(value),
+                                          err_msg=f"state[{k}][{key!r}]")
+
+
+@pytest.mark.parametrize("name", sorted(_class_algorithms()))
+def test_classes_refuse_a_read_only_param_behind_dlpack(name):
+    cls, options = _class_algorithms()[name]
+    p, frozen = np.ones(4), _readonly(np.full(3, 2.0))
+    opt = cls([p, DLPackOnly(frozen)], **options)
+    if hasattr(opt, "train"):
+        opt.train()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step([np.full(4, 0.5), np.full(3, 0.5)])
+    np.testing.assert_array_equal(p, np.ones(4))
+    np.testing.assert_array_equal(frozen, np.full(3, 2.0))
+    after = opt.state_dict()
+    assert after["state"].keys() == before["state"].keys()
+    for k, st in before["state"].items():
+        assert after["state"][k].keys() == st.keys()
+        for key, value in st.items():
+            np.testing.assert_array_equal(np.asarray(after["state"][k][key]), np.asarray(value))
