@@ -8,7 +8,7 @@ import os
 import platform
 from importlib import metadata
 
-COLUMNS = [("workload", "<", 9), ("algorithm", "<", 12), ("implementation", "<", 22),
+COLUMNS = [("workload", "<", 9), ("algorithm", "<", 18), ("implementation", "<", 38),
            ("ms/step", ">", 9), ("µs/tensor", ">", 10), ("GB/s", ">", 6), ("% limit", ">", 7),
            ("vs best", ">", 7)]
 
