@@ -61,17 +61,7 @@ class AdafactorPlan:
             self.ema_plan.run()
 
     def execute(self):
-        options = self.options
-        if not options.checks_grads:
-            self.run()
-            return None
-        if self.prep.device != _arrays.CPU:
-            raise ValueError(f"{self.op}: gradient checks on the device are not supported for "
-                             "Adafactor")
-        skip, coef, norm = _precision.grad_multiplier(*_precision.total_sumsq([self]), options)
-        if not skip:
-            self.run(coef)
-        return _precision.StepInfo(skip, norm)
+        return _precision.execute_on_host(self, "Adafactor")
 
 
 def plan(spec, kw, params, grads, states, options, stream, op):

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from . import _arrays, _engine, _precision
+from . import _engine, _precision
 from .algorithms._spec import Spec, State
 from .algorithms.muon import adjusted_lr
 
@@ -186,17 +186,7 @@ class MuonPlan:
             g.plan.run()
 
     def execute(self):
-        options = self.options
-        if not options.checks_grads:
-            self.run()
-            return None
-        if self.prep.device != _arrays.CPU:
-            raise ValueError(f"{self.op}: gradient checks on the device are not supported for "
-                             "Muon")
-        skip, coef, norm = _precision.grad_multiplier(*_precision.total_sumsq([self]), options)
-        if not skip:
-            self.run(coef)
-        return _precision.StepInfo(skip, norm)
+        return _precision.execute_on_host(self, "Muon")
 
 
 def plan(spec, kw, params, grads, states, names, options, stream, op):

@@ -407,6 +407,24 @@ def total_sumsq(plans):
     return total, all(plan.grads_finite() for plan in plans)
 
 
+def execute_on_host(plan, title):
+    """A plan's `execute` where the gradient checks run on the host only (the composite
+    steps: Muon, Adafactor): run as is without checks; with them, the gradients' sum of
+    squares decides on the host whether to skip and how much to scale. ValueError for a
+    checked step on a GPU, before anything runs."""
+    options = plan.options
+    if not options.checks_grads:
+        plan.run()
+        return None
+    if plan.prep.device != 0:  # _arrays.CPU
+        raise ValueError(f"{plan.op}: gradient checks on the device are not supported for "
+                         f"{title}")
+    skip, coef, norm = grad_multiplier(*total_sumsq([plan]), options)
+    if not skip:
+        plan.run(coef)
+    return StepInfo(skip, norm)
+
+
 def sumsq(groups):
     """Sum of squares of the gradients of prepared CPU groups (slot 1 of each table),
     one fused pass, the same for every thread count."""
