@@ -123,6 +123,23 @@ class TorchEma:
                     ema.copy_(saved)
         self._ema_swapped = not self._ema_swapped
 
+    def _fo_commit(self, fresh, counted, plans):
+        """The end of a validated step of the hand-written classes (SparseAdam,
+        Adafactor): their new state, the averages, the step counts of the `counted`
+        params, then the kernels (and the averages of the params without a gradient)."""
+        ema_plan = self._ema_rest_plan({id(p) for p in counted})
+        for p, state in fresh.items():
+            self.state[p].update(state)
+        self._ema_install()
+        for p in counted:
+            self.state[p]["step"] += 1
+        for plan in plans:
+            plan.run()
+        if ema_plan is not None:
+            ema_plan.run()
+        if counted:
+            torch.autograd.graph.increment_version(counted)
+
     @contextmanager
     def averaged(self):
         """A context in which the params hold their averages (``ema_decay``), for

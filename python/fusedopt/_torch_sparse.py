@@ -105,19 +105,7 @@ class SparseAdam(TorchEma, Optimizer):
                     plans.append(_engine.plan(spec, dict(kw, step=count + 1), ps, gs, [ms, vs],
                                               options=self._ema_options(ps)))
                     counted += ps
-            ema_plan = self._ema_rest_plan({id(p) for p in counted})
-            # every group validated: the new state, the counts, then the kernels
-            for p, state in fresh.items():
-                self.state[p].update(state)
-            self._ema_install()
-            for p in counted:
-                self.state[p]["step"] += 1
-            for plan in plans:
-                plan.run()
-            if ema_plan is not None:
-                ema_plan.run()
-            if counted:
-                torch.autograd.graph.increment_version(counted)
+            self._fo_commit(fresh, counted, plans)
         return loss
 
 
