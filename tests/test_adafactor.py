@@ -263,48 +263,6 @@ def test_torch_names_exist():
         assert name in fot.__all__
 
 
-def test_checked_steps_run_on_the_host():
-    """Clipping, loss scaling and skipping on the host: a clipped step equals a step on
-    the gradients scaled by the clip's coefficient, a loss-scaled one a step on the
-    unscaled gradients, and a step with a NaN gradient changes nothing."""
-    rng = np.random.default_rng(11)
-    shapes = [(6, 5), (4, 4), (5, 6)]
-    start = [rng.standard_normal(s) for s in shapes]
-    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
-
-    def make():
-        return fo.Adafactor([p.copy() for p in start], lr=0.05)
-
-    def params(opt):
-        return [p.copy() for p in opt.param_groups[0]["params"]]
-
-    clipped, scaled, plain, unscaled = make(), make(), make(), make()
-    for g in grads:
-        norm = np.sqrt(sum(float(np.sum(x * x)) for x in g))
-        info = clipped.step(g, max_grad_norm=0.5 * norm)
-        assert not info.skipped and info.grad_norm == pytest.approx(norm, rel=1e-12)
-        coef = 0.5 * norm / (norm + 1e-6)
-        scaled.step([x * coef for x in g])
-        plain.step([x * 256.0 for x in g], loss_scale=256.0)
-        unscaled.step(g)
-    for a, b in zip(params(clipped), params(scaled)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-    for a, b in zip(params(plain), params(unscaled)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-
-    before, state = params(unscaled), copy.deepcopy(unscaled.state_dict())
-    bad = [x.copy() for x in grads[0]]
-    bad[1][2, 3] = np.nan
-    info = unscaled.step(bad, skip_nonfinite=True)
-    assert info.skipped
-    for a, b in zip(params(unscaled), before):
-        np.testing.assert_array_equal(a, b)
-    after = unscaled.state_dict()
-    for k, st in state["state"].items():
-        for key, value in st.items():
-            np.testing.assert_array_equal(np.asarray(after["state"][k][key]), np.asarray(value))
-
-
 def test_functional_checked_steps_run_on_the_host():
     """adafactor_ with max_grad_norm equals adafactor_ on the gradients scaled by the
     clip's coefficient; with skip_nonfinite and a NaN gradient it changes nothing."""

@@ -261,17 +261,19 @@ def test_torch_two_d_only_message():
     assert str(mine.value) == str(theirs.value)
 
 
-def test_checked_steps_run_on_the_host():
-    """Clipping, loss scaling and skipping on the host: a clipped step equals a step on
-    the gradients scaled by the clip's coefficient, a loss-scaled one a step on the
-    unscaled gradients, and a step with a NaN gradient changes nothing."""
+@pytest.mark.parametrize("cls", [fo.Muon, fo.Adafactor])
+def test_checked_steps_run_on_the_host(cls):
+    """Muon and Adafactor (composite steps) clip, loss-scale and skip on the host: a
+    clipped step equals a step on the gradients scaled by the clip's coefficient, a
+    loss-scaled one a step on the unscaled gradients, and a step with a NaN gradient
+    changes nothing."""
     rng = np.random.default_rng(11)
     shapes = [(6, 5), (4, 4), (5, 6)]
     start = [rng.standard_normal(s) for s in shapes]
     grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
 
     def make():
-        return fo.Muon([p.copy() for p in start], lr=0.05)
+        return cls([p.copy() for p in start], lr=0.05)
 
     def params(opt):
         return [p.copy() for p in opt.param_groups[0]["params"]]
