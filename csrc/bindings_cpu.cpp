@@ -436,7 +436,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fusedopt CPU kernels (OpenMP, SIMD)";
   select_isa("auto");
   m.def("step", &step, py::arg("kernel"), py::arg("dtype"), py::arg("ptrs"), py::arg("sizes"),
-        py::arg("hyper"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("extra") = 0,
+        py::arg("hyper"), py::arg("state_dtype") = -1, py::arg("extra") = 0,
         py::arg("grad_scale") = 1.0, py::arg("stochastic") = false, py::arg("key") = 0,
         py::arg("step") = 1.0, py::arg("l1") = 0.0, py::arg("ema_decay") = 0.0,
         py::arg("unsigned_states") = 0u,

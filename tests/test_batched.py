@@ -101,9 +101,9 @@ def test_one_fused_call_per_step(rng, monkeypatch):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def step(self, kernel, dtype, ptrs, sizes, hyper, **kw):
+        def step(self, kernel, dtype, ptrs, sizes, hyper, *args, **kw):
             calls.append((kernel, len(sizes), len(hyper)))
-            return real.step(kernel, dtype, ptrs, sizes, hyper, **kw)
+            return real.step(kernel, dtype, ptrs, sizes, hyper, *args, **kw)
 
     monkeypatch.setattr(_backend, "_cpu", Counting())
     members = 16

@@ -111,9 +111,9 @@ def count_calls(monkeypatch):
         def __getattr__(self, attr):
             return getattr(real, attr)
 
-        def step(self, kernel, dtype, ptrs, sizes, hyper, **kw):
+        def step(self, kernel, dtype, ptrs, sizes, hyper, *args, **kw):
             calls.append(len(sizes))
-            return real.step(kernel, dtype, ptrs, sizes, hyper, **kw)
+            return real.step(kernel, dtype, ptrs, sizes, hyper, *args, **kw)
 
     monkeypatch.setattr(_backend, "_cpu", Counting())
     return calls

@@ -6,12 +6,15 @@ from __future__ import annotations
 from . import _cpu
 
 
-class _Cpu:
+class Cpu:
     name = "cpu"
 
     @staticmethod
-    def step(kernel, dtype, ptrs, sizes, hyper, **mode):
-        _cpu.step(kernel, dtype, ptrs, sizes, hyper, **mode)
+    def step(kernel, dtype, ptrs, sizes, hyper, state_dtype=-1, extra=0, grad_scale=1.0,
+             stochastic=False, key=0, step=1.0, l1=0.0, ema_decay=0.0, unsigned_states=0):
+        # positional: the binding's keyword matching costs more than a small step's kernel
+        _cpu.step(kernel, dtype, ptrs, sizes, hyper, state_dtype, extra, grad_scale,
+                  stochastic, key, step, l1, ema_decay, unsigned_states)
 
 
 class _Cuda:
@@ -51,7 +54,7 @@ def cuda_module():
 def for_device(op, device):
     global _cuda_backend
     if device == 0:
-        return _Cpu
+        return Cpu
     if _cuda_backend is None:
         module = cuda_module()
         if module is None:

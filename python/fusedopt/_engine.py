@@ -65,6 +65,14 @@ class Plan:
         opts = self.options
         if grad_scale is None:
             grad_scale = 1.0 / opts.loss_scale if opts.loss_scale is not None else 1.0
+        if self.prep.device == _arrays.CPU and not opts.l1 and opts.ema is None and \
+                not opts.stochastic_rounding and opts.absmax is None:
+            # the common case, in fewer steps (the binding takes its arguments by position)
+            for (dtype, ptrs, sizes), layout in zip(self.prep.groups, self.prep.layouts):
+                _backend.Cpu.step(self.kernel, dtype, ptrs, sizes, self.hyper,
+                                  layout["state_dtype"], layout["extra"], grad_scale,
+                                  False, 0, self.step)
+            return
         mode = {"grad_scale": grad_scale, "step": self.step}
         if opts.l1:
             mode["l1"] = float(self.lr) * opts.l1  # the proximal step of lr * l1
@@ -204,6 +212,36 @@ def plan(spec, kw, params, grads, states, *, options=None, stream=None,
                 step_ptr, unsigned)
 
 
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), np.generic)
+
+
+def _immutable(value):
+    if isinstance(value, tuple):
+        return all(map(_immutable, value))
+    return isinstance(value, _IMMUTABLE)
+
+
+def snapshot(group):
+    """What a param group holds (its keys, and its values with the params list itself),
+    for `same_snapshot` to tell at the next step that nothing but the params list's
+    contents can have changed; None when some hyperparameter is a mutable object (one
+    changed in place would look the same), so that there is nothing to compare."""
+    if not all(_immutable(v) for k, v in group.items() if k != "params"):
+        return None
+    return tuple(group), tuple(group.values())
+
+
+def same_snapshot(group, snap):
+    """Whether a group holds the same keys and equal values as when `snapshot` took
+    `snap` (the params list the same object or equal element by element: the caller
+    checks its contents)."""
+    keys, values = snap
+    try:
+        return tuple(group) == keys and tuple(group.values()) == values
+    except (TypeError, ValueError, RuntimeError):  # (arrays compared elementwise)
+        return False
+
+
 class Kept:
     """A bucket's plan kept between steps by an optimizer class, with what it was made
     for: the step after reuses it when the params are the same arrays (their
@@ -220,6 +258,15 @@ class Kept:
         self.ema = None if rows is None or plan.options.ema is None else list(plan.options.ema)
         self.rows = None if rows is None else rows[0].copy()
         self.ptrs = None if rows is None else self.rows[:, _arrays.PTR].tobytes()
+
+    def same_params(self, params):
+        """Whether `params` are the kept plan's arrays, described as they were (the same
+        objects at the same addresses, shapes and strides)."""
+        if self.rows is None or len(params) != len(self.params) or \
+                not all(map(_is, params, self.params)):
+            return False
+        rows = _arrays.describe_params(params, self.plan.stream)
+        return rows is not None and rows.tobytes() == self.rows.tobytes()
 
     def reuse(self, spec, kw, params, grads, lists, options, torch_params=False,
               checked=False):
@@ -242,10 +289,8 @@ class Kept:
             T = _sys.modules["torch"].Tensor
             if np.fromiter(map(T.data_ptr, params), np.int64, n).tobytes() != self.ptrs:
                 return None
-        else:
-            rows = _arrays.describe_params(params, plan.stream)
-            if rows is None or rows.tobytes() != self.rows.tobytes():
-                return None
+        elif not self.same_params(params):
+            return None
         if not plan.refresh(spec, kw, grads, options, trusted=torch_params):
             return None
         return plan

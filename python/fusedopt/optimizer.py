@@ -14,7 +14,7 @@ import copy
 import sys
 import threading
 from contextlib import contextmanager
-from operator import itemgetter
+from operator import is_ as _is, itemgetter
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,9 @@ class Optimizer:
     _ema_swapped = False
     _ema_pending: dict = {}
     _ema_step_decay = None
+    #: (precision, [(group, its snapshot, state dicts, op keywords, Kept)]) of the last
+    #: step, when the next may replay it (`_replay_step`)
+    _replay = None
 
     def __init__(self, params, defaults, precision=None, ema_decay=None):
         self.precision = precision if precision is not None else Precision()
@@ -124,6 +127,7 @@ class Optimizer:
         state = dict(self.__dict__)
         state.pop("_lock", None)
         state.pop("_kept", None)
+        state.pop("_replay", None)
         return state
 
     def __setstate__(self, state):
@@ -310,6 +314,8 @@ class Optimizer:
             raise ValueError(f"step: got {len(grads)} grads for {total} params")
         if loss_scale is None and max_grad_norm is None and not skip_nonfinite:
             options = _precision.PLAIN
+            if self._replay is not None and self._replay_step(grads):
+                return None
         else:
             options = _precision.Options("step", {"loss_scale": loss_scale,
                                                   "max_grad_norm": max_grad_norm,
@@ -318,6 +324,9 @@ class Optimizer:
         for group in self.param_groups:
             spec.check_step(group)
         plans, created, updates = [], {}, []
+        # what the next step may replay (`_replay_step`): one kept plan per group
+        replay = [] if options is _precision.PLAIN and self.ema_decay is None else None
+        self._replay = None
         offset = 0
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
@@ -325,8 +334,13 @@ class Optimizer:
             gslice = grads[offset:offset + n]
             kw = spec.to_op(group)
             # per-group bookkeeping: every group, every step, gradients or not
+            if replay is not None:
+                snapshot = _engine.snapshot(group)
+                if snapshot is None:
+                    replay = None
             extra, after = spec.advance_group(kw, group)
             if after:
+                replay = None
                 kw.update(extra)
                 updates.append(([group], after))
             if group.get("frozen"):  # a frozen group is skipped as if it had no gradients
@@ -349,7 +363,16 @@ class Optimizer:
                                                    keys.pop(), False, updates, gi))
                     stepped.update(range(offset, offset + n))
                     offset += n
+                    kept = self._kept.get(gi)
+                    if replay is not None and not precision and kept is not None and \
+                            kept.plan is plans[-1] and plans[-1].options is _precision.PLAIN:
+                        names = spec.active(kw)
+                        replay.append((group, snapshot, states, kw, kept, names,
+                                       [s.get(k) for s in states for k in names]))
+                    else:
+                        replay = None
                     continue
+            replay = None
             buckets = {}
             for j, (p, g, state) in enumerate(zip(params, gslice, states)):
                 if g is None:
@@ -389,7 +412,55 @@ class Optimizer:
         if ema_plan is not None:
             ema_plan.run()
         self._count(updates)
+        if replay is not None and len(replay) == len(self.param_groups) and not created:
+            self._replay = (self.precision, replay)
         return info
+
+    def _replay_step(self, grads):
+        """The step of a steady state, when the last step's kept plans still fit: the
+        same groups with the same hyperparameters (`_engine.snapshot`), params, state
+        dicts and state arrays, every param with a gradient and every state at the same
+        scalars. Only what changes between such steps is done (the scalars advanced, the
+        gradients described and checked, the kernels run). False, with nothing changed,
+        when something else changed: the full step then runs."""
+        precision, replay = self._replay
+        groups = self.param_groups
+        if precision is not self.precision or len(groups) != len(replay) or \
+                self.ema_decay is not None:
+            return False
+        spec, known = self.spec, self._state
+        scalars_of = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
+        todo, offset = [], 0
+        for group, (kept_group, snapshot, states, kw, kept, names, arrays) in \
+                zip(groups, replay):
+            n = len(states)
+            gslice = grads[offset:offset + n]
+            if group is not kept_group or not _engine.same_snapshot(group, snapshot) or \
+                    not kept.same_params(group["params"]) or \
+                    not all(map(_is, map(known.get, range(offset, offset + n)), states)) or \
+                    not all(map(_is, [s.get(k) for s in states for k in names], arrays)) or \
+                    _NoneType in set(map(type, gslice)):
+                return False
+            offset += n
+            keys = set(map(scalars_of, states))
+            if len(keys) != 1:
+                return False
+            todo.append((kw, gslice, kept.plan, keys.pop(), states))
+        updates = []
+        for kw, gslice, plan, scalars, states in todo:
+            before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
+            extra, after = spec.advance(kw, before)
+            if extra:
+                kw = {**kw, **extra}
+            if spec.fresh_keyword is not None:
+                kw = {**kw, spec.fresh_keyword: False}
+            if not plan.refresh(spec, kw, gslice, _precision.PLAIN):
+                return False  # (no plan was run yet: the full step plans anew)
+            updates.append((states, after))
+        for todo_group in todo:
+            todo_group[2].run(1.0)
+        self._count(updates)
+        return True
 
     def _checked_on_device(self, plans, options, created, updates, ema_plan=None):
         """The kernels skip or scale on the device; the counts follow once the host reads

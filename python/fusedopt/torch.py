@@ -162,6 +162,9 @@ class _Fused(TorchEma, Optimizer):
         self._fo_buckets = {}  # group's index -> its flat buckets (flat=True)
         self._fo_where = {}  # id(param) -> (bucket, position) (flat=True)
         self._fo_seen = None  # (keys, values) of `state` when the last step ended
+        # [(group, its snapshot, cache, op keywords, kept part)] of the last step, when the
+        # next may replay it (`_fo_replay_step`)
+        self._fo_replay = None
         super().__init__(params, defaults)
         if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
             for group in self.param_groups:
@@ -180,7 +183,8 @@ class _Fused(TorchEma, Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen"):
+        for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen",
+                     "_fo_replay"):
             state.pop(name, None)
         state["_fo_bits"], state["_fo_min_8bit_size"] = self._fo_bits, self._fo_min_8bit_size
         return state
@@ -188,7 +192,7 @@ class _Fused(TorchEma, Optimizer):
     def __setstate__(self, state):
         copied = not hasattr(self, "_fo_lock")  # a copy (deepcopy, pickle), not a load
         super().__setstate__(state)
-        self._fo_caches, self._fo_seen = {}, None
+        self._fo_caches, self._fo_seen, self._fo_replay = {}, None, None
         if copied:
             self._fo_lock = threading.Lock()
             # a copy steps its params one by one: the flat buffers, which the copied
@@ -329,14 +333,17 @@ class _Fused(TorchEma, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._fo_lock:
+            if self._fo_replay is not None and self._fo_replay_step():
+                return loss
             spec = self.spec
             for group in self.param_groups:
                 spec.check_step(group)
             self._ema_begin()
             plans, counted, grouped = [], [], []
             same = self._state_unchanged()
+            self._fo_replay, record = None, []
             for gi, group in enumerate(self.param_groups):
-                self._plan_group(gi, group, plans, counted, grouped, same)
+                self._plan_group(gi, group, plans, counted, grouped, same, record)
             ema_plan = self._ema_rest_plan({id(p) for c in counted for p in c[2]})
             # every group validated: run, then count the step and install first buffers
             if self._ema_install():  # new averages: the flat check of each group again
@@ -357,7 +364,75 @@ class _Fused(TorchEma, Optimizer):
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
             self._fo_seen = (list(self.state), list(self.state.values()))
+            if len(record) == len(self.param_groups) and not grouped and \
+                    self.ema_decay is None:
+                self._fo_replay = record
         return loss
+
+    def _fo_replay_step(self):
+        """The step of a steady state, when the last step's kept plans still fit: the
+        same groups with the same hyperparameters (`_engine.snapshot`), params (at the
+        same addresses) and state, every param with a gradient and its state at the
+        group's scalars. Only what changes between such steps is done (the scalars
+        advanced, the gradients' addresses read and checked, the kernels run). False,
+        with nothing changed, when something else changed: the full step then runs."""
+        groups = self.param_groups
+        replay = self._fo_replay
+        if len(groups) != len(replay) or self.ema_decay is not None or \
+                self._ema_swapped or not self._state_unchanged():
+            return False
+        caches, nstate = self._fo_caches, len(self.state)
+        spec, owner = self.spec, type(self).__name__
+        todo = []
+        for gi, (group, (kept_group, snapshot, cache, kw, part)) in \
+                enumerate(zip(groups, replay)):
+            params = group["params"]
+            if group is not kept_group or not _engine.same_snapshot(group, snapshot) or \
+                    caches.get(id(group)) is not cache or not cache.steady or \
+                    cache.state is not self.state or cache.nstate != nstate or \
+                    len(params) != len(cache.params) or not all(map(is_, params, cache.params)):
+                return False
+            grads = list(map(_GRAD, params))
+            if part is not None:
+                if any(map(is_, grads, repeat(None))):
+                    return False
+                todo.append((cache, kw, [(cache.kept[part], params, grads)], params))
+                continue
+            # flat=True: the buckets' buffers, with every gradient their view again
+            buckets = self._fo_buckets.get(gi)
+            if not buckets or not cache.flat:
+                return False
+            whole = not spec.reductions(kw)
+            runs = []
+            for bucket in buckets:
+                bucket.check_params(owner)
+                if bucket.kept is None or not bucket.gather_grads(
+                        grads if len(buckets) == 1 else [grads[i] for i in bucket.indices]):
+                    return False
+                runs.append((bucket.kept, bucket.kept.params,
+                             [bucket.grad] if whole else bucket.grad_views))
+            todo.append((cache, kw, runs, params))
+        plans, counted = [], []
+        for cache, kw, runs, params in todo:
+            extra, new = spec.advance(kw, _stored(cache.values))
+            if extra:
+                kw = {**kw, **extra}
+            if spec.fresh_keyword is not None:
+                kw = {**kw, spec.fresh_keyword: False}
+            for kept, kparams, grads in runs:
+                plan = kept.reuse(spec, kw, kparams, grads, kept.lists, kept.plan.options,
+                                  torch_params=True, checked=True)
+                if plan is None:
+                    return False  # (no plan was run yet: the full step plans anew)
+                plans.append(plan)
+            counted.append((cache, new, params))
+        for plan in plans:
+            plan.run()
+        for cache, new, params in counted:
+            for name, value in new.items():
+                cache.values[name][:] = value
+            torch.autograd.graph.increment_version(params)
+        return True
 
     def _state_unchanged(self):
         """Whether `state` maps the same params to the same dicts as when the last step
@@ -370,7 +445,7 @@ class _Fused(TorchEma, Optimizer):
 
     # --- the step -----------------------------------------------------------------------
 
-    def _plan_group(self, gi, group, plans, counted, grouped, same=False):
+    def _plan_group(self, gi, group, plans, counted, grouped, same=False, record=None):
         spec = self.spec
         kw = spec.to_op(group)
         # per-group bookkeeping (spec.advance_group): every group, every step, with or
@@ -400,14 +475,27 @@ class _Fused(TorchEma, Optimizer):
         if sel is None and cache.steady and self._fo_flat and \
                 self._plan_flat(gi, cache, kw, grads, plans, after):
             counted.append((cache, sel, counted_params, after))
+            snapshot = _engine.snapshot(group) if record is not None else None
+            if snapshot is not None and not cache.dtensor:
+                record.append((group, snapshot, cache, kw, None))  # (None: the buckets)
             return
         if sel is None and cache.steady:
             # the common case: every param has its state and the same scalars
             scalars = _stored(cache.values)
-            plans.extend(self._plan(kw, params, grads, cache.lists, scalars, False, cache,
-                                    after, slice(None), cache.scales, cache.q8,
-                                    self._ema_list(counted_params)))
+            parts = self._plan(kw, params, grads, cache.lists, scalars, False, cache,
+                               after, slice(None), cache.scales, cache.q8,
+                               self._ema_list(counted_params))
+            plans.extend(parts)
             counted.append((cache, sel, counted_params, after))
+            # what the next step may replay (`_fo_replay_step`): one kept plan
+            if record is not None and len(parts) == 1 and not cache.dtensor and \
+                    not self._fo_flat:
+                snapshot = _engine.snapshot(group)
+                part = bool(cache.q8.any())
+                kept = cache.kept.get(part)
+                if snapshot is not None and kept is not None and kept.plan is parts[0] and \
+                        kept.rows is not None:
+                    record.append((group, snapshot, cache, kw, part))
             return
         if sel is None:
             if not cache.has.all():

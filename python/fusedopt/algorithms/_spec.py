@@ -15,6 +15,7 @@ names (``betas``, ``momentum``, ...). The *op keywords* are the functional op's
 from __future__ import annotations
 
 import numbers
+import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -145,6 +146,17 @@ def pack(kernel, values):
     """The kernel's hyperparameter array from a dict of its host fields, by name.
     Every host field must be given and no other; the per-step fields are left 0 for
     the rule's at_step to fill."""
+    try:  # the same values as a recent call: its array (read-only, the kernels copy it),
+        # keyed by the values' bits (-0.0 == 0.0, and either may change a signed zero)
+        packer = _PACKERS.get(len(values))
+        if packer is None:
+            packer = _PACKERS[len(values)] = struct.Struct(f"{len(values)}d")
+        key = (kernel, tuple(values), packer.pack(*values.values()))
+        out = _PACKED.get(key)
+    except (TypeError, ValueError, struct.error):  # (left for the checks below)
+        key = out = None
+    if out is not None:
+        return out
     host, per_step = hyper_fields(kernel)
     if len(values) != len(host) or not all(map(values.__contains__, host)):
         missing = [f for f in host if f not in values]
@@ -153,7 +165,16 @@ def pack(kernel, values):
                        f"unknown {unknown}")
     out = np.zeros(len(host) + len(per_step), dtype=np.float64)
     out[:len(host)] = [float(values[f]) for f in host]
+    if key is not None:
+        out.flags.writeable = False
+        if len(_PACKED) >= 256:
+            _PACKED.clear()
+        _PACKED[key] = out
     return out
+
+
+_PACKED: dict = {}  # pack's recent results, by (kernel, names, values)
+_PACKERS: dict = {}  # struct.Struct of n doubles, by n
 
 
 # --- the spec ------------------------------------------------------------------------------------
