@@ -365,7 +365,8 @@ class Optimizer:
                     offset += n
                     kept = self._kept.get(gi)
                     if replay is not None and not precision and kept is not None and \
-                            kept.plan is plans[-1] and plans[-1].options is _precision.PLAIN:
+                            kept.plan is plans[-1] and kept.rows is not None and \
+                            plans[-1].options is _precision.PLAIN:
                         names = spec.active(kw)
                         replay.append((group, snapshot, states, kw, kept, names,
                                        [s.get(k) for s in states for k in names]))
