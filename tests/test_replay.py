@@ -296,3 +296,67 @@ def test_torch_replay_equals_torch_optim(flat):
     for p, q in zip(mine, theirs):
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-12,
                                    atol=1e-15)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
+@pytest.mark.parametrize("what", ["exp_avg replaced", "step replaced", "state dict replaced",
+                                  "exp_avg_sq deleted and set again"])
+def test_torch_state_entries_written_between_steps_are_used(what, flat):
+    """An entry of a param's state replaced between steps (the state dict itself the
+    same object) is the one the next step reads and updates, as in torch.optim."""
+    rng = np.random.default_rng(2)
+    init = [rng.standard_normal(s) for s in SHAPES]
+    mine = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    theirs = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    a = fot.Adam(mine, lr=0.05, flat=flat)
+    b = torch.optim.Adam(theirs, lr=0.05, foreach=False)
+    for t in range(6):
+        grads = _grads(rng, SHAPES)
+        for p, q, g in zip(mine, theirs, grads):
+            p.grad = torch.from_numpy(g.copy())
+            q.grad = torch.from_numpy(g.copy())
+        if t == 3:
+            for opt, x in ((a, mine[0]), (b, theirs[0])):
+                st = opt.state[x]
+                if what == "exp_avg replaced":
+                    st["exp_avg"] = st["exp_avg"] + 1.0
+                elif what == "step replaced":
+                    st["step"] = torch.tensor(10.0)
+                elif what == "state dict replaced":
+                    opt.state[x] = {k: v.clone() * (2 if k == "exp_avg_sq" else 1)
+                                    for k, v in st.items()}
+                else:
+                    value = st.pop("exp_avg_sq")
+                    st["exp_avg_sq"] = value * 3
+        a.step()
+        b.step()
+    for p, q in zip(mine, theirs):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_torch_state_dicts_save_as_plain_dicts():
+    """fusedopt.torch's per-param states count their writes, but what is saved of them
+    (pickle, deepcopy, torch.save of the state dict) is plain dicts."""
+    import io
+    import pickle
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = fot.Adam([p])
+    opt.step()
+    assert isinstance(opt.state[p], dict)
+    assert type(pickle.loads(pickle.dumps(opt.state[p]))) is dict
+    assert type(copy.deepcopy(opt.state_dict())["state"][0]) is dict
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    assert type(torch.load(buf, weights_only=True)["state"][0]) is dict
+    # a copy of the optimizer steps its own params, its states tracked again
+    clone = copy.deepcopy(opt)
+    q = clone.param_groups[0]["params"][0]
+    q.grad = torch.ones(3)  # (a deepcopy of a Parameter leaves its grad behind)
+    before = p.detach().clone()
+    clone.step()
+    assert torch.equal(p.detach(), before) and not torch.equal(q.detach(), before)
+    assert type(clone.state[q]).__name__ == "_StateDict"

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import defaultdict
 from itertools import chain, repeat
 from operator import attrgetter, is_
 
@@ -133,6 +134,74 @@ def _stored(values):
     return {name: v[0] for name, v in values.items()}
 
 
+class _StateDict(dict):
+    """A param's state, the dict torch.optim keeps, that counts the writes made to it
+    in its optimizer's log (a one-element list): a step then tells in one comparison
+    that no state entry was replaced since the last one (an entry replaced, say
+    ``state[p]["exp_avg"] = t``, must be the one the next step updates). It pickles and
+    copies as a plain dict, so state dicts saved from it need nothing of fusedopt."""
+
+    __slots__ = ("_fo_log",)
+
+    def __init__(self, items=(), log=None):
+        super().__init__(items)
+        self._fo_log = log if log is not None else [0]
+
+    def _wrote(self):
+        self._fo_log[0] += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._fo_log[0] += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._fo_log[0] += 1
+
+    def __ior__(self, other):
+        self._fo_log[0] += 1
+        return super().__ior__(other)
+
+    def update(self, *args, **kwargs):
+        self._fo_log[0] += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._fo_log[0] += 1
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self._fo_log[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._fo_log[0] += 1
+        return super().popitem()
+
+    def clear(self):
+        self._fo_log[0] += 1
+        super().clear()
+
+    def copy(self):
+        return dict(self)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class _StateFactory:
+    """The `state` defaultdict's factory: a param's new state is a `_StateDict` of the
+    optimizer's log (a class rather than a closure, so that optimizers pickle)."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self):
+        return _StateDict(log=self.log)
+
+
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
     param has no state yet), its per-param scalars, and the params' state dicts they
@@ -166,6 +235,7 @@ class _Fused(TorchEma, Optimizer):
         # next may replay it (`_fo_replay_step`)
         self._fo_replay = None
         super().__init__(params, defaults)
+        self._fo_track_state()
         if self.spec.eager_state:  # torch.optim makes (Adagrad's) state at construction
             for group in self.param_groups:
                 cache = self._cache(group)
@@ -184,7 +254,7 @@ class _Fused(TorchEma, Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         for name in ("_fo_lock", "_fo_caches", "_fo_buckets", "_fo_where", "_fo_seen",
-                     "_fo_replay"):
+                     "_fo_replay", "_fo_log", "_fo_log_seen"):
             state.pop(name, None)
         state["_fo_bits"], state["_fo_min_8bit_size"] = self._fo_bits, self._fo_min_8bit_size
         return state
@@ -193,6 +263,7 @@ class _Fused(TorchEma, Optimizer):
         copied = not hasattr(self, "_fo_lock")  # a copy (deepcopy, pickle), not a load
         super().__setstate__(state)
         self._fo_caches, self._fo_seen, self._fo_replay = {}, None, None
+        self._fo_track_state()
         if copied:
             self._fo_lock = threading.Lock()
             # a copy steps its params one by one: the flat buffers, which the copied
@@ -201,6 +272,21 @@ class _Fused(TorchEma, Optimizer):
         for group in self.param_groups:
             for key, value in self.spec.group_defaults(torch=True).items():
                 group.setdefault(key, value)
+
+    def _fo_track_state(self):
+        """Make every param's state a `_StateDict` of this optimizer's log (the states a
+        load or a copy brought are plain dicts), and the new ones too."""
+        log = self.__dict__.get("_fo_log")
+        if log is None:
+            log = self._fo_log = [0]
+        self._fo_log_seen = None
+        state = self.state
+        if not isinstance(state, defaultdict):
+            state = self.state = defaultdict(dict, state)
+        state.default_factory = _StateFactory(log)
+        for p, st in list(state.items()):
+            if type(st) is not _StateDict or st._fo_log is not log:
+                state[p] = _StateDict(st, log)
 
     def add_param_group(self, param_group):
         """Add a param group (torch.optim's rules, and the algorithm's rule for params:
@@ -271,8 +357,14 @@ class _Fused(TorchEma, Optimizer):
 
     def state_dict(self):
         """torch.optim's `state_dict` (bitsandbytes' layout for `Adam8bit` and
-        `AdamW8bit`)."""
-        return _torch8bit.state_dict(self, super().state_dict())
+        `AdamW8bit`), each param's state a plain dict (what `torch.load(...,
+        weights_only=True)` reads back)."""
+        out = super().state_dict()
+        state = out.get("state")
+        if isinstance(state, dict) and any(type(v) is _StateDict for v in state.values()):
+            out = dict(out, state={k: dict(v) if type(v) is _StateDict else v
+                                   for k, v in state.items()})
+        return _torch8bit.state_dict(self, out)
 
     def load_state_dict(self, state_dict):
         """torch.optim's `load_state_dict`. 8-bit state (uint8 codes and float32 block
@@ -338,6 +430,10 @@ class _Fused(TorchEma, Optimizer):
             spec = self.spec
             for group in self.param_groups:
                 spec.check_step(group)
+            if self._fo_log[0] != self._fo_log_seen:
+                # some state entry was written since the last step: the caches' lists may
+                # hold tensors the state no longer does (their kept plans too)
+                self._fo_caches = {}
             self._ema_begin()
             plans, counted, grouped = [], [], []
             same = self._state_unchanged()
@@ -363,7 +459,10 @@ class _Fused(TorchEma, Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
+            if any(type(st) is not _StateDict for st in self.state.values()):
+                self._fo_track_state()  # (a state dict assigned whole: tracked from now on)
             self._fo_seen = (list(self.state), list(self.state.values()))
+            self._fo_log_seen = self._fo_log[0]
             if len(record) == len(self.param_groups) and not grouped and \
                     self.ema_decay is None:
                 self._fo_replay = record
@@ -440,7 +539,8 @@ class _Fused(TorchEma, Optimizer):
         step validated need not look their params' dicts up again."""
         seen = self._fo_seen
         state = self.state
-        return (seen is not None and len(seen[0]) == len(state) and
+        return (seen is not None and self._fo_log[0] == self._fo_log_seen and
+                len(seen[0]) == len(state) and
                 all(map(is_, state, seen[0])) and all(map(is_, state.values(), seen[1])))
 
     # --- the step -----------------------------------------------------------------------
