@@ -450,11 +450,7 @@ class Optimizer:
         updates = []
         for kw, gslice, plan, scalars, states in todo:
             before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
-            extra, after = spec.advance(kw, before)
-            if extra:
-                kw = {**kw, **extra}
-            if spec.fresh_keyword is not None:
-                kw = {**kw, spec.fresh_keyword: False}
+            kw, after = spec.step_keywords(kw, before)
             if not plan.refresh(spec, kw, gslice, _precision.PLAIN):
                 return False  # (no plan was run yet: the full step plans anew)
             updates.append((states, after))
@@ -556,11 +552,7 @@ class Optimizer:
             precision = dict(precision, absmax=absmax)
             kept_lists = lists + absmax
         before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))
-        extra, after = spec.advance(kw, before)
-        if extra:
-            kw = {**kw, **extra}
-        if spec.fresh_keyword is not None:
-            kw = {**kw, spec.fresh_keyword: fresh}
+        kw, after = spec.step_keywords(kw, before, fresh)
         if params:
             name = self.precision.extra_name(_dtype(params[0]))
             if name is not None:

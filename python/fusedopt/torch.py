@@ -513,11 +513,7 @@ class _Fused(TorchEma, Optimizer):
             todo.append((cache, kw, runs, params))
         plans, counted = [], []
         for cache, kw, runs, params in todo:
-            extra, new = spec.advance(kw, _stored(cache.values))
-            if extra:
-                kw = {**kw, **extra}
-            if spec.fresh_keyword is not None:
-                kw = {**kw, spec.fresh_keyword: False}
+            kw, new = spec.step_keywords(kw, _stored(cache.values))
             for kept, kparams, grads in runs:
                 plan = kept.reuse(spec, kw, kparams, grads, kept.lists, kept.plan.options,
                                   torch_params=True, checked=True)
@@ -670,11 +666,7 @@ class _Fused(TorchEma, Optimizer):
                 return False
         spec = self.spec
         scalars = _stored(cache.values)
-        extra, new = spec.advance(kw, scalars)
-        if extra:
-            kw = {**kw, **extra}
-        if spec.fresh_keyword is not None:
-            kw = {**kw, spec.fresh_keyword: False}
+        kw, new = spec.step_keywords(kw, scalars)
         after.append((slice(None), new))
         # per-tensor sums (LAMB's and LARS's trust ratios) need the params as tensors: the
         # buffers' views then, still contiguous memory and one call
@@ -720,11 +712,7 @@ class _Fused(TorchEma, Optimizer):
         address and the gradients by address and contiguity (torch checked their dtype,
         shape and device against the params when they were assigned)."""
         spec = self.spec
-        extra, new = spec.advance(kw, scalars)
-        if extra:
-            kw = {**kw, **extra}
-        if spec.fresh_keyword is not None:
-            kw = {**kw, spec.fresh_keyword: first}
+        kw, new = spec.step_keywords(kw, scalars, first)
         after.append((index, new))
         if not lists or not q8.any():
             return [self._plan_part(kw, params, grads, lists, None, cache, False, emas)]

@@ -400,6 +400,17 @@ class Spec:
         extra = {"step": int(step)} if self.takes_step else {}
         return extra, {"step": step}
 
+    def step_keywords(self, kw, scalars, fresh=False):
+        """(the op keywords of one step, the scalars after it) from a group's op keywords
+        and its params' scalars before the step (`advance`); `fresh`: whether the step is
+        the params' first (the op's `fresh_keyword`, for the specs that have one)."""
+        extra, after = self.advance(kw, scalars)
+        if extra:
+            kw = {**kw, **extra}
+        if self.fresh_keyword is not None:
+            kw = {**kw, self.fresh_keyword: fresh}
+        return kw, after
+
     @property
     def takes_step(self):
         """Whether the functional op takes the step count."""
