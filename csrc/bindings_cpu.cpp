@@ -354,6 +354,28 @@ py::array_t<std::int64_t> describe(py::sequence seq) {
   return out;
 }
 
+// The data addresses of a list of torch tensors, read by `reader`, the address of a
+// function `void* (PyObject*)` that torch exports for compiled code (a tensor's
+// data_ptr() without Python's method call). None when an item is None or the reader
+// throws (a tensor without storage): the caller then reads the addresses in Python.
+py::object tensor_addresses(std::uintptr_t reader, py::list tensors) {
+  using Reader = void* (*)(PyObject*);
+  const auto read = reinterpret_cast<Reader>(reader);
+  const py::ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  py::array_t<std::uint64_t> out(n);
+  std::uint64_t* a = out.mutable_data();
+  try {
+    for (py::ssize_t i = 0; i < n; ++i) {
+      PyObject* t = PyList_GET_ITEM(tensors.ptr(), i);
+      if (t == Py_None) return py::none();
+      a[i] = std::uint64_t(reinterpret_cast<std::uintptr_t>(read(t)));
+    }
+  } catch (...) {
+    return py::none();
+  }
+  return std::move(out);
+}
+
 // Rows of several lists at once, as one (lists x n x 8) array: `describe`'s columns
 // and a device column of 0 (host memory), for the lists of one call. Returns the rows,
 // the number of objects that are not NumPy arrays (left for the Python layer) and the
@@ -508,6 +530,10 @@ PYBIND11_MODULE(_cpu, m) {
            "Exchange the gradients (their n x 8 rows); None, or the issue (nothing changed)")
       .def("set_grad_ptrs", &PyTables::set_grad_ptrs, py::arg("ptrs"),
            "Exchange the gradients' addresses only; None, or the overlap issue");
+  m.def("tensor_addresses", &tensor_addresses, py::arg("reader"), py::arg("tensors"),
+        "uint64 data addresses of a list of torch tensors through torch's exported reader\n"
+        "(the address of a `void* (PyObject*)` function); None when an item is None or the\n"
+        "reader fails.");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
   m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {

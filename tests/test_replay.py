@@ -252,9 +252,42 @@ def _torch_run(change, flat, replay, monkeypatch):
     return arrays, state, outcome, replayed
 
 
+@pytest.fixture(params=["reader", "data_ptr"])
+def addresses(request, monkeypatch):
+    """Both ways the torch tensors' addresses are read (`_foreign.tensor_addresses`): in
+    C++ through the reader torch exports, and through `Tensor.data_ptr`."""
+    from fusedopt import _foreign
+
+    if request.param == "reader":
+        if not (_foreign._ADDRESS_READER or _foreign._probe_address_reader()):
+            pytest.skip("this torch exports no address reader (data_ptr is used)")
+    else:
+        monkeypatch.setattr(_foreign, "_ADDRESS_READER", 0)
+    return request.param
+
+
+def test_tensor_addresses_are_data_ptr(addresses):
+    from fusedopt import _cpu, _foreign
+
+    base = torch.arange(24, dtype=torch.float64)
+    tensors = [base, base[7:], base.view(4, 6)[:, 1:], base.view(4, 6).t(),
+               torch.nn.Parameter(torch.ones(3, 2)), torch.zeros(0),
+               torch.ones(5, dtype=torch.bfloat16)]
+    for seq in (tensors, tuple(tensors)):
+        got = _foreign.tensor_addresses(seq)
+        assert got.dtype == np.uint64
+        assert got.tolist() == [t.data_ptr() for t in tensors]
+    with pytest.raises(TypeError):  # (not a tensor: the reader's error is caught in C++)
+        _foreign.tensor_addresses([base, 1.0])
+    if addresses == "reader":
+        reader = _foreign._ADDRESS_READER
+        assert _cpu.tensor_addresses(reader, [base, None]) is None
+        assert _cpu.tensor_addresses(reader, [base, 1.0]) is None
+
+
 @pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
 @pytest.mark.parametrize("change", TORCH_CHANGES)
-def test_torch_replay_sees_every_change(change, flat, monkeypatch):
+def test_torch_replay_sees_every_change(change, flat, monkeypatch, addresses):
     p1, s1, out1, used = _torch_run(change, flat, True, monkeypatch)
     p0, s0, out0, _ = _torch_run(change, flat, False, monkeypatch)
     assert out1 == out0
@@ -293,6 +326,35 @@ def test_torch_replay_equals_torch_optim(flat):
         sa.step()
         sb.step()
     assert replayed >= 5
+    for p, q in zip(mine, theirs):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_torch_param_data_replaced_between_steps_is_updated(addresses):
+    """A param whose `.data` is replaced (by a copy elsewhere in memory) between steps is
+    updated where it now lives, as torch.optim.Adam updates it: the kept plans hold the
+    old address, and reading the params' addresses each step is what tells."""
+    rng = np.random.default_rng(4)
+    init = [rng.standard_normal(s) for s in SHAPES]
+    mine = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    theirs = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    a = fot.Adam(mine, lr=0.05)
+    b = torch.optim.Adam(theirs, lr=0.05, foreach=False)
+    for t in range(6):
+        grads = _grads(rng, SHAPES)
+        for p, q, g in zip(mine, theirs, grads):
+            p.grad = torch.from_numpy(g.copy())
+            q.grad = torch.from_numpy(g.copy())
+        if t in (2, 4):
+            with torch.no_grad():
+                for params in (mine, theirs):
+                    params[1].data = params[1].data.clone()
+                    big = torch.cat([torch.zeros(3, dtype=torch.float64),
+                                     params[2].data.flatten()])
+                    params[2].data = big[3:].view(params[2].shape)  # (a view at an offset)
+        a.step()
+        b.step()
     for p, q in zip(mine, theirs):
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-12,
                                    atol=1e-15)

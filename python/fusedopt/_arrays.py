@@ -87,8 +87,7 @@ class Prepared:
         if trusted:
             T = sys.modules["torch"].Tensor
             if all(map(T.is_contiguous, grads)):
-                issue = self.tables.set_grad_ptrs(np.fromiter(map(T.data_ptr, grads),
-                                                              np.uint64, n))
+                issue = self.tables.set_grad_ptrs(_foreign.tensor_addresses(grads))
                 if issue is not None:
                     raise _error(self.op, self.names, [self.params, grads], self.rows, issue)
                 self.grad_keep = []

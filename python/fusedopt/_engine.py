@@ -13,7 +13,6 @@ functional op of a spec.
 from __future__ import annotations
 
 import numbers
-import sys as _sys
 from operator import is_ as _is
 
 import numpy as np
@@ -284,10 +283,8 @@ class Kept:
                             len(lists) != len(self.lists) or
                             not all(all(map(_is, a, b)) for a, b in zip(lists, self.lists))):
             return None
-        n = len(params)
         if torch_params:
-            T = _sys.modules["torch"].Tensor
-            if np.fromiter(map(T.data_ptr, params), np.int64, n).tobytes() != self.ptrs:
+            if _foreign.tensor_addresses(params).tobytes() != self.ptrs:
                 return None
         elif not self.same_params(params):
             return None

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from operator import is_
 
-import numpy as np
 import torch
 
-from . import _quant
+from . import _foreign, _quant
 
 
 class Bucket:
@@ -66,8 +65,7 @@ class Bucket:
                 for p, a, n in zip(self.params, self.starts, self.numels)]
 
     def _ptrs(self):
-        return np.fromiter(map(torch.Tensor.data_ptr, self.params), np.int64,
-                           len(self.params)).tobytes()
+        return _foreign.tensor_addresses(self.params).tobytes()
 
     def state_view(self, name, position, value, dtype=None):
         """The view of param `position` in the flat buffer of state `name` (made on first

@@ -406,6 +406,48 @@ def _shape_index(shape):
     return index
 
 
+_ADDRESS_READER = None  # torch's exported address reader: not yet probed (None), 0 unusable
+
+
+def tensor_addresses(tensors):
+    """The data addresses (uint64) of a list of torch tensors, none of them None.
+
+    Read in C++ through the function torch exports for its compiled code (a tensor's
+    ``data_ptr()`` without a Python method call, about 8 ns instead of 70) when torch has
+    it and it passed a probe against ``data_ptr`` on tensors of several kinds; otherwise,
+    and for a tensor it cannot read, through ``Tensor.data_ptr`` one by one."""
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    reader = _ADDRESS_READER if _ADDRESS_READER is not None else _probe_address_reader()
+    if reader:
+        out = _cpu.tensor_addresses(reader, tensors)
+        if out is not None:
+            return out
+    return np.fromiter(map(sys.modules["torch"].Tensor.data_ptr, tensors), np.uint64,
+                       len(tensors))
+
+
+def _probe_address_reader():
+    """Find torch's exported reader and check it on tensors of several kinds (a plain
+    tensor, views at an offset and strided, a Parameter, an empty tensor); its address,
+    or 0 when it is missing or reads differently from ``data_ptr``."""
+    global _ADDRESS_READER
+    _ADDRESS_READER = 0
+    torch = sys.modules.get("torch")
+    try:
+        reader = int(torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    base = torch.arange(12, dtype=torch.float32)
+    probes = [base, base[5:], base.view(3, 4)[1:, 1:],
+              torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)), torch.zeros(0)]
+    got = _cpu.tensor_addresses(reader, probes)
+    if got is None or got.tolist() != [t.data_ptr() for t in probes]:
+        return 0
+    _ADDRESS_READER = reader
+    return reader
+
+
 def _torch_rows(op, name, seq, index, rows, torch, consumer):
     """Rows of the tensors `seq[index]`, read from their attributes (no DLPack capsule
     per tensor and step); the kernel's stream is ordered after torch's current stream on

@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+from collections import deque
 from contextlib import contextmanager
-from operator import is_ as _is, itemgetter
+from itertools import repeat
+from operator import is_ as _is, itemgetter, setitem
 from typing import Any
 
 import numpy as np
@@ -157,9 +159,8 @@ class Optimizer:
     def _count(self, updates):
         self._steps_taken += 1
         for states, scalars in updates:
-            if scalars:
-                for state in states:
-                    state.update(scalars)
+            for key, value in scalars.items():  # (each state's entry set in one C loop)
+                deque(map(setitem, states, repeat(key), repeat(value)), maxlen=0)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
