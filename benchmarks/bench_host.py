@@ -12,7 +12,10 @@ fused CPU AdamW. One thread everywhere. Rounds are interleaved (every implementa
 once per round, in a shuffled order) and the table shows medians over rounds, and each
 median's ratio to torch fused's.
 
-    python benchmarks/bench_host.py [--rounds 21] [--tiny 10000] [--json out.json]
+    python benchmarks/bench_host.py [--rounds 21] [--tiny 10000] [--data-ptr] [--json out.json]
+
+`--data-ptr` adds fusedopt.torch rows that read the tensors' addresses through
+`Tensor.data_ptr`, the way taken where torch exports no address reader.
 """
 
 from __future__ import annotations
@@ -60,7 +63,21 @@ def _torch(shapes, algo, kind):
     return opt.step
 
 
-def implementations(shapes, algo):
+def _with_data_ptr(step):
+    """`step` with the tensors' addresses read through `Tensor.data_ptr`, as where torch
+    exports no address reader (`fusedopt._foreign.tensor_addresses`)."""
+    from fusedopt import _foreign
+
+    def run():
+        saved, _foreign._ADDRESS_READER = _foreign._ADDRESS_READER, 0
+        try:
+            step()
+        finally:
+            _foreign._ADDRESS_READER = saved
+    return run
+
+
+def implementations(shapes, algo, data_ptr=False):
     impls = {"fusedopt (NumPy class)": _numpy_class(shapes, algo)}
     try:
         import torch
@@ -70,6 +87,8 @@ def implementations(shapes, algo):
         return impls
     for kind in ("fusedopt.torch", "fusedopt.torch flat", "torch fused"):
         impls[kind] = _torch(shapes, algo, kind)
+        if data_ptr and kind != "torch fused":
+            impls[f"{kind} (data_ptr)"] = _with_data_ptr(_torch(shapes, algo, kind))
     return impls
 
 
@@ -95,19 +114,23 @@ def main(argv=None):
     ap.add_argument("--algo", default="AdamW")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--tiny", type=int, default=10000, help="tensors of the tiny workload")
+    ap.add_argument("--data-ptr", action="store_true",
+                    help="add fusedopt.torch rows that read the tensors' addresses through "
+                         "Tensor.data_ptr instead of torch's exported reader")
     ap.add_argument("--json", help="write the medians as JSON")
     args = ap.parse_args(argv)
     fo.set_num_threads(1)
     out = {}
     for name, shapes, steps, per in (("mlp", _mlp_shapes(), 200, 1),
                                      ("tiny", _tiny_shapes(args.tiny), 5, args.tiny)):
-        medians = measure(implementations(shapes, args.algo), args.rounds, steps)
+        medians = measure(implementations(shapes, args.algo, args.data_ptr), args.rounds,
+                          steps)
         ref = medians.get("torch fused")
         unit = "us/step" if per == 1 else "us/tensor"
         print(f"\n{name}: {len(shapes)} tensors, {args.algo}, medians of {args.rounds} rounds")
         for k, v in medians.items():
             ratio = f"{ref / v:6.2f}x" if ref else ""
-            print(f"  {k:26s} {v * 1e6 / per:10.3f} {unit}  {ratio}")
+            print(f"  {k:36s} {v * 1e6 / per:10.3f} {unit}  {ratio}")
         out[name] = {k: v * 1e6 / per for k, v in medians.items()}
     print("\nratio: torch fused's median / the row's (above 1: faster than torch fused)")
     if args.json:
