@@ -55,9 +55,10 @@ constexpr std::int64_t kAhead = 512;  // how far ahead it asks, in elements
 // Elements [lo, hi) of one tensor piece; slot holds its pointers (param, grad, states,
 // extra buffer (X), EMA (E)). Element i draws the random bits random_bits(key, base + i):
 // `base` is the index of the slots' first element in its tensor when the slots point
-// into its middle.
+// into its middle. `PF`: a long range runs in chunks that prefetch (the dense driver's
+// pieces; the staged and row-sparse loops run short ranges and leave it out).
 template <class Rule, class M, Extra X, class P, class S, bool SR, bool E = false,
-          std::size_t... K>
+          bool PF = false, std::size_t... K>
 void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uint64_t key,
                        const std::uint64_t* slot, std::int64_t lo, std::int64_t hi,
                        std::index_sequence<K...>, std::uint64_t base = 0) {
@@ -86,14 +87,15 @@ void update_range_impl(const typename Rule::Hyper& h, const Mode& mode, std::uin
     if constexpr (X != Extra::None) x[i] = xv;
     if constexpr (E) e[i] = ev;
   };
-  // Long pieces run in chunks of kChunk elements, each asking for every array's memory
-  // kAhead elements ahead (software prefetch). The hardware's stream prefetchers stop at
-  // each 4 KiB page and ramp up again, and a rule with a long chain of arithmetic per
-  // element (Adam's square root and division) then waits on memory it could have asked
-  // for earlier. Every element runs the same instructions either way: no result changes.
+  // With PF, long pieces run in chunks of kChunk elements, each asking for every
+  // array's memory kAhead elements ahead (software prefetch). The hardware's stream
+  // prefetchers stop at each 4 KiB page and ramp up again, and a rule with a long chain
+  // of arithmetic per element (Adam's square root and division) then waits on memory it
+  // could have asked for earlier. Every element runs the same instructions either way:
+  // no result changes.
   std::int64_t i0 = lo;
-  if (hi - lo >= 4 * kAhead) {
-    for (; i0 + kChunk <= hi; i0 += kChunk) {
+  if constexpr (PF) {
+    for (; hi - lo >= 4 * kAhead && i0 + kChunk <= hi; i0 += kChunk) {
       __builtin_prefetch(p + i0 + kAhead, 1);
       __builtin_prefetch(g + i0 + kAhead, 0);
       (__builtin_prefetch(s[K] + i0 + kAhead, 1), ...);
@@ -289,10 +291,10 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
 #endif
           // stochastic rounding is a separate loop, not a branch inside one
           if (is_16bit<P>() && mode.stochastic != 0.0)
-            update_range_impl<Rule, M, X, P, S, is_16bit<P>(), E>(
+            update_range_impl<Rule, M, X, P, S, is_16bit<P>(), E, true>(
                 hj, mode, key, slot, from, to, std::make_index_sequence<NS>{});
           else
-            update_range_impl<Rule, M, X, P, S, false, E>(hj, mode, key, slot, from, to,
+            update_range_impl<Rule, M, X, P, S, false, E, true>(hj, mode, key, slot, from, to,
                                                           std::make_index_sequence<NS>{});
         };
         // The first elements up to a cache-line boundary of the widest array run on
