@@ -302,24 +302,33 @@ def test_torch_replay_sees_every_change(change, flat, monkeypatch, addresses):
     assert any(used[:CHANGE_AT]), used
 
 
+def _twin_params(rng):
+    """Two lists of params with the same random values: fusedopt's and torch.optim's."""
+    init = [rng.standard_normal(s) for s in SHAPES]
+    return ([torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init],
+            [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init])
+
+
+def _same_grads(rng, mine, theirs):
+    """Give both lists new gradients, equal, each param its own tensor."""
+    for p, q, g in zip(mine, theirs, _grads(rng, SHAPES)):
+        p.grad = torch.from_numpy(g.copy())
+        q.grad = torch.from_numpy(g.copy())
+
+
 @pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
 def test_torch_replay_equals_torch_optim(flat):
     """Replayed steps equal torch.optim.AdamW (float64, to rounding) over 10 steps, with
     the learning rate changed by a scheduler every few steps."""
     rng = np.random.default_rng(5)
-    init = [rng.standard_normal(s) for s in SHAPES]
-    mine = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
-    theirs = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    mine, theirs = _twin_params(rng)
     a = fot.AdamW(mine, lr=0.02, weight_decay=0.1, flat=flat)
     b = torch.optim.AdamW(theirs, lr=0.02, weight_decay=0.1, foreach=False)
     sa = torch.optim.lr_scheduler.StepLR(a, step_size=3, gamma=0.5)
     sb = torch.optim.lr_scheduler.StepLR(b, step_size=3, gamma=0.5)
     replayed = 0
     for _ in range(10):
-        grads = _grads(rng, SHAPES)
-        for p, q, g in zip(mine, theirs, grads):
-            p.grad = torch.from_numpy(g.copy())
-            q.grad = torch.from_numpy(g.copy())
+        _same_grads(rng, mine, theirs)
         replayed += a._fo_replay is not None
         a.step()
         b.step()
@@ -336,16 +345,11 @@ def test_torch_param_data_replaced_between_steps_is_updated(addresses):
     updated where it now lives, as torch.optim.Adam updates it: the kept plans hold the
     old address, and reading the params' addresses each step is what tells."""
     rng = np.random.default_rng(4)
-    init = [rng.standard_normal(s) for s in SHAPES]
-    mine = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
-    theirs = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    mine, theirs = _twin_params(rng)
     a = fot.Adam(mine, lr=0.05)
     b = torch.optim.Adam(theirs, lr=0.05, foreach=False)
     for t in range(6):
-        grads = _grads(rng, SHAPES)
-        for p, q, g in zip(mine, theirs, grads):
-            p.grad = torch.from_numpy(g.copy())
-            q.grad = torch.from_numpy(g.copy())
+        _same_grads(rng, mine, theirs)
         if t in (2, 4):
             with torch.no_grad():
                 for params in (mine, theirs):
@@ -367,16 +371,11 @@ def test_torch_state_entries_written_between_steps_are_used(what, flat):
     """An entry of a param's state replaced between steps (the state dict itself the
     same object) is the one the next step reads and updates, as in torch.optim."""
     rng = np.random.default_rng(2)
-    init = [rng.standard_normal(s) for s in SHAPES]
-    mine = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
-    theirs = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    mine, theirs = _twin_params(rng)
     a = fot.Adam(mine, lr=0.05, flat=flat)
     b = torch.optim.Adam(theirs, lr=0.05, foreach=False)
     for t in range(6):
-        grads = _grads(rng, SHAPES)
-        for p, q, g in zip(mine, theirs, grads):
-            p.grad = torch.from_numpy(g.copy())
-            q.grad = torch.from_numpy(g.copy())
+        _same_grads(rng, mine, theirs)
         if t == 3:
             for opt, x in ((a, mine[0]), (b, theirs[0])):
                 st = opt.state[x]
