@@ -47,6 +47,18 @@ def _np_change(name, opt, params, grads, rng):
         opt.state[2] = copy.deepcopy(opt.state[2])
     elif name == "state scalar changed":
         opt.state[1]["step"] = 10.0
+    elif name == "state entry deleted and set again":
+        value = opt.state[0].pop("exp_avg_sq")
+        opt.state[0]["exp_avg_sq"] = value * 3
+    elif name == "state entries updated":
+        opt.state[1].update(exp_avg=opt.state[1]["exp_avg"] * 2)
+    elif name == "state assigned whole":
+        state = {k: dict(v) for k, v in opt.state.items()}
+        state[3]["exp_avg_sq"] = state[3]["exp_avg_sq"] * 2
+        opt.state = state
+    elif name == "state dict replaced, then its entry":
+        opt.state[2] = dict(opt.state[2])
+        opt.state[2]["exp_avg"] = opt.state[2]["exp_avg"] - 1.0
     elif name == "a gradient is None":
         grads = list(grads)
         grads[2] = None
@@ -71,7 +83,9 @@ def _np_change(name, opt, params, grads, rng):
 
 NP_CHANGES = ["nothing", "lr", "betas", "betas list changed in place",
               "param replaced in the list", "param reshaped in place", "state array replaced",
-              "state dict replaced", "state scalar changed", "a gradient is None",
+              "state dict replaced", "state scalar changed",
+              "state entry deleted and set again", "state entries updated",
+              "state assigned whole", "state dict replaced, then its entry", "a gradient is None",
               "a gradient has the wrong shape", "group added", "state loaded",
               "params group key added"]
 
@@ -146,6 +160,33 @@ def test_numpy_class_replay_equals_the_reference():
         assert (opt._replay is not None) == (t > 1)  # (the first step makes the state)
     for a, b in zip(params, ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_numpy_state_saves_as_plain_dicts_and_a_copy_replays():
+    """The NumPy classes' state counts its writes (`_engine.StateDict`), but pickles and
+    copies as plain dicts; a copy of the optimizer tracks its own state and replays its
+    steps, which equal the original's."""
+    import pickle
+
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s) for s in SHAPES]
+    opt = fo.Adam(params, lr=0.01)
+    opt.step(_grads(rng, SHAPES))
+    saved = pickle.loads(pickle.dumps(opt.state))
+    assert type(saved) is dict and all(type(st) is dict for st in saved.values())
+    assert all(type(st) is dict for st in copy.deepcopy(opt.state_dict())["state"].values())
+    clone = copy.deepcopy(opt)
+    assert all(type(st).__name__ == "StateDict" for st in clone.state.values())
+    for _ in range(4):
+        grads = _grads(rng, SHAPES)
+        opt.step(grads)
+        clone.step(grads)
+    assert clone._replay is not None and opt._replay is not None
+    mine = [p for g in clone.param_groups for p in g["params"]]
+    _assert_same(mine, params)
+    for i in opt.state:
+        assert clone.state[i]["step"] == opt.state[i]["step"] == 5
+        _assert_same([clone.state[i]["exp_avg"]], [opt.state[i]["exp_avg"]])
 
 
 def test_packed_hyperparameters_are_kept_by_their_bits():
@@ -420,4 +461,4 @@ def test_torch_state_dicts_save_as_plain_dicts():
     before = p.detach().clone()
     clone.step()
     assert torch.equal(p.detach(), before) and not torch.equal(q.detach(), before)
-    assert type(clone.state[q]).__name__ == "_StateDict"
+    assert type(clone.state[q]).__name__ == "StateDict"

@@ -241,6 +241,63 @@ def same_snapshot(group, snap):
         return False
 
 
+class StateDict(dict):
+    """A dict that counts the writes made to it in its optimizer's log (a one-element
+    list): a param's state (the dict torch.optim keeps), and the NumPy classes' map of
+    them. A step then tells in one comparison that no state entry was replaced since the
+    last one (an entry replaced, say ``state[p]["exp_avg"] = t``, must be the one the
+    next step updates). The optimizers' own writes of the step counts go through
+    ``dict.__setitem__`` and are not counted. It pickles and copies as a plain dict, so
+    state dicts saved from it need nothing of fusedopt."""
+
+    __slots__ = ("_fo_log",)
+
+    def __init__(self, items=(), log=None):
+        super().__init__(items)
+        self._fo_log = log if log is not None else [0]
+
+    def _wrote(self):
+        self._fo_log[0] += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._fo_log[0] += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._fo_log[0] += 1
+
+    def __ior__(self, other):
+        self._fo_log[0] += 1
+        return super().__ior__(other)
+
+    def update(self, *args, **kwargs):
+        self._fo_log[0] += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._fo_log[0] += 1
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self._fo_log[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._fo_log[0] += 1
+        return super().popitem()
+
+    def clear(self):
+        self._fo_log[0] += 1
+        super().clear()
+
+    def copy(self):
+        return dict(self)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
 class Kept:
     """A bucket's plan kept between steps by an optimizer class, with what it was made
     for: the step after reuses it when the params are the same arrays (their

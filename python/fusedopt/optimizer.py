@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from contextlib import contextmanager
 from itertools import repeat
-from operator import is_ as _is, itemgetter, setitem
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
 _required = object()
 _NoneType = type(None)
+_set = dict.__setitem__  # (a StateDict's own __setitem__ counts the write)
 
 
 def _is_array(x):
@@ -87,8 +88,9 @@ class Optimizer:
     _ema_pending: dict = {}
     _ema_step_decay = None
     #: (precision, [(group, its snapshot, state dicts, op keywords, Kept)]) of the last
-    #: step, when the next may replay it (`_replay_step`)
+    #: step, when the next may replay it (`_replay_step`), and the write log's count then
     _replay = None
+    _replay_log = None
 
     def __init__(self, params, defaults, precision=None, ema_decay=None):
         self.precision = precision if precision is not None else Precision()
@@ -107,6 +109,7 @@ class Optimizer:
         self._steps_taken = 0  # steps of the whole optimizer (the rounding stream's counter)
         self.defaults = dict(defaults)
         self.param_groups = []
+        self._log = [0]  # writes to `state` and its dicts (`_engine.StateDict`)
         self.state = {}
         if isinstance(params, dict) or _is_array(params):
             raise TypeError("params must be a list of arrays or of dicts, got "
@@ -136,14 +139,39 @@ class Optimizer:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._kept = {}
+        self._log = [0]
+        self._state = self._tracked(self._state)  # (they pickle as plain dicts)
 
     # --- a checked step on the GPU leaves its outcome on the device ------------------------
     # The update kernels read the skip flag there; the host learns it only when it needs
     # the counts: at the next step, or when `state` or `steps_taken` is read. By then the
     # flag has long been copied back, and reading it waits for that copy only.
 
-    state = _settled("_state")
     steps_taken = _settled("_steps_taken")
+
+    @property
+    def state(self):
+        if self._pending is not None:
+            self._settle()
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._settle()
+        self._state = self._tracked(value)
+
+    def _tracked(self, state):
+        """`state` as a `_engine.StateDict` of this optimizer's log, and each of its
+        dicts too (a state assigned whole, loaded or unpickled is plain dicts): the writes
+        made to them from now on are counted, so that a step tells in one comparison that
+        the state is as the last step left it (`_replay_step`)."""
+        log = self._log
+        log[0] += 1
+        out = _engine.StateDict(state, log)
+        for key, st in out.items():
+            if type(st) is dict or (type(st) is _engine.StateDict and st._fo_log is not log):
+                dict.__setitem__(out, key, _engine.StateDict(st, log))
+        return out
 
     def _settle(self):
         pending, self._pending = self._pending, None
@@ -159,8 +187,9 @@ class Optimizer:
     def _count(self, updates):
         self._steps_taken += 1
         for states, scalars in updates:
-            for key, value in scalars.items():  # (each state's entry set in one C loop)
-                deque(map(setitem, states, repeat(key), repeat(value)), maxlen=0)
+            for key, value in scalars.items():  # (each state's entry set in one C loop,
+                # not counted in the write log: the replay knows what it wrote)
+                deque(map(_set, states, repeat(key), repeat(value)), maxlen=0)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -217,7 +246,7 @@ class Optimizer:
         size = _quant.size_of(arr)
         dtype = self.precision.state_dtype_for(arr.dtype, size)
         quantized = self.precision.quantizes(arr.dtype, size)
-        state = {}
+        state = _engine.StateDict(log=self._log)
         for name in spec.active(spec.to_op(group)):
             if spec.shaped_states:
                 shape = spec.state_shape(name, tuple(arr.shape))
@@ -368,9 +397,7 @@ class Optimizer:
                     if replay is not None and not precision and kept is not None and \
                             kept.plan is plans[-1] and kept.rows is not None and \
                             plans[-1].options is _precision.PLAIN:
-                        names = spec.active(kw)
-                        replay.append((group, snapshot, states, kw, kept, names,
-                                       [s.get(k) for s in states for k in names]))
+                        replay.append((group, snapshot, states, kw, kept))
                     else:
                         replay = None
                     continue
@@ -414,40 +441,49 @@ class Optimizer:
         if ema_plan is not None:
             ema_plan.run()
         self._count(updates)
-        if replay is not None and len(replay) == len(self.param_groups) and not created:
-            self._replay = (self.precision, replay)
+        if replay is not None and len(replay) == len(self.param_groups) and not created \
+                and self._all_tracked(replay):
+            self._replay, self._replay_log = (self.precision, replay), self._log[0]
         return info
+
+    def _all_tracked(self, replay):
+        """Whether the state and every state dict of the replay's groups count their
+        writes in this optimizer's log (a dict the user put into `state` does not)."""
+        log, tracked = self._log, _engine.StateDict
+        if type(self._state) is not tracked or self._state._fo_log is not log:
+            return False
+        for entry in replay:
+            for st in entry[2]:
+                if type(st) is not tracked or st._fo_log is not log:
+                    return False
+        return True
 
     def _replay_step(self, grads):
         """The step of a steady state, when the last step's kept plans still fit: the
-        same groups with the same hyperparameters (`_engine.snapshot`), params, state
-        dicts and state arrays, every param with a gradient and every state at the same
-        scalars. Only what changes between such steps is done (the scalars advanced, the
-        gradients described and checked, the kernels run). False, with nothing changed,
-        when something else changed: the full step then runs."""
+        same groups with the same hyperparameters (`_engine.snapshot`) and params, every
+        param with a gradient, and nothing written to the state since the last step (its
+        write log, `_engine.StateDict`: the same state dicts holding the same arrays, each
+        group's states at the one set of scalars the last step left them at). Only what
+        changes between such steps is done (the scalars advanced, the gradients described
+        and checked, the kernels run). False, with nothing changed, when something else
+        changed: the full step then runs."""
         precision, replay = self._replay
         groups = self.param_groups
         if precision is not self.precision or len(groups) != len(replay) or \
-                self.ema_decay is not None:
+                self.ema_decay is not None or self._log[0] != self._replay_log:
             return False
-        spec, known = self.spec, self._state
+        spec = self.spec
         scalars_of = itemgetter(*spec.scalars) if spec.scalars else _no_scalars
         todo, offset = [], 0
-        for group, (kept_group, snapshot, states, kw, kept, names, arrays) in \
-                zip(groups, replay):
+        for group, (kept_group, snapshot, states, kw, kept) in zip(groups, replay):
             n = len(states)
             gslice = grads[offset:offset + n]
             if group is not kept_group or not _engine.same_snapshot(group, snapshot) or \
                     not kept.same_params(group["params"]) or \
-                    not all(map(_is, map(known.get, range(offset, offset + n)), states)) or \
-                    not all(map(_is, [s.get(k) for s in states for k in names], arrays)) or \
                     _NoneType in set(map(type, gslice)):
                 return False
             offset += n
-            keys = set(map(scalars_of, states))
-            if len(keys) != 1:
-                return False
-            todo.append((kw, gslice, kept.plan, keys.pop(), states))
+            todo.append((kw, gslice, kept.plan, scalars_of(states[0]), states))
         updates = []
         for kw, gslice, plan, scalars, states in todo:
             before = dict(zip(spec.scalars, scalars if len(spec.scalars) > 1 else (scalars,)))

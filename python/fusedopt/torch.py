@@ -62,6 +62,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _engine, _flat, _foreign, _precision, _quant, _torch8bit
+from ._engine import StateDict
 from ._torch_ema import TorchEma
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
@@ -134,63 +135,8 @@ def _stored(values):
     return {name: v[0] for name, v in values.items()}
 
 
-class _StateDict(dict):
-    """A param's state, the dict torch.optim keeps, that counts the writes made to it
-    in its optimizer's log (a one-element list): a step then tells in one comparison
-    that no state entry was replaced since the last one (an entry replaced, say
-    ``state[p]["exp_avg"] = t``, must be the one the next step updates). It pickles and
-    copies as a plain dict, so state dicts saved from it need nothing of fusedopt."""
-
-    __slots__ = ("_fo_log",)
-
-    def __init__(self, items=(), log=None):
-        super().__init__(items)
-        self._fo_log = log if log is not None else [0]
-
-    def _wrote(self):
-        self._fo_log[0] += 1
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self._fo_log[0] += 1
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        self._fo_log[0] += 1
-
-    def __ior__(self, other):
-        self._fo_log[0] += 1
-        return super().__ior__(other)
-
-    def update(self, *args, **kwargs):
-        self._fo_log[0] += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        self._fo_log[0] += 1
-        return super().setdefault(key, default)
-
-    def pop(self, *args):
-        self._fo_log[0] += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self._fo_log[0] += 1
-        return super().popitem()
-
-    def clear(self):
-        self._fo_log[0] += 1
-        super().clear()
-
-    def copy(self):
-        return dict(self)
-
-    def __reduce__(self):
-        return dict, (dict(self),)
-
-
 class _StateFactory:
-    """The `state` defaultdict's factory: a param's new state is a `_StateDict` of the
+    """The `state` defaultdict's factory: a param's new state is a `StateDict` of the
     optimizer's log (a class rather than a closure, so that optimizers pickle)."""
 
     __slots__ = ("log",)
@@ -199,7 +145,7 @@ class _StateFactory:
         self.log = log
 
     def __call__(self):
-        return _StateDict(log=self.log)
+        return StateDict(log=self.log)
 
 
 class _Cache:
@@ -274,7 +220,7 @@ class _Fused(TorchEma, Optimizer):
                 group.setdefault(key, value)
 
     def _fo_track_state(self):
-        """Make every param's state a `_StateDict` of this optimizer's log (the states a
+        """Make every param's state a `StateDict` of this optimizer's log (the states a
         load or a copy brought are plain dicts), and the new ones too."""
         log = self.__dict__.get("_fo_log")
         if log is None:
@@ -285,8 +231,8 @@ class _Fused(TorchEma, Optimizer):
             state = self.state = defaultdict(dict, state)
         state.default_factory = _StateFactory(log)
         for p, st in list(state.items()):
-            if type(st) is not _StateDict or st._fo_log is not log:
-                state[p] = _StateDict(st, log)
+            if type(st) is not StateDict or st._fo_log is not log:
+                state[p] = StateDict(st, log)
 
     def add_param_group(self, param_group):
         """Add a param group (torch.optim's rules, and the algorithm's rule for params:
@@ -361,8 +307,8 @@ class _Fused(TorchEma, Optimizer):
         weights_only=True)` reads back)."""
         out = super().state_dict()
         state = out.get("state")
-        if isinstance(state, dict) and any(type(v) is _StateDict for v in state.values()):
-            out = dict(out, state={k: dict(v) if type(v) is _StateDict else v
+        if isinstance(state, dict) and any(type(v) is StateDict for v in state.values()):
+            out = dict(out, state={k: dict(v) if type(v) is StateDict else v
                                    for k, v in state.items()})
         return _torch8bit.state_dict(self, out)
 
@@ -459,7 +405,7 @@ class _Fused(TorchEma, Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
-            if any(type(st) is not _StateDict for st in self.state.values()):
+            if any(type(st) is not StateDict for st in self.state.values()):
                 self._fo_track_state()  # (a state dict assigned whole: tracked from now on)
             self._fo_seen = (list(self.state), list(self.state.values()))
             self._fo_log_seen = self._fo_log[0]
