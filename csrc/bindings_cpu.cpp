@@ -376,6 +376,21 @@ py::object tensor_addresses(std::uintptr_t reader, py::list tensors) {
   return std::move(out);
 }
 
+// dicts[i][key] = value for every dict of a list, through the dict's own slot
+// (PyDict_SetItem): a subclass's __setitem__, which counts the write in the optimizer's
+// log (`_engine.StateDict`), is not called: the step counts the optimizer itself
+// advances are not changes it has to look for.
+void set_entries(py::list dicts, py::object key, py::object value) {
+  const py::ssize_t n = PyList_GET_SIZE(dicts.ptr());
+  for (py::ssize_t i = 0; i < n; ++i) {
+    PyObject* d = PyList_GET_ITEM(dicts.ptr(), i);
+    if (!PyDict_Check(d)) throw py::type_error("set_entries: the list holds a non-dict");
+  }
+  for (py::ssize_t i = 0; i < n; ++i)
+    if (PyDict_SetItem(PyList_GET_ITEM(dicts.ptr(), i), key.ptr(), value.ptr()) != 0)
+      throw py::error_already_set();
+}
+
 // Rows of several lists at once, as one (lists x n x 8) array: `describe`'s columns
 // and a device column of 0 (host memory), for the lists of one call. Returns the rows,
 // the number of objects that are not NumPy arrays (left for the Python layer) and the
@@ -534,6 +549,9 @@ PYBIND11_MODULE(_cpu, m) {
         "uint64 data addresses of a list of torch tensors through torch's exported reader\n"
         "(the address of a `void* (PyObject*)` function); None when an item is None or the\n"
         "reader fails.");
+  m.def("set_entries", &set_entries, py::arg("dicts"), py::arg("key"), py::arg("value"),
+        "dicts[i][key] = value for a list of dicts, through dict's own slot (a subclass's\n"
+        "__setitem__ is not called).");
   m.def("describe", &describe, py::arg("arrays"),
         "Rows of [address, size, itemsize, type number, flags, shape hash, ndim].");
   m.def("shape_hash", [](const std::vector<py::ssize_t>& shape) {

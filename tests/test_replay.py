@@ -189,6 +189,23 @@ def test_numpy_state_saves_as_plain_dicts_and_a_copy_replays():
         _assert_same([clone.state[i]["exp_avg"]], [opt.state[i]["exp_avg"]])
 
 
+def test_step_counts_are_set_through_the_dicts_own_slot():
+    """The classes set the step counts with `_cpu.set_entries`, which writes through
+    dict's own slot (a StateDict does not count it) and refuses a list with a non-dict
+    before writing anything."""
+    from fusedopt import _cpu, _engine
+
+    log = [0]
+    dicts = [_engine.StateDict({"step": 1}, log), {"step": 1}]
+    _cpu.set_entries(dicts, "step", 2.0)
+    assert [d["step"] for d in dicts] == [2.0, 2.0] and log == [0]
+    dicts[0]["step"] = 3.0
+    assert log == [1]
+    with pytest.raises(TypeError, match="non-dict"):
+        _cpu.set_entries([dicts[1], 5], "step", 9.0)
+    assert dicts[1]["step"] == 2.0
+
+
 def test_packed_hyperparameters_are_kept_by_their_bits():
     """`pack` hands back a recent call's array for the same values, read-only, and tells
     -0.0 from 0.0 (equal as numbers; either may give a signed zero a different sign)."""

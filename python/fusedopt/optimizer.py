@@ -13,21 +13,18 @@ from __future__ import annotations
 import copy
 import sys
 import threading
-from collections import deque
 from contextlib import contextmanager
-from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from . import _arrays, _ema, _engine, _precision, _quant
+from . import _arrays, _cpu, _ema, _engine, _precision, _quant
 from ._precision import Precision
 from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
 _required = object()
 _NoneType = type(None)
-_set = dict.__setitem__  # (a StateDict's own __setitem__ counts the write)
 
 
 def _is_array(x):
@@ -187,9 +184,10 @@ class Optimizer:
     def _count(self, updates):
         self._steps_taken += 1
         for states, scalars in updates:
+            states = states if type(states) is list else list(states)
             for key, value in scalars.items():  # (each state's entry set in one C loop,
                 # not counted in the write log: the replay knows what it wrote)
-                deque(map(_set, states, repeat(key), repeat(value)), maxlen=0)
+                _cpu.set_entries(states, key, value)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
