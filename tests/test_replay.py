@@ -8,6 +8,7 @@ replay turned off, which plans every step from scratch; and that the replay did 
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -424,16 +425,27 @@ def test_torch_param_data_replaced_between_steps_is_updated(addresses):
 
 @pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
 @pytest.mark.parametrize("what", ["exp_avg replaced", "step replaced", "state dict replaced",
-                                  "exp_avg_sq deleted and set again"])
+                                  "exp_avg_sq deleted and set again", "state assigned whole",
+                                  "a param's state deleted", "state cleared",
+                                  "state assigned whole, then an entry replaced",
+                                  "state copied whole, then a dict put in"])
 def test_torch_state_entries_written_between_steps_are_used(what, flat):
     """An entry of a param's state replaced between steps (the state dict itself the
-    same object) is the one the next step reads and updates, as in torch.optim."""
+    same object), or the state changed whole, is what the next step reads and updates,
+    as in torch.optim; so is an entry replaced a step after the whole state was
+    assigned (the new state tracked in its turn)."""
     rng = np.random.default_rng(2)
     mine, theirs = _twin_params(rng)
     a = fot.Adam(mine, lr=0.05, flat=flat)
     b = torch.optim.Adam(theirs, lr=0.05, foreach=False)
-    for t in range(6):
+    for t in range(7):
         _same_grads(rng, mine, theirs)
+        if t == 5 and what.endswith("then an entry replaced"):
+            for opt, x in ((a, mine[1]), (b, theirs[1])):
+                opt.state[x]["exp_avg"] = opt.state[x]["exp_avg"] - 1.0
+        if t == 5 and what.endswith("then a dict put in"):
+            for opt, x in ((a, mine[1]), (b, theirs[1])):
+                opt.state[x] = {k: v * 2 for k, v in opt.state[x].items()}
         if t == 3:
             for opt, x in ((a, mine[0]), (b, theirs[0])):
                 st = opt.state[x]
@@ -444,6 +456,16 @@ def test_torch_state_entries_written_between_steps_are_used(what, flat):
                 elif what == "state dict replaced":
                     opt.state[x] = {k: v.clone() * (2 if k == "exp_avg_sq" else 1)
                                     for k, v in st.items()}
+                elif what.startswith("state assigned whole"):
+                    state = defaultdict(dict, {k: dict(v) for k, v in opt.state.items()})
+                    state[x]["exp_avg"] = state[x]["exp_avg"] * 3
+                    opt.state = state
+                elif what.startswith("state copied whole"):
+                    opt.state = defaultdict(dict, opt.state)  # (the same state dicts)
+                elif what == "a param's state deleted":
+                    del opt.state[x]
+                elif what == "state cleared":
+                    opt.state.clear()
                 else:
                     value = st.pop("exp_avg_sq")
                     st["exp_avg_sq"] = value * 3
@@ -464,8 +486,11 @@ def test_torch_state_dicts_save_as_plain_dicts():
     p.grad = torch.ones(3)
     opt = fot.Adam([p])
     opt.step()
-    assert isinstance(opt.state[p], dict)
+    assert isinstance(opt.state[p], dict) and isinstance(opt.state, defaultdict)
     assert type(pickle.loads(pickle.dumps(opt.state[p]))) is dict
+    saved = pickle.loads(pickle.dumps(opt.state))
+    assert type(saved) is defaultdict and type(saved[p if p in saved else 0]) is dict
+    assert type(copy.copy(opt.state)) is defaultdict
     assert type(copy.deepcopy(opt.state_dict())["state"][0]) is dict
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -479,3 +504,4 @@ def test_torch_state_dicts_save_as_plain_dicts():
     clone.step()
     assert torch.equal(p.detach(), before) and not torch.equal(q.detach(), before)
     assert type(clone.state[q]).__name__ == "StateDict"
+    assert type(clone.state).__name__ == "StateMap"

@@ -13,6 +13,7 @@ functional op of a spec.
 from __future__ import annotations
 
 import numbers
+from collections import defaultdict
 from operator import is_ as _is
 
 import numpy as np
@@ -241,23 +242,11 @@ def same_snapshot(group, snap):
         return False
 
 
-class StateDict(dict):
-    """A dict that counts the writes made to it in its optimizer's log (a one-element
-    list): a param's state (the dict torch.optim keeps), and the NumPy classes' map of
-    them. A step then tells in one comparison that no state entry was replaced since the
-    last one (an entry replaced, say ``state[p]["exp_avg"] = t``, must be the one the
-    next step updates). The optimizers' own writes of the step counts go through
-    ``dict.__setitem__`` and are not counted. It pickles and copies as a plain dict, so
-    state dicts saved from it need nothing of fusedopt."""
+class _Counted:
+    """The writes of a dict counted in its optimizer's log (a one-element list), by
+    every method that changes the dict (`StateDict`, `StateMap`)."""
 
-    __slots__ = ("_fo_log",)
-
-    def __init__(self, items=(), log=None):
-        super().__init__(items)
-        self._fo_log = log if log is not None else [0]
-
-    def _wrote(self):
-        self._fo_log[0] += 1
+    __slots__ = ()
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -291,11 +280,52 @@ class StateDict(dict):
         self._fo_log[0] += 1
         super().clear()
 
+
+class StateDict(_Counted, dict):
+    """A dict that counts the writes made to it in its optimizer's log (a one-element
+    list): a param's state (the dict torch.optim keeps), and the NumPy classes' map of
+    them. A step then tells in one comparison that no state entry was replaced since the
+    last one (an entry replaced, say ``state[p]["exp_avg"] = t``, must be the one the
+    next step updates). The optimizers' own writes of the step counts go through
+    ``dict.__setitem__`` and are not counted. It pickles and copies as a plain dict, so
+    state dicts saved from it need nothing of fusedopt."""
+
+    __slots__ = ("_fo_log",)
+
+    def __init__(self, items=(), log=None):
+        super().__init__(items)
+        self._fo_log = log if log is not None else [0]
+
     def copy(self):
         return dict(self)
 
     def __reduce__(self):
         return dict, (dict(self),)
+
+
+class StateMap(_Counted, defaultdict):
+    """fusedopt.torch's `optimizer.state`, the defaultdict torch.optim keeps (param ->
+    its state), counting its writes in the optimizer's log like each `StateDict` in
+    it: a param's state made on first access, a dict put in or removed. It pickles and
+    copies as a plain ``defaultdict(dict)``."""
+
+    __slots__ = ("_fo_log",)
+
+    def __init__(self, items=(), log=None):
+        super().__init__(dict, items)
+        self._fo_log = log if log is not None else [0]
+
+    def __missing__(self, key):
+        value = self[key] = StateDict(log=self._fo_log)
+        return value
+
+    def copy(self):
+        return defaultdict(dict, self)
+
+    __copy__ = copy
+
+    def __reduce__(self):
+        return defaultdict, (dict,), None, None, iter(self.items())
 
 
 class Kept:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import defaultdict
 from itertools import chain, repeat
 from operator import attrgetter, is_
 
@@ -62,7 +61,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _engine, _flat, _foreign, _precision, _quant, _torch8bit
-from ._engine import StateDict
+from ._engine import StateDict, StateMap
 from ._torch_ema import TorchEma
 from .algorithms import SPECS
 from .algorithms._doc import class_doc, class_signature
@@ -135,19 +134,6 @@ def _stored(values):
     return {name: v[0] for name, v in values.items()}
 
 
-class _StateFactory:
-    """The `state` defaultdict's factory: a param's new state is a `StateDict` of the
-    optimizer's log (a class rather than a closure, so that optimizers pickle)."""
-
-    __slots__ = ("log",)
-
-    def __init__(self, log):
-        self.log = log
-
-    def __call__(self):
-        return StateDict(log=self.log)
-
-
 class _Cache:
     """The state tensor lists of one param group, aligned with its params (None where a
     param has no state yet), its per-param scalars, and the params' state dicts they
@@ -176,7 +162,7 @@ class _Fused(TorchEma, Optimizer):
         self._fo_flat = bool(flat)
         self._fo_buckets = {}  # group's index -> its flat buckets (flat=True)
         self._fo_where = {}  # id(param) -> (bucket, position) (flat=True)
-        self._fo_seen = None  # (keys, values) of `state` when the last step ended
+        self._fo_seen = None  # `state` when the last step ended
         # [(group, its snapshot, cache, op keywords, kept part)] of the last step, when the
         # next may replay it (`_fo_replay_step`)
         self._fo_replay = None
@@ -227,9 +213,8 @@ class _Fused(TorchEma, Optimizer):
             log = self._fo_log = [0]
         self._fo_log_seen = None
         state = self.state
-        if not isinstance(state, defaultdict):
-            state = self.state = defaultdict(dict, state)
-        state.default_factory = _StateFactory(log)
+        if type(state) is not StateMap or state._fo_log is not log:
+            state = self.state = StateMap(state, log)
         for p, st in list(state.items()):
             if type(st) is not StateDict or st._fo_log is not log:
                 state[p] = StateDict(st, log)
@@ -405,9 +390,13 @@ class _Fused(TorchEma, Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
-            if any(type(st) is not StateDict for st in self.state.values()):
-                self._fo_track_state()  # (a state dict assigned whole: tracked from now on)
-            self._fo_seen = (list(self.state), list(self.state.values()))
+            state, log = self.state, self._fo_log
+            if type(state) is not StateMap or state._fo_log is not log or \
+                    any(type(st) is not StateDict or st._fo_log is not log
+                        for st in state.values()):
+                # (a state dict, or the whole state, assigned: tracked from now on)
+                self._fo_track_state()
+            self._fo_seen = self.state
             self._fo_log_seen = self._fo_log[0]
             if len(record) == len(self.param_groups) and not grouped and \
                     self.ema_decay is None:
@@ -477,13 +466,10 @@ class _Fused(TorchEma, Optimizer):
 
     def _state_unchanged(self):
         """Whether `state` maps the same params to the same dicts as when the last step
-        ended (identities, read in order: no hashing of tensors); then the caches that
-        step validated need not look their params' dicts up again."""
-        seen = self._fo_seen
-        state = self.state
-        return (seen is not None and self._fo_log[0] == self._fo_log_seen and
-                len(seen[0]) == len(state) and
-                all(map(is_, state, seen[0])) and all(map(is_, state.values(), seen[1])))
+        ended: the same `StateMap`, with no write counted in the log since (no state
+        made, replaced or removed, no entry of a param's state written); then the caches
+        that step validated need not look their params' dicts up again."""
+        return self.state is self._fo_seen and self._fo_log[0] == self._fo_log_seen
 
     # --- the step -----------------------------------------------------------------------
 
