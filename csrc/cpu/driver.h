@@ -52,6 +52,20 @@ constexpr std::uint64_t kLine = 64;               // bytes of a cache line
 constexpr std::int64_t kChunk = 16;   // elements per software prefetch (a line of float32)
 constexpr std::int64_t kAhead = 512;  // how far ahead it asks, in elements
 
+// body(nt, id) on `nthreads` threads (nt: how many run, id: this one's index). One
+// thread runs it inline: an OpenMP region, even of one thread, makes its team anew (an
+// aligned allocation and its free, and a system call), which cost a small step (a few
+// thousand elements) about as much as its kernel.
+template <class F>
+inline void parallel(int nthreads, F&& body) {
+  if (nthreads <= 1) {
+    body(1, 0);
+    return;
+  }
+#pragma omp parallel num_threads(nthreads)
+  body(omp_get_num_threads(), omp_get_thread_num());
+}
+
 // Elements [lo, hi) of one tensor piece; slot holds its pointers (param, grad, states,
 // extra buffer (X), EMA (E)). Element i draws the random bits random_bits(key, base + i):
 // `base` is the index of the slots' first element in its tensor when the slots point
@@ -254,9 +268,7 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
   const std::int64_t want = (total + kMinPerThread - 1) / kMinPerThread;
   const int nthreads = int(std::max<std::int64_t>(1, std::min<std::int64_t>(max_threads, want)));
 
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+  parallel(nthreads, [&](const int nt, const int id) {
     auto bound = [&](int k) {
       if (k >= nt) return total;
       const std::int64_t b = (total / kAlign) * k / nt * kAlign;
@@ -309,7 +321,7 @@ void run(const Table& t, const typename Rule::Hyper* h, bool per_tensor, const M
         update(std::min(b, a + peel), b);
       }
     }
-  }
+  });
 }
 
 }  // namespace fo::cpu::FO_ISA_NS

@@ -111,9 +111,7 @@ void run_q8(const Table& t, const typename Rule::Hyper* h, bool per_tensor, cons
   const std::int64_t want = (total + kMinPerThread - 1) / kMinPerThread;
   const int nthreads = int(std::max<std::int64_t>(1, std::min<std::int64_t>(max_threads, want)));
 
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+  parallel(nthreads, [&](const int nt, const int id) {
     // thread k starts at the block that holds element total * k / nt (that block's
     // first element), so every range begins and ends on a block boundary of its tensor
     auto bound = [&](int k) {
@@ -150,7 +148,7 @@ void run_q8(const Table& t, const typename Rule::Hyper* h, bool per_tensor, cons
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace fo::cpu::FO_ISA_NS
