@@ -303,6 +303,12 @@ class StateDict(_Counted, dict):
         return dict, (dict(self),)
 
 
+# dicts[i][key] = value for a list of dicts, through dict's own slot: not counted in a
+# StateDict's log (the step counts an optimizer advances itself); TypeError, before any
+# write, for a list holding something else
+set_uncounted = _backend._cpu.set_entries
+
+
 class StateMap(_Counted, defaultdict):
     """fusedopt.torch's `optimizer.state`, the defaultdict torch.optim keeps (param ->
     its state), counting its writes in the optimizer's log like each `StateDict` in

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _cpu, _ema, _engine, _precision, _quant
+from . import _arrays, _ema, _engine, _precision, _quant
 from ._precision import Precision
 from .algorithms._spec import check, check_number  # noqa: F401 - re-exported
 
@@ -187,7 +187,7 @@ class Optimizer:
             states = states if type(states) is list else list(states)
             for key, value in scalars.items():  # (each state's entry set in one C loop,
                 # not counted in the write log: the replay knows what it wrote)
-                _cpu.set_entries(states, key, value)
+                _engine.set_uncounted(states, key, value)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
