@@ -334,6 +334,29 @@ class StateMap(_Counted, defaultdict):
         return defaultdict, (dict,), None, None, iter(self.items())
 
 
+def tracks(obj, log, kind=StateDict):
+    """Whether `obj` is a `kind` (`StateDict` or `StateMap`) counting its writes in `log`."""
+    return type(obj) is kind and obj._fo_log is log
+
+
+def all_tracked(state, log, kind=StateDict, dicts=None):
+    """Whether `state` (a `kind`) and its dicts (or the given ones) count in `log`."""
+    return tracks(state, log, kind) and \
+        all(tracks(st, log) for st in (state.values() if dicts is None else dicts))
+
+
+def track(state, log, kind=StateDict):
+    """`state` as a `kind` (`StateDict`, or `StateMap` for torch.optim's defaultdict)
+    counting its writes in `log`, and each of its dicts as a `StateDict` of `log` (a
+    state assigned whole, loaded or unpickled is plain dicts); counted as a write."""
+    log[0] += 1
+    out = state if tracks(state, log, kind) else kind(state, log)
+    for key, st in list(out.items()):
+        if isinstance(st, dict) and not tracks(st, log):
+            dict.__setitem__(out, key, StateDict(st, log))
+    return out
+
+
 class Kept:
     """A bucket's plan kept between steps by an optimizer class, with what it was made
     for: the step after reuses it when the params are the same arrays (their

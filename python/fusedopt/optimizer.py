@@ -137,7 +137,7 @@ class Optimizer:
         self._lock = threading.Lock()
         self._kept = {}
         self._log = [0]
-        self._state = self._tracked(self._state)  # (they pickle as plain dicts)
+        self._state = _engine.track(self._state, self._log)  # (pickled as plain dicts)
 
     # --- a checked step on the GPU leaves its outcome on the device ------------------------
     # The update kernels read the skip flag there; the host learns it only when it needs
@@ -155,20 +155,9 @@ class Optimizer:
     @state.setter
     def state(self, value):
         self._settle()
-        self._state = self._tracked(value)
-
-    def _tracked(self, state):
-        """`state` as a `_engine.StateDict` of this optimizer's log, and each of its
-        dicts too (a state assigned whole, loaded or unpickled is plain dicts): the writes
-        made to them from now on are counted, so that a step tells in one comparison that
-        the state is as the last step left it (`_replay_step`)."""
-        log = self._log
-        log[0] += 1
-        out = _engine.StateDict(state, log)
-        for key, st in out.items():
-            if type(st) is dict or (type(st) is _engine.StateDict and st._fo_log is not log):
-                dict.__setitem__(out, key, _engine.StateDict(st, log))
-        return out
+        # (its writes counted from now on: a step tells in one comparison that the
+        # state is as the last step left it, `_replay_step`)
+        self._state = _engine.track(value, self._log)
 
     def _settle(self):
         pending, self._pending = self._pending, None
@@ -184,7 +173,6 @@ class Optimizer:
     def _count(self, updates):
         self._steps_taken += 1
         for states, scalars in updates:
-            states = states if type(states) is list else list(states)
             for key, value in scalars.items():  # (each state's entry set in one C loop,
                 # not counted in the write log: the replay knows what it wrote)
                 _engine.set_uncounted(states, key, value)
@@ -440,21 +428,10 @@ class Optimizer:
             ema_plan.run()
         self._count(updates)
         if replay is not None and len(replay) == len(self.param_groups) and not created \
-                and self._all_tracked(replay):
+                and _engine.all_tracked(self._state, self._log,
+                                        dicts=[st for entry in replay for st in entry[2]]):
             self._replay, self._replay_log = (self.precision, replay), self._log[0]
         return info
-
-    def _all_tracked(self, replay):
-        """Whether the state and every state dict of the replay's groups count their
-        writes in this optimizer's log (a dict the user put into `state` does not)."""
-        log, tracked = self._log, _engine.StateDict
-        if type(self._state) is not tracked or self._state._fo_log is not log:
-            return False
-        for entry in replay:
-            for st in entry[2]:
-                if type(st) is not tracked or st._fo_log is not log:
-                    return False
-        return True
 
     def _replay_step(self, grads):
         """The step of a steady state, when the last step's kept plans still fit: the

@@ -212,12 +212,7 @@ class _Fused(TorchEma, Optimizer):
         if log is None:
             log = self._fo_log = [0]
         self._fo_log_seen = None
-        state = self.state
-        if type(state) is not StateMap or state._fo_log is not log:
-            state = self.state = StateMap(state, log)
-        for p, st in list(state.items()):
-            if type(st) is not StateDict or st._fo_log is not log:
-                state[p] = StateDict(st, log)
+        self.state = _engine.track(self.state, log, StateMap)
 
     def add_param_group(self, param_group):
         """Add a param group (torch.optim's rules, and the algorithm's rule for params:
@@ -390,10 +385,7 @@ class _Fused(TorchEma, Optimizer):
                     self._install_fresh(cache, sel)
                     cache.steady, cache.flat = self._is_steady(cache), None
                 torch.autograd.graph.increment_version(params)
-            state, log = self.state, self._fo_log
-            if type(state) is not StateMap or state._fo_log is not log or \
-                    any(type(st) is not StateDict or st._fo_log is not log
-                        for st in state.values()):
+            if not _engine.all_tracked(self.state, self._fo_log, StateMap):
                 # (a state dict, or the whole state, assigned: tracked from now on)
                 self._fo_track_state()
             self._fo_seen = self.state
