@@ -109,6 +109,17 @@ set(FO_CUDA_VARIANTS f32:0:0 f64:1:1 f16_f32:2:0 f16_bf16:2:3 bf16_f32:3:0 bf16_
 # already give IEEE division and square root (-prec-div, -prec-sqrt) and keep
 # denormals (-ftz=false), as the CPU does.
 set(FO_CUDA_FLAGS -O3 --fmad=false -Xcompiler=-fPIC)
+# A compile check, for a machine with nvcc and no GPU (CI): every kernel still goes
+# through nvcc's front end, the device compiler and ptxas's check of the PTX, so a
+# compile error fails as in a release build, but neither the device code nor the
+# host code is optimized (about a third of the time). The module it builds runs
+# correctly and slowly: not for use on a GPU.
+option(FUSEDOPT_CUDA_CHECK_ONLY "Build the CUDA module unoptimized, only to check that it compiles" OFF)
+if(FUSEDOPT_CUDA_CHECK_ONLY)
+  set(CMAKE_CUDA_FLAGS_RELEASE "-DNDEBUG")
+  set(FO_CUDA_FLAGS -O0 -Xcicc=-O0 --fmad=false -Xcompiler=-fPIC)
+  string(APPEND FO_CUDA_WHY "; FUSEDOPT_CUDA_CHECK_ONLY: unoptimized, a compile check")
+endif()
 if(FUSEDOPT_PTXAS_VERBOSE)
   list(APPEND FO_CUDA_FLAGS -Xptxas=-v)
 endif()
