@@ -88,7 +88,7 @@ class _Compile:
         cmd = ["g++", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno",
                "-fno-trapping-math", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
                "-DFO_ISA_NS=isa_check", "-c", str(KERNELS), "-o",
-               str(pathlib.Path(self.dir) / "k.o"), "-fopt-info-vec-all"]
+               str(pathlib.Path(self.dir) / "k.o"), "-fopt-info-vec-optimized-missed"]
         with open(self.report, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         atexit.register(self.close)

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Compiler launcher for the AVX2 kernels when FUSEDOPT_VEC_REPORT_FILE is set
 # (CMakeLists.txt): `vec_report.sh REPORT COMPILER ARGS...` empties REPORT, then
-# compiles with GCC's whole vectorization report written to it (GCC appends to
-# the file it is given, so without this a rebuild would add to the last report).
+# compiles with GCC's vectorization report (the loops vectorized and the loops
+# missed) written to it. GCC appends to the file it is given: without the
+# emptying, a rebuild would add to the last build's report.
 report=$1
 shift
 : > "$report" || exit 1
-exec "$@" "-fopt-info-vec-all=$report"
+exec "$@" "-fopt-info-vec-optimized-missed=$report"
