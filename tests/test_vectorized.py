@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "cpu" / "kernels.cpp"
 DRIVER = ROOT / "csrc" / "cpu" / "driver.h"
 FIRST_PASS = ROOT / "csrc" / "cpu" / "per_tensor.h"
+LAUNCHER = ROOT / "tools" / "vec_report.sh"  # the build's: the report's GCC options, once
 
 
 def _loop_lines():
@@ -46,7 +47,7 @@ def _first_pass_line():
     raise AssertionError("first-pass loop not found")
 
 
-HAVE_GCC = shutil.which("g++") is not None and KERNELS.exists()
+HAVE_GCC = shutil.which("g++") is not None and KERNELS.exists() and LAUNCHER.exists()
 
 
 def _build_report():
@@ -85,18 +86,21 @@ class _Compile:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="fusedopt-vec-")
         self.report = pathlib.Path(self.dir) / "report.txt"
-        cmd = ["g++", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno",
+        self.errors = pathlib.Path(self.dir) / "errors.txt"
+        cmd = ["sh", str(LAUNCHER), str(self.report),
+               "g++", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno",
                "-fno-trapping-math", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
                "-DFO_ISA_NS=isa_check", "-c", str(KERNELS), "-o",
-               str(pathlib.Path(self.dir) / "k.o"), "-fopt-info-vec-optimized-missed"]
-        with open(self.report, "w") as err:
+               str(pathlib.Path(self.dir) / "k.o")]
+        with open(self.errors, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         atexit.register(self.close)
 
     def result(self, timeout=900):
-        """(return code, the compiler's messages)."""
+        """(return code, the compiler's report, then its other messages)."""
         code = self.proc.wait(timeout=timeout)
-        return code, self.report.read_text()
+        report = self.report.read_text() if self.report.exists() else ""
+        return code, report + self.errors.read_text()
 
     def close(self):
         if self.proc.poll() is None:
